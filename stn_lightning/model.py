@@ -1,0 +1,83 @@
+"""The classifier: K spatial transformers -> a timm backbone -> fusion -> a linear head."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from torch import Tensor, nn
+
+from .localization import create_timm_model
+from .transformer import SpatialTransformer
+
+__all__ = ["Fusion", "STNClassifier"]
+
+Fusion = Literal["channels", "features", "none"]
+_FUSIONS = ("channels", "features", "none")
+
+
+class STNClassifier(nn.Module):
+    """K spatial transformers in front of any timm backbone.
+
+    Fusion modes:
+
+    * ``"channels"``: the K crops are stacked as K*C input channels of one backbone pass (the paper's MNIST
+      addition, where each transformer picks one digit);
+    * ``"features"``: one shared backbone runs over the B*K crops and their pooled features are concatenated
+      (the paper's CUB part networks);
+    * ``"none"``: no transformer; the same backbone sees the whole image (the baseline of every experiment).
+
+    Args:
+        backbone: any timm model name.
+        num_classes: classes of the linear head.
+        in_chans: channels of the input images.
+        transformer: the SpatialTransformer (required unless fusion is "none").
+        fusion: "channels", "features" or "none".
+        pretrained: path of local backbone weights, or None.
+        backbone_kwargs: extra arguments for ``timm.create_model`` (drop_rate, ...).
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int,
+        in_chans: int,
+        transformer: SpatialTransformer | None = None,
+        fusion: Fusion = "channels",
+        pretrained: str | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if fusion not in _FUSIONS:
+            raise ValueError(f"expected fusion in {_FUSIONS}, got {fusion!r}")
+        if num_classes < 1 or in_chans < 1:
+            raise ValueError(f"expected num_classes >= 1 and in_chans >= 1, got {num_classes} and {in_chans}")
+        if fusion != "none" and transformer is None:
+            raise ValueError(f"fusion {fusion!r} needs a transformer; use fusion='none' for the plain backbone")
+        self.fusion = fusion
+        self.in_chans = in_chans
+        self.transformer = transformer if fusion != "none" else None
+        k = transformer.num_transformers if self.transformer is not None else 1
+        backbone_chans = k * in_chans if fusion == "channels" else in_chans
+        self.backbone = create_timm_model(
+            backbone, pretrained=pretrained, num_classes=0, in_chans=backbone_chans, **(backbone_kwargs or {})
+        )
+        width = self.backbone.num_features * (k if fusion == "features" else 1)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, num_classes) and warp parameters (B, K, P) (None without transformer) of images (B, C, H, W)."""
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"expected images (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
+        if self.transformer is None:
+            return self.head(self.features(x)), None
+        crops, params = self.transformer(x)
+        b, k = crops.shape[:2]
+        if self.fusion == "channels":
+            feats = self.features(crops.flatten(1, 2))
+        else:
+            feats = self.features(crops.flatten(0, 1)).view(b, -1)
+        return self.head(feats), params
+
+    def features(self, x: Tensor) -> Tensor:
+        """Pooled backbone features (N, F) of a batch (N, C', H, W)."""
+        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)

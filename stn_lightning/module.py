@@ -1,0 +1,176 @@
+"""The LightningModule: builds the classifier from the data's shape, trains it, logs metrics and warp statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import Tensor, nn
+
+from kernels import Backend, Padding
+from kernels.reference import normalize_size
+
+from .localization import PaperLocalizer, check_input_size
+from .model import Fusion, STNClassifier
+from .transformer import SpatialTransformer
+from .transforms import Affine, Transform
+
+__all__ = ["STNModule"]
+
+OptimizerCallable = Callable[[Iterable[Any]], torch.optim.Optimizer]
+LRSchedulerCallable = Callable[[torch.optim.Optimizer], Any]
+
+
+class STNModule(pl.LightningModule):
+    """Classification with K parallel spatial transformers in front of a timm backbone.
+
+    ``num_classes``, ``in_chans``, ``image_size`` and ``background`` describe the data; the CLI links them from
+    the DataModule. Everything else picks the model and its training.
+
+    Args:
+        num_classes: classes to predict.
+        in_chans: channels of the input images.
+        image_size: input (H, W), or an int.
+        background: normalised value of an empty pixel; the sampler pads with it.
+        backbone: any timm model name.
+        pretrained: path of local backbone weights (nothing is downloaded), or None.
+        transform: the transformation family; default Affine().
+        num_transformers: K, the number of parallel transformers.
+        crop_size: size of each crop (Ho, Wo); default the input size.
+        fusion: "channels", "features" or "none" (no transformer: the baseline).
+        localizer: a callable taking in_chans and returning the localisation net; default PaperLocalizer.
+        init: "identity" or "tiled" start of the transformers.
+        align_corners, padding_mode: the sampler's conventions.
+        sampler_backend: "auto", "torch" or "triton".
+        optimizer: a callable taking parameter groups; default SGD(lr=0.01, momentum=0.9, weight_decay=5e-4).
+        lr_scheduler: a callable taking the optimiser; default cosine annealing over all training steps.
+        loc_lr_scale: learning rate of the localisation net and head relative to the rest.
+        label_smoothing: label smoothing of the cross-entropy.
+        backbone_kwargs: extra arguments for ``timm.create_model``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_chans: int = 1,
+        image_size: int | tuple[int, int] = 28,
+        background: float = 0.0,
+        backbone: str = "resnet10t",
+        pretrained: str | None = None,
+        transform: Transform | None = None,
+        num_transformers: int = 1,
+        crop_size: int | tuple[int, int] | None = None,
+        fusion: Fusion = "channels",
+        localizer: Callable[[int], nn.Module] | None = None,
+        init: Literal["identity", "tiled"] = "identity",
+        align_corners: bool = False,
+        padding_mode: Padding = "zeros",
+        sampler_backend: Backend = "auto",
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        loc_lr_scale: float = 0.1,
+        label_smoothing: float = 0.0,
+        backbone_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["transform", "localizer", "optimizer", "lr_scheduler"])
+        if num_transformers < 1:
+            raise ValueError(f"expected num_transformers >= 1, got {num_transformers}")
+        if loc_lr_scale < 0:
+            raise ValueError(f"expected loc_lr_scale >= 0, got {loc_lr_scale}")
+        self.image_size = normalize_size(image_size)
+        crop = normalize_size(crop_size) if crop_size is not None else self.image_size
+        transformer = None
+        if fusion != "none":
+            loc = (localizer or PaperLocalizer)(in_chans)
+            check_input_size(loc, torch.empty(0, in_chans, *self.image_size))
+            transformer = SpatialTransformer(
+                loc,
+                transform if transform is not None else Affine(),
+                num_transformers,
+                crop,
+                init=init,
+                align_corners=align_corners,
+                padding_mode=padding_mode,
+                background=background,
+                backend=sampler_backend,
+            )
+        self.model = STNClassifier(
+            backbone, num_classes, in_chans, transformer, fusion, pretrained=pretrained, backbone_kwargs=backbone_kwargs
+        )
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.loc_lr_scale = loc_lr_scale
+        self.label_smoothing = label_smoothing
+        metrics = {"acc": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)}
+        if num_classes >= 10:
+            metrics["acc_top5"] = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=5)
+        collection = torchmetrics.MetricCollection(metrics)
+        # ModuleDict keys must not shadow nn.Module attributes such as train(), hence the "_metrics" suffix.
+        self.metrics = nn.ModuleDict({f"{s}_metrics": collection.clone(prefix=f"{s}/") for s in ("train", "val", "test")})
+
+    @property
+    def transformer(self) -> SpatialTransformer | None:
+        """The SpatialTransformer, or None for the baseline."""
+        return self.model.transformer
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits (B, num_classes) of images (B, C, H, W)."""
+        return self.model(x)[0]
+
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        x, y = batch
+        logits, params = self.model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y))
+        metrics = self.metrics[f"{stage}_metrics"]
+        metrics(logits, y)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        if params is not None and self.transformer is not None:
+            stats = self.transformer.transform.statistics(params, (x.shape[-2], x.shape[-1]))
+            self.log_dict({f"{stage}/stn_{k}": v for k, v in stats.items()}, on_step=False, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).argmax(-1)
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The backbone and head first, then the localisation net and its head (at ``loc_lr_scale``)."""
+        loc = list(self.transformer.parameters()) if self.transformer is not None else []
+        loc_ids = {id(p) for p in loc}
+        rest = [p for p in self.parameters() if id(p) not in loc_ids]
+        groups = [{"params": rest, "name": "model"}]
+        if loc:
+            groups.append({"params": loc, "name": "localization"})
+        return groups
+
+    def configure_optimizers(self) -> Any:
+        groups = self.parameter_groups()
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.SGD(groups, lr=0.01, momentum=0.9, weight_decay=5e-4)
+        else:
+            optimizer = self.optimizer_factory(groups)
+        # The optimiser gave every group the base rate; the localisation group runs at a fraction of it.
+        for group in optimizer.param_groups:
+            if group.get("name") == "localization":
+                group["lr"] = group["lr"] * self.loc_lr_scale
+        if self.scheduler_factory is None:
+            steps = max(1, int(self.trainer.estimated_stepping_batches))
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}

@@ -1,0 +1,114 @@
+"""SpatialTransformer: K parallel transformers sharing one localisation trunk."""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from kernels import Backend, Mode, Padding
+from kernels.reference import normalize_size
+
+from .transforms import Transform, tiled_windows
+
+__all__ = ["STOutput", "SpatialTransformer"]
+
+
+class STOutput(NamedTuple):
+    """What a SpatialTransformer returns.
+
+    Attributes:
+        crops: (B, K, C, Ho, Wo), contiguous: ``crops.flatten(1, 2)`` is the (B, K*C, Ho, Wo) channel stack and
+            ``crops.flatten(0, 1)`` the (B*K, C, Ho, Wo) batch of crops, both without a copy.
+        params: (B, K, P) warp parameters, after the family's bounds.
+    """
+
+    crops: Tensor
+    params: Tensor
+
+
+class SpatialTransformer(nn.Module):
+    """K spatial transformers: a shared localisation net, one linear head giving K x P parameters, a sampler.
+
+    The head starts at zero weights with its bias at the identity warp (``init="identity"``), or at K windows
+    tiling the image (``init="tiled"``, the paper's start for parallel attention on CUB), so training starts
+    from well-defined crops.
+
+    Args:
+        localizer: an ``nn.Module`` mapping (B, C, H, W) to features (B, F), with an ``out_features`` attribute.
+        transform: the transformation family.
+        num_transformers: K, the number of parallel transformers.
+        output_size: crop size (Ho, Wo), or an int.
+        init: "identity" or "tiled".
+        align_corners, padding_mode, mode: the sampler's conventions (see ``kernels``).
+        background: the value that padding takes: the image is sampled as ``x - background`` with zeros padding
+            and shifted back, so the padded border matches a normalised background instead of being 0.
+        backend: the sampler's backend ("auto", "torch" or "triton").
+    """
+
+    def __init__(
+        self,
+        localizer: nn.Module,
+        transform: Transform,
+        num_transformers: int = 1,
+        output_size: int | tuple[int, int] = 28,
+        *,
+        init: Literal["identity", "tiled"] = "identity",
+        align_corners: bool = False,
+        padding_mode: Padding = "zeros",
+        mode: Mode = "bilinear",
+        background: float = 0.0,
+        backend: Backend = "auto",
+    ) -> None:
+        super().__init__()
+        if num_transformers < 1:
+            raise ValueError(f"expected num_transformers >= 1, got {num_transformers}")
+        if init not in ("identity", "tiled"):
+            raise ValueError(f"expected init 'identity' or 'tiled', got {init!r}")
+        features = getattr(localizer, "out_features", None)
+        if not isinstance(features, int):
+            raise ValueError(f"expected a localizer with an int attribute out_features, got {type(localizer).__name__}")
+        self.localizer = localizer
+        self.transform = transform
+        self.num_transformers = num_transformers
+        self.output_size = normalize_size(output_size)
+        self.align_corners = align_corners
+        self.padding_mode = padding_mode
+        self.mode = mode
+        self.background = float(background)
+        self.backend = backend
+        self.head = nn.Linear(features, num_transformers * transform.num_params)
+        self.reset_head(init)
+
+    def reset_head(self, init: Literal["identity", "tiled"] = "identity") -> None:
+        """Zero the head's weights and set its bias to the identity or to tiled windows."""
+        k = self.num_transformers
+        params = tiled_windows(self.transform, k) if init == "tiled" else self.transform.identity().expand(k, -1)
+        with torch.no_grad():
+            self.head.weight.zero_()
+            self.head.bias.copy_(self.transform.inverse(params).reshape(-1))
+
+    def forward(self, x: Tensor) -> STOutput:
+        """Crops (B, K, C, Ho, Wo) and parameters (B, K, P) of images (B, C, H, W)."""
+        raw = self.head(self.localizer(x)).float()
+        params = self.transform(raw.view(x.shape[0], self.num_transformers, -1))
+        return STOutput(self.sample(x, params), params)
+
+    def sample(self, x: Tensor, params: Tensor) -> Tensor:
+        """Warp images (B, C, H, W) with given parameters (B, K, P) into crops (B, K, C, Ho, Wo)."""
+        shift = self.background if self.padding_mode == "zeros" and self.background != 0.0 else 0.0
+        crops = self.transform.sample(
+            x - shift if shift else x,
+            params,
+            self.output_size,
+            align_corners=self.align_corners,
+            padding_mode=self.padding_mode,
+            mode=self.mode,
+            backend=self.backend,
+        )
+        return crops + shift if shift else crops
+
+    def outline(self, params: Tensor, in_size: tuple[int, int]) -> Tensor:
+        """Polygons (B, K, M, 2) in input pixels of the regions that ``params`` (B, K, P) read."""
+        return self.transform.outline(params, in_size, align_corners=self.align_corners)

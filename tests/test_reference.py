@@ -1,0 +1,183 @@
+"""The pure-PyTorch sampling ops: exact identities, agreement with F.affine_grid / F.grid_sample, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck
+
+import kernels
+from kernels import reference
+
+SIZES = [(1, 1), (7, 13), (28, 28), (5, 2)]
+
+
+def _identity_params(b: int, k: int) -> dict[str, torch.Tensor]:
+    return {
+        "affine": torch.eye(2, 3).expand(b, k, 2, 3),
+        "projective": torch.eye(3).expand(b, k, 3, 3),
+        "tps": kernels.tps_target_points(4).expand(b, k, 16, 2),
+    }
+
+
+def _sample(op: str, x: torch.Tensor, p: torch.Tensor, size: tuple[int, int], **kw: object) -> torch.Tensor:
+    fn = {"affine": kernels.sample_affine, "projective": kernels.sample_projective, "tps": kernels.sample_tps}[op]
+    return fn(x, p, size, backend="torch", **kw)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("op", ["affine", "projective", "tps"])
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("size", SIZES)
+def test_identity_is_exact(op: str, align_corners: bool, size: tuple[int, int]) -> None:
+    x = torch.randn(2, 3, *size)
+    out = _sample(op, x, _identity_params(2, 3)[op], size, align_corners=align_corners)
+    assert out.shape == (2, 3, 3, *size)
+    for k in range(3):
+        assert torch.equal(out[:, k], x), f"transformer {k} of {op} is not the identity"
+
+
+def test_identity_is_exact_channels_last_and_border() -> None:
+    x = torch.randn(2, 4, 9, 11).to(memory_format=torch.channels_last)
+    out = kernels.sample_affine(x, torch.eye(2, 3).expand(2, 1, 2, 3), (9, 11), padding_mode="border")
+    assert out.is_contiguous()
+    assert torch.equal(out[:, 0], x)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_affine_matches_grid_sample(align_corners: bool, padding_mode: str, mode: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 11, 17)
+    theta = torch.eye(2, 3) + 0.5 * torch.randn(2, 3, 2, 3)
+    out = kernels.sample_affine(x, theta, (5, 9), align_corners=align_corners, padding_mode=padding_mode, mode=mode)
+    for k in range(3):
+        grid = F.affine_grid(theta[:, k], [2, 3, 5, 9], align_corners=align_corners)
+        expected = F.grid_sample(x, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+        # float32 rounding of coordinates computed in pixels vs normalised units: ~1e-6 in the weights.
+        torch.testing.assert_close(out[:, k], expected, atol=2e-5, rtol=1e-5)
+
+
+def test_affine_gradients_match_grid_sample() -> None:
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 11, 17, requires_grad=True)
+    theta = (torch.eye(2, 3) + 0.4 * torch.randn(2, 3, 2, 3)).requires_grad_()
+    out = kernels.sample_affine(x, theta, (6, 8))
+    g = torch.randn_like(out)
+    gx, gt = torch.autograd.grad(out, (x, theta), g)
+    x2, t2 = x.detach().requires_grad_(), theta.detach().requires_grad_()
+    ref = torch.stack(
+        [F.grid_sample(x2, F.affine_grid(t2[:, k], [2, 3, 6, 8], align_corners=False), align_corners=False) for k in range(3)],
+        dim=1,
+    )
+    rx, rt = torch.autograd.grad(ref, (x2, t2), g)
+    torch.testing.assert_close(gx, rx, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gt, rt, atol=1e-3, rtol=1e-3)
+
+
+def test_projective_and_tps_match_grid_sample() -> None:
+    torch.manual_seed(2)
+    x = torch.randn(2, 2, 13, 10)
+    base = kernels.base_grid((7, 9), False, x.device, torch.float32)
+    h = torch.eye(3) + 0.15 * torch.randn(2, 3, 3, 3)
+    uvw = torch.cat([base, torch.ones_like(base[..., :1])], -1) @ h.transpose(-1, -2).unsqueeze(2)
+    proj_grid = uvw[..., :2] / uvw[..., 2:]
+    cp = kernels.tps_target_points(3) + 0.1 * torch.randn(2, 3, 9, 2)
+    # The spline through its control points: evaluate it at the target points, where it must hit them.
+    coeffs = kernels.tps_coefficients(cp, kernels.tps_target_points(3))
+    t = kernels.tps_target_points(3)
+    feats = torch.cat([reference.tps_kernel(((t[:, None] - t[None]) ** 2).sum(-1)), torch.ones(9, 1), t], -1)
+    torch.testing.assert_close(t + feats @ coeffs, cp, atol=1e-5, rtol=1e-5)
+    radial = reference.tps_kernel(((base[:, :, None, :] - t) ** 2).sum(-1))
+    tps_grid = base + torch.cat([radial, torch.ones_like(base[..., :1]), base], -1) @ coeffs.unsqueeze(2)
+    for out, grid in [
+        (kernels.sample_projective(x, h, (7, 9)), proj_grid),
+        (kernels.sample_tps(x, cp, (7, 9)), tps_grid),
+        (kernels.sample_grid(x, proj_grid), proj_grid),
+    ]:
+        for k in range(3):
+            expected = F.grid_sample(x, grid[:, k], align_corners=False)
+            torch.testing.assert_close(out[:, k], expected, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_gradcheck_float64(padding_mode: str, align_corners: bool) -> None:
+    torch.manual_seed(3)
+    d = torch.float64
+    x = torch.randn(2, 2, 5, 6, dtype=d, requires_grad=True)
+    kw = {"align_corners": align_corners, "padding_mode": padding_mode}
+    theta = (torch.eye(2, 3, dtype=d) + 0.3 * torch.randn(2, 2, 2, 3, dtype=d)).requires_grad_()
+    h = (torch.eye(3, dtype=d) + 0.1 * torch.randn(2, 2, 3, 3, dtype=d)).requires_grad_()
+    cp = (kernels.tps_target_points(3, dtype=d) + 0.1 * torch.randn(2, 2, 9, 2, dtype=d)).requires_grad_()
+    grid = (2.4 * torch.rand(2, 2, 3, 4, 2, dtype=d) - 1.2).requires_grad_()
+    assert gradcheck(lambda a, p: kernels.sample_affine(a, p, (4, 3), **kw), (x, theta))
+    assert gradcheck(lambda a, p: kernels.sample_projective(a, p, (4, 3), **kw), (x, h))
+    assert gradcheck(lambda a, p: kernels.sample_tps(a, p, (4, 3), **kw), (x, cp))
+    assert gradcheck(lambda a, p: kernels.sample_grid(a, p, **kw), (x, grid))
+
+
+def test_bad_transformer_is_isolated() -> None:
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 11, 17, requires_grad=True)
+    good = torch.eye(2, 3) + 0.2 * torch.randn(2, 3, 2, 3)
+    bad = good.clone()
+    bad[0, 1] = float("nan")
+    bad[1, 1, 0, 0] = float("inf")
+    bad[1, 2, 0, 2] = 1e30
+    theta = bad.requires_grad_()
+    out = kernels.sample_affine(x, theta, (6, 8))
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all() and torch.isfinite(theta.grad).all()
+    assert torch.equal(out[0, 1], torch.zeros_like(out[0, 1]))
+    assert torch.equal(out[1, 2], torch.zeros_like(out[1, 2])), "a translation of 1e30 reads nothing"
+    clean = kernels.sample_affine(x.detach(), good, (6, 8))
+    torch.testing.assert_close(out[0, [0, 2]], clean[0, [0, 2]], atol=0, rtol=0)
+    torch.testing.assert_close(out[1, 0], clean[1, 0], atol=0, rtol=0)
+
+
+def test_projective_point_at_infinity_reads_nothing() -> None:
+    x = torch.randn(1, 1, 8, 8)
+    h = torch.eye(3).expand(1, 2, 3, 3).clone()
+    h[0, 1, 2] = torch.tensor([0.0, 0.0, 0.0])  # w = 0 everywhere: every point is at infinity
+    h.requires_grad_()
+    out = kernels.sample_projective(x, h, (8, 8), padding_mode="border")
+    out.sum().backward()
+    assert torch.equal(out[0, 1], torch.zeros(1, 8, 8))
+    assert torch.equal(out[0, 0], x[0])
+    assert torch.isfinite(h.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtypes_follow_the_image(dtype: torch.dtype) -> None:
+    x = torch.randn(1, 2, 6, 6).to(dtype)
+    out = kernels.sample_affine(x, torch.eye(2, 3).expand(1, 2, 2, 3), 6)
+    assert out.dtype == dtype
+    assert torch.equal(out[:, 0], x)
+
+
+def test_bad_input_raises_value_error() -> None:
+    x = torch.randn(2, 1, 8, 8)
+    theta = torch.eye(2, 3).expand(2, 1, 2, 3)
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        kernels.sample_affine(x[0], theta, 4)
+    with pytest.raises(ValueError, match="theta of shape"):
+        kernels.sample_affine(x, theta[:1], 4)
+    with pytest.raises(ValueError, match="K >= 1"):
+        kernels.sample_affine(x, theta[:, :0], 4)
+    with pytest.raises(ValueError, match="output size"):
+        kernels.sample_affine(x, theta, (0, 4))
+    with pytest.raises(ValueError, match="dtype"):
+        kernels.sample_affine(x.long(), theta, 4)
+    with pytest.raises(ValueError, match="padding_mode"):
+        kernels.sample_affine(x, theta, 4, padding_mode="reflection")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="backend"):
+        kernels.sample_affine(x, theta, 4, backend="cuda")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="N = n \\* n"):
+        kernels.sample_tps(x, torch.zeros(2, 1, 5, 2), 4)
+
+
+def test_auto_backend_is_torch_on_cpu() -> None:
+    assert kernels.resolve_backend("auto", torch.zeros(1)) == "torch"
+    assert kernels.resolve_backend("torch", torch.zeros(1)) == "torch"
