@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -103,12 +102,10 @@ def check_options(padding_mode: str, mode: str) -> None:
 
 def normalize_size(size: int | tuple[int, int] | list[int] | torch.Size) -> tuple[int, int]:
     """Return the output size as (Ho, Wo); an int means a square output."""
-    if isinstance(size, int):
-        size = (size, size)
-    size = tuple(int(s) for s in size)
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"expected an output size (Ho, Wo) of positive integers, got {size}")
-    return size  # type: ignore[return-value]
+    pair = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"expected an output size (Ho, Wo) of positive integers, got {pair}")
+    return pair[0], pair[1]
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -191,6 +188,12 @@ def base_grid(size: tuple[int, int], align_corners: bool, device: torch.device, 
     return torch.stack(torch.meshgrid(u * _ratio(1.0, ox), v * _ratio(1.0, oy), indexing="xy"), dim=-1)
 
 
+def _clamp(t: Tensor, lo: float, hi: float) -> Tensor:
+    # t.clamp(lo, hi) whose gradient passes on the closed interval [lo, hi], as in F.grid_sample's border padding.
+    # torch.clamp's own subgradient at the bounds depends on the torch version (1 in older releases, 0 in newer).
+    return torch.where((t >= lo) & (t <= hi), t, t.detach().clamp(lo, hi))
+
+
 def _bilinear_or_nearest(
     x: Tensor, ix: Tensor, iy: Tensor, valid: Tensor, padding_mode: str, mode: str, dtype: torch.dtype
 ) -> Tensor:
@@ -200,10 +203,10 @@ def _bilinear_or_nearest(
     zero = torch.zeros((), device=x.device, dtype=dtype)
     ix, iy = torch.where(valid, ix, zero), torch.where(valid, iy, zero)
     if padding_mode == "border":
-        ix, iy = ix.clamp(0, w - 1), iy.clamp(0, h - 1)
+        ix, iy = _clamp(ix, 0, w - 1), _clamp(iy, 0, h - 1)
     else:
         # Anything beyond one pixel outside reads only zeros; clamping keeps floor() and the indices small.
-        ix, iy = ix.clamp(-2, w + 1), iy.clamp(-2, h + 1)
+        ix, iy = _clamp(ix, -2, w + 1), _clamp(iy, -2, h + 1)
 
     def read(cx: Tensor, cy: Tensor, weight: Tensor) -> Tensor:
         inside = valid & (cx >= 0) & (cx <= w - 1) & (cy >= 0) & (cy <= h - 1)
@@ -231,9 +234,7 @@ def _sample_pixels(
     # ix, iy, valid (B, K, Ho, Wo) in input pixels -> samples (B, K, C, Ho, Wo) in x's dtype.
     b, k, ho, wo = ix.shape
     valid = valid & torch.isfinite(ix) & torch.isfinite(iy)
-    out = _bilinear_or_nearest(
-        x, ix.reshape(b, -1), iy.reshape(b, -1), valid.reshape(b, -1), padding_mode, mode, dtype
-    )
+    out = _bilinear_or_nearest(x, ix.reshape(b, -1), iy.reshape(b, -1), valid.reshape(b, -1), padding_mode, mode, dtype)
     return out.view(b, x.shape[1], k, ho, wo).transpose(1, 2).contiguous().to(x.dtype)
 
 

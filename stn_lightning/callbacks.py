@@ -87,7 +87,13 @@ class AttentionVisualizer(pl.Callback):
         self.last_path: Path | None = None
 
     def on_validation_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         if batch_idx == 0 and self._images is None:
             self._images = batch[0][: self.num_images].detach()
@@ -96,7 +102,7 @@ class AttentionVisualizer(pl.Callback):
         transformer = getattr(pl_module, "transformer", None)
         if transformer is None or self._images is None or trainer.sanity_checking:
             return
-        if (trainer.current_epoch + 1) % self.every_n_epochs and not trainer.fast_dev_run:
+        if (trainer.current_epoch + 1) % self.every_n_epochs and not getattr(trainer, "fast_dev_run", False):
             return
         if not trainer.is_global_zero:
             return
@@ -107,7 +113,7 @@ class AttentionVisualizer(pl.Callback):
         folder = Path(trainer.log_dir or trainer.default_root_dir) / "attention"
         self.last_path = folder / f"epoch_{trainer.current_epoch:03d}.png"
         fig = draw_attention(images, outlines, crops, self.last_path)
-        experiment = getattr(trainer.logger, "experiment", None)
-        if hasattr(experiment, "add_figure"):
-            experiment.add_figure("attention", fig, global_step=trainer.global_step)
+        add_figure = getattr(getattr(trainer.logger, "experiment", None), "add_figure", None)
+        if add_figure is not None:
+            add_figure("attention", fig, global_step=trainer.global_step)
         plt.close(fig)

@@ -7,6 +7,7 @@ and ``predict`` work the same way, ``--print_config`` shows the full configurati
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -15,7 +16,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from .callbacks import AttentionVisualizer
 from .module import STNModule
 
-__all__ = ["STNCLI", "main"]
+__all__ = ["STNCLI", "console", "main"]
 
 # What only the data knows, read from the instantiated DataModule and passed to the model.
 _LINKED = ("num_classes", "in_chans", "image_size", "background")
@@ -39,19 +40,23 @@ class STNCLI(LightningCLI):
         )
         parser.add_lightning_class_args(AttentionVisualizer, "attention")
         parser.add_argument(
-            "--test_after_fit", type=bool, default=False, help="After fit, test the best checkpoint and print a summary."
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="After fit, test the best checkpoint and print a summary.",
         )
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):
             return
-        ckpt = "best" if self.trainer.checkpoint_callback and self.trainer.checkpoint_callback.best_model_path else None
+        checkpoint = self.trainer.checkpoint_callback
+        ckpt = "best" if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_path else None
         results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
         if self.trainer.is_global_zero:
             _summary(self.trainer, results)
 
 
-def _summary(trainer: pl.Trainer, results: list[dict[str, float]]) -> None:
+def _summary(trainer: pl.Trainer, results: list[Any]) -> None:
     acc = results[0].get("test/acc") if results else None
     pictures = next((cb.last_path for cb in trainer.callbacks if isinstance(cb, AttentionVisualizer)), None)  # type: ignore[attr-defined]
     lines = [
@@ -62,8 +67,11 @@ def _summary(trainer: pl.Trainer, results: list[dict[str, float]]) -> None:
     print("\n".join(["", *lines, ""]))
 
 
-def main(args: list[str] | None = None, run: bool = True) -> STNCLI | None:
-    """Run the CLI on ``args`` (default: sys.argv). Bad input exits with a one-line message, not a traceback."""
+def main(args: list[str] | None = None, run: bool = True) -> STNCLI:
+    """Run the CLI on ``args`` (default: sys.argv) and return it.
+
+    Bad input (ValueError, FileNotFoundError) exits with status 2 and a one-line message instead of a traceback.
+    """
     try:
         return STNCLI(
             STNModule,
@@ -78,3 +86,7 @@ def main(args: list[str] | None = None, run: bool = True) -> STNCLI | None:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
+
+def console() -> None:
+    """Entry point of the ``stn-train`` console script (``main`` without a return value for sys.exit)."""
+    main()

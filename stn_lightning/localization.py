@@ -9,6 +9,7 @@ the data's channel count (``localizer: Callable[[int], nn.Module]``).
 from __future__ import annotations
 
 import difflib
+from typing import Any
 
 import timm
 from torch import Tensor, nn
@@ -30,7 +31,7 @@ def check_input_size(module: nn.Module, x: Tensor) -> None:
         )
 
 
-def create_timm_model(name: str, *, pretrained: str | None = None, **kwargs: object) -> nn.Module:
+def create_timm_model(name: str, *, pretrained: str | None = None, **kwargs: Any) -> Any:
     """``timm.create_model`` with a friendly error for unknown names and local pretrained weights.
 
     Args:
@@ -108,15 +109,21 @@ class TimmLocalizer(nn.Module):
     min_size = 32
 
     def __init__(
-        self, in_chans: int, model_name: str = "resnet18", pretrained: str | None = None, hidden: int = 128, pool: int = 2
+        self,
+        in_chans: int,
+        model_name: str = "resnet18",
+        pretrained: str | None = None,
+        hidden: int = 128,
+        pool: int = 2,
     ) -> None:
         super().__init__()
         self.in_chans = in_chans
         self.out_features = hidden
-        self.backbone = create_timm_model(model_name, pretrained=pretrained, num_classes=0, in_chans=in_chans)
+        backbone = create_timm_model(model_name, pretrained=pretrained, num_classes=0, in_chans=in_chans)
+        self.backbone = backbone
         self.pool = nn.AdaptiveAvgPool2d(pool)
         self.fc = nn.Sequential(
-            nn.Flatten(), nn.Linear(self.backbone.num_features * pool * pool, hidden), nn.ReLU(inplace=True)
+            nn.Flatten(), nn.Linear(backbone.num_features * pool * pool, hidden), nn.ReLU(inplace=True)
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -129,4 +136,3 @@ class TimmLocalizer(nn.Module):
                 "use a convolutional model"
             )
         return self.fc(self.pool(fmap))
-

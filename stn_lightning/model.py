@@ -56,12 +56,13 @@ class STNClassifier(nn.Module):
         self.fusion = fusion
         self.in_chans = in_chans
         self.transformer = transformer if fusion != "none" else None
-        k = transformer.num_transformers if self.transformer is not None else 1
+        k = self.transformer.num_transformers if self.transformer is not None else 1
         backbone_chans = k * in_chans if fusion == "channels" else in_chans
-        self.backbone = create_timm_model(
+        net = create_timm_model(
             backbone, pretrained=pretrained, num_classes=0, in_chans=backbone_chans, **(backbone_kwargs or {})
         )
-        width = self.backbone.num_features * (k if fusion == "features" else 1)
+        self.backbone = net
+        width = net.num_features * (k if fusion == "features" else 1)
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -71,7 +72,7 @@ class STNClassifier(nn.Module):
         if self.transformer is None:
             return self.head(self.features(x)), None
         crops, params = self.transformer(x)
-        b, k = crops.shape[:2]
+        b = crops.shape[0]
         if self.fusion == "channels":
             feats = self.features(crops.flatten(1, 2))
         else:

@@ -106,12 +106,16 @@ class STNModule(pl.LightningModule):
         self.scheduler_factory = lr_scheduler
         self.loc_lr_scale = loc_lr_scale
         self.label_smoothing = label_smoothing
-        metrics = {"acc": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)}
+        metrics: dict[str, torchmetrics.Metric | torchmetrics.MetricCollection] = {
+            "acc": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
+        }
         if num_classes >= 10:
             metrics["acc_top5"] = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=5)
         collection = torchmetrics.MetricCollection(metrics)
         # ModuleDict keys must not shadow nn.Module attributes such as train(), hence the "_metrics" suffix.
-        self.metrics = nn.ModuleDict({f"{s}_metrics": collection.clone(prefix=f"{s}/") for s in ("train", "val", "test")})
+        self.metrics = nn.ModuleDict(
+            {f"{s}_metrics": collection.clone(prefix=f"{s}/") for s in ("train", "val", "test")}
+        )
 
     @property
     def transformer(self) -> SpatialTransformer | None:
@@ -128,12 +132,14 @@ class STNModule(pl.LightningModule):
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y))
-        metrics = self.metrics[f"{stage}_metrics"]
+        metrics: Any = self.metrics[f"{stage}_metrics"]
         metrics(logits, y)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
         if params is not None and self.transformer is not None:
             stats = self.transformer.transform.statistics(params, (x.shape[-2], x.shape[-1]))
-            self.log_dict({f"{stage}/stn_{k}": v for k, v in stats.items()}, on_step=False, on_epoch=True, batch_size=len(y))
+            self.log_dict(
+                {f"{stage}/stn_{k}": v for k, v in stats.items()}, on_step=False, on_epoch=True, batch_size=len(y)
+            )
         return loss
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -161,6 +167,7 @@ class STNModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         groups = self.parameter_groups()
+        optimizer: torch.optim.Optimizer
         if self.optimizer_factory is None:
             optimizer = torch.optim.SGD(groups, lr=0.01, momentum=0.9, weight_decay=5e-4)
         else:

