@@ -55,9 +55,15 @@ def draw_attention(images: Tensor, outlines: Tensor, crops: Tensor, path: str | 
             for spine in axes[i, j + 1].spines.values():
                 spine.set_edgecolor(colour)
                 spine.set_linewidth(2)
+        # Show the whole image and the outlines that leave it, up to half an image beyond each edge.
         h, w = images.shape[-2:]
-        axes[i, 0].set_xlim(-0.5, w - 0.5)
-        axes[i, 0].set_ylim(h - 0.5, -0.5)
+        pts = outlines[i].detach().float().cpu().reshape(-1, 2).nan_to_num(0.0)
+        x0 = max(min(-0.5, pts[:, 0].min().item()), -0.5 - w / 2)
+        x1 = min(max(w - 0.5, pts[:, 0].max().item()), w - 0.5 + w / 2)
+        y0 = max(min(-0.5, pts[:, 1].min().item()), -0.5 - h / 2)
+        y1 = min(max(h - 0.5, pts[:, 1].max().item()), h - 0.5 + h / 2)
+        axes[i, 0].set_xlim(x0, x1)
+        axes[i, 0].set_ylim(y1, y0)
     axes[0, 0].set_title("input", fontsize=8)
     for j in range(k):
         axes[0, j + 1].set_title(f"crop {j}", fontsize=8)

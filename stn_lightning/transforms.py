@@ -152,13 +152,14 @@ class Transform(nn.Module, ABC):
 
         Returns:
             ``scale``: mean square root of the area read, relative to the input's (1 = the whole image);
-            ``outside``: fraction of sampled points (a 9 x 9 lattice) that fall outside the input.
+            ``outside``: fraction of sampled points (the pixel centres of an 8 x 8 output) that fall outside the
+            input.
         """
         with torch.no_grad():
             poly = self.points(params.float(), _square(params.device), in_size)
             x, y = poly[..., 0], poly[..., 1]
             area = 0.5 * (x * y.roll(-1, -1) - x.roll(-1, -1) * y).sum(-1).abs()
-            r = torch.linspace(-1.0, 1.0, 9, device=params.device)
+            r = (torch.arange(8, device=params.device, dtype=torch.float32) * 2 + 1) / 8 - 1
             lattice = torch.stack(torch.meshgrid(r, r, indexing="xy"), -1).reshape(-1, 2)
             inner = self.points(params.float(), lattice, in_size)
             outside = (inner.abs() > 1).any(-1).float().mean()
@@ -230,7 +231,26 @@ class Affine(AffineFamily):
         return params.reshape(*params.shape[:-1], 2, 3)
 
 
-class Attention(AffineFamily):
+class _ScaledFamily(AffineFamily):
+    """Shared bounds of the families whose parameters are (scale, ..., tx, ty): Attention and Similarity."""
+
+    def __init__(self, scale_range: tuple[float, float] | None = None, translation_range: float | None = None) -> None:
+        super().__init__()
+        _check_range("translation_range", translation_range)
+        self.scale = _ScaleRange(scale_range)
+        self.scale_range = self.scale.range
+        self.translation_range = translation_range
+
+    def forward(self, raw: Tensor) -> Tensor:
+        s = self.scale.forward(raw[..., :1])
+        return torch.cat([s, raw[..., 1:-2], _bounded(raw[..., -2:], self.translation_range)], -1)
+
+    def inverse(self, params: Tensor) -> Tensor:
+        s = self.scale.inverse(params[..., :1])
+        return torch.cat([s, params[..., 1:-2], _unbounded(params[..., -2:], self.translation_range)], -1)
+
+
+class Attention(_ScaledFamily):
     """Isotropic scale and translation, 3 parameters (s, tx, ty): the attention crops used for CUB.
 
     Args:
@@ -240,22 +260,8 @@ class Attention(AffineFamily):
 
     num_params = 3
 
-    def __init__(self, scale_range: tuple[float, float] | None = None, translation_range: float | None = None) -> None:
-        super().__init__()
-        _check_range("translation_range", translation_range)
-        self.scale = _ScaleRange(scale_range)
-        self.scale_range = self.scale.range
-        self.translation_range = translation_range
-
     def window(self, scale: float, tx: float, ty: float) -> Tensor:
         return torch.tensor([scale, tx, ty])
-
-    def forward(self, raw: Tensor) -> Tensor:
-        s = self.scale.forward(raw[..., :1])
-        return torch.cat([s, _bounded(raw[..., 1:], self.translation_range)], -1)
-
-    def inverse(self, params: Tensor) -> Tensor:
-        return torch.cat([self.scale.inverse(params[..., :1]), _unbounded(params[..., 1:], self.translation_range)], -1)
 
     def theta(self, params: Tensor, in_size: tuple[int, int]) -> Tensor:
         s, tx, ty = params.unbind(-1)
@@ -263,7 +269,7 @@ class Attention(AffineFamily):
         return torch.stack([torch.stack([s, zero, tx], -1), torch.stack([zero, s, ty], -1)], -2)
 
 
-class Similarity(AffineFamily):
+class Similarity(_ScaledFamily):
     """Rotation, isotropic scale and translation, 4 parameters (s, angle in radians, tx, ty).
 
     The rotation is a rotation of the image in pixels, also on non-square inputs: normalised coordinates
@@ -276,23 +282,8 @@ class Similarity(AffineFamily):
 
     num_params = 4
 
-    def __init__(self, scale_range: tuple[float, float] | None = None, translation_range: float | None = None) -> None:
-        super().__init__()
-        _check_range("translation_range", translation_range)
-        self.scale = _ScaleRange(scale_range)
-        self.scale_range = self.scale.range
-        self.translation_range = translation_range
-
     def window(self, scale: float, tx: float, ty: float) -> Tensor:
         return torch.tensor([scale, 0.0, tx, ty])
-
-    def forward(self, raw: Tensor) -> Tensor:
-        s = self.scale.forward(raw[..., :1])
-        return torch.cat([s, raw[..., 1:2], _bounded(raw[..., 2:], self.translation_range)], -1)
-
-    def inverse(self, params: Tensor) -> Tensor:
-        s = self.scale.inverse(params[..., :1])
-        return torch.cat([s, params[..., 1:2], _unbounded(params[..., 2:], self.translation_range)], -1)
 
     def theta(self, params: Tensor, in_size: tuple[int, int]) -> Tensor:
         s, angle, tx, ty = params.unbind(-1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,3 +182,15 @@ def test_localisation_learning_rate_is_scaled() -> None:
     assert sum(p.numel() for p in groups[1]["params"]) == sum(p.numel() for p in module.transformer.parameters())  # type: ignore[union-attr]
     total = sum(p.numel() for g in groups for p in g["params"])
     assert total == sum(p.numel() for p in module.parameters())
+
+
+def test_pretrained_weights_come_from_a_local_file(tmp_path: Path) -> None:
+    source = create_timm_model("test_resnet", num_classes=0)
+    path = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), path)
+    loaded = create_timm_model("test_resnet", pretrained=str(path), num_classes=0)
+    for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    fresh = create_timm_model("test_resnet", num_classes=0)
+    pairs = zip(source.state_dict().values(), fresh.state_dict().values(), strict=True)
+    assert not all(torch.equal(a, b) for a, b in pairs)

@@ -30,7 +30,9 @@ def test_short_rts_run_lowers_the_loss(tmp_path: Path) -> None:
     val_x, val_y = data.make_batch(next(iter(data.val_dataloader())), train=False)
 
     def val_loss() -> float:
-        model.eval()
+        # Batch statistics (train mode) so that the measure does not hinge on BatchNorm's running averages
+        # after only a few dozen steps; no gradient is taken.
+        model.train()
         with torch.no_grad():
             return F.cross_entropy(model(val_x), val_y).item()
 
@@ -50,6 +52,6 @@ def test_short_rts_run_lowers_the_loss(tmp_path: Path) -> None:
     )
     trainer.fit(model, datamodule=data)
     after = val_loss()
-    assert after < before - 0.5, f"validation loss went from {before:.3f} to {after:.3f}"
+    assert after < 0.7 * before, f"validation loss went from {before:.3f} to {after:.3f}"
     assert visualizer.last_path is not None and visualizer.last_path.is_file()
     assert visualizer.last_path.stat().st_size > 1000
