@@ -348,7 +348,7 @@ def test_image_folder_datamodule(tmp_path) -> None:  # type: ignore[no-untyped-d
     # A test split without one class keeps the training indices.
     for png in (tmp_path / "test" / "ant").iterdir():
         png.unlink()
-    dm = ImageFolderDataModule(str(tmp_path), num_classes=3, image_size=32, batch_size=4, num_workers=0)
+    dm = ImageFolderDataModule(str(tmp_path), num_classes=3, input_size=32, batch_size=4, num_workers=0)
     assert (dm.num_classes, dm.in_chans, dm.image_size, dm.background) == (3, 3, (32, 32), 0.0)
     assert dm.mean == pytest.approx((0.485, 0.456, 0.406))
     dm.setup("fit")
@@ -361,7 +361,7 @@ def test_image_folder_datamodule(tmp_path) -> None:  # type: ignore[no-untyped-d
 
 
 def test_image_folder_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    missing = ImageFolderDataModule(str(tmp_path / "cub"), num_classes=200, image_size=32)
+    missing = ImageFolderDataModule(str(tmp_path / "cub"), num_classes=200, input_size=32)
     with pytest.raises(FileNotFoundError, match=r"train.*<class>.*train_test_split\.txt"):
         missing.setup("fit")
     _write_folder(tmp_path / "cub", ["a", "b", "c"], {"train": 1, "val": 1})

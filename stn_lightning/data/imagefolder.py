@@ -54,7 +54,7 @@ class ImageFolderDataModule(LightningDataModule):
     """Photographs in class folders, transformed for a timm backbone.
 
     Mean, std, interpolation and crop fraction come from timm's pretrained configuration of ``backbone`` (no
-    weights are loaded); ``image_size`` overrides its input size (the paper uses 448 for CUB-200-2011). Training
+    weights are loaded); ``input_size`` overrides its input size (the paper uses 448 for CUB-200-2011). Training
     images go through timm's training transform (random resized crop with ``train_scale``, horizontal flip, colour
     jitter), the others through its evaluation transform (resize, centre crop).
 
@@ -64,7 +64,8 @@ class ImageFolderDataModule(LightningDataModule):
         root: folder holding ``train/`` and ``test/`` and/or ``val/``, each with one sub-folder per class.
         num_classes: number of class folders expected (200 for CUB-200-2011); checked in ``setup``.
         backbone: timm model name whose data configuration is used, e.g. "resnet50" or "resnet50.a1_in1k".
-        image_size: side S of the square input; None for the backbone's default.
+        input_size: side S of the square input; None for the backbone's default. (Named as in timm, and
+            not image_size, so that it never clashes with the (S, S) ``image_size`` the model receives.)
         batch_size: images per batch.
         num_workers: DataLoader workers (JPEG decoding needs several).
         val_split: folder of the validation set; None for "val" if it exists, else "test".
@@ -82,7 +83,7 @@ class ImageFolderDataModule(LightningDataModule):
         root: str,
         num_classes: int,
         backbone: str = "resnet50",
-        image_size: int | None = None,
+        input_size: int | None = None,
         batch_size: int = 32,
         num_workers: int = 4,
         val_split: str | None = None,
@@ -93,8 +94,8 @@ class ImageFolderDataModule(LightningDataModule):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"expected num_classes >= 1, got {num_classes}")
-        if image_size is not None and image_size < 1:
-            raise ValueError(f"expected image_size >= 1 or None, got {image_size}")
+        if input_size is not None and input_size < 1:
+            raise ValueError(f"expected input_size >= 1 or None, got {input_size}")
         if batch_size < 1:
             raise ValueError(f"expected batch_size >= 1, got {batch_size}")
         if not timm.is_model(backbone):
@@ -110,7 +111,7 @@ class ImageFolderDataModule(LightningDataModule):
         self.train_scale = (float(train_scale[0]), float(train_scale[1]))
         self.color_jitter = color_jitter
         pretrained = timm.get_pretrained_cfg(backbone)
-        args = {"input_size": (3, image_size, image_size)} if image_size is not None else {}
+        args = {"input_size": (3, input_size, input_size)} if input_size is not None else {}
         self.data_config: dict[str, Any] = resolve_data_config(
             args=args, pretrained_cfg=pretrained.to_dict() if pretrained is not None else {}
         )

@@ -1,0 +1,366 @@
+"""Benchmark the fused Triton samplers against PyTorch baselines on a CUDA device (never collected by pytest).
+
+For each workload and image dtype it times (median of CUDA-event timings, triton.testing.do_bench):
+
+* triton: the fused kernels (forward, and forward + backward to the image and the parameters);
+* eager-copies: K copies of the input, then F.affine_grid (or the family's grid in PyTorch) + F.grid_sample;
+* eager-stacked: the K grids stacked in one grid_sample call on the un-copied input (what kernels.reference does),
+  then the (B, K, C, Ho, Wo) transpose;
+* compiled: torch.compile of the eager-stacked path;
+* floor: (input read once + output written once) / the bandwidth of a device-to-device copy measured in the same
+  run; for forward + backward also grad_out read and grad_in written;
+
+and the peak memory of forward + backward (torch.cuda.max_memory_allocated above the baseline). Results are printed
+as a table with the GPU name and the torch and triton versions, and written as JSON with --json.
+
+    python benchmarks/bench_kernels.py                       # all workloads, float32 and bfloat16
+    python benchmarks/bench_kernels.py --check               # GPU parity, int64 and NaN checks first
+    python benchmarks/bench_kernels.py --workloads cub448x4 --dtypes float32 --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name: (family, B, C, H, W, K, Ho, Wo, extra)
+WORKLOADS = {
+    "mnist2": ("affine", 512, 1, 60, 60, 2, 28, 28),
+    "cub448x4": ("affine", 64, 3, 448, 448, 4, 224, 224),
+    "feat56x2": ("affine", 64, 128, 56, 56, 2, 28, 28),
+    "cub448x4-projective": ("projective", 64, 3, 448, 448, 4, 224, 224),
+    "cub448x4-tps16": ("tps", 64, 3, 448, 448, 4, 224, 224),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument(
+        "--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"]
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
+    parser.add_argument("--check", action="store_true", help="run GPU parity, int64 and NaN-isolation checks first")
+    parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile baseline")
+    parser.add_argument("--rep", type=int, default=100, help="milliseconds of repetitions per timing (do_bench)")
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# inputs and PyTorch baselines
+# --------------------------------------------------------------------------------------------------------------
+def make_inputs(family, b, c, h, w, k, dtype, device):  # type: ignore[no-untyped-def]
+    import torch
+
+    from kernels import reference
+
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(b, c, h, w, device=device, generator=g).to(dtype)
+    if family == "affine":
+        # Attention crops: isotropic scale 0.5 and a translation, as the CUB models learn.
+        theta = torch.zeros(b, k, 2, 3, device=device)
+        theta[..., 0, 0] = theta[..., 1, 1] = 0.5
+        theta[..., :, 2] = 0.4 * (torch.rand(b, k, 2, device=device, generator=g) - 0.5)
+        return x, theta + 0.02 * torch.randn(b, k, 2, 3, device=device, generator=g), None
+    if family == "projective":
+        hom = torch.eye(3, device=device) * torch.tensor([0.5, 0.5, 1.0], device=device)
+        return x, hom + 0.05 * torch.randn(b, k, 3, 3, device=device, generator=g), None
+    target = reference.tps_target_points(4, device=device)
+    control = 0.5 * target + 0.05 * torch.randn(b, k, 16, 2, device=device, generator=g)
+    return x, reference.tps_coefficients(control, target), target
+
+
+def torch_grid(family, params, target, size, in_size):  # type: ignore[no-untyped-def]
+    """The (B, K, Ho, Wo, 2) normalised grid of the family in plain PyTorch (what F.grid_sample needs)."""
+    import torch
+    import torch.nn.functional as F
+
+    from kernels import reference
+
+    b, k = params.shape[:2]
+    ho, wo = size
+    if family == "affine":
+        return F.affine_grid(params.reshape(b * k, 2, 3), [b * k, 1, ho, wo], align_corners=False).view(b, k, ho, wo, 2)
+    base = reference.base_grid(size, False, params.device, torch.float32)  # (Ho, Wo, 2)
+    if family == "projective":
+        hom = torch.cat([base, torch.ones_like(base[..., :1])], dim=-1)  # (Ho, Wo, 3)
+        p = torch.einsum("hwj,bkij->bkhwi", hom, params)
+        return p[..., :2] / p[..., 2:]
+    radial = reference.tps_kernel(((base[:, :, None, :] - target) ** 2).sum(-1))
+    features = torch.cat([radial, torch.ones_like(base[..., :1]), base], dim=-1)
+    return base + features @ params.unsqueeze(2)
+
+
+def eager_copies(family, x, params, target, size):  # type: ignore[no-untyped-def]
+    import torch.nn.functional as F
+
+    b, c, h, w = x.shape
+    k = params.shape[1]
+    grid = torch_grid(family, params, target, size, (h, w)).to(x.dtype)
+    xs = x.repeat_interleave(k, dim=0)
+    out = F.grid_sample(xs, grid.flatten(0, 1), align_corners=False)
+    return out.view(b, k, c, *size)
+
+
+def eager_stacked(family, x, params, target, size):  # type: ignore[no-untyped-def]
+    import torch.nn.functional as F
+
+    b, c, h, w = x.shape
+    k = params.shape[1]
+    grid = torch_grid(family, params, target, size, (h, w)).to(x.dtype)  # (B, K, Ho, Wo, 2)
+    out = F.grid_sample(x, grid.reshape(b, k * size[0], size[1], 2), align_corners=False)  # (B, C, K*Ho, Wo)
+    return out.view(b, c, k, *size).transpose(1, 2).contiguous()
+
+
+def triton_path(family, x, params, target, size):  # type: ignore[no-untyped-def]
+    import kernels
+
+    if family == "affine":
+        return kernels.sample_affine(x, params, size, backend="triton")
+    if family == "projective":
+        return kernels.sample_projective(x, params, size, backend="triton")
+    from kernels import triton_ops
+
+    return triton_ops.sample_tps_coefficients(x, params, target, size)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------------------------------
+def copy_bandwidth() -> float:
+    """Bytes per millisecond of a device-to-device copy (read + write) of a 1 GiB buffer."""
+    import torch
+    from triton.testing import do_bench
+
+    src = torch.empty(2**28, device="cuda", dtype=torch.float32)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), rep=200, return_mode="median")
+    return 2 * 2**30 / ms
+
+
+def measure(fn, x, params, target, size, rep):  # type: ignore[no-untyped-def]
+    """(forward ms, forward + backward ms, peak MiB of forward + backward) for one implementation."""
+    import torch
+    from triton.testing import do_bench
+
+    with torch.no_grad():
+        fwd = do_bench(lambda: fn(x, params, target, size), rep=rep, return_mode="median")
+    xg = x.detach().clone().requires_grad_()
+    pg = params.detach().clone().requires_grad_()
+    gout = torch.randn_like(fn(x, params, target, size))
+
+    def step() -> None:
+        fn(xg, pg, target, size).backward(gout)
+
+    step()  # warm up (autotuning, compilation)
+    both = do_bench(step, rep=rep, grad_to_none=[xg, pg], return_mode="median")
+    torch.cuda.synchronize()
+    xg.grad = pg.grad = None
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return fwd, both, peak
+
+
+def run_benchmarks(args: argparse.Namespace) -> dict:
+    import torch
+
+    bandwidth = copy_bandwidth()
+    rows = []
+    for name in args.workloads:
+        family, b, c, h, w, k, ho, wo = WORKLOADS[name]
+        for dtype_name in args.dtypes:
+            dtype = getattr(torch, dtype_name)
+            x, params, target = make_inputs(family, b, c, h, w, k, dtype, "cuda")
+            size = (ho, wo)
+            element = x.element_size()
+            fwd_bytes = (x.numel() + b * k * c * ho * wo) * element
+            row = {
+                "workload": name,
+                "family": family,
+                "dtype": dtype_name,
+                "shape": {"B": b, "C": c, "H": h, "W": w, "K": k, "Ho": ho, "Wo": wo},
+                "floor_fwd_ms": fwd_bytes / bandwidth,
+                "floor_fwd_bwd_ms": 2 * fwd_bytes / bandwidth,
+            }
+            impls = {"triton": triton_path, "eager_copies": eager_copies, "eager_stacked": eager_stacked}
+            if not args.skip_compile:
+                impls["compiled"] = torch.compile(eager_stacked)
+            for impl_name, fn in impls.items():
+                try:
+                    fwd, both, peak = measure(fn, x, params, target, size, args.rep)
+                    row[impl_name] = {"fwd_ms": fwd, "fwd_bwd_ms": both, "peak_fwd_bwd_mib": peak}
+                except Exception as error:  # report and go on (e.g. out of memory for K copies)
+                    row[impl_name] = {"error": f"{type(error).__name__}: {error}"[:200]}
+                torch.cuda.empty_cache()
+            rows.append(row)
+            print_row(row)
+            del x, params
+            torch.cuda.empty_cache()
+    return {"copy_bandwidth_gb_s": bandwidth * 1e3 / 1e9, "rows": rows}
+
+
+def print_header(info: dict) -> None:
+    print(f"# {info['gpu']} | torch {info['torch']} | triton {info['triton']}")
+    print(
+        f"{'workload':<22} {'dtype':<9} {'impl':<14} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak MiB':>10}"
+        f" {'floor fwd':>10} {'floor f+b':>10}"
+    )
+
+
+def print_row(row: dict) -> None:
+    for impl in ("triton", "eager_copies", "eager_stacked", "compiled"):
+        if impl not in row:
+            continue
+        r = row[impl]
+        if "error" in r:
+            print(f"{row['workload']:<22} {row['dtype']:<9} {impl:<14} {r['error']}")
+            continue
+        print(
+            f"{row['workload']:<22} {row['dtype']:<9} {impl:<14} {r['fwd_ms']:>9.3f} {r['fwd_bwd_ms']:>11.3f}"
+            f" {r['peak_fwd_bwd_mib']:>10.1f} {row['floor_fwd_ms']:>10.3f} {row['floor_fwd_bwd_ms']:>10.3f}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# --check
+# --------------------------------------------------------------------------------------------------------------
+def _report(name: str, ok: bool, detail: str = "") -> bool:
+    print(f"{'PASS' if ok else 'FAIL'}  {name}{'  ' + detail if detail else ''}")
+    return ok
+
+
+def _max_err(a, b) -> float:  # type: ignore[no-untyped-def]
+    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+
+
+def run_checks() -> bool:
+    import torch
+
+    import kernels
+    from kernels import reference, triton_ops
+
+    ok = True
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    # (output atol, image-grad atol, param-grad rtol): the parameter gradient is compared relative to its size.
+    tol = {torch.float32: (1e-5, 1e-4, 1e-3), torch.float16: (2e-3, 4e-3, 1e-2), torch.bfloat16: (2e-2, 3e-2, 3e-2)}
+    target = reference.tps_target_points(4, device=dev)
+    for dtype, (atol_out, atol_gx, rtol_p) in tol.items():
+        for family in ("affine", "projective", "tps", "grid"):
+            for pad, mode, ac, cl in (
+                ("zeros", "bilinear", False, False),
+                ("border", "bilinear", True, True),
+                ("zeros", "nearest", True, False),
+            ):
+                x = torch.randn(3, 5, 37, 29, device=dev, generator=g).to(dtype)
+                if cl:
+                    x = x.to(memory_format=torch.channels_last)
+                k, size = 3, (23, 31)
+                if family == "affine":
+                    p = torch.eye(2, 3, device=dev) + 0.3 * torch.randn(3, k, 2, 3, device=dev, generator=g)
+                elif family == "projective":
+                    p = torch.eye(3, device=dev) + 0.1 * torch.randn(3, k, 3, 3, device=dev, generator=g)
+                elif family == "tps":
+                    cp = target + 0.1 * torch.randn(3, k, 16, 2, device=dev, generator=g)
+                    p = reference.tps_coefficients(cp, target)
+                else:
+                    p = 1.2 * (2 * torch.rand(3, k, *size, 2, device=dev, generator=g) - 1)
+                results = []
+                for impl in (triton_ops, reference):
+                    xa, pa = x.detach().clone().requires_grad_(), p.detach().clone().requires_grad_()
+                    opts = {"align_corners": ac, "padding_mode": pad, "mode": mode}
+                    if family == "affine":
+                        out = impl.sample_affine(xa, pa, size, **opts)
+                    elif family == "projective":
+                        out = impl.sample_projective(xa, pa, size, **opts)
+                    elif family == "tps":
+                        out = impl.sample_tps_coefficients(xa, pa, target, size, **opts)
+                    else:
+                        out = impl.sample_grid(xa, pa, **opts)
+                    grad = torch.randn(out.shape, device=dev, generator=torch.Generator(device=dev).manual_seed(1))
+                    out.backward(grad.to(out.dtype))
+                    pgrad = pa.grad if pa.grad is not None else torch.zeros_like(pa)
+                    results.append((out.detach(), xa.grad, pgrad))
+                (o, gx, gp), (ro, rgx, rgp) = results
+                scale = float(rgp.abs().max()) + 1.0
+                errs = (_max_err(o, ro), _max_err(gx, rgx), _max_err(gp, rgp) / scale)
+                good = errs[0] <= atol_out and errs[1] <= atol_gx and errs[2] <= rtol_p
+                name = f"parity {family} {str(dtype)[6:]} {pad} {mode} ac={ac} cl={cl}"
+                ok &= _report(name, good, "errors out {:.2e} image-grad {:.2e} param-grad(rel) {:.2e}".format(*errs))
+    # int64 offsets: a 1 x 1 x 32769 x 65536 image (2**31 + 2**16 elements) sampled at its far corner.
+    for dtype in (torch.float16, torch.float32):
+        try:
+            x = torch.empty(1, 1, 32769, 65536, device=dev, dtype=dtype)
+            x[..., -8:, -8:] = torch.randn(8, 8, device=dev, generator=g).to(dtype)
+            x[..., :-8, :].zero_()
+            x[..., -8:, :-8].zero_()
+            h, w = x.shape[-2:]
+            # Crop the bottom-right 6 x 6 pixels: centre (W - 4, H - 4) pixels, half-size 3 pixels.
+            sx, sy = 3 / (w / 2), 3 / (h / 2)
+            tx, ty = (w - 4.0 - (w - 1) / 2) / (w / 2), (h - 4.0 - (h - 1) / 2) / (h / 2)
+            theta = torch.tensor([[[[sx, 0.0, tx], [0.0, sy, ty]]]], device=dev, requires_grad=True)
+            out = kernels.sample_affine(x, theta, 6, backend="triton")
+            ref = reference.sample_affine(x, theta.detach(), 6)
+            err = _max_err(out, ref)
+            good = err <= (1e-3 if dtype == torch.float16 else 1e-5) and float(ref.abs().max()) > 0
+            out.sum().backward()
+            good &= bool(torch.isfinite(theta.grad).all())
+            ok &= _report(f"int64 offsets {str(dtype)[6:]} 1x1x32769x65536 far corner", good, f"max error {err:.2e}")
+            del x, out, ref
+        except torch.cuda.OutOfMemoryError:
+            ok &= _report(f"int64 offsets {str(dtype)[6:]}", False, "out of memory")
+        torch.cuda.empty_cache()
+    # NaN isolation: a NaN transformer reads nothing and leaves the others' outputs and gradients unchanged.
+    x = torch.randn(2, 3, 31, 27, device=dev, generator=g)
+    theta = torch.eye(2, 3, device=dev) + 0.2 * torch.randn(2, 3, 2, 3, device=dev, generator=g)
+    theta[:, 1] = float("nan")
+    full_t = theta.clone().requires_grad_()
+    full = kernels.sample_affine(x, full_t, (17, 19), backend="triton")
+    full[:, [0, 2]].square().sum().backward()
+    part_t = theta[:, [0, 2]].clone().requires_grad_()
+    part = kernels.sample_affine(x, part_t, (17, 19), backend="triton")
+    part.square().sum().backward()
+    good = bool((full[:, 1] == 0).all()) and torch.equal(full[:, [0, 2]], part)
+    good &= torch.allclose(full_t.grad[:, [0, 2]], part_t.grad, rtol=1e-5, atol=1e-5)
+    good &= bool((full_t.grad[:, 1] == 0).all())
+    ok &= _report("NaN isolation affine", good)
+    return ok
+
+
+# --------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench_kernels: no CUDA device here; the Triton kernels are benchmarked on GPUs only.")
+        return 0
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import triton
+
+    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    if args.check:
+        print(f"# checks on {info['gpu']}")
+        passed = run_checks()
+        print("ALL CHECKS PASS" if passed else "SOME CHECKS FAILED")
+        if not passed:
+            return 1
+    print_header(info)
+    results = {**info, **run_benchmarks(args)}
+    print(f"# device-to-device copy bandwidth {results['copy_bandwidth_gb_s']:.0f} GB/s")
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2))
+        print(f"# wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,463 @@
+"""Shared pieces of the Triton samplers: device helpers for gathering and scattering, and launch utilities.
+
+Every family kernel (affine.py, projective.py, tps.py, grid.py) computes the input pixel coordinates (ix, iy)
+of a 2-D tile of output pixels of one (b, k) pair in registers, then calls :func:`_sample_tile` (forward) or
+:func:`_scatter_tile` (backward) below, which implement the semantics of ``reference._bilinear_or_nearest``:
+non-finite points read nothing and pass no gradient, finite points are clamped to [-2, W + 1] (zeros) or
+[0, W - 1] (border) before any index is formed, bilinear weights are formed exactly as in the reference so
+that the identity warp is bit-exact, and nearest rounds half to even.
+
+The image is read as a 2-D block [BLOCK_C channels, BLOCK_H * BLOCK_W pixels]; the image gradient is
+accumulated in a float32 (float64 when computing in float64) buffer with relaxed atomics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
+
+__all__ = [
+    "HAS_LIBRARY_OPS",
+    "autocast_inputs",
+    "block_c",
+    "bwd_config",
+    "check_deterministic",
+    "check_device",
+    "device_context",
+    "fwd_autotune",
+    "fwd_config_interpret",
+    "interpreting",
+    "launch",
+    "library_op",
+    "needs_int64",
+    "num_tiles",
+    "reference_vjp",
+    "use_library_op",
+]
+
+#: torch.library.triton_op / wrap_triton exist (torch >= 2.6); without them the ops are plain autograd.Functions.
+HAS_LIBRARY_OPS = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# device helpers
+# --------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _tile_coords(Ho, Wo, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    # One program = one BLOCK_H x BLOCK_W tile of one (b, k); programs of the same (b, k) are consecutive.
+    pid = tl.program_id(0)
+    tiles_w = tl.cdiv(Wo, BLOCK_W)
+    tiles = tl.cdiv(Ho, BLOCK_H) * tiles_w
+    bk = pid // tiles
+    tile = pid % tiles
+    p = tl.arange(0, BLOCK_H * BLOCK_W)
+    i = (tile // tiles_w) * BLOCK_H + p // BLOCK_W
+    j = (tile % tiles_w) * BLOCK_W + p % BLOCK_W
+    return bk, tile, tiles, i, j, (i < Ho) & (j < Wo)
+
+
+@triton.jit
+def _finite(x, FMAX: tl.constexpr):
+    # False for NaN (every comparison with NaN is false) and for +-inf.
+    return tl.abs(x) <= FMAX
+
+
+@triton.jit
+def _div(a, b):
+    # IEEE round-to-nearest division as in torch (Triton's float32 "/" is approximate on GPUs).
+    r = a / b
+    if a.dtype == tl.float32:
+        r = tl.math.div_rn(a, b)
+    return r
+
+
+@triton.jit
+def _round_half_even(x):
+    # torch.round: round half to even. x is already clamped to a few pixels around the image.
+    f = tl.floor(x)
+    d = x - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return tl.where(up, f + 1.0, f)
+
+
+@triton.jit
+def _offsets(idx, stride, IDX64: tl.constexpr):
+    # idx * stride, in int64 when the tensor can hold offsets of 2**31 or more.
+    if IDX64:
+        return idx.to(tl.int64) * stride
+    else:
+        return idx * stride
+
+
+@triton.jit
+def _put3(r, first, g, u, v):
+    # The vector with sum(g * u), sum(g * v), sum(g) at rows first .. first + 2 of r and 0 elsewhere: the partial
+    # sums of a matrix row's gradient, d loss / d M[row] = sum_p g(p) * (u, v, 1).
+    su = tl.sum(g * u)
+    sv = tl.sum(g * v)
+    s1 = tl.sum(g)
+    return tl.where(r == first, su, tl.where(r == first + 1, sv, tl.where(r == first + 2, s1, 0.0)))
+
+
+@triton.jit
+def _clamp_coords(ix, iy, valid, H, W, BORDER: tl.constexpr, FMAX: tl.constexpr):
+    # Non-finite points become invalid and sit at 0; finite points are clamped as in the reference. Returns the
+    # clamped coordinates, the validity and where torch.clamp would pass the gradient (inclusive bounds).
+    valid = valid & _finite(ix, FMAX) & _finite(iy, FMAX)
+    ix = tl.where(valid, ix, 0.0)
+    iy = tl.where(valid, iy, 0.0)
+    if BORDER:
+        lo = 0.0
+        hx = W - 1.0
+        hy = H - 1.0
+    else:
+        lo = -2.0
+        hx = W + 1.0
+        hy = H + 1.0
+    pass_x = valid & (ix >= lo) & (ix <= hx)
+    pass_y = valid & (iy >= lo) & (iy <= hy)
+    ix = tl.minimum(tl.maximum(ix, lo), hx)
+    iy = tl.minimum(tl.maximum(iy, lo), hy)
+    return ix, iy, valid, pass_x, pass_y
+
+
+@triton.jit
+def _sample_tile(
+    out_ptr,
+    x_ptr,
+    ix,
+    iy,
+    valid,
+    out_pix,
+    pmask,
+    C,
+    H,
+    W,
+    sxc,
+    sxh,
+    sxw,
+    soc,
+    BORDER: tl.constexpr,
+    NEAREST: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    CDT: tl.constexpr,
+    IDX64: tl.constexpr,
+    FMAX: tl.constexpr,
+):
+    """Write the samples of one tile: out_ptr and x_ptr point at (b, k) and b; out_pix is i * Wo + j."""
+    ix, iy, valid, _, _ = _clamp_coords(ix, iy, valid, H, W, BORDER, FMAX)
+    if NEAREST:
+        xi = _round_half_even(ix).to(tl.int32)
+        yi = _round_half_even(iy).to(tl.int32)
+        m = valid & (xi >= 0) & (xi < W) & (yi >= 0) & (yi < H)
+        o = _offsets(yi, sxh, IDX64) + _offsets(xi, sxw, IDX64)
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            cm = cs < C
+            xc = _offsets(cs, sxc, IDX64)[:, None]
+            v = tl.load(x_ptr + xc + o[None, :], mask=cm[:, None] & m[None, :], other=0.0)
+            oc = _offsets(cs, soc, IDX64)[:, None]
+            tl.store(out_ptr + oc + out_pix[None, :], v, mask=cm[:, None] & pmask[None, :])
+    else:
+        x0 = tl.floor(ix)
+        y0 = tl.floor(iy)
+        # Weights formed exactly as in the reference: w1 = t - floor(t), w0 = 1 - w1.
+        wx1 = ix - x0
+        wy1 = iy - y0
+        wx0 = 1.0 - wx1
+        wy0 = 1.0 - wy1
+        w00 = (wx0 * wy0)[None, :]
+        w10 = (wx1 * wy0)[None, :]
+        w01 = (wx0 * wy1)[None, :]
+        w11 = (wx1 * wy1)[None, :]
+        xi = x0.to(tl.int32)
+        yi = y0.to(tl.int32)
+        mx0 = (xi >= 0) & (xi < W)
+        mx1 = (xi >= -1) & (xi < W - 1)
+        my0 = valid & (yi >= 0) & (yi < H)
+        my1 = valid & (yi >= -1) & (yi < H - 1)
+        m00 = (my0 & mx0)[None, :]
+        m10 = (my0 & mx1)[None, :]
+        m01 = (my1 & mx0)[None, :]
+        m11 = (my1 & mx1)[None, :]
+        ox = _offsets(xi, sxw, IDX64)
+        oy = _offsets(yi, sxh, IDX64)
+        o00 = (oy + ox)[None, :]
+        o10 = (oy + ox + sxw)[None, :]
+        o01 = (oy + sxh + ox)[None, :]
+        o11 = (oy + sxh + ox + sxw)[None, :]
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            cm = (cs < C)[:, None]
+            xc = x_ptr + _offsets(cs, sxc, IDX64)[:, None]
+            v00 = tl.load(xc + o00, mask=cm & m00, other=0.0).to(CDT)
+            v10 = tl.load(xc + o10, mask=cm & m10, other=0.0).to(CDT)
+            v01 = tl.load(xc + o01, mask=cm & m01, other=0.0).to(CDT)
+            v11 = tl.load(xc + o11, mask=cm & m11, other=0.0).to(CDT)
+            # Summed in the reference's order so that the identity warp reproduces the input exactly.
+            acc = v00 * w00 + v10 * w10 + v01 * w01 + v11 * w11
+            oc = _offsets(cs, soc, IDX64)[:, None]
+            tl.store(out_ptr + oc + out_pix[None, :], acc, mask=cm & pmask[None, :])
+
+
+@triton.jit
+def _scatter_tile(
+    gx_ptr,
+    x_ptr,
+    go_ptr,
+    ix,
+    iy,
+    valid,
+    go_pix,
+    C,
+    H,
+    W,
+    sxc,
+    sxh,
+    sxw,
+    sgxc,
+    sgxh,
+    sgxw,
+    sgc,
+    BORDER: tl.constexpr,
+    NEAREST: tl.constexpr,
+    NEED_X_GRAD: tl.constexpr,
+    NEED_COORD_GRAD: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    CDT: tl.constexpr,
+    IDX64: tl.constexpr,
+    FMAX: tl.constexpr,
+):
+    """Backward of one tile: scatter grad_out into the image gradient, return d loss / d (ix, iy) per pixel.
+
+    gx_ptr, x_ptr point at image b, go_ptr at (b, k); go_pix is the pixel offset i * sgh + j * sgw in grad_out.
+    """
+    ix, iy, valid, pass_x, pass_y = _clamp_coords(ix, iy, valid, H, W, BORDER, FMAX)
+    gix = tl.zeros_like(ix)
+    giy = tl.zeros_like(iy)
+    if NEAREST:
+        if NEED_X_GRAD:
+            xi = _round_half_even(ix).to(tl.int32)
+            yi = _round_half_even(iy).to(tl.int32)
+            m = (valid & (xi >= 0) & (xi < W) & (yi >= 0) & (yi < H))[None, :]
+            q = (_offsets(yi, sgxh, IDX64) + _offsets(xi, sgxw, IDX64))[None, :]
+            for c0 in range(0, C, BLOCK_C):
+                cs = c0 + tl.arange(0, BLOCK_C)
+                cm = (cs < C)[:, None]
+                g = tl.load(go_ptr + _offsets(cs, sgc, IDX64)[:, None] + go_pix[None, :], mask=cm & m, other=0.0)
+                gq = gx_ptr + _offsets(cs, sgxc, IDX64)[:, None] + q
+                tl.atomic_add(gq, g.to(CDT), mask=cm & m, sem="relaxed")
+    else:
+        x0 = tl.floor(ix)
+        y0 = tl.floor(iy)
+        wx1 = ix - x0
+        wy1 = iy - y0
+        wx0 = 1.0 - wx1
+        wy0 = 1.0 - wy1
+        xi = x0.to(tl.int32)
+        yi = y0.to(tl.int32)
+        mx0 = (xi >= 0) & (xi < W)
+        mx1 = (xi >= -1) & (xi < W - 1)
+        my0 = valid & (yi >= 0) & (yi < H)
+        my1 = valid & (yi >= -1) & (yi < H - 1)
+        m00 = (my0 & mx0)[None, :]
+        m10 = (my0 & mx1)[None, :]
+        m01 = (my1 & mx0)[None, :]
+        m11 = (my1 & mx1)[None, :]
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            cm = (cs < C)[:, None]
+            gp = go_ptr + _offsets(cs, sgc, IDX64)[:, None] + go_pix[None, :]
+            g = tl.load(gp, mask=cm & valid[None, :], other=0.0).to(CDT)
+            if NEED_X_GRAD:
+                qx = _offsets(xi, sgxw, IDX64)
+                qy = _offsets(yi, sgxh, IDX64)
+                gq = gx_ptr + _offsets(cs, sgxc, IDX64)[:, None]
+                tl.atomic_add(gq + (qy + qx)[None, :], g * (wx0 * wy0)[None, :], mask=cm & m00, sem="relaxed")
+                tl.atomic_add(gq + (qy + qx + sgxw)[None, :], g * (wx1 * wy0)[None, :], mask=cm & m10, sem="relaxed")
+                tl.atomic_add(gq + (qy + sgxh + qx)[None, :], g * (wx0 * wy1)[None, :], mask=cm & m01, sem="relaxed")
+                tl.atomic_add(
+                    gq + (qy + sgxh + qx + sgxw)[None, :], g * (wx1 * wy1)[None, :], mask=cm & m11, sem="relaxed"
+                )
+            if NEED_COORD_GRAD:
+                ox = _offsets(xi, sxw, IDX64)
+                oy = _offsets(yi, sxh, IDX64)
+                xc = x_ptr + _offsets(cs, sxc, IDX64)[:, None]
+                v00 = tl.load(xc + (oy + ox)[None, :], mask=cm & m00, other=0.0).to(CDT)
+                v10 = tl.load(xc + (oy + ox + sxw)[None, :], mask=cm & m10, other=0.0).to(CDT)
+                v01 = tl.load(xc + (oy + sxh + ox)[None, :], mask=cm & m01, other=0.0).to(CDT)
+                v11 = tl.load(xc + (oy + sxh + ox + sxw)[None, :], mask=cm & m11, other=0.0).to(CDT)
+                # d out / d ix = sum_y w_y (v(x0 + 1, y) - v(x0, y)), likewise for iy.
+                gix += tl.sum(g * ((v10 - v00) * wy0[None, :] + (v11 - v01) * wy1[None, :]), axis=0)
+                giy += tl.sum(g * ((v01 - v00) * wx0[None, :] + (v11 - v10) * wx1[None, :]), axis=0)
+    gix = tl.where(pass_x, gix, 0.0)
+    giy = tl.where(pass_y, giy, 0.0)
+    return gix, giy
+
+
+# --------------------------------------------------------------------------------------------------------------
+# launch utilities
+# --------------------------------------------------------------------------------------------------------------
+# Triton decides when a @triton.jit function is defined whether it runs compiled or through the interpreter
+# (TRITON_INTERPRET=1), so ask a kernel of this module rather than the environment (a constant is also what
+# torch.compile traces best).
+_INTERPRETED = isinstance(_tile_coords, InterpretedFunction)
+
+
+def interpreting() -> bool:
+    """Whether the kernels run through Triton's interpreter (TRITON_INTERPRET=1 when they were imported)."""
+    return _INTERPRETED
+
+
+def needs_int64(*tensors: Tensor) -> bool:
+    """Whether any offset into these tensors (or a product of a channel index and a plane size) can pass 2**31."""
+    limit = 2**31 - 1
+    for t in tensors:
+        span = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride(), strict=True) if s > 0)
+        if span >= limit or t.numel() >= limit:
+            return True
+    return False
+
+
+def num_tiles(ho: int, wo: int, block_h: int, block_w: int) -> int:
+    """Tiles of one (b, k) output plane."""
+    return triton.cdiv(ho, block_h) * triton.cdiv(wo, block_w)
+
+
+def device_context(x: Tensor) -> contextlib.AbstractContextManager:
+    """torch.cuda.device(x.device) for CUDA tensors (Triton launches on the current device), else a no-op."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def block_c(channels: int, cap: int) -> int:
+    """Channels per block: the next power of two of C, at most ``cap``."""
+    return min(triton.next_power_of_2(int(channels)), cap)  # int(): a symbolic C (torch.compile) is specialised
+
+
+#: Forward tile shapes tried by the autotuner on GPUs (BLOCK_H, BLOCK_W, num_warps).
+_FWD_CONFIGS = ((8, 32, 4), (16, 16, 4), (16, 32, 8), (8, 64, 8), (8, 16, 4))
+
+
+def fwd_autotune(kernel: Callable) -> Callable:
+    """Wrap a forward kernel in an autotuner over tile shapes, keyed by sizes and options."""
+    configs = [triton.Config({"BLOCK_H": h, "BLOCK_W": w}, num_warps=nw) for h, w, nw in _FWD_CONFIGS]
+    key = ["C", "H", "W", "Ho", "Wo", "BORDER", "NEAREST", "BLOCK_C", "IDX64"]
+    return triton.autotune(configs=configs, key=key)(kernel)
+
+
+def fwd_config_interpret() -> dict[str, int]:
+    """The single tile used under the interpreter (no autotuning there: it would time Python)."""
+    return {"BLOCK_H": 8, "BLOCK_W": 8}
+
+
+def bwd_config(channels: int) -> dict[str, int]:
+    """Backward tile: fixed (the parameter partial sums need the tile count before launch).
+
+    BLOCK_C x BLOCK_H x BLOCK_W = 512 elements on 8 warps: two per thread, about 72 to 130 registers per thread
+    (ptxas, sm_90), where 4 elements per thread needed 220.
+    """
+    bc = block_c(channels, 4)
+    if interpreting():
+        return {"BLOCK_H": 8, "BLOCK_W": 8, "BLOCK_C": bc, "num_warps": 4}
+    block_h, block_w = {4: (8, 16), 2: (8, 32), 1: (16, 32)}[bc]
+    return {"BLOCK_H": block_h, "BLOCK_W": block_w, "BLOCK_C": bc, "num_warps": 8}
+
+
+def launch(kernel: Any, tuned: Any | None, grid: Any, args: Sequence[Any], meta: dict, wrap: bool) -> None:
+    """Launch ``kernel`` (or its autotuned wrapper ``tuned``); ``wrap`` routes it through torch.library.wrap_triton.
+
+    ``kernel`` and ``tuned`` are Triton kernel handles (JITFunction / Autotuner, or the interpreter's wrappers),
+    launched with the untyped ``handle[grid](...)`` syntax, hence ``Any``.
+
+    Under the interpreter the plain kernel runs with :func:`fwd_config_interpret` tiles when it is autotuned.
+    """
+    if interpreting():
+        if tuned is not None:
+            meta = {**meta, **fwd_config_interpret()}
+        kernel[grid](*args, **meta)
+        return
+    fn = tuned if tuned is not None else kernel
+    if wrap and HAS_LIBRARY_OPS:
+        fn = torch.library.wrap_triton(fn)
+    fn[grid](*args, **meta)
+
+
+def check_deterministic(op: str) -> None:
+    """Raise (or warn, with warn_only=True) under torch.use_deterministic_algorithms: the backward uses atomics."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (
+        f"{op} does not have a deterministic implementation (it accumulates the image gradient with atomic adds), "
+        "but you set 'torch.use_deterministic_algorithms(True)'. Use backend='torch' for a deterministic backward, "
+        "or torch.use_deterministic_algorithms(True, warn_only=True) to only warn."
+    )
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, stacklevel=3)
+    else:
+        raise RuntimeError(message)
+
+
+def library_op(name: str) -> Any | None:
+    """The already registered torch.ops.stn_lightning.<name> (when this module is imported again), else None."""
+    try:
+        return getattr(torch.ops.stn_lightning, name)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def autocast_inputs(x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+    """Under CUDA autocast the image follows the autocast dtype and the parameters stay (at least) float32."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        x = x.to(torch.get_autocast_dtype("cuda"))
+        if params.dtype != torch.float64:
+            params = params.float()
+    return x, params
+
+
+def check_device(x: Tensor) -> None:
+    """Raise ValueError unless the Triton kernels can run on x: CUDA tensors, or any tensor under the interpreter."""
+    if not x.is_cuda and not interpreting():
+        raise ValueError(
+            f"expected CUDA tensors for the Triton sampler (or TRITON_INTERPRET=1 for CPU tensors), got {x.device}"
+        )
+
+
+def use_library_op(x: Tensor) -> bool:
+    """Whether to call the torch.library op (CUDA tensors, torch with triton_op) instead of the autograd.Function."""
+    return HAS_LIBRARY_OPS and x.is_cuda and not interpreting()
+
+
+def reference_vjp(
+    fn: Callable[..., Tensor], grad: Tensor, inputs: Sequence[Tensor], needs: Sequence[bool], *args: Any, **kwargs: Any
+) -> list[Tensor]:
+    """Gradients of ``fn(*inputs, *args, **kwargs)`` for the inputs flagged in ``needs`` (the CPU backward kernels).
+
+    Inputs that need no gradient get an empty placeholder (a custom op returns tensors only).
+    """
+    # Kernels registered for a device run below autograd, so the gradient comes from torch.func.vjp, which
+    # carries its own autograd level.
+    wanted = [t for t, n in zip(inputs, needs, strict=True) if n]
+    result = [t.new_empty(0) for t in inputs]
+    if not wanted:
+        return result
+
+    def call(*diff: Tensor) -> Tensor:
+        it = iter(diff)
+        full = [next(it) if n else t for t, n in zip(inputs, needs, strict=True)]
+        return fn(*full, *args, **kwargs)
+
+    pullback = torch.func.vjp(call, *wanted)[1]  # (output, vjp_fn); has_aux=False, so no third element
+    grads = iter(pullback(grad))
+    for index, n in enumerate(needs):
+        if n:
+            result[index] = next(grads)
+    return result

@@ -1,0 +1,389 @@
+"""Triton sampler for K projective warps per image: kernels, launchers, autograd.Function and torch.library op.
+
+The launcher folds the normalisation into the (B, K, 3, 3) homographies in PyTorch
+(``reference.projective_to_pixels``), so the kernels see pixel matrices M with [a, b, w] = M (u, v, 1) on centred
+output pixels (u, v) and ix = a / w + (W - 1) / 2; autograd carries d loss / d M back to h. Points with
+non-finite a, b, w or |w| < PROJECTIVE_EPS read nothing and pass no gradient. The backward reduces d loss / d M
+inside the kernel into one partial sum per program (B * K, tiles, 9), summed in PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import reference
+from ._common import (
+    HAS_LIBRARY_OPS,
+    _div,
+    _finite,
+    _put3,
+    _sample_tile,
+    _scatter_tile,
+    _tile_coords,
+    autocast_inputs,
+    block_c,
+    bwd_config,
+    check_deterministic,
+    check_device,
+    device_context,
+    fwd_autotune,
+    launch,
+    library_op,
+    needs_int64,
+    num_tiles,
+    reference_vjp,
+    use_library_op,
+)
+from .reference import Mode, Padding
+
+__all__ = ["sample_projective"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _projective_coords(m_ptr, bk, i, j, H, W, Ho, Wo, CDT: tl.constexpr, FMAX: tl.constexpr, EPS: tl.constexpr):
+    # [a, b, w] = M (u, v, 1) with u = j - (Wo - 1) / 2, v = i - (Ho - 1) / 2, then ix = a / w + (W - 1) / 2.
+    # Points with non-finite a, b, w or |w| < EPS are invalid; like the reference, they divide 0 by 1.
+    r = tl.arange(0, 16)
+    mv = tl.load(m_ptr + bk.to(tl.int64) * 9 + r, mask=r < 9, other=0.0).to(CDT)
+    m00 = tl.sum(tl.where(r == 0, mv, 0.0))
+    m01 = tl.sum(tl.where(r == 1, mv, 0.0))
+    m02 = tl.sum(tl.where(r == 2, mv, 0.0))
+    m10 = tl.sum(tl.where(r == 3, mv, 0.0))
+    m11 = tl.sum(tl.where(r == 4, mv, 0.0))
+    m12 = tl.sum(tl.where(r == 5, mv, 0.0))
+    m20 = tl.sum(tl.where(r == 6, mv, 0.0))
+    m21 = tl.sum(tl.where(r == 7, mv, 0.0))
+    m22 = tl.sum(tl.where(r == 8, mv, 0.0))
+    u = j.to(CDT) - (Wo - 1) * 0.5
+    v = i.to(CDT) - (Ho - 1) * 0.5
+    a = m00 * u + m01 * v + m02
+    b = m10 * u + m11 * v + m12
+    w = m20 * u + m21 * v + m22
+    ok = _finite(a, FMAX) & _finite(b, FMAX) & _finite(w, FMAX) & (tl.abs(w) >= EPS)
+    a = tl.where(ok, a, 0.0)
+    b = tl.where(ok, b, 0.0)
+    w = tl.where(ok, w, 1.0)
+    ix = _div(a, w) + (W - 1) * 0.5
+    iy = _div(b, w) + (H - 1) * 0.5
+    return ix, iy, ok, u, v, a, b, w
+
+
+@triton.jit
+def _projective_fwd_kernel(
+    # outputs
+    out_ptr,
+    # inputs
+    x_ptr,
+    m_ptr,
+    # sizes
+    K,
+    C,
+    H,
+    W,
+    Ho,
+    Wo,
+    # strides of x
+    sxb,
+    sxc,
+    sxh,
+    sxw,
+    # options and tile sizes
+    BORDER: tl.constexpr,
+    NEAREST: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    F64: tl.constexpr,
+    IDX64: tl.constexpr,
+    EPS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    # compute dtype (float64 when the image or the parameters are float64) and its largest finite value
+    CDT = tl.float64 if F64 else tl.float32
+    FMAX = 1.7976931348623157e308 if F64 else 3.4028234663852886e38
+    bk, tile, tiles, i, j, pmask = _tile_coords(Ho, Wo, BLOCK_H, BLOCK_W)
+    ix, iy, ok, u, v, a, b, w = _projective_coords(m_ptr, bk, i, j, H, W, Ho, Wo, CDT, FMAX, EPS)
+    # out is (B, K, C, Ho, Wo) contiguous; (b, k) planes are C * Ho * Wo apart.
+    out_bk = out_ptr + bk.to(tl.int64) * C * Ho * Wo
+    x_b = x_ptr + (bk // K).to(tl.int64) * sxb
+    out_pix = i * Wo + j
+    if IDX64:
+        out_pix = i.to(tl.int64) * Wo + j
+    _sample_tile(
+        out_bk, x_b, ix, iy, pmask & ok, out_pix, pmask, C, H, W, sxc, sxh, sxw, Ho * Wo,
+        BORDER, NEAREST, BLOCK_C, CDT, IDX64, FMAX,
+    )  # fmt: skip
+
+
+_projective_fwd_tuned = fwd_autotune(_projective_fwd_kernel)
+
+
+@triton.jit
+def _projective_bwd_kernel(
+    # outputs
+    gx_ptr,
+    part_ptr,
+    # inputs
+    x_ptr,
+    go_ptr,
+    m_ptr,
+    # sizes
+    K,
+    C,
+    H,
+    W,
+    Ho,
+    Wo,
+    # strides of x, of the image gradient buffer and of grad_out
+    sxb,
+    sxc,
+    sxh,
+    sxw,
+    sgxb,
+    sgxc,
+    sgxh,
+    sgxw,
+    sgb,
+    sgk,
+    sgc,
+    sgh,
+    sgw,
+    # options and tile sizes
+    BORDER: tl.constexpr,
+    NEAREST: tl.constexpr,
+    NEED_X_GRAD: tl.constexpr,
+    NEED_PARAM_GRAD: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    F64: tl.constexpr,
+    IDX64: tl.constexpr,
+    EPS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    # compute dtype (float64 when the image or the parameters are float64) and its largest finite value
+    CDT = tl.float64 if F64 else tl.float32
+    FMAX = 1.7976931348623157e308 if F64 else 3.4028234663852886e38
+    bk, tile, tiles, i, j, pmask = _tile_coords(Ho, Wo, BLOCK_H, BLOCK_W)
+    ix, iy, ok, u, v, a, b, w = _projective_coords(m_ptr, bk, i, j, H, W, Ho, Wo, CDT, FMAX, EPS)
+    bi = (bk // K).to(tl.int64)
+    go_bk = go_ptr + bi * sgb + (bk % K).to(tl.int64) * sgk
+    go_pix = i * sgh + j * sgw
+    if IDX64:
+        go_pix = i.to(tl.int64) * sgh + j.to(tl.int64) * sgw
+    gix, giy = _scatter_tile(
+        gx_ptr + bi * sgxb, x_ptr + bi * sxb, go_bk, ix, iy, pmask & ok, go_pix, C, H, W,
+        sxc, sxh, sxw, sgxc, sgxh, sgxw, sgc,
+        BORDER, NEAREST, NEED_X_GRAD, NEED_PARAM_GRAD, BLOCK_C, CDT, IDX64, FMAX,
+    )  # fmt: skip
+    if NEED_PARAM_GRAD:
+        # d loss / d (a, b, w) from ix = a / w + cx, iy = b / w + cy (zero where invalid: gix = giy = 0 there).
+        ga = _div(gix, w)
+        gb = _div(giy, w)
+        gw = -_div(gix * a, w * w) - _div(giy * b, w * w)
+        # Entry r of the partial sum: d loss / d M[r // 3, r % 3] = sum_p g_row(p) * (u, v, 1)[r % 3].
+        r = tl.arange(0, 16)
+        part = _put3(r, 0, ga, u, v) + _put3(r, 3, gb, u, v) + _put3(r, 6, gw, u, v)
+        tl.store(part_ptr + (bk * tiles + tile).to(tl.int64) * 9 + r, part, mask=r < 9)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------------------------
+def _pixel_matrix(x: Tensor, h: Tensor, size: tuple[int, int], align_corners: bool) -> Tensor:
+    # (B, K, 3, 3) pixel matrices in the compute dtype, contiguous for the kernels.
+    dtype = reference.compute_dtype(x, h)
+    return reference.projective_to_pixels(h.to(dtype), (x.shape[-2], x.shape[-1]), size, align_corners).contiguous()
+
+
+def _projective_forward(
+    x: Tensor, m: Tensor, size: tuple[int, int], padding_mode: str, mode: str, wrap: bool = False
+) -> Tensor:
+    """Samples (B, K, C, Ho, Wo) in x's dtype for pixel matrices m (B, K, 3, 3) in the compute dtype."""
+    b, c, h, w = x.shape
+    k = m.shape[1]
+    ho, wo = size
+    out = torch.empty((b, k, c, ho, wo), device=x.device, dtype=x.dtype)
+    if out.numel() == 0:
+        return out
+    m_f64 = m.dtype == torch.float64
+    grid = lambda meta: (b * k * num_tiles(ho, wo, meta["BLOCK_H"], meta["BLOCK_W"]),)
+    args = (out, x, m, k, c, h, w, ho, wo, *x.stride())
+    meta = {
+        "BORDER": padding_mode == "border",
+        "NEAREST": mode == "nearest",
+        "BLOCK_C": block_c(c, 8),
+        "F64": m_f64,
+        "IDX64": needs_int64(x, out),
+        "EPS": reference.PROJECTIVE_EPS,
+    }
+    with device_context(x):
+        launch(_projective_fwd_kernel, _projective_fwd_tuned, grid, args, meta, wrap)
+    return out
+
+
+def _projective_backward(
+    grad: Tensor,
+    x: Tensor,
+    m: Tensor,
+    size: tuple[int, int],
+    padding_mode: str,
+    mode: str,
+    need_x: bool,
+    need_m: bool,
+    wrap: bool = False,
+) -> tuple[Tensor | None, Tensor | None]:
+    """(d loss / d x, d loss / d m) for grad (B, K, C, Ho, Wo); None where not needed."""
+    if need_x:
+        check_deterministic("sample_projective_backward (Triton)")
+    b, c, h, w = x.shape
+    k = m.shape[1]
+    ho, wo = size
+    need_coord = need_m and mode != "nearest"  # nearest has no coordinate gradient
+    gx = torch.zeros_like(x, dtype=m.dtype) if need_x else x.new_empty(0, dtype=m.dtype)
+    cfg = bwd_config(c)
+    tiles = num_tiles(ho, wo, cfg["BLOCK_H"], cfg["BLOCK_W"])
+    part = m.new_empty((b * k, tiles, 9) if need_coord else (0,))
+    if (need_x or need_coord) and grad.numel() > 0:
+        m_f64 = m.dtype == torch.float64
+        gx_strides = gx.stride() if need_x else (0, 0, 0, 0)
+        args = (gx, part, x, grad, m, k, c, h, w, ho, wo, *x.stride(), *gx_strides, *grad.stride())
+        meta = {
+            "BORDER": padding_mode == "border",
+            "NEAREST": mode == "nearest",
+            "NEED_X_GRAD": need_x,
+            "NEED_PARAM_GRAD": need_coord,
+            "F64": m_f64,
+            "IDX64": needs_int64(x, grad),
+            "EPS": reference.PROJECTIVE_EPS,
+            **cfg,
+        }
+        with device_context(x):
+            launch(_projective_bwd_kernel, None, (b * k * tiles,), args, meta, wrap)
+    grad_x = gx.to(x.dtype) if need_x else None
+    grad_m = None
+    if need_m:
+        grad_m = part.sum(1).view(b, k, 3, 3) if need_coord and part.numel() else torch.zeros_like(m)
+    return grad_x, grad_m
+
+
+# --------------------------------------------------------------------------------------------------------------
+# autograd.Function (CPU tensors under the interpreter, and torch without triton_op) and torch.library op
+# --------------------------------------------------------------------------------------------------------------
+class _SampleProjective(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x: Tensor, m: Tensor, size: tuple[int, int], padding_mode: str, mode: str) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, m)
+        ctx.options = (size, padding_mode, mode)
+        return _projective_forward(x, m, size, padding_mode, mode)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, m = ctx.saved_tensors
+        size, padding_mode, mode = ctx.options
+        needs = ctx.needs_input_grad
+        gx, gm = _projective_backward(grad, x, m, size, padding_mode, mode, needs[0], needs[1])
+        return gx, gm, None, None, None
+
+
+def _projective_scale(h: Tensor, x: Tensor, size: tuple[int, int], align_corners: bool) -> Tensor:
+    # d M / d h: M = h * scale elementwise (see reference.projective_to_pixels).
+    ones = torch.ones((3, 3), device=h.device, dtype=reference.compute_dtype(x, h))
+    return reference.projective_to_pixels(ones, (x.shape[-2], x.shape[-1]), size, align_corners)
+
+
+_projective_op = library_op("sample_projective")
+if HAS_LIBRARY_OPS and _projective_op is None:
+
+    @torch.library.triton_op("stn_lightning::sample_projective", mutates_args=())
+    def _projective_fwd_op(
+        x: Tensor, h: Tensor, height: int, width: int, align_corners: bool, padding_mode: str, mode: str
+    ) -> Tensor:
+        m = _pixel_matrix(x, h, (height, width), align_corners)
+        return _projective_forward(x, m, (height, width), padding_mode, mode, wrap=True)
+
+    @_projective_fwd_op.register_kernel("cpu")
+    def _projective_cpu(x, h, height, width, align_corners, padding_mode, mode):  # type: ignore[no-untyped-def]
+        return reference.sample_projective(
+            x, h, (height, width), align_corners=align_corners, padding_mode=padding_mode, mode=mode
+        )
+
+    @torch.library.triton_op("stn_lightning::sample_projective_backward", mutates_args=())
+    def _projective_bwd_op(
+        grad: Tensor,
+        x: Tensor,
+        h: Tensor,
+        height: int,
+        width: int,
+        align_corners: bool,
+        padding_mode: str,
+        mode: str,
+        need_x: bool,
+        need_h: bool,
+    ) -> tuple[Tensor, Tensor]:
+        size = (height, width)
+        m = _pixel_matrix(x, h, size, align_corners)
+        gx, gm = _projective_backward(grad, x, m, size, padding_mode, mode, need_x, need_h, wrap=True)
+        gx = gx if gx is not None else x.new_empty(0)
+        gt = (gm * _projective_scale(h, x, size, align_corners)).to(h.dtype) if gm is not None else h.new_empty(0)
+        return gx, gt
+
+    @_projective_bwd_op.register_kernel("cpu")
+    def _projective_bwd_cpu(grad, x, h, height, width, align_corners, padding_mode, mode, need_x, need_h):  # type: ignore[no-untyped-def]
+        gx, gt = reference_vjp(
+            reference.sample_projective, grad, (x, h), (need_x, need_h), (height, width),
+            align_corners=align_corners, padding_mode=padding_mode, mode=mode,
+        )  # fmt: skip
+        return gx, gt
+
+    def _projective_setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
+        x, h, *options = inputs
+        ctx.save_for_backward(x, h)
+        ctx.options = options
+
+    def _projective_op_backward(ctx, grad):  # type: ignore[no-untyped-def]
+        x, h = ctx.saved_tensors
+        need_x, need_h = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gx, gt = torch.ops.stn_lightning.sample_projective_backward(grad, x, h, *ctx.options, need_x, need_h)
+        return (gx if need_x else None, gt if need_h else None, None, None, None, None, None)
+
+    _projective_fwd_op.register_autograd(_projective_op_backward, setup_context=_projective_setup)
+    _projective_op = _projective_fwd_op
+
+
+def sample_projective(
+    x: Tensor,
+    h: Tensor,
+    size: int | tuple[int, int],
+    *,
+    align_corners: bool = False,
+    padding_mode: Padding = "zeros",
+    mode: Mode = "bilinear",
+) -> Tensor:
+    """Sample K projective warps of each image with the Triton kernels; see :func:`kernels.reference.sample_projective`.
+
+    Args:
+        x: images (B, C, H, W), any strides, float16, bfloat16, float32 or float64.
+        h: (B, K, 3, 3) homographies on normalised coordinates.
+        size: output size (Ho, Wo), or an int.
+        align_corners, padding_mode, mode: as for ``F.grid_sample``.
+
+    Returns:
+        (B, K, C, Ho, Wo), contiguous, in x's dtype.
+    """
+    reference.check_image(x)
+    reference.check_params(x, h, "h", (3, 3))
+    reference.check_options(padding_mode, mode)
+    check_device(x)
+    size = reference.normalize_size(size)
+    x, h = autocast_inputs(x, h)
+    if use_library_op(x):
+        return torch.ops.stn_lightning.sample_projective(x, h, size[0], size[1], align_corners, padding_mode, mode)
+    return _SampleProjective.apply(x, _pixel_matrix(x, h, size, align_corners), size, padding_mode, mode)
