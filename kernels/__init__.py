@@ -19,7 +19,6 @@ from .reference import (
     Mode,
     Padding,
     base_grid,
-    default_target_points,
     tps_coefficients,
     tps_target_points,
 )
@@ -159,11 +158,7 @@ def sample_tps(
     Returns:
         (B, K, C, Ho, Wo).
     """
-    reference.check_image(x)
-    if target_points is None:
-        target_points = default_target_points(control_points, x.device)
-    reference.check_params(x, control_points, "control_points", (target_points.shape[0], 2))
-    coefficients = tps_coefficients(control_points, target_points)
+    coefficients, target_points = reference.solve_tps(x, control_points, target_points)
     return _impl(backend, x).sample_tps_coefficients(
         x,
         coefficients,

@@ -46,6 +46,7 @@ __all__ = [
     "sample_projective",
     "sample_tps",
     "sample_tps_coefficients",
+    "solve_tps",
     "tps_coefficients",
     "tps_kernel",
     "tps_target_points",
@@ -473,14 +474,22 @@ def sample_tps(
     Returns:
         The samples (B, K, C, Ho, Wo).
     """
+    coefficients, target_points = solve_tps(x, control_points, target_points)
+    return sample_tps_coefficients(
+        x, coefficients, target_points, size, align_corners=align_corners, padding_mode=padding_mode, mode=mode
+    )
+
+
+def solve_tps(x: Tensor, control_points: Tensor, target_points: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Validate a spline's inputs and solve it: (coefficients (B, K, N + 3, 2), target points (N, 2)).
+
+    Shared by both backends of ``sample_tps``: the solve always runs in PyTorch.
+    """
     check_image(x)
     if target_points is None:
         target_points = default_target_points(control_points, x.device)
     check_params(x, control_points, "control_points", (target_points.shape[0], 2))
-    coefficients = tps_coefficients(control_points, target_points)
-    return sample_tps_coefficients(
-        x, coefficients, target_points, size, align_corners=align_corners, padding_mode=padding_mode, mode=mode
-    )
+    return tps_coefficients(control_points, target_points), target_points
 
 
 def default_target_points(control_points: Tensor, device: torch.device) -> Tensor:
