@@ -44,6 +44,8 @@ class STNModule(pl.LightningModule):
         fusion: "channels", "features" or "none" (no transformer: the baseline).
         localizer: a callable taking in_chans and returning the localisation net; default PaperLocalizer.
         init: "identity" or "tiled" start of the transformers.
+        feature_norm: standardise the localisation features before the transformers' head (see
+            ``SpatialTransformer``); False gives the paper's plain head.
         align_corners, padding_mode: the sampler's conventions.
         sampler_backend: "auto", "torch" or "triton".
         optimizer: a callable taking parameter groups; default SGD(lr=0.01, momentum=0.9, weight_decay=5e-4).
@@ -67,6 +69,7 @@ class STNModule(pl.LightningModule):
         fusion: Fusion = "channels",
         localizer: Callable[[int], nn.Module] | None = None,
         init: Literal["identity", "tiled"] = "identity",
+        feature_norm: bool = True,
         align_corners: bool = False,
         padding_mode: Padding = "zeros",
         sampler_backend: Backend = "auto",
@@ -94,6 +97,7 @@ class STNModule(pl.LightningModule):
                 num_transformers,
                 crop,
                 init=init,
+                feature_norm=feature_norm,
                 align_corners=align_corners,
                 padding_mode=padding_mode,
                 background=background,

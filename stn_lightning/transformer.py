@@ -35,6 +35,14 @@ class SpatialTransformer(nn.Module):
     tiling the image (``init="tiled"``, the paper's start for parallel attention on CUB), so training starts
     from well-defined crops.
 
+    By default the localisation features are standardised over the batch (a BatchNorm1d without affine
+    parameters) before the head. The raw features of a freshly initialised localiser vary little from image to
+    image (on the bundled digits their per-feature spread over a batch is about 0.03, a third of their mean), so
+    a gradient step on a plain head mostly moves the one warp that all images share and hardly makes the warps
+    differ between images: measured on the bundled digits, standardising makes the spread between images per
+    unit of shared movement about ten times larger. Without it, training on a short schedule ends in a fixed
+    zoom instead of a warp per image. ``feature_norm=False`` gives the paper's plain head.
+
     Args:
         localizer: an ``nn.Module`` mapping (B, C, H, W) to features (B, F), with an ``out_features`` attribute.
         transform: the transformation family.
@@ -45,6 +53,7 @@ class SpatialTransformer(nn.Module):
         background: the value that padding takes: the image is sampled as ``x - background`` with zeros padding
             and shifted back, so the padded border matches a normalised background instead of being 0.
         backend: the sampler's backend ("auto", "torch" or "triton").
+        feature_norm: standardise the localisation features before the head (see above).
     """
 
     def __init__(
@@ -60,6 +69,7 @@ class SpatialTransformer(nn.Module):
         mode: Mode = "bilinear",
         background: float = 0.0,
         backend: Backend = "auto",
+        feature_norm: bool = True,
     ) -> None:
         super().__init__()
         if num_transformers < 1:
@@ -78,6 +88,7 @@ class SpatialTransformer(nn.Module):
         self.mode = mode
         self.background = float(background)
         self.backend = backend
+        self.feature_norm = nn.BatchNorm1d(features, affine=False) if feature_norm else nn.Identity()
         self.head = nn.Linear(features, num_transformers * transform.num_params)
         self.reset_head(init)
 
@@ -91,7 +102,7 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: Tensor) -> STOutput:
         """Crops (B, K, C, Ho, Wo) and parameters (B, K, P) of images (B, C, H, W)."""
-        raw = self.head(self.localizer(x)).float()
+        raw = self.head(self.feature_norm(self.localizer(x))).float()
         params = self.transform(raw.view(x.shape[0], self.num_transformers, -1))
         return STOutput(self.sample(x, params), params)
 

@@ -297,6 +297,9 @@ class DigitsDataModule(LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=pin,
             persistent_workers=self.num_workers > 0,
+            # A last training batch of one image would make batch statistics (the transformers' feature norm,
+            # BatchNorm in the backbone) undefined; shuffling spreads the dropped remainder over epochs.
+            drop_last=shuffle and len(dataset) > self.batch_size,
         )
 
     def train_dataloader(self) -> DataLoader:
