@@ -21,7 +21,9 @@ as a table with the GPU name and the torch and triton versions, and written as J
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -45,7 +47,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
     parser.add_argument("--check", action="store_true", help="run GPU parity, int64 and NaN-isolation checks first")
+    parser.add_argument("--check-only", action="store_true", help="run the checks and no benchmark")
     parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile baseline")
+    parser.add_argument(
+        "--compile-dtypes",
+        nargs="+",
+        default=None,
+        help="dtypes for which the torch.compile baseline is measured (default: all of --dtypes; compiling takes "
+        "tens of seconds per workload)",
+    )
     parser.add_argument("--rep", type=int, default=100, help="milliseconds of repetitions per timing (do_bench)")
     return parser.parse_args(argv)
 
@@ -168,11 +178,15 @@ def measure(fn, x, params, target, size, rep):  # type: ignore[no-untyped-def]
     return fwd, both, peak
 
 
-def run_benchmarks(args: argparse.Namespace) -> dict:
+def run_benchmarks(args: argparse.Namespace, info: dict) -> dict:
+    """Time every workload and dtype; the JSON file (if any) is rewritten after each row, so a run cut short
+    keeps what it measured."""
     import torch
 
     bandwidth = copy_bandwidth()
-    rows = []
+    rows: list[dict] = []
+    results = {**info, "copy_bandwidth_gb_s": bandwidth * 1e3 / 1e9, "rows": rows}
+    compile_dtypes = args.dtypes if args.compile_dtypes is None else args.compile_dtypes
     for name in args.workloads:
         family, b, c, h, w, k, ho, wo = WORKLOADS[name]
         for dtype_name in args.dtypes:
@@ -189,9 +203,14 @@ def run_benchmarks(args: argparse.Namespace) -> dict:
                 "floor_fwd_ms": fwd_bytes / bandwidth,
                 "floor_fwd_bwd_ms": 2 * fwd_bytes / bandwidth,
             }
-            impls = {"triton": triton_path, "eager_copies": eager_copies, "eager_stacked": eager_stacked}
-            if not args.skip_compile:
-                impls["compiled"] = torch.compile(eager_stacked)
+            impls = {
+                "triton": functools.partial(triton_path, family),
+                "eager_copies": functools.partial(eager_copies, family),
+                "eager_stacked": functools.partial(eager_stacked, family),
+            }
+            if not args.skip_compile and dtype_name in compile_dtypes:
+                # dynamic=False: one static graph per workload (a dynamic-shape recompile fails in affine_grid)
+                impls["compiled"] = torch.compile(functools.partial(eager_stacked, family), dynamic=False)
             for impl_name, fn in impls.items():
                 try:
                     fwd, both, peak = measure(fn, x, params, target, size, args.rep)
@@ -201,9 +220,11 @@ def run_benchmarks(args: argparse.Namespace) -> dict:
                 torch.cuda.empty_cache()
             rows.append(row)
             print_row(row)
+            if args.json is not None:
+                args.json.write_text(json.dumps(results, indent=2))
             del x, params
             torch.cuda.empty_cache()
-    return {"copy_bandwidth_gb_s": bandwidth * 1e3 / 1e9, "rows": rows}
+    return results
 
 
 def print_header(info: dict) -> None:
@@ -240,60 +261,105 @@ def _max_err(a, b) -> float:  # type: ignore[no-untyped-def]
     return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
 
 
+def _mixed_err(a, b) -> float:  # type: ignore[no-untyped-def]
+    """Largest |a - b| / (1 + |b|): absolute for small values, relative for large ones."""
+    return float(((a.double() - b.double()).abs() / (1 + b.double().abs())).max()) if a.numel() else 0.0
+
+
+def _parity_case(family, dtype, pad, mode, ac, cl, target, g):  # type: ignore[no-untyped-def]
+    """Errors (output, image gradient, parameter gradient) of the Triton ops against the float32 reference.
+
+    The reference runs on the same (rounded) half-precision values upcast to float32, with the same rounded
+    grad_out: that is what the kernels compute, accumulating in float32, so the remaining differences are the
+    final rounding of the output and image gradient (half an ulp: 2**-11 in float16, 2**-8 in bfloat16) and
+    the order of float32 sums. Nearest sampling can flip at exact ties between pixels (the coordinates are
+    computed along different paths), so its output error is the fraction of elements that differ instead.
+    """
+    import torch
+
+    from kernels import reference, triton_ops
+
+    dev = "cuda"
+    x = torch.randn(3, 5, 37, 29, device=dev, generator=g).to(dtype)
+    if cl:
+        x = x.to(memory_format=torch.channels_last)
+    k, size = 3, (23, 31)
+    if family == "affine":
+        p = torch.eye(2, 3, device=dev) + 0.3 * torch.randn(3, k, 2, 3, device=dev, generator=g)
+    elif family == "projective":
+        p = torch.eye(3, device=dev) + 0.1 * torch.randn(3, k, 3, 3, device=dev, generator=g)
+    elif family == "tps":
+        p = reference.tps_coefficients(target + 0.1 * torch.randn(3, k, 16, 2, device=dev, generator=g), target)
+    else:
+        p = 1.2 * (2 * torch.rand(3, k, *size, 2, device=dev, generator=g) - 1)
+    grad = None
+    results = []
+    for impl, xin in ((triton_ops, x), (reference, x.float())):
+        xa, pa = xin.detach().clone().requires_grad_(), p.detach().clone().requires_grad_()
+        opts = {"align_corners": ac, "padding_mode": pad, "mode": mode}
+        if family == "affine":
+            out = impl.sample_affine(xa, pa, size, **opts)
+        elif family == "projective":
+            out = impl.sample_projective(xa, pa, size, **opts)
+        elif family == "tps":
+            out = impl.sample_tps_coefficients(xa, pa, target, size, **opts)
+        else:
+            out = impl.sample_grid(xa, pa, **opts)
+        if grad is None:
+            assert out.dtype == dtype and xa.is_contiguous(memory_format=torch.channels_last) == cl
+            grad = torch.randn(out.shape, device=dev, generator=torch.Generator(device=dev).manual_seed(1)).to(dtype)
+        out.backward(grad.to(out.dtype))
+        pgrad = pa.grad if pa.grad is not None else torch.zeros_like(pa)
+        results.append((out.detach(), xa.grad, pgrad))
+    (o, gx, gp), (ro, rgx, rgp) = results
+    assert gx.dtype == dtype and gx.stride() == x.stride(), (gx.dtype, gx.stride(), x.stride())
+    if mode == "nearest":
+        out_err = float(((o.double() - ro.double()).abs() > 1e-2 * (1 + ro.double().abs())).double().mean())
+        gx_err = float(((gx.double() - rgx.double()).abs() > 1e-2 * (1 + rgx.double().abs())).double().mean())
+    else:
+        out_err, gx_err = _mixed_err(o, ro), _mixed_err(gx, rgx)
+    return out_err, gx_err, _max_err(gp, rgp) / (float(rgp.abs().max()) + 1.0)
+
+
 def run_checks() -> bool:
+    import traceback
+
     import torch
 
     import kernels
-    from kernels import reference, triton_ops
+    from kernels import reference
 
     ok = True
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(0)
-    # (output atol, image-grad atol, param-grad rtol): the parameter gradient is compared relative to its size.
-    tol = {torch.float32: (1e-5, 1e-4, 1e-3), torch.float16: (2e-3, 4e-3, 1e-2), torch.bfloat16: (2e-2, 3e-2, 3e-2)}
+    # Bounds on (output, image gradient, parameter gradient relative to its largest entry) from _parity_case:
+    # float32 sums in another order (the spline's radial terms move its coordinates by ~1e-6, which moves
+    # outputs by ~1e-5 where the image is steep); one final rounding in float16 (2**-11 = 4.9e-4) and bfloat16
+    # (2**-8 = 3.9e-3) with room for a tie flip; for nearest sampling, the fraction of differing elements.
+    tol = {torch.float32: (1e-4, 1e-4, 1e-4), torch.float16: (1e-3, 1.5e-3, 1e-4), torch.bfloat16: (8e-3, 1e-2, 1e-4)}
+    nearest_tol = (1e-3, 1e-3)
     target = reference.tps_target_points(4, device=dev)
-    for dtype, (atol_out, atol_gx, rtol_p) in tol.items():
+    # STN_CHECK_DTYPES="bfloat16 float16" limits the parity checks to those dtypes (to finish a cut-short run).
+    only = os.environ.get("STN_CHECK_DTYPES", "").split()
+    for dtype, bounds in tol.items():
+        if only and str(dtype)[6:] not in only:
+            continue
         for family in ("affine", "projective", "tps", "grid"):
             for pad, mode, ac, cl in (
                 ("zeros", "bilinear", False, False),
                 ("border", "bilinear", True, True),
                 ("zeros", "nearest", True, False),
             ):
-                x = torch.randn(3, 5, 37, 29, device=dev, generator=g).to(dtype)
-                if cl:
-                    x = x.to(memory_format=torch.channels_last)
-                k, size = 3, (23, 31)
-                if family == "affine":
-                    p = torch.eye(2, 3, device=dev) + 0.3 * torch.randn(3, k, 2, 3, device=dev, generator=g)
-                elif family == "projective":
-                    p = torch.eye(3, device=dev) + 0.1 * torch.randn(3, k, 3, 3, device=dev, generator=g)
-                elif family == "tps":
-                    cp = target + 0.1 * torch.randn(3, k, 16, 2, device=dev, generator=g)
-                    p = reference.tps_coefficients(cp, target)
-                else:
-                    p = 1.2 * (2 * torch.rand(3, k, *size, 2, device=dev, generator=g) - 1)
-                results = []
-                for impl in (triton_ops, reference):
-                    xa, pa = x.detach().clone().requires_grad_(), p.detach().clone().requires_grad_()
-                    opts = {"align_corners": ac, "padding_mode": pad, "mode": mode}
-                    if family == "affine":
-                        out = impl.sample_affine(xa, pa, size, **opts)
-                    elif family == "projective":
-                        out = impl.sample_projective(xa, pa, size, **opts)
-                    elif family == "tps":
-                        out = impl.sample_tps_coefficients(xa, pa, target, size, **opts)
-                    else:
-                        out = impl.sample_grid(xa, pa, **opts)
-                    grad = torch.randn(out.shape, device=dev, generator=torch.Generator(device=dev).manual_seed(1))
-                    out.backward(grad.to(out.dtype))
-                    pgrad = pa.grad if pa.grad is not None else torch.zeros_like(pa)
-                    results.append((out.detach(), xa.grad, pgrad))
-                (o, gx, gp), (ro, rgx, rgp) = results
-                scale = float(rgp.abs().max()) + 1.0
-                errs = (_max_err(o, ro), _max_err(gx, rgx), _max_err(gp, rgp) / scale)
-                good = errs[0] <= atol_out and errs[1] <= atol_gx and errs[2] <= rtol_p
                 name = f"parity {family} {str(dtype)[6:]} {pad} {mode} ac={ac} cl={cl}"
-                ok &= _report(name, good, "errors out {:.2e} image-grad {:.2e} param-grad(rel) {:.2e}".format(*errs))
+                try:
+                    errs = _parity_case(family, dtype, pad, mode, ac, cl, target, g)
+                except Exception:  # report and go on: one broken variant must not hide the others
+                    ok &= _report(name, False, traceback.format_exc(limit=-3).replace("\n", " | ")[-1500:])
+                    continue
+                limit = (*nearest_tol, bounds[2]) if mode == "nearest" else bounds
+                good = all(e <= t for e, t in zip(errs, limit, strict=True))
+                detail = "errors out {:.2e} image-grad {:.2e} param-grad(rel) {:.2e}".format(*errs)
+                ok &= _report(name, good, detail + f"  (bounds {limit[0]:.0e} {limit[1]:.0e} {limit[2]:.0e})")
     # int64 offsets: a 1 x 1 x 32769 x 65536 image (2**31 + 2**16 elements) sampled at its far corner.
     for dtype in (torch.float16, torch.float32):
         try:
@@ -307,15 +373,19 @@ def run_checks() -> bool:
             tx, ty = (w - 4.0 - (w - 1) / 2) / (w / 2), (h - 4.0 - (h - 1) / 2) / (h / 2)
             theta = torch.tensor([[[[sx, 0.0, tx], [0.0, sy, ty]]]], device=dev, requires_grad=True)
             out = kernels.sample_affine(x, theta, 6, backend="triton")
-            ref = reference.sample_affine(x, theta.detach(), 6)
-            err = _max_err(out, ref)
-            good = err <= (1e-3 if dtype == torch.float16 else 1e-5) and float(ref.abs().max()) > 0
             out.sum().backward()
-            good &= bool(torch.isfinite(theta.grad).all())
-            ok &= _report(f"int64 offsets {str(dtype)[6:]} 1x1x32769x65536 far corner", good, f"max error {err:.2e}")
+            # The float32 reference (a float16 grid could not address single pixels of a 65536-wide image).
+            ref_theta = theta.detach().clone().requires_grad_()
+            ref = reference.sample_affine(x.float(), ref_theta, 6)
+            ref.sum().backward()
+            err = _mixed_err(out, ref)
+            perr = _max_err(theta.grad, ref_theta.grad) / (float(ref_theta.grad.abs().max()) + 1.0)
+            good = err <= (1e-3 if dtype == torch.float16 else 1e-5) and float(ref.abs().max()) > 0 and perr <= 1e-3
+            detail = f"output error {err:.2e} param-grad(rel) {perr:.2e}"
+            ok &= _report(f"int64 offsets {str(dtype)[6:]} 1x1x32769x65536 far corner", good, detail)
             del x, out, ref
-        except torch.cuda.OutOfMemoryError:
-            ok &= _report(f"int64 offsets {str(dtype)[6:]}", False, "out of memory")
+        except Exception:  # out of memory, or a kernel that fails
+            ok &= _report(f"int64 offsets {str(dtype)[6:]}", False, traceback.format_exc(limit=-3)[-1500:])
         torch.cuda.empty_cache()
     # NaN isolation: a NaN transformer reads nothing and leaves the others' outputs and gradients unchanged.
     x = torch.randn(2, 3, 31, 27, device=dev, generator=g)
@@ -347,19 +417,20 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
-    if args.check:
-        print(f"# checks on {info['gpu']}")
+    passed = True
+    if args.check or args.check_only:
+        print(f"# checks on {info['gpu']} | torch {info['torch']} | triton {info['triton']}")
         passed = run_checks()
         print("ALL CHECKS PASS" if passed else "SOME CHECKS FAILED")
-        if not passed:
-            return 1
+    if args.check_only:
+        return 0 if passed else 1
+    # The timings are worth having even when a check failed (the exit status still says it failed).
     print_header(info)
-    results = {**info, **run_benchmarks(args)}
+    results = run_benchmarks(args, info)
     print(f"# device-to-device copy bandwidth {results['copy_bandwidth_gb_s']:.0f} GB/s")
     if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2))
         print(f"# wrote {args.json}")
-    return 0
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

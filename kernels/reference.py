@@ -211,7 +211,8 @@ def _bilinear_or_nearest(
 
     def read(cx: Tensor, cy: Tensor, weight: Tensor) -> Tensor:
         inside = valid & (cx >= 0) & (cx <= w - 1) & (cy >= 0) & (cy <= h - 1)
-        index = (cy.clamp(0, h - 1) * w + cx.clamp(0, w - 1)).long()
+        # Integer arithmetic: in float32, cy * w + cx is inexact beyond 2**24 pixels (a 1 x 1 x 32769 x 65536 image).
+        index = cy.clamp(0, h - 1).long() * w + cx.clamp(0, w - 1).long()
         values = flat.gather(2, index.unsqueeze(1).expand(b, c, -1))
         return values * (weight * inside.to(dtype)).unsqueeze(1)
 

@@ -528,14 +528,17 @@ x.grad = theta.grad = None
 reference.sample_affine(x, theta, (9, 11), padding_mode="border").square().sum().backward()
 torch.testing.assert_close(gx, x.grad, rtol=1e-4, atol=1e-4)
 torch.testing.assert_close(gt, theta.grad, rtol=1e-3, atol=1e-3)
-opcheck(torch.ops.stn_lightning.sample_affine.default, (x, theta, 9, 11, False, "zeros", "bilinear"))
+# Under AOT dispatch the parameter gradient's sum over tiles is compiled by inductor, which adds in another order
+# than eager torch.sum: float32 differences of ~1e-5 relative (measured on an H100: 8e-5 on entries of ~3).
+tol = dict(atol=1e-4, rtol=1e-4)
+opcheck(torch.ops.stn_lightning.sample_affine.default, (x, theta, 9, 11, False, "zeros", "bilinear"), **tol)
 h = torch.eye(3, device=dev).repeat(2, 3, 1, 1).requires_grad_()
-opcheck(torch.ops.stn_lightning.sample_projective.default, (x, h, 5, 4, True, "border", "bilinear"))
+opcheck(torch.ops.stn_lightning.sample_projective.default, (x, h, 5, 4, True, "border", "bilinear"), **tol)
 grid = (torch.rand(2, 3, 5, 4, 2, device=dev) * 2 - 1).requires_grad_()
-opcheck(torch.ops.stn_lightning.sample_grid.default, (x, grid, False, "zeros", "bilinear"))
+opcheck(torch.ops.stn_lightning.sample_grid.default, (x, grid, False, "zeros", "bilinear"), **tol)
 t = reference.tps_target_points(2, device=dev)
 c = torch.zeros(2, 3, 7, 2, device=dev).requires_grad_()
-opcheck(torch.ops.stn_lightning.sample_tps_coefficients.default, (x, c, t, 5, 4, False, "zeros", "bilinear"))
+opcheck(torch.ops.stn_lightning.sample_tps_coefficients.default, (x, c, t, 5, 4, False, "zeros", "bilinear"), **tol)
 with torch.autocast("cuda", dtype=torch.bfloat16):
     out = kernels.sample_affine(x, theta, (9, 11), backend="triton")
 assert out.dtype == torch.bfloat16, out.dtype
