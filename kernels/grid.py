@@ -186,7 +186,7 @@ def _grid_scalars(x: Tensor, grid: Tensor, align_corners: bool) -> Tensor:
     # (sx, sy): pixels per normalised unit of the input, in the compute dtype.
     h, w = x.shape[-2:]
     sx, sy, _, _ = reference.pixel_scales((h, w), (h, w), align_corners)
-    return torch.tensor([sx, sy], dtype=reference.compute_dtype(x, grid)).to(x.device)
+    return reference.host_constant([sx, sy], reference.compute_dtype(x, grid), x.device)
 
 
 def _grid_forward(x: Tensor, grid: Tensor, scalars: Tensor, padding_mode: str, mode: str, wrap: bool = False) -> Tensor:

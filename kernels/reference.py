@@ -38,6 +38,7 @@ __all__ = [
     "compute_dtype",
     "default_target_points",
     "half_extent",
+    "host_constant",
     "normalize_size",
     "pixel_scales",
     "projective_to_pixels",
@@ -147,13 +148,25 @@ def _ratio(num: float, extent: float) -> float:
     return num / extent if extent > 0 else 0.0
 
 
+def host_constant(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small tensor of Python numbers on ``device`` without a host synchronisation.
+
+    ``torch.tensor(values, device="cuda")`` copies from pageable memory and then waits for the stream to drain
+    (three such waits per forward + backward showed up in benchmarks/profile_kernels.py on an H100). With
+    ``non_blocking=True`` the driver stages the pageable source before returning, so the temporary may go.
+    """
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def affine_to_pixels(theta: Tensor, in_size: tuple[int, int], out_size: tuple[int, int], align_corners: bool) -> Tensor:
     """Rewrite (B, K, 2, 3) normalised affine matrices to map centred output pixels (u, v, 1) to input pixels.
 
     The result M gives ix = M[0] . (u, v, 1) + (W - 1) / 2 and iy = M[1] . (u, v, 1) + (H - 1) / 2.
     """
     sx, sy, ox, oy = pixel_scales(in_size, out_size, align_corners)
-    scale = theta.new_tensor([[_ratio(sx, ox), _ratio(sx, oy), sx], [_ratio(sy, ox), _ratio(sy, oy), sy]])
+    scale = host_constant(
+        [[_ratio(sx, ox), _ratio(sx, oy), sx], [_ratio(sy, ox), _ratio(sy, oy), sy]], theta.dtype, theta.device
+    )
     return theta * scale
 
 
@@ -164,12 +177,14 @@ def projective_to_pixels(h: Tensor, in_size: tuple[int, int], out_size: tuple[in
     normalised coordinates, so the |w| < PROJECTIVE_EPS rule is unchanged.
     """
     sx, sy, ox, oy = pixel_scales(in_size, out_size, align_corners)
-    scale = h.new_tensor(
+    scale = host_constant(
         [
             [_ratio(sx, ox), _ratio(sx, oy), sx],
             [_ratio(sy, ox), _ratio(sy, oy), sy],
             [_ratio(1.0, ox), _ratio(1.0, oy), 1.0],
-        ]
+        ],
+        h.dtype,
+        h.device,
     )
     return h * scale
 

@@ -226,9 +226,11 @@ def _tps_inputs(
     dtype = reference.compute_dtype(x, coefficients)
     sx, sy, ox, oy = reference.pixel_scales((x.shape[-2], x.shape[-1]), size, align_corners)
     ratio = lambda a, e: a / e if e > 0 else 0.0  # noqa: E731 - reference._ratio
-    scalars = torch.tensor([ratio(sx, ox), ratio(sy, oy), sx, sy, ratio(1.0, ox), ratio(1.0, oy)], dtype=dtype)
+    scalars = reference.host_constant(
+        [ratio(sx, ox), ratio(sy, oy), sx, sy, ratio(1.0, ox), ratio(1.0, oy)], dtype, x.device
+    )
     target = target_points.detach().to(device=x.device, dtype=dtype).contiguous()
-    return coefficients.to(dtype).contiguous(), target, scalars.to(x.device)
+    return coefficients.to(dtype).contiguous(), target, scalars
 
 
 def _tps_forward(
