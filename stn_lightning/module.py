@@ -45,7 +45,7 @@ class STNModule(pl.LightningModule):
         localizer: a callable taking in_chans and returning the localisation net; default PaperLocalizer.
         init: "identity" or "tiled" start of the transformers.
         feature_norm: standardise the localisation features before the transformers' head (see
-            ``SpatialTransformer``); False gives the paper's plain head.
+            ``SpatialTransformer``); pair it with a lower ``loc_lr_scale`` (0.01).
         align_corners, padding_mode: the sampler's conventions.
         sampler_backend: "auto", "torch" or "triton".
         optimizer: a callable taking parameter groups; default SGD(lr=0.01, momentum=0.9, weight_decay=5e-4).
@@ -69,7 +69,7 @@ class STNModule(pl.LightningModule):
         fusion: Fusion = "channels",
         localizer: Callable[[int], nn.Module] | None = None,
         init: Literal["identity", "tiled"] = "identity",
-        feature_norm: bool = True,
+        feature_norm: bool = False,
         align_corners: bool = False,
         padding_mode: Padding = "zeros",
         sampler_backend: Backend = "auto",

@@ -35,13 +35,14 @@ class SpatialTransformer(nn.Module):
     tiling the image (``init="tiled"``, the paper's start for parallel attention on CUB), so training starts
     from well-defined crops.
 
-    By default the localisation features are standardised over the batch (a BatchNorm1d without affine
-    parameters) before the head. The raw features of a freshly initialised localiser vary little from image to
-    image (on the bundled digits their per-feature spread over a batch is about 0.03, a third of their mean), so
-    a gradient step on a plain head mostly moves the one warp that all images share and hardly makes the warps
-    differ between images: measured on the bundled digits, standardising makes the spread between images per
-    unit of shared movement about ten times larger. Without it, training on a short schedule ends in a fixed
-    zoom instead of a warp per image. ``feature_norm=False`` gives the paper's plain head.
+    The head is the paper's plain linear layer. With ``feature_norm=True`` the localisation features are first
+    standardised over the batch (a BatchNorm1d without affine parameters). The raw features of a freshly
+    initialised localiser vary little from image to image (on the bundled digits their per-feature spread over
+    a batch is about 0.03, a third of their mean), so a gradient step on a plain head mostly moves the one warp
+    that all images share: measured on the bundled digits, standardising makes the spread between images per
+    unit of shared movement about ten times larger. It also makes the head's steps larger, so it wants a lower
+    ``loc_lr_scale`` (0.01 where the plain head takes 0.1). On short schedules it has not improved accuracy
+    (benchmarks/RESULTS-training.md), hence off by default.
 
     Args:
         localizer: an ``nn.Module`` mapping (B, C, H, W) to features (B, F), with an ``out_features`` attribute.
@@ -69,7 +70,7 @@ class SpatialTransformer(nn.Module):
         mode: Mode = "bilinear",
         background: float = 0.0,
         backend: Backend = "auto",
-        feature_norm: bool = True,
+        feature_norm: bool = False,
     ) -> None:
         super().__init__()
         if num_transformers < 1:
