@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 
 from .localization import create_timm_model
@@ -33,7 +34,11 @@ class STNClassifier(nn.Module):
         transformer: the SpatialTransformer (required unless fusion is "none").
         fusion: "channels", "features" or "none".
         pretrained: path of local backbone weights, or None.
-        backbone_kwargs: extra arguments for ``timm.create_model`` (drop_rate, ...).
+        backbone_kwargs: extra arguments for ``timm.create_model`` (drop_rate, ...). ``{"global_pool": ""}``
+            keeps the feature map unpooled: the head then sees where features are (flattened), like the
+            fully connected classifier of the paper's CNN baselines.
+        input_size: (H, W) of the images; with it the head's width is measured by one forward pass, which
+            unpooled feature maps need.
     """
 
     def __init__(
@@ -45,6 +50,7 @@ class STNClassifier(nn.Module):
         fusion: Fusion = "channels",
         pretrained: str | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
+        input_size: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         if fusion not in _FUSIONS:
@@ -62,8 +68,15 @@ class STNClassifier(nn.Module):
             backbone, pretrained=pretrained, num_classes=0, in_chans=backbone_chans, **(backbone_kwargs or {})
         )
         self.backbone = net
-        width = net.num_features * (k if fusion == "features" else 1)
-        self.head = nn.Linear(width, num_classes)
+        width = net.num_features
+        if input_size is not None:
+            size = self.transformer.output_size if self.transformer is not None else input_size
+            was_training = net.training
+            net.eval()  # one image: batch statistics would be undefined
+            with torch.no_grad():
+                width = self.features(torch.zeros(1, backbone_chans, *size)).shape[1]
+            net.train(was_training)
+        self.head = nn.Linear(width * (k if fusion == "features" else 1), num_classes)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Logits (B, num_classes) and warp parameters (B, K, P) (None without transformer) of images (B, C, H, W)."""
@@ -80,5 +93,5 @@ class STNClassifier(nn.Module):
         return self.head(feats), params
 
     def features(self, x: Tensor) -> Tensor:
-        """Pooled backbone features (N, F) of a batch (N, C', H, W)."""
-        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+        """Backbone features (N, F) of a batch (N, C', H, W): pooled, or the flattened map without pooling."""
+        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True).flatten(1)

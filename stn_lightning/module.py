@@ -104,7 +104,14 @@ class STNModule(pl.LightningModule):
                 backend=sampler_backend,
             )
         self.model = STNClassifier(
-            backbone, num_classes, in_chans, transformer, fusion, pretrained=pretrained, backbone_kwargs=backbone_kwargs
+            backbone,
+            num_classes,
+            in_chans,
+            transformer,
+            fusion,
+            pretrained=pretrained,
+            backbone_kwargs=backbone_kwargs,
+            input_size=self.image_size,
         )
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler

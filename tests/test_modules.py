@@ -193,6 +193,32 @@ def test_each_fusion(fusion: str, k: int, backbone_chans: int) -> None:
         module.model(torch.randn(3, 1, 24, 20))
 
 
+@pytest.mark.parametrize("fusion", ["none", "channels", "features"])
+def test_unpooled_backbone_gives_a_position_sensitive_head(fusion: str) -> None:
+    # global_pool="" keeps the backbone's feature map; the head's width is measured on the size the backbone sees
+    # (the whole image without transformer, the crop with one) and must be C x h x w (x K for feature fusion).
+    module = STNModule(
+        num_classes=10,
+        in_chans=1,
+        image_size=(80, 72),
+        backbone="test_resnet",
+        num_transformers=2,
+        crop_size=64,
+        fusion=fusion,  # type: ignore[arg-type]
+        backbone_kwargs={"global_pool": ""},
+    )
+    net = module.model.backbone
+    seen = (80, 72) if fusion == "none" else (64, 64)
+    chans = 2 if fusion == "channels" else 1
+    with torch.no_grad():
+        feature_map = net.eval().forward_features(torch.zeros(1, chans, *seen))
+    net.train()
+    assert feature_map.shape[-2:] != (1, 1)  # a map, not a pooled vector
+    k = 2 if fusion == "features" else 1
+    assert module.model.head.in_features == feature_map[0].numel() * k
+    assert module(torch.randn(3, 1, 80, 72)).shape == (3, 10)
+
+
 def test_localisation_learning_rate_is_scaled() -> None:
     module = STNModule(
         backbone="test_resnet",
