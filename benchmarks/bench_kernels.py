@@ -126,16 +126,21 @@ def eager_stacked(family, x, params, target, size):  # type: ignore[no-untyped-d
     return out.view(b, c, k, *size).transpose(1, 2).contiguous()
 
 
-def triton_path(family, x, params, target, size):  # type: ignore[no-untyped-def]
-    import kernels
-
+def sample(impl, family, x, params, target, size, **options):  # type: ignore[no-untyped-def]
+    """One family's sampling op from ``impl`` (kernels.triton_ops or kernels.reference)."""
     if family == "affine":
-        return kernels.sample_affine(x, params, size, backend="triton")
+        return impl.sample_affine(x, params, size, **options)
     if family == "projective":
-        return kernels.sample_projective(x, params, size, backend="triton")
+        return impl.sample_projective(x, params, size, **options)
+    if family == "tps":
+        return impl.sample_tps_coefficients(x, params, target, size, **options)
+    return impl.sample_grid(x, params, **options)
+
+
+def triton_path(family, x, params, target, size):  # type: ignore[no-untyped-def]
     from kernels import triton_ops
 
-    return triton_ops.sample_tps_coefficients(x, params, target, size)
+    return sample(triton_ops, family, x, params, target, size)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -266,6 +271,12 @@ def _mixed_err(a, b) -> float:  # type: ignore[no-untyped-def]
     return float(((a.double() - b.double()).abs() / (1 + b.double().abs())).max()) if a.numel() else 0.0
 
 
+def _mismatch_fraction(a, b) -> float:  # type: ignore[no-untyped-def]
+    """Fraction of elements where |a - b| > 1e-2 (1 + |b|)."""
+    a, b = a.double(), b.double()
+    return float(((a - b).abs() > 1e-2 * (1 + b.abs())).double().mean())
+
+
 def _parity_case(family, dtype, pad, mode, ac, cl, target, g):  # type: ignore[no-untyped-def]
     """Errors (output, image gradient, parameter gradient) of the Triton ops against the float32 reference.
 
@@ -296,15 +307,7 @@ def _parity_case(family, dtype, pad, mode, ac, cl, target, g):  # type: ignore[n
     results = []
     for impl, xin in ((triton_ops, x), (reference, x.float())):
         xa, pa = xin.detach().clone().requires_grad_(), p.detach().clone().requires_grad_()
-        opts = {"align_corners": ac, "padding_mode": pad, "mode": mode}
-        if family == "affine":
-            out = impl.sample_affine(xa, pa, size, **opts)
-        elif family == "projective":
-            out = impl.sample_projective(xa, pa, size, **opts)
-        elif family == "tps":
-            out = impl.sample_tps_coefficients(xa, pa, target, size, **opts)
-        else:
-            out = impl.sample_grid(xa, pa, **opts)
+        out = sample(impl, family, xa, pa, target, size, align_corners=ac, padding_mode=pad, mode=mode)
         if grad is None:
             assert out.dtype == dtype and xa.is_contiguous(memory_format=torch.channels_last) == cl
             grad = torch.randn(out.shape, device=dev, generator=torch.Generator(device=dev).manual_seed(1)).to(dtype)
@@ -313,11 +316,8 @@ def _parity_case(family, dtype, pad, mode, ac, cl, target, g):  # type: ignore[n
         results.append((out.detach(), xa.grad, pgrad))
     (o, gx, gp), (ro, rgx, rgp) = results
     assert gx.dtype == dtype and gx.stride() == x.stride(), (gx.dtype, gx.stride(), x.stride())
-    if mode == "nearest":
-        out_err = float(((o.double() - ro.double()).abs() > 1e-2 * (1 + ro.double().abs())).double().mean())
-        gx_err = float(((gx.double() - rgx.double()).abs() > 1e-2 * (1 + rgx.double().abs())).double().mean())
-    else:
-        out_err, gx_err = _mixed_err(o, ro), _mixed_err(gx, rgx)
+    err = _mismatch_fraction if mode == "nearest" else _mixed_err
+    out_err, gx_err = err(o, ro), err(gx, rgx)
     return out_err, gx_err, _max_err(gp, rgp) / (float(rgp.abs().max()) + 1.0)
 
 

@@ -274,8 +274,8 @@ class _SampleAffine(torch.autograd.Function):
 
 def _affine_scale(theta: Tensor, x: Tensor, size: tuple[int, int], align_corners: bool) -> Tensor:
     # d M / d theta: M = theta * scale elementwise (see reference.affine_to_pixels).
-    ones = torch.ones((2, 3), device=theta.device, dtype=reference.compute_dtype(x, theta))
-    return reference.affine_to_pixels(ones, (x.shape[-2], x.shape[-1]), size, align_corners)
+    dtype = reference.compute_dtype(x, theta)
+    return reference.pixel_scale_matrix(2, (x.shape[-2], x.shape[-1]), size, align_corners, dtype, theta.device)
 
 
 _affine_op = library_op("sample_affine")

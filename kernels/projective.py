@@ -295,8 +295,8 @@ class _SampleProjective(torch.autograd.Function):
 
 def _projective_scale(h: Tensor, x: Tensor, size: tuple[int, int], align_corners: bool) -> Tensor:
     # d M / d h: M = h * scale elementwise (see reference.projective_to_pixels).
-    ones = torch.ones((3, 3), device=h.device, dtype=reference.compute_dtype(x, h))
-    return reference.projective_to_pixels(ones, (x.shape[-2], x.shape[-1]), size, align_corners)
+    dtype = reference.compute_dtype(x, h)
+    return reference.pixel_scale_matrix(3, (x.shape[-2], x.shape[-1]), size, align_corners, dtype, h.device)
 
 
 _projective_op = library_op("sample_projective")

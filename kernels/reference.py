@@ -40,6 +40,7 @@ __all__ = [
     "half_extent",
     "host_constant",
     "normalize_size",
+    "pixel_scale_matrix",
     "pixel_scales",
     "projective_to_pixels",
     "sample_affine",
@@ -158,16 +159,31 @@ def host_constant(values: list, dtype: torch.dtype, device: torch.device) -> Ten
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
+def pixel_scale_matrix(
+    rows: int,
+    in_size: tuple[int, int],
+    out_size: tuple[int, int],
+    align_corners: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:
+    """The (rows, 3) elementwise factors that rewrite a normalised affine (2 rows) or projective (3 rows) matrix to
+    one on centred output pixels (see :func:`affine_to_pixels`); also its derivative for the backward."""
+    sx, sy, ox, oy = pixel_scales(in_size, out_size, align_corners)
+    factors = [
+        [_ratio(sx, ox), _ratio(sx, oy), sx],
+        [_ratio(sy, ox), _ratio(sy, oy), sy],
+        [_ratio(1.0, ox), _ratio(1.0, oy), 1.0],
+    ]
+    return host_constant(factors[:rows], dtype, device)
+
+
 def affine_to_pixels(theta: Tensor, in_size: tuple[int, int], out_size: tuple[int, int], align_corners: bool) -> Tensor:
     """Rewrite (B, K, 2, 3) normalised affine matrices to map centred output pixels (u, v, 1) to input pixels.
 
     The result M gives ix = M[0] . (u, v, 1) + (W - 1) / 2 and iy = M[1] . (u, v, 1) + (H - 1) / 2.
     """
-    sx, sy, ox, oy = pixel_scales(in_size, out_size, align_corners)
-    scale = host_constant(
-        [[_ratio(sx, ox), _ratio(sx, oy), sx], [_ratio(sy, ox), _ratio(sy, oy), sy]], theta.dtype, theta.device
-    )
-    return theta * scale
+    return theta * pixel_scale_matrix(2, in_size, out_size, align_corners, theta.dtype, theta.device)
 
 
 def projective_to_pixels(h: Tensor, in_size: tuple[int, int], out_size: tuple[int, int], align_corners: bool) -> Tensor:
@@ -176,17 +192,7 @@ def projective_to_pixels(h: Tensor, in_size: tuple[int, int], out_size: tuple[in
     With [a, b, w] = H' (u, v, 1): ix = a / w + (W - 1) / 2 and iy = b / w + (H - 1) / 2; w is the same as in
     normalised coordinates, so the |w| < PROJECTIVE_EPS rule is unchanged.
     """
-    sx, sy, ox, oy = pixel_scales(in_size, out_size, align_corners)
-    scale = host_constant(
-        [
-            [_ratio(sx, ox), _ratio(sx, oy), sx],
-            [_ratio(sy, ox), _ratio(sy, oy), sy],
-            [_ratio(1.0, ox), _ratio(1.0, oy), 1.0],
-        ],
-        h.dtype,
-        h.device,
-    )
-    return h * scale
+    return h * pixel_scale_matrix(3, in_size, out_size, align_corners, h.dtype, h.device)
 
 
 def centred_pixels(size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
