@@ -233,7 +233,10 @@ def run_benchmarks(args: argparse.Namespace, info: dict) -> dict:
 
 
 def print_header(info: dict) -> None:
-    print(f"# {info['gpu']} | torch {info['torch']} | triton {info['triton']}")
+    print(
+        f"# {info['gpu']} | torch {info['torch']} | triton {info['triton']}"
+        f" | affine image gradient: {info['affine_image_grad']}"
+    )
     print(
         f"{'workload':<22} {'dtype':<9} {'impl':<14} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak MiB':>10}"
         f" {'floor fwd':>10} {'floor f+b':>10}"
@@ -416,7 +419,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(ROOT))
     import triton
 
-    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    from kernels import affine
+
+    info = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "affine_image_grad": affine.IMAGE_GRAD,  # STN_AFFINE_IMAGE_GRAD: "gather" or "scatter"
+    }
     passed = True
     if args.check or args.check_only:
         print(f"# checks on {info['gpu']} | torch {info['torch']} | triton {info['triton']}")

@@ -4,10 +4,13 @@
 #   checks   parity of the Triton kernels with the float32 reference on CUDA (float32, float16, bfloat16), the
 #            2**31-element int64 case, NaN isolation
 #   quick    the headline workloads' timings without the torch.compile baseline (fast)
+#   scatter  the same with the affine image gradient scattered by atomics (STN_AFFINE_IMAGE_GRAD=scatter), the
+#            implementation before the gather kernel, to compare on the same card
 #   bench    the headline workloads (cub448x4, feat56x2, mnist2) with the torch.compile baseline in float32
 #   more     projective and spline on cub448x4, without torch.compile
 #   profile  the CUDA kernels behind one Triton forward + backward, and host time against GPU time
-#   compile  torch.compile(fullgraph=True), opcheck and autocast on the compiled path (tests/..., -k gpu)
+#   compile  torch.compile(fullgraph=True), opcheck and autocast on the compiled path (tests/..., -k gpu), and
+#            the gather backward's tests on CUDA
 #   train    the demo config end to end on the GPU (Triton sampler, `backend="auto"`), then its test set
 # Results go to $OUT (one .txt per stage, kernels*.json). Arguments name the stages to run (default: all), e.g.
 #   bash benchmarks/gpu_session.sh checks quick      # parity + timings without the torch.compile baseline
@@ -42,7 +45,7 @@ stage() {  # stage NAME SECONDS COMMAND...
     python3 -c "import torch, triton, pytorch_lightning as pl, timm; print('torch', torch.__version__, 'triton', triton.__version__,
 'lightning', pl.__version__, 'timm', timm.__version__)"
 } 2>&1 | tee "$OUT/versions.txt"
-STAGES=${*:-checks bench more compile train}
+STAGES=${*:-checks quick scatter compile more bench train}
 # BENCH_WORKLOADS / BENCH_DTYPES narrow the headline stages (to finish a run that was cut short).
 # shellcheck disable=SC2206
 HEADLINE=(--workloads ${BENCH_WORKLOADS:-cub448x4 feat56x2 mnist2} --dtypes ${BENCH_DTYPES:-float32 bfloat16} --rep 50)
@@ -50,12 +53,15 @@ for name in $STAGES; do
     case $name in
     checks) stage checks "${CHECK_LIMIT:-150}" python3 benchmarks/bench_kernels.py --check-only ;;
     quick) stage quick 90 python3 benchmarks/bench_kernels.py "${HEADLINE[@]}" --skip-compile --json "$OUT/quick.json" ;;
+    scatter) stage scatter 90 env STN_AFFINE_IMAGE_GRAD=scatter python3 benchmarks/bench_kernels.py "${HEADLINE[@]}" \
+        --skip-compile --json "$OUT/scatter.json" ;;
     bench) stage bench 180 python3 benchmarks/bench_kernels.py "${HEADLINE[@]}" --compile-dtypes float32 \
         --json "$OUT/kernels.json" ;;
     more) stage more 60 python3 benchmarks/bench_kernels.py --workloads cub448x4-projective cub448x4-tps16 \
         --dtypes float32 bfloat16 --rep 50 --skip-compile --json "$OUT/kernels-more.json" ;;
     profile) stage profile 60 python3 benchmarks/profile_kernels.py cub448x4 feat56x2 mnist2 ;;
-    compile) stage compile 80 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py -k gpu ;;
+    compile) stage compile 80 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py -k gpu \
+        && python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gather.py ;;
     train) stage train 90 python3 train.py fit --config configs/demo.yaml --test_after_fit true \
         --trainer.default_root_dir /tmp/gpu_logs --trainer.enable_progress_bar false ;;
     *) echo "unknown stage $name" ;;

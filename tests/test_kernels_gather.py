@@ -1,0 +1,278 @@
+"""The gather backward of sample_affine's image gradient (kernels.affine.IMAGE_GRAD = "gather") against the reference.
+
+The gather kernel inverts each affine warp and lets every input pixel sum the output pixels that read it; warps it
+cannot bound (singular, non-finite, zoomed in beyond WINDOW_CAP) are flagged and left to the scatter kernel. These
+tests check the image gradient against kernels.reference with autograd, that the gather really took the warps it
+should (the flags), that mixing good and bad warps changes nothing for the good ones, and that the parameter
+gradient is the scatter path's own. Without a GPU the kernels run through Triton's interpreter, so every case is
+tiny (an 8 x 8 tile per program there); with a GPU (and triton imported without the interpreter) the same tests run
+the compiled kernels on CUDA tensors through the torch.library ops.
+"""
+
+import os
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (as tests/conftest.py does)
+
+import math  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from kernels import reference  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _interpreter_active() -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(triton.language.standard.cdiv, InterpretedFunction)
+
+
+INTERPRETED = _interpreter_active()
+DEVICE = "cpu" if INTERPRETED else "cuda"
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # numpy warns on NaN/inf inside the interpreter
+    pytest.mark.skipif(
+        not INTERPRETED and not torch.cuda.is_available(),
+        reason="triton was imported without TRITON_INTERPRET=1 and there is no GPU (tests/test_kernels_triton.py "
+        "covers the interpreter in a fresh process)",
+    ),
+]
+
+# Tolerances (rtol, atol) of the image gradient per image dtype: the gather adds the same terms as the scatter and
+# the reference (same coordinates, corners and weights), in another order.
+TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3)}
+
+
+@pytest.fixture
+def affine(monkeypatch):
+    """kernels.affine with IMAGE_GRAD = "gather"; ``affine.flags`` collects the flags of every gather launch."""
+    from kernels import affine as module
+
+    monkeypatch.setattr(module, "IMAGE_GRAD", "gather")
+    launches = []
+    gather = module._affine_gather
+
+    def recording(*args, **kwargs):
+        flags = gather(*args, **kwargs)
+        launches.append(flags)
+        return flags
+
+    monkeypatch.setattr(module, "_affine_gather", recording)
+    monkeypatch.setattr(module, "flags", launches, raising=False)
+    return module
+
+
+def _theta(*rows):
+    """(1, K, 2, 3) from K (a, b, tx, c, d, ty) tuples."""
+    return torch.tensor(rows, dtype=torch.float64).view(1, len(rows), 2, 3)
+
+
+def _rotation(degrees, scale=1.0, tx=0.0, ty=0.0):
+    c, s = scale * math.cos(math.radians(degrees)), scale * math.sin(math.radians(degrees))
+    return (c, -s, tx, s, c, ty)
+
+
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+ROT30 = _rotation(30)
+ZOOM_IN = (0.4, 0.0, 0.1, 0.0, 0.4, -0.05)  # 2.5x: a 5-pixel window per axis
+ZOOM_OUT = (2.0, 0.0, 0.0, 0.0, 2.0, 0.0)
+SHEAR = (1.3, 0.4, 0.1, -0.2, 0.7, 0.0)  # anisotropic and sheared
+OUTSIDE = (1.0, 0.0, 0.8, 0.0, 1.0, -0.6)  # part of the output reads outside the input
+
+
+def _grads(impl, x, theta, size, grad, need=(True, True), **options):
+    xa = x.detach().clone().requires_grad_(need[0])
+    ta = theta.detach().clone().requires_grad_(need[1])
+    out = impl.sample_affine(xa, ta, size, **options)
+    out.backward(grad)
+    # In nearest mode the reference's theta gets no gradient at all (None): compare zeros with zeros.
+    gt = ta.grad if ta.grad is not None or not need[1] else torch.zeros_like(ta)
+    return xa.grad, gt
+
+
+def _check(affine, x, theta, size, grad=None, flags=None, **options):
+    """Image and parameter gradients of the Triton op (gathering) against the reference; returns them."""
+    x, theta = x.to(DEVICE), theta.to(device=DEVICE, dtype=reference.compute_dtype(x))
+    b, k = theta.shape[:2]
+    if grad is None:
+        shape = (b, k, x.shape[1], *size)
+        grad = torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    grad = grad.to(device=DEVICE, dtype=x.dtype)
+    gx, gt = _grads(affine, x, theta, size, grad, **options)
+    rgx, rgt = _grads(reference, x, theta, size, grad, **options)
+    rtol, atol = TOL[x.dtype]
+    assert gx.dtype == x.dtype and gx.stride() == x.stride()
+    torch.testing.assert_close(gx, rgx, rtol=rtol, atol=atol)
+    torch.testing.assert_close(gt, rgt, rtol=1e-4 if x.dtype != torch.float64 else 1e-10, atol=1e-4)
+    assert len(affine.flags) == 1, "the image gradient did not go through the gather kernel"
+    expected = torch.ones(b * k, dtype=torch.int32) if flags is None else torch.tensor(flags, dtype=torch.int32)
+    assert torch.equal(affine.flags[0].cpu(), expected)
+    return gx, gt
+
+
+def _image(b, c, h, w, dtype=torch.float32, channels_last=False, seed=0):
+    x = torch.randn(b, c, h, w, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return x.to(memory_format=torch.channels_last) if channels_last else x
+
+
+# (name, B, C, H, W, Ho, Wo, dtype, align_corners, mode, channels_last, theta rows per image)
+CASES = [
+    ("identity-rot-zoomin", 1, 1, 7, 5, 7, 5, torch.float64, False, "bilinear", False, [IDENTITY, ROT30, ZOOM_IN]),
+    # 11 x 13 spans 2 x 2 interpreter tiles; the output is smaller than the input.
+    ("zoomout-shear-outside", 2, 5, 11, 13, 5, 7, torch.float32, True, "bilinear", True, [ZOOM_OUT, SHEAR, OUTSIDE]),
+    ("rot30-larger-output", 1, 3, 5, 6, 9, 11, torch.float32, False, "bilinear", False, [_rotation(-30, 0.9, 0.2)]),
+    ("nearest-f64", 1, 2, 6, 7, 7, 5, torch.float64, True, "nearest", False, [_rotation(30, 0.7), ZOOM_OUT]),
+    ("nearest-f32-cl", 1, 5, 7, 3, 3, 7, torch.float32, False, "nearest", True, [SHEAR, _rotation(5, 0.8)]),
+    ("float16-cl", 1, 3, 5, 7, 6, 4, torch.float16, False, "bilinear", True, [_rotation(10, 1.1, -0.3, 0.2)]),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_image_gradient_parity(affine, case):
+    _, b, c, h, w, ho, wo, dtype, ac, mode, cl, rows = case
+    x = _image(b, c, h, w, dtype=dtype, channels_last=cl, seed=h * w)
+    theta = _theta(*rows).expand(b, -1, -1, -1).clone()
+    if b > 1:  # not the same warps in every image
+        theta[1:] += 0.05 * torch.randn(theta[1:].shape, generator=torch.Generator().manual_seed(3), dtype=theta.dtype)
+    _check(affine, x, theta, (ho, wo), align_corners=ac, mode=mode)
+
+
+def test_strided_grad_out(affine):
+    # grad_out read with its own strides: a transposed copy and an expanded (stride 0) gradient.
+    x = _image(1, 2, 6, 5, seed=2)
+    theta = _theta(_rotation(20, 0.8, 0.1), SHEAR)
+    transposed = torch.randn(1, 2, 2, 7, 4, generator=torch.Generator().manual_seed(5)).transpose(-1, -2)
+    _check(affine, x, theta, (4, 7), grad=transposed)
+    affine.flags.clear()
+    _check(affine, x, theta, (4, 7), grad=torch.ones(()).expand(1, 2, 2, 4, 7))
+
+
+def test_mixed_conditioning(affine):
+    """Good and ill-conditioned warps in one batch: the gather takes the good ones, the scatter the rest, and a
+    non-finite warp changes nothing for the others (the extreme parameters of test_kernels_triton.py)."""
+    nan, inf = float("nan"), float("inf")
+    good = [_rotation(15, 0.9), SHEAR]
+    theta = torch.cat(
+        [
+            _theta((5.0, 0, 0, 0, 5.0, 0), (1.0, 0, 3.0, 0, 1.0, -3.0), (0,) * 6, (nan,) * 6),
+            _theta((1e30,) * 6, (inf,) * 6, *good),
+        ]
+    )
+    x = _image(2, 2, 7, 6, seed=5)
+    size = (7, 6)
+    # x5 and +-3 translation are well conditioned; theta = 0 (singular), NaN, 1e30 (det overflows) and inf are not.
+    gx, gt = _check(affine, x, theta, size, flags=[1, 1, 0, 0, 0, 0, 1, 1])
+    assert torch.isfinite(gx).all() and torch.isfinite(gt).all()
+    # Dropping the non-finite warps (which read nothing and send nothing) leaves every other gradient as it was.
+    full_grad = torch.randn(2, 4, 2, *size, generator=torch.Generator().manual_seed(7), dtype=torch.float64).float()
+    keep = torch.tensor([[0, 1, 2], [0, 2, 3]])
+    part_theta = torch.stack([theta[i, keep[i]] for i in range(2)]).float()
+    part_grad = torch.stack([full_grad[i, keep[i]] for i in range(2)])
+    affine.flags.clear()
+    pgx, pgt = _check(affine, x, part_theta, size, grad=part_grad, flags=[1, 1, 0, 0, 1, 1])
+    torch.testing.assert_close(gx, pgx, rtol=1e-6, atol=1e-6)
+    for i in range(2):
+        torch.testing.assert_close(gt[i, keep[i]], pgt[i], rtol=1e-6, atol=1e-6)
+
+
+def test_window_cap_and_degenerate_axes(affine):
+    # A 5x zoom-in needs a 10-pixel window (> WINDOW_CAP = 8): scattered; 3x (6.7 pixels) is gathered.
+    x = _image(1, 2, 6, 5, seed=9)
+    theta = _theta((0.2, 0, 0.1, 0, 0.2, 0), (1 / 3, 0, -0.1, 0, 1 / 3, 0.2))
+    _check(affine, x, theta, (6, 5), flags=[0, 1])
+    # A one-pixel-wide output with align_corners has no extent along u: M's 2 x 2 part is singular, so scattered.
+    affine.flags.clear()
+    _check(affine, x, _theta(IDENTITY, SHEAR), (4, 1), align_corners=True, flags=[0, 0])
+
+
+def test_parameter_gradient_is_the_scatter_kernels(affine, monkeypatch):
+    # The parameter gradient always comes from _affine_bwd_kernel: bit-equal between the two settings, and the
+    # image gradients agree; image-only and parameter-only backward passes work too.
+    x = _image(2, 3, 6, 7, channels_last=True, seed=4).to(DEVICE)
+    theta = (_theta(_rotation(25, 0.8), ZOOM_OUT).expand(2, -1, -1, -1).float() + 0.02).to(DEVICE)
+    grad = torch.randn(2, 2, 3, 5, 4, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    gx, gt = _grads(affine, x, theta, (5, 4), grad)
+    monkeypatch.setattr(affine, "IMAGE_GRAD", "scatter")
+    sx, st = _grads(affine, x, theta, (5, 4), grad)
+    assert len(affine.flags) == 1  # the scatter setting does not gather
+    assert torch.equal(gt, st)
+    torch.testing.assert_close(gx, sx, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(affine, "IMAGE_GRAD", "gather")
+    ox, none = _grads(affine, x, theta, (5, 4), grad, need=(True, False))
+    assert none is None and torch.equal(ox, gx)
+    none, ot = _grads(affine, x, theta, (5, 4), grad, need=(False, True))
+    assert none is None and torch.equal(ot, gt)
+    assert len(affine.flags) == 2  # the parameter-only pass does not gather
+
+
+def test_border_padding_scatters(affine):
+    # Border padding clamps onto the edge pixels (no bounded window): always the scatter kernel.
+    x = _image(1, 2, 5, 6, seed=3).to(DEVICE)
+    theta = _theta(SHEAR).float().to(DEVICE)
+    grad = torch.randn(1, 1, 2, 4, 4, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    gx, _ = _grads(affine, x, theta, (4, 4), grad, padding_mode="border")
+    rgx, _ = _grads(reference, x, theta, (4, 4), grad, padding_mode="border")
+    torch.testing.assert_close(gx, rgx, rtol=1e-5, atol=1e-5)
+    assert affine.flags == []
+
+
+def test_int64_offsets(affine, monkeypatch):
+    # The IDX64 code of the gather kernel, forced on tiny tensors.
+    monkeypatch.setattr(affine, "needs_int64", lambda *tensors: True)
+    _check(affine, _image(1, 3, 5, 7, channels_last=True), _theta(SHEAR, ZOOM_IN), (6, 5), align_corners=True)
+
+
+def test_invalid_switch(affine, monkeypatch):
+    x = _image(1, 1, 3, 3).to(DEVICE).requires_grad_()
+    theta = _theta(IDENTITY).float().to(DEVICE)
+    monkeypatch.setattr(affine, "IMAGE_GRAD", "atomics")
+    out = affine.sample_affine(x, theta, (2, 2))
+    with pytest.raises(ValueError, match="IMAGE_GRAD"):
+        out.sum().backward()
+
+
+_FRESH = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels.affine as affine
+
+print(affine.IMAGE_GRAD)
+# Compile for sm_90 (ptxas ships with triton; no GPU needed): catches what only the interpreter accepts.
+def build(fn, pointers, consts, num_warps=4):
+    sig = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+# The GPU tiles of 3 channels (images) and of 128 (feature maps).
+for nearest, f64, channels in ((False, False, 3), (True, True, 128)):
+    tile = affine._gather_config(channels)
+    warps = tile.pop("num_warps")
+    ft = "*fp64" if f64 else "*fp32"
+    pointers = {"gx_ptr": ft, "flag_ptr": "*i32", "go_ptr": "*bf16", "m_ptr": ft}
+    build(affine._affine_gather_kernel, pointers, dict(NEAREST=nearest, CAP=8, F64=f64, IDX64=f64, **tile), warps)
+pointers = {n: "*fp32" for n in ("gx_ptr", "part_ptr", "x_ptr", "go_ptr", "m_ptr")} | {"flag_ptr": "*i32"}
+options = dict(BORDER=False, NEAREST=False, NEED_X_GRAD=True, NEED_PARAM_GRAD=True, F64=False)
+for ill_only in (True, False):
+    consts = dict(options, X_GRAD_ILL_ONLY=ill_only, IDX64=False, BLOCK_C=4, BLOCK_H=8, BLOCK_W=16)
+    build(affine._affine_bwd_kernel, pointers, consts, 8)
+print("COMPILED")
+"""
+
+
+def test_env_switch_and_sm90_compile():
+    # One fresh process (triton without the interpreter): STN_AFFINE_IMAGE_GRAD sets IMAGE_GRAD at import, and the
+    # gather kernel and both variants of the scatter kernel compile for an H100.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["STN_AFFINE_IMAGE_GRAD"] = "scatter"
+    run = subprocess.run([sys.executable, "-c", _FRESH], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.split() == ["scatter", "COMPILED"], run.stderr[-4000:]
