@@ -432,8 +432,14 @@ def check_device(x: Tensor) -> None:
 
 
 def use_library_op(x: Tensor) -> bool:
-    """Whether to call the torch.library op (CUDA tensors, torch with triton_op) instead of the autograd.Function."""
-    return HAS_LIBRARY_OPS and x.is_cuda and not interpreting()
+    """Whether to call the torch.library op instead of the autograd.Function: only while torch.compile traces.
+
+    Both launch the same kernels. The op is what torch.compile needs to keep our kernels in its graph; eagerly it
+    only adds host time (dispatcher, the registered autograd wrapper and a second op for the backward), and on
+    small workloads host time is what a step costs (benchmarks/RESULTS-kernels.md: about 1.7 ms of host time
+    around 0.04 ms of kernels for mnist2), so eager calls take the autograd.Function.
+    """
+    return HAS_LIBRARY_OPS and x.is_cuda and not interpreting() and torch.compiler.is_compiling()
 
 
 def reference_vjp(
