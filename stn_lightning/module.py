@@ -51,6 +51,8 @@ class STNModule(pl.LightningModule):
         optimizer: a callable taking parameter groups; default SGD(lr=0.01, momentum=0.9, weight_decay=5e-4).
         lr_scheduler: a callable taking the optimiser; default cosine annealing over all training steps.
         loc_lr_scale: learning rate of the localisation net and head relative to the rest.
+        loc_grad_clip: clip the gradient norm of the localisation net and head (only theirs) to this value before
+            each step; None leaves it unclipped. Trainer's ``gradient_clip_val`` still clips every parameter.
         label_smoothing: label smoothing of the cross-entropy.
         backbone_kwargs: extra arguments for ``timm.create_model``.
     """
@@ -76,6 +78,7 @@ class STNModule(pl.LightningModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         loc_lr_scale: float = 0.1,
+        loc_grad_clip: float | None = None,
         label_smoothing: float = 0.0,
         backbone_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -85,6 +88,8 @@ class STNModule(pl.LightningModule):
             raise ValueError(f"expected num_transformers >= 1, got {num_transformers}")
         if loc_lr_scale < 0:
             raise ValueError(f"expected loc_lr_scale >= 0, got {loc_lr_scale}")
+        if loc_grad_clip is not None and not loc_grad_clip > 0:
+            raise ValueError(f"expected loc_grad_clip > 0 or None, got {loc_grad_clip}")
         self.image_size = normalize_size(image_size)
         crop = normalize_size(crop_size) if crop_size is not None else self.image_size
         transformer = None
@@ -116,6 +121,7 @@ class STNModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.loc_lr_scale = loc_lr_scale
+        self.loc_grad_clip = loc_grad_clip
         self.label_smoothing = label_smoothing
         metrics: dict[str, torchmetrics.Metric | torchmetrics.MetricCollection] = {
             "acc": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
@@ -175,6 +181,22 @@ class STNModule(pl.LightningModule):
         if loc:
             groups.append({"params": loc, "name": "localization"})
         return groups
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # The localisation head's first steps can throw the warp out of the image, where it gets no gradient back;
+        # clipping only its gradient keeps the warp's steps small without slowing the classifier.
+        if self.transformer is not None:
+            params = [p for p in self.transformer.parameters() if p.grad is not None]
+            if params:
+                clip = self.loc_grad_clip if self.loc_grad_clip is not None else float("inf")
+                norm = nn.utils.clip_grad_norm_(params, clip)
+                self.log("train/loc_grad_norm", norm, on_step=True, on_epoch=False)
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> Any:
         groups = self.parameter_groups()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from stn_lightning.localization import PaperLocalizer, TimmLocalizer, create_timm_model
@@ -233,6 +235,55 @@ def test_localisation_learning_rate_is_scaled() -> None:
     assert sum(p.numel() for p in groups[1]["params"]) == sum(p.numel() for p in module.transformer.parameters())  # type: ignore[union-attr]
     total = sum(p.numel() for g in groups for p in g["params"])
     assert total == sum(p.numel() for p in module.parameters())
+
+
+class _RecordingSGD(torch.optim.SGD):
+    """SGD that records each parameter group's gradient norm as it steps, i.e. after Lightning's clipping."""
+
+    def __init__(self, params: Any, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.norms: list[dict[str, float]] = []
+
+    def step(self, closure: Any = None) -> Any:
+        loss = closure() if closure is not None else None  # forward, backward, then configure_gradient_clipping
+        self.norms.append(
+            {
+                g["name"]: math.sqrt(sum(float(p.grad.square().sum()) for p in g["params"] if p.grad is not None))
+                for g in self.param_groups
+            }
+        )
+        super().step()
+        return loss
+
+
+@pytest.mark.parametrize("clip", [None, 1e-3])
+def test_loc_grad_clip_clips_only_the_localisation_group(clip: float | None) -> None:
+    torch.manual_seed(0)
+    optimizers: list[_RecordingSGD] = []
+
+    def make_optimizer(params: Any) -> _RecordingSGD:
+        optimizers.append(_RecordingSGD(params, lr=0.01))
+        return optimizers[-1]
+
+    module = STNModule(backbone="test_resnet", image_size=32, loc_grad_clip=clip, optimizer=make_optimizer)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 1, 32, 32), torch.randint(0, 10, (16,)))
+    trainer = pl.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    norms = optimizers[0].norms
+    assert len(norms) == 2
+    assert all(n["model"] > 1e-2 for n in norms)  # the classifier's gradient is never clipped
+    if clip is None:
+        assert all(n["localization"] > 10 * 1e-3 for n in norms)  # so that the clipped case below means something
+    else:
+        assert all(0 < n["localization"] <= clip * (1 + 1e-4) for n in norms)
+    assert "train/loc_grad_norm" in trainer.callback_metrics
+
+
+def test_loc_grad_clip_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="loc_grad_clip"):
+        STNModule(backbone="test_resnet", loc_grad_clip=0.0)
 
 
 def test_pretrained_weights_come_from_a_local_file(tmp_path: Path) -> None:
