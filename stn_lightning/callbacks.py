@@ -64,6 +64,11 @@ def draw_attention(images: Tensor, outlines: Tensor, crops: Tensor, path: str | 
         y1 = min(max(h - 0.5, pts[:, 1].max().item()), h - 0.5 + h / 2)
         axes[i, 0].set_xlim(x0, x1)
         axes[i, 0].set_ylim(y1, y0)
+        # Outside the image is hatched grey (not the figure's white, which reads as bright pixels), inside framed.
+        axes[i, 0].set_facecolor("#bbbbbb")
+        axes[i, 0].patch.set_hatch("////")
+        frame = plt.Rectangle((-0.5, -0.5), w, h, fill=False, edgecolor="black", linewidth=0.8)
+        axes[i, 0].add_patch(frame)
     axes[0, 0].set_title("input", fontsize=8)
     for j in range(k):
         axes[0, j + 1].set_title(f"crop {j}", fontsize=8)
