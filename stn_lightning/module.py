@@ -45,7 +45,7 @@ class STNModule(pl.LightningModule):
         localizer: a callable taking in_chans and returning the localisation net; default PaperLocalizer.
         init: "identity" or "tiled" start of the transformers.
         feature_norm: standardise the localisation features before the transformers' head (see
-            ``SpatialTransformer``); pair it with a lower ``loc_lr_scale`` (0.01).
+            ``SpatialTransformer``); pair it with ``loc_grad_clip`` (1.0), or a lower ``loc_lr_scale`` (0.01).
         align_corners, padding_mode: the sampler's conventions.
         sampler_backend: "auto", "torch" or "triton".
         optimizer: a callable taking parameter groups; default SGD(lr=0.01, momentum=0.9, weight_decay=5e-4).

@@ -40,9 +40,10 @@ class SpatialTransformer(nn.Module):
     initialised localiser vary little from image to image (on the bundled digits their per-feature spread over
     a batch is about 0.03, a third of their mean), so a gradient step on a plain head mostly moves the one warp
     that all images share: measured on the bundled digits, standardising makes the spread between images per
-    unit of shared movement about ten times larger. It also makes the head's steps larger, so it wants a lower
-    ``loc_lr_scale`` (0.01 where the plain head takes 0.1). On short schedules it has not improved accuracy
-    (benchmarks/RESULTS-training.md), hence off by default.
+    unit of shared movement about ten times larger. It also makes the head's steps larger: alone, at the usual
+    localisation rate, it threw the warp out of the image; with the localisation gradient clipped
+    (``STNModule(loc_grad_clip=1.0)``) it trains stably and is what makes the demo's transformer beat the
+    baseline (benchmarks/RESULTS-training.md). Off by default here, to keep the paper's plain head.
 
     Args:
         localizer: an ``nn.Module`` mapping (B, C, H, W) to features (B, F), with an ``out_features`` attribute.
