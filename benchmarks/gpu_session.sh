@@ -4,8 +4,8 @@
 #   checks   parity of the Triton kernels with the float32 reference on CUDA (float32, float16, bfloat16), the
 #            2**31-element int64 case, NaN isolation
 #   quick    the headline workloads' timings without the torch.compile baseline (fast)
-#   scatter  the same with the affine image gradient scattered by atomics (STN_AFFINE_IMAGE_GRAD=scatter), the
-#            implementation before the gather kernel, to compare on the same card
+#   gather   the same with the affine image gradient gathered per input pixel (STN_AFFINE_IMAGE_GRAD=gather, no
+#            atomics) instead of the default scattered by atomics, to compare on the same card
 #   bench    the headline workloads (cub448x4, feat56x2, mnist2) with the torch.compile baseline in float32
 #   more     projective and spline on cub448x4, without torch.compile
 #   profile  the CUDA kernels behind one Triton forward + backward, and host time against GPU time
@@ -45,7 +45,7 @@ stage() {  # stage NAME SECONDS COMMAND...
     python3 -c "import torch, triton, pytorch_lightning as pl, timm; print('torch', torch.__version__, 'triton', triton.__version__,
 'lightning', pl.__version__, 'timm', timm.__version__)"
 } 2>&1 | tee "$OUT/versions.txt"
-STAGES=${*:-checks quick scatter compile more bench train}
+STAGES=${*:-checks quick gather compile more bench train}
 # BENCH_WORKLOADS / BENCH_DTYPES narrow the headline stages (to finish a run that was cut short).
 # shellcheck disable=SC2206
 HEADLINE=(--workloads ${BENCH_WORKLOADS:-cub448x4 feat56x2 mnist2} --dtypes ${BENCH_DTYPES:-float32 bfloat16} --rep 50)
@@ -53,8 +53,8 @@ for name in $STAGES; do
     case $name in
     checks) stage checks "${CHECK_LIMIT:-150}" python3 benchmarks/bench_kernels.py --check-only ;;
     quick) stage quick 90 python3 benchmarks/bench_kernels.py "${HEADLINE[@]}" --skip-compile --json "$OUT/quick.json" ;;
-    scatter) stage scatter 90 env STN_AFFINE_IMAGE_GRAD=scatter python3 benchmarks/bench_kernels.py "${HEADLINE[@]}" \
-        --skip-compile --json "$OUT/scatter.json" ;;
+    gather) stage gather 240 env STN_AFFINE_IMAGE_GRAD=gather bash -c 'python3 benchmarks/bench_kernels.py --check-only \
+        && python3 benchmarks/bench_kernels.py "$@"' _ "${HEADLINE[@]}" --skip-compile --json "$OUT/gather.json" ;;
     bench) stage bench 180 python3 benchmarks/bench_kernels.py "${HEADLINE[@]}" --compile-dtypes float32 \
         --json "$OUT/kernels.json" ;;
     more) stage more 60 python3 benchmarks/bench_kernels.py --workloads cub448x4-projective cub448x4-tps16 \

@@ -6,7 +6,9 @@ and autograd carries d loss / d M back to theta. The backward reduces d loss / d
 partial sum per program (B * K, tiles, 6), summed in PyTorch: no grid gradient ever reaches memory.
 
 The image gradient has two implementations, picked by the module attribute ``IMAGE_GRAD`` (read at every
-backward call; the environment variable ``STN_AFFINE_IMAGE_GRAD`` sets it at import, default "gather"):
+backward call; the environment variable ``STN_AFFINE_IMAGE_GRAD`` sets it at import). The default stays "scatter",
+the implementation verified and timed on a GPU, until "gather" has been too (it is verified on CPU only, through the
+interpreter and an sm_90 compile):
 
 * "scatter": ``_affine_bwd_kernel`` sends every output pixel's gradient to its four input corners with atomic
   adds into a zeroed float32 (float64) buffer. Used for border padding in any case.
@@ -16,7 +18,7 @@ backward call; the environment variable ``STN_AFFINE_IMAGE_GRAD`` sets it at imp
   ``_affine_bwd_kernel`` then scatters on top (``X_GRAD_ILL_ONLY``). The parameter gradient always comes from
   ``_affine_bwd_kernel``.
 
-Switch with ``kernels.affine.IMAGE_GRAD = "scatter"`` (e.g. to compare both in benchmarks/bench_kernels.py).
+Switch with ``kernels.affine.IMAGE_GRAD = "gather"`` (benchmarks/gpu_session.sh compares both on the same card).
 Either way the image gradient of ill-conditioned warps uses atomics, so torch.use_deterministic_algorithms still
 refuses the image gradient.
 """
@@ -64,7 +66,7 @@ __all__ = ["IMAGE_GRAD", "WINDOW_CAP", "sample_affine"]
 #: How the backward computes the image gradient with zeros padding: "gather" (each input pixel sums the output
 #: pixels that read it, plain stores; see _affine_gather_kernel) or "scatter" (atomic adds, _affine_bwd_kernel).
 #: Read at every backward call; STN_AFFINE_IMAGE_GRAD sets it at import.
-IMAGE_GRAD: str = os.environ.get("STN_AFFINE_IMAGE_GRAD", "gather")
+IMAGE_GRAD: str = os.environ.get("STN_AFFINE_IMAGE_GRAD", "scatter")
 _IMAGE_GRADS = ("gather", "scatter")
 
 #: Widest window, in output pixels per axis, that the gather kernel handles (zoom-in up to about 4x); a wider or

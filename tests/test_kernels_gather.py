@@ -273,6 +273,6 @@ def test_env_switch_and_sm90_compile():
     # One fresh process (triton without the interpreter): STN_AFFINE_IMAGE_GRAD sets IMAGE_GRAD at import, and the
     # gather kernel and both variants of the scatter kernel compile for an H100.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["STN_AFFINE_IMAGE_GRAD"] = "scatter"
+    env["STN_AFFINE_IMAGE_GRAD"] = "gather"  # not the default
     run = subprocess.run([sys.executable, "-c", _FRESH], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert run.returncode == 0 and run.stdout.split() == ["scatter", "COMPILED"], run.stderr[-4000:]
+    assert run.returncode == 0 and run.stdout.split() == ["gather", "COMPILED"], run.stderr[-4000:]
