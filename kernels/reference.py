@@ -40,6 +40,7 @@ __all__ = [
     "half_extent",
     "host_constant",
     "normalize_size",
+    "pixel_scale_factors",
     "pixel_scale_matrix",
     "pixel_scales",
     "projective_to_pixels",
@@ -159,6 +160,17 @@ def host_constant(values: list, dtype: torch.dtype, device: torch.device) -> Ten
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
+def pixel_scale_factors(in_size: tuple[int, int], out_size: tuple[int, int], align_corners: bool) -> list[list[float]]:
+    """The 3 x 3 elementwise factors, as Python numbers, that rewrite a normalised projective matrix (its first two
+    rows: an affine one) to one on centred output pixels (see :func:`affine_to_pixels`)."""
+    sx, sy, ox, oy = pixel_scales(in_size, out_size, align_corners)
+    return [
+        [_ratio(sx, ox), _ratio(sx, oy), sx],
+        [_ratio(sy, ox), _ratio(sy, oy), sy],
+        [_ratio(1.0, ox), _ratio(1.0, oy), 1.0],
+    ]
+
+
 def pixel_scale_matrix(
     rows: int,
     in_size: tuple[int, int],
@@ -167,15 +179,9 @@ def pixel_scale_matrix(
     dtype: torch.dtype,
     device: torch.device,
 ) -> Tensor:
-    """The (rows, 3) elementwise factors that rewrite a normalised affine (2 rows) or projective (3 rows) matrix to
-    one on centred output pixels (see :func:`affine_to_pixels`); also its derivative for the backward."""
-    sx, sy, ox, oy = pixel_scales(in_size, out_size, align_corners)
-    factors = [
-        [_ratio(sx, ox), _ratio(sx, oy), sx],
-        [_ratio(sy, ox), _ratio(sy, oy), sy],
-        [_ratio(1.0, ox), _ratio(1.0, oy), 1.0],
-    ]
-    return host_constant(factors[:rows], dtype, device)
+    """:func:`pixel_scale_factors` as a (rows, 3) tensor: 2 rows for affine, 3 for projective matrices; also the
+    derivative of the rewrite, for the backward."""
+    return host_constant(pixel_scale_factors(in_size, out_size, align_corners)[:rows], dtype, device)
 
 
 def affine_to_pixels(theta: Tensor, in_size: tuple[int, int], out_size: tuple[int, int], align_corners: bool) -> Tensor:

@@ -224,11 +224,10 @@ def _tps_inputs(
 ) -> tuple[Tensor, Tensor, Tensor]:
     # Coefficients and target points in the compute dtype, contiguous, and the scalars of _tps_coords.
     dtype = reference.compute_dtype(x, coefficients)
-    sx, sy, ox, oy = reference.pixel_scales((x.shape[-2], x.shape[-1]), size, align_corners)
-    ratio = lambda a, e: a / e if e > 0 else 0.0  # noqa: E731 - reference._ratio
-    scalars = reference.host_constant(
-        [ratio(sx, ox), ratio(sy, oy), sx, sy, ratio(1.0, ox), ratio(1.0, oy)], dtype, x.device
+    (fxx, _, sx), (_, fyy, sy), (fwx, fwy, _) = reference.pixel_scale_factors(
+        (x.shape[-2], x.shape[-1]), size, align_corners
     )
+    scalars = reference.host_constant([fxx, fyy, sx, sy, fwx, fwy], dtype, x.device)
     target = target_points.detach().to(device=x.device, dtype=dtype).contiguous()
     return coefficients.to(dtype).contiguous(), target, scalars
 

@@ -9,34 +9,22 @@ tiny (an 8 x 8 tile per program there); with a GPU (and triton imported without 
 the compiled kernels on CUDA tensors through the torch.library ops.
 """
 
+import math
 import os
+import subprocess
+import sys
 
+import pytest
 import torch
 
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (as tests/conftest.py does)
+triton = pytest.importorskip("triton")  # after tests/conftest.py has decided on TRITON_INTERPRET
 
-import math  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
-triton = pytest.importorskip("triton")
+from triton_helpers import ROOT, TOL, interpreter_active  # noqa: E402
+from triton_helpers import image as _image  # noqa: E402
 
 from kernels import reference  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _interpreter_active() -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(triton.language.standard.cdiv, InterpretedFunction)
-
-
-INTERPRETED = _interpreter_active()
+INTERPRETED = interpreter_active()
 DEVICE = "cpu" if INTERPRETED else "cuda"
 pytestmark = [
     pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # numpy warns on NaN/inf inside the interpreter
@@ -46,10 +34,6 @@ pytestmark = [
         "covers the interpreter in a fresh process)",
     ),
 ]
-
-# Tolerances (rtol, atol) of the image gradient per image dtype: the gather adds the same terms as the scatter and
-# the reference (same coordinates, corners and weights), in another order.
-TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3)}
 
 
 @pytest.fixture
@@ -109,7 +93,9 @@ def _check(affine, x, theta, size, grad=None, flags=None, **options):
     grad = grad.to(device=DEVICE, dtype=x.dtype)
     gx, gt = _grads(affine, x, theta, size, grad, **options)
     rgx, rgt = _grads(reference, x, theta, size, grad, **options)
-    rtol, atol = TOL[x.dtype]
+    # The image gradient's tolerance: the gather adds the same terms as the scatter and the reference (same
+    # coordinates, corners and weights), in another order.
+    rtol, atol = TOL[x.dtype][1]
     assert gx.dtype == x.dtype and gx.stride() == x.stride()
     torch.testing.assert_close(gx, rgx, rtol=rtol, atol=atol)
     torch.testing.assert_close(gt, rgt, rtol=1e-4 if x.dtype != torch.float64 else 1e-10, atol=1e-4)
@@ -117,11 +103,6 @@ def _check(affine, x, theta, size, grad=None, flags=None, **options):
     expected = torch.ones(b * k, dtype=torch.int32) if flags is None else torch.tensor(flags, dtype=torch.int32)
     assert torch.equal(affine.flags[0].cpu(), expected)
     return gx, gt
-
-
-def _image(b, c, h, w, dtype=torch.float32, channels_last=False, seed=0):
-    x = torch.randn(b, c, h, w, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    return x.to(memory_format=torch.channels_last) if channels_last else x
 
 
 # (name, B, C, H, W, Ho, Wo, dtype, align_corners, mode, channels_last, theta rows per image)

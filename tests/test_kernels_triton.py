@@ -16,26 +16,19 @@ import importlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
+from triton_helpers import ROOT, TOL, interpreter_active  # noqa: E402
+from triton_helpers import image as _image  # noqa: E402
+
 import kernels  # noqa: E402
 from kernels import reference  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _interpreter_active() -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(triton.language.standard.cdiv, InterpretedFunction)
-
-
-INTERPRETED = _interpreter_active()
+INTERPRETED = interpreter_active()
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy warns on NaN/inf inside the interpreter
 
 
@@ -60,25 +53,6 @@ def ops():
 # --------------------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------------------
-# Tolerances (rtol, atol) per image dtype for the output, the image gradient and the parameter gradient.
-# float64: both sides compute in float64; only summation order differs.
-# float32: outputs follow the reference's operations one for one (usually bit-equal); gradients are sums in a
-#   different order (atomics, per-tile partial sums vs autograd), ~1e-6 relative, parameter sums over many pixels.
-# float16 / bfloat16: same float32 arithmetic, differences come from rounding the result to 11 / 8 bits.
-TOL = {
-    torch.float64: ((1e-12, 1e-12), (1e-12, 1e-12), (1e-10, 1e-10)),
-    torch.float32: ((1e-5, 1e-5), (1e-5, 1e-5), (1e-4, 1e-4)),
-    torch.float16: ((1e-3, 1e-3), (2e-3, 2e-3), (1e-3, 1e-3)),
-    torch.bfloat16: ((1e-2, 1e-2), (1.6e-2, 1.6e-2), (1e-3, 1e-3)),
-}
-
-
-def _image(b, c, h, w, dtype=torch.float32, channels_last=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, c, h, w, generator=g).to(dtype)
-    return x.to(memory_format=torch.channels_last) if channels_last else x
-
-
 def _params(family, b, k, seed=0, spread=None, n_side=2):
     """Random parameters near the identity: theta, h or spline coefficients (for an n_side x n_side lattice)."""
     g = torch.Generator().manual_seed(seed + 1)
