@@ -60,8 +60,8 @@ for name in $STAGES; do
     more) stage more 60 python3 benchmarks/bench_kernels.py --workloads cub448x4-projective cub448x4-tps16 \
         --dtypes float32 bfloat16 --rep 50 --skip-compile --json "$OUT/kernels-more.json" ;;
     profile) stage profile 60 python3 benchmarks/profile_kernels.py cub448x4 feat56x2 mnist2 ;;
-    compile) stage compile 80 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py -k gpu \
-        && python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gather.py ;;
+    compile) stage compile 80 bash -c 'python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py -k gpu \
+        && python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gather.py' ;;
     train) stage train 90 python3 train.py fit --config configs/demo.yaml --test_after_fit true \
         --trainer.default_root_dir /tmp/gpu_logs --trainer.enable_progress_bar false ;;
     *) echo "unknown stage $name" ;;

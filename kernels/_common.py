@@ -99,13 +99,24 @@ def _offsets(idx, stride, IDX64: tl.constexpr):
 
 
 @triton.jit
-def _put3(r, first, g, u, v):
-    # The vector with sum(g * u), sum(g * v), sum(g) at rows first .. first + 2 of r and 0 elsewhere: the partial
-    # sums of a matrix row's gradient, d loss / d M[row] = sum_p g(p) * (u, v, 1).
-    su = tl.sum(g * u)
-    sv = tl.sum(g * v)
-    s1 = tl.sum(g)
-    return tl.where(r == first, su, tl.where(r == first + 1, sv, tl.where(r == first + 2, s1, 0.0)))
+def _load_row3(ptr, CDT: tl.constexpr):
+    # Three consecutive matrix entries as scalars in the compute dtype. Scalar loads: every thread reads the same
+    # address (one broadcast transaction); picking entries out of a vector load instead costs a reduction per entry,
+    # which the compiler may route through shared memory and barriers.
+    return tl.load(ptr).to(CDT), tl.load(ptr + 1).to(CDT), tl.load(ptr + 2).to(CDT)
+
+
+@triton.jit
+def _matrix_partials(ga, gb, gw, u, v, R: tl.constexpr):
+    # The tile's partial sums of a matrix's gradient, entry r = 3 * row + col: d loss / d M[row, col] =
+    # sum_p g_row(p) * (u, v, 1)[col](p), with rows g = (ga, gb, gw); entries past the last row are junk the caller
+    # masks. Formed as one (R, pixels) block and one reduction: one pass through shared memory for all entries.
+    r = tl.arange(0, R)[:, None]
+    row = r // 3
+    col = r % 3
+    g = tl.where(row == 0, ga[None, :], tl.where(row == 1, gb[None, :], gw[None, :]))
+    f = tl.where(col == 0, u[None, :], tl.where(col == 1, v[None, :], 1.0))
+    return tl.sum(g * f, axis=1)
 
 
 @triton.jit
@@ -242,8 +253,10 @@ def _scatter_tile(
     gx_ptr, x_ptr point at image b, go_ptr at (b, k); go_pix is the pixel offset i * sgh + j * sgw in grad_out.
     """
     ix, iy, valid, pass_x, pass_y = _clamp_coords(ix, iy, valid, H, W, BORDER, FMAX)
-    gix = tl.zeros_like(ix)
-    giy = tl.zeros_like(iy)
+    # Channel terms of the coordinate gradient accumulate per channel lane, summed over the lanes once at the end
+    # (a reduction across warps per channel block would cost a pass through shared memory each).
+    gix2 = tl.zeros((BLOCK_C, ix.shape[0]), dtype=CDT)
+    giy2 = tl.zeros((BLOCK_C, ix.shape[0]), dtype=CDT)
     if NEAREST:
         if NEED_X_GRAD:
             xi = _round_half_even(ix).to(tl.int32)
@@ -297,10 +310,10 @@ def _scatter_tile(
                 v01 = tl.load(xc + (oy + sxh + ox)[None, :], mask=cm & m01, other=0.0).to(CDT)
                 v11 = tl.load(xc + (oy + sxh + ox + sxw)[None, :], mask=cm & m11, other=0.0).to(CDT)
                 # d out / d ix = sum_y w_y (v(x0 + 1, y) - v(x0, y)), likewise for iy.
-                gix += tl.sum(g * ((v10 - v00) * wy0[None, :] + (v11 - v01) * wy1[None, :]), axis=0)
-                giy += tl.sum(g * ((v01 - v00) * wx0[None, :] + (v11 - v10) * wx1[None, :]), axis=0)
-    gix = tl.where(pass_x, gix, 0.0)
-    giy = tl.where(pass_y, giy, 0.0)
+                gix2 += g * ((v10 - v00) * wy0[None, :] + (v11 - v01) * wy1[None, :])
+                giy2 += g * ((v01 - v00) * wx0[None, :] + (v11 - v10) * wx1[None, :])
+    gix = tl.where(pass_x, tl.sum(gix2, axis=0), 0.0)
+    giy = tl.where(pass_y, tl.sum(giy2, axis=0), 0.0)
     return gix, giy
 
 

@@ -38,8 +38,9 @@ from ._common import (
     _clamp_coords,
     _div,
     _finite,
+    _load_row3,
+    _matrix_partials,
     _offsets,
-    _put3,
     _round_half_even,
     _sample_tile,
     _scatter_tile,
@@ -79,15 +80,10 @@ WINDOW_CAP = 8
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _affine_matrix(m_ptr, bk, CDT: tl.constexpr):
-    # The six entries of the pixel matrix of (b, k) as scalars in the compute dtype (one vector load).
-    r = tl.arange(0, 8)
-    mv = tl.load(m_ptr + bk.to(tl.int64) * 6 + r, mask=r < 6, other=0.0).to(CDT)
-    m00 = tl.sum(tl.where(r == 0, mv, 0.0))
-    m01 = tl.sum(tl.where(r == 1, mv, 0.0))
-    m02 = tl.sum(tl.where(r == 2, mv, 0.0))
-    m10 = tl.sum(tl.where(r == 3, mv, 0.0))
-    m11 = tl.sum(tl.where(r == 4, mv, 0.0))
-    m12 = tl.sum(tl.where(r == 5, mv, 0.0))
+    # The six entries of the pixel matrix of (b, k) as scalars in the compute dtype.
+    mk = m_ptr + bk.to(tl.int64) * 6
+    m00, m01, m02 = _load_row3(mk, CDT)
+    m10, m11, m12 = _load_row3(mk + 3, CDT)
     return m00, m01, m02, m10, m11, m12
 
 
@@ -231,9 +227,8 @@ def _affine_bwd_kernel(
             BORDER, NEAREST, NEED_X_GRAD, NEED_PARAM_GRAD, BLOCK_C, CDT, IDX64, FMAX,
         )  # fmt: skip
     if NEED_PARAM_GRAD:
-        # Entry r of the partial sum: d loss / d M[r // 3, r % 3] = sum_p g(p) * (u, v, 1)[r % 3].
         r = tl.arange(0, 8)
-        part = _put3(r, 0, gix, u, v) + _put3(r, 3, giy, u, v)
+        part = _matrix_partials(gix, giy, giy, u, v, 8)
         tl.store(part_ptr + (bk * tiles + tile).to(tl.int64) * 6 + r, part, mask=r < 6)
 
 

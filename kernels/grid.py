@@ -43,10 +43,8 @@ __all__ = ["sample_grid"]
 @triton.jit
 def _grid_coords(grid_ptr, s_ptr, bk, K, i, j, pmask, H, W, sgrb, sgrk, sgrh, sgrw, sgrd, CDT: tl.constexpr):
     # s = (sx, sy) in the compute dtype; ix = grid[b, k, i, j, 0] * sx + (W - 1) / 2, likewise iy.
-    r = tl.arange(0, 2)
-    sv = tl.load(s_ptr + r, mask=r < 2, other=0.0).to(CDT)
-    sx = tl.sum(tl.where(r == 0, sv, 0.0))
-    sy = tl.sum(tl.where(r == 1, sv, 0.0))
+    sx = tl.load(s_ptr).to(CDT)
+    sy = tl.load(s_ptr + 1).to(CDT)
     gp = grid_ptr + (bk // K).to(tl.int64) * sgrb + (bk % K).to(tl.int64) * sgrk
     gp += i.to(tl.int64) * sgrh + j.to(tl.int64) * sgrw
     gxn = tl.load(gp, mask=pmask, other=0.0).to(CDT)

@@ -19,7 +19,8 @@ from ._common import (
     HAS_LIBRARY_OPS,
     _div,
     _finite,
-    _put3,
+    _load_row3,
+    _matrix_partials,
     _sample_tile,
     _scatter_tile,
     _tile_coords,
@@ -49,17 +50,10 @@ __all__ = ["sample_projective"]
 def _projective_coords(m_ptr, bk, i, j, H, W, Ho, Wo, CDT: tl.constexpr, FMAX: tl.constexpr, EPS: tl.constexpr):
     # [a, b, w] = M (u, v, 1) with u = j - (Wo - 1) / 2, v = i - (Ho - 1) / 2, then ix = a / w + (W - 1) / 2.
     # Points with non-finite a, b, w or |w| < EPS are invalid; like the reference, they divide 0 by 1.
-    r = tl.arange(0, 16)
-    mv = tl.load(m_ptr + bk.to(tl.int64) * 9 + r, mask=r < 9, other=0.0).to(CDT)
-    m00 = tl.sum(tl.where(r == 0, mv, 0.0))
-    m01 = tl.sum(tl.where(r == 1, mv, 0.0))
-    m02 = tl.sum(tl.where(r == 2, mv, 0.0))
-    m10 = tl.sum(tl.where(r == 3, mv, 0.0))
-    m11 = tl.sum(tl.where(r == 4, mv, 0.0))
-    m12 = tl.sum(tl.where(r == 5, mv, 0.0))
-    m20 = tl.sum(tl.where(r == 6, mv, 0.0))
-    m21 = tl.sum(tl.where(r == 7, mv, 0.0))
-    m22 = tl.sum(tl.where(r == 8, mv, 0.0))
+    mk = m_ptr + bk.to(tl.int64) * 9
+    m00, m01, m02 = _load_row3(mk, CDT)
+    m10, m11, m12 = _load_row3(mk + 3, CDT)
+    m20, m21, m22 = _load_row3(mk + 6, CDT)
     u = j.to(CDT) - (Wo - 1) * 0.5
     v = i.to(CDT) - (Ho - 1) * 0.5
     a = m00 * u + m01 * v + m02
@@ -185,9 +179,8 @@ def _projective_bwd_kernel(
         ga = _div(gix, w)
         gb = _div(giy, w)
         gw = -_div(gix * a, w * w) - _div(giy * b, w * w)
-        # Entry r of the partial sum: d loss / d M[r // 3, r % 3] = sum_p g_row(p) * (u, v, 1)[r % 3].
         r = tl.arange(0, 16)
-        part = _put3(r, 0, ga, u, v) + _put3(r, 3, gb, u, v) + _put3(r, 6, gw, u, v)
+        part = _matrix_partials(ga, gb, gw, u, v, 16)
         tl.store(part_ptr + (bk * tiles + tile).to(tl.int64) * 9 + r, part, mask=r < 9)
 
 

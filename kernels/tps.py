@@ -47,47 +47,39 @@ __all__ = ["sample_tps_coefficients"]
 # kernels
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _pick(vec, r, idx):
-    # vec[idx] of a small register vector (a masked vector load replaces scalar loads).
-    return tl.sum(tl.where(r == idx, vec, 0.0))
-
-
-@triton.jit
-def _tps_radial(t_ptr, n, xn, yn, CDT: tl.constexpr):
-    # U(|p - t_n|^2) for every pixel of the tile, with d2 = (xn - tx)^2 + (yn - ty)^2 as in the reference.
-    r2 = tl.arange(0, 2)
-    tv = tl.load(t_ptr + 2 * n + r2, mask=r2 < 2, other=0.0).to(CDT)
-    dx = xn - _pick(tv, r2, 0)
-    dy = yn - _pick(tv, r2, 1)
-    d2 = dx * dx + dy * dy
+def _radial(d2):
+    # U(d2) = d2 log d2, and 0 at d2 = 0, as in the reference.
     return tl.where(d2 > 0, d2 * tl.log(tl.where(d2 > 0, d2, 1.0)), 0.0)
 
 
 @triton.jit
 def _tps_coords(coef_ptr, t_ptr, s_ptr, bk, i, j, N, H, W, Ho, Wo, CDT: tl.constexpr):
-    # s = (sx / ox, sy / oy, sx, sy, 1 / ox, 1 / oy) in the compute dtype (0 for an axis without extent).
-    r = tl.arange(0, 8)
-    sv = tl.load(s_ptr + r, mask=r < 6, other=0.0).to(CDT)
+    # s = (sx / ox, sy / oy, sx, sy, 1 / ox, 1 / oy) in the compute dtype (0 for an axis without extent). Every
+    # parameter is a scalar load (all threads read one address); no reductions, so no barriers, in this function.
+    fxx = tl.load(s_ptr).to(CDT)
+    fyy = tl.load(s_ptr + 1).to(CDT)
+    sx = tl.load(s_ptr + 2).to(CDT)
+    sy = tl.load(s_ptr + 3).to(CDT)
     u = j.to(CDT) - (Wo - 1) * 0.5
     v = i.to(CDT) - (Ho - 1) * 0.5
-    xn = u * _pick(sv, r, 4)
-    yn = v * _pick(sv, r, 5)
+    xn = u * tl.load(s_ptr + 4).to(CDT)
+    yn = v * tl.load(s_ptr + 5).to(CDT)
     # coefficients of (b, k): rows 0..N-1 radial weights, N..N+2 the affine rows for 1, x, y; 2 columns each.
     cb = coef_ptr + bk.to(tl.int64) * (N + 3) * 2
-    r2 = tl.arange(0, 2)
     offx = tl.zeros_like(u)
     offy = tl.zeros_like(u)
     for n in range(N):
-        cw = tl.load(cb + 2 * n + r2, mask=r2 < 2, other=0.0).to(CDT)
-        rad = _tps_radial(t_ptr, n, xn, yn, CDT)
-        offx += rad * _pick(cw, r2, 0)
-        offy += rad * _pick(cw, r2, 1)
-    r6 = tl.arange(0, 8)
-    ca = tl.load(cb + 2 * N + r6, mask=r6 < 6, other=0.0).to(CDT)
-    offx += _pick(ca, r6, 0) + _pick(ca, r6, 2) * xn + _pick(ca, r6, 4) * yn
-    offy += _pick(ca, r6, 1) + _pick(ca, r6, 3) * xn + _pick(ca, r6, 5) * yn
-    ix = _pick(sv, r, 0) * u + _pick(sv, r, 2) * offx + (W - 1) * 0.5
-    iy = _pick(sv, r, 1) * v + _pick(sv, r, 3) * offy + (H - 1) * 0.5
+        # d2 = (xn - tx)^2 + (yn - ty)^2 as in the reference
+        dx = xn - tl.load(t_ptr + 2 * n).to(CDT)
+        dy = yn - tl.load(t_ptr + 2 * n + 1).to(CDT)
+        rad = _radial(dx * dx + dy * dy)
+        offx += rad * tl.load(cb + 2 * n).to(CDT)
+        offy += rad * tl.load(cb + 2 * n + 1).to(CDT)
+    ca = cb + 2 * N
+    offx += tl.load(ca).to(CDT) + tl.load(ca + 2).to(CDT) * xn + tl.load(ca + 4).to(CDT) * yn
+    offy += tl.load(ca + 1).to(CDT) + tl.load(ca + 3).to(CDT) * xn + tl.load(ca + 5).to(CDT) * yn
+    ix = fxx * u + sx * offx + (W - 1) * 0.5
+    iy = fyy * v + sy * offy + (H - 1) * 0.5
     return ix, iy, xn, yn
 
 
@@ -180,6 +172,7 @@ def _tps_bwd_kernel(
     NEAREST: tl.constexpr,
     NEED_X_GRAD: tl.constexpr,
     NEED_PARAM_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     F64: tl.constexpr,
     IDX64: tl.constexpr,
@@ -203,12 +196,18 @@ def _tps_bwd_kernel(
     )  # fmt: skip
     if NEED_PARAM_GRAD:
         # Partial sums of d loss / d f: row n is sum_p (gix, giy)(p) * feature_n(p), features [U_0..U_N-1, 1, x, y].
+        # BLOCK_N points at a time: U as a (BLOCK_N, pixels) block, so one 2-D reduction per block and axis rather
+        # than one per point (each reduction over the tile goes through shared memory and barriers).
         part = part_ptr + (bk * tiles + tile).to(tl.int64) * (N + 3) * 2
-        r2 = tl.arange(0, 2)
-        for n in range(N):
-            rad = _tps_radial(t_ptr, n, xn, yn, CDT)
-            row = tl.where(r2 == 0, tl.sum(gix * rad), tl.sum(giy * rad))
-            tl.store(part + 2 * n + r2, row, mask=r2 < 2)
+        rn = tl.arange(0, BLOCK_N)
+        for n0 in range(0, N, BLOCK_N):
+            ns = n0 + rn
+            nm = ns < N
+            dx = xn[None, :] - tl.load(t_ptr + 2 * ns, mask=nm, other=0.0).to(CDT)[:, None]
+            dy = yn[None, :] - tl.load(t_ptr + 2 * ns + 1, mask=nm, other=0.0).to(CDT)[:, None]
+            rad = _radial(dx * dx + dy * dy)
+            tl.store(part + 2 * ns, tl.sum(rad * gix[None, :], axis=1), mask=nm)
+            tl.store(part + 2 * ns + 1, tl.sum(rad * giy[None, :], axis=1), mask=nm)
         r6 = tl.arange(0, 8)
         col = r6 // 2
         feat = tl.where((col == 0)[:, None], 1.0, tl.where((col == 1)[:, None], xn[None, :], yn[None, :]))
@@ -219,6 +218,10 @@ def _tps_bwd_kernel(
 # --------------------------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------------------------
+#: Control points per block in the backward's reductions (see _tps_bwd_kernel).
+_TPS_BLOCK_N = 8
+
+
 def _tps_inputs(
     x: Tensor, coefficients: Tensor, target_points: Tensor, size: tuple[int, int], align_corners: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -300,6 +303,7 @@ def _tps_backward(
             "NEED_PARAM_GRAD": need_coord,
             "F64": m_f64,
             "IDX64": needs_int64(x, grad),
+            "BLOCK_N": _TPS_BLOCK_N,
             **cfg,
         }
         with device_context(x):

@@ -222,37 +222,29 @@ def test_invalid_switch(affine, monkeypatch):
 
 
 _FRESH = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import sys
+sys.path.insert(0, "benchmarks")
+from sass_report import compile_sm90, kernels_to_report, sizes
 import kernels.affine as affine
 
 print(affine.IMAGE_GRAD)
-# Compile for sm_90 (ptxas ships with triton; no GPU needed): catches what only the interpreter accepts.
-def build(fn, pointers, consts, num_warps=4):
-    sig = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in fn.arg_names}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-
-# The GPU tiles of 3 channels (images) and of 128 (feature maps).
-for nearest, f64, channels in ((False, False, 3), (True, True, 128)):
-    tile = affine._gather_config(channels)
-    warps = tile.pop("num_warps")
-    ft = "*fp64" if f64 else "*fp32"
-    pointers = {"gx_ptr": ft, "flag_ptr": "*i32", "go_ptr": "*bf16", "m_ptr": ft}
-    build(affine._affine_gather_kernel, pointers, dict(NEAREST=nearest, CAP=8, F64=f64, IDX64=f64, **tile), warps)
-pointers = {n: "*fp32" for n in ("gx_ptr", "part_ptr", "x_ptr", "go_ptr", "m_ptr")} | {"flag_ptr": "*i32"}
-options = dict(BORDER=False, NEAREST=False, NEED_X_GRAD=True, NEED_PARAM_GRAD=True, F64=False)
-for ill_only in (True, False):
-    consts = dict(options, X_GRAD_ILL_ONLY=ill_only, IDX64=False, BLOCK_C=4, BLOCK_H=8, BLOCK_W=16)
-    build(affine._affine_bwd_kernel, pointers, consts, 8)
+# Every kernel with the tiles its launcher picks on a GPU, for an H100 (ptxas ships with triton; no GPU needed):
+# catches what only the interpreter accepts.
+for label, fn, consts, warps in kernels_to_report(3):
+    compile_sm90(fn, sizes(3), consts, warps)
+# The gather's other variants: nearest, float64, int64 offsets, a bfloat16 grad_out, the feature-map tile.
+tile = affine._gather_config(128)
+warps = tile.pop("num_warps")
+consts = dict(NEAREST=True, CAP=affine.WINDOW_CAP, F64=True, IDX64=True, **tile)
+pointers = {"gx_ptr": "*fp64", "m_ptr": "*fp64", "go_ptr": "*bf16"}
+compile_sm90(affine._affine_gather_kernel, sizes(128), consts, warps, pointers)
 print("COMPILED")
 """
 
 
 def test_env_switch_and_sm90_compile():
-    # One fresh process (triton without the interpreter): STN_AFFINE_IMAGE_GRAD sets IMAGE_GRAD at import, and the
-    # gather kernel and both variants of the scatter kernel compile for an H100.
+    # One fresh process (triton without the interpreter): STN_AFFINE_IMAGE_GRAD sets IMAGE_GRAD at import, and
+    # every kernel (benchmarks/sass_report.py's list) compiles for an H100.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["STN_AFFINE_IMAGE_GRAD"] = "gather"  # not the default
     run = subprocess.run([sys.executable, "-c", _FRESH], cwd=ROOT, env=env, capture_output=True, text=True)
