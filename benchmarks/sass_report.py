@@ -101,6 +101,7 @@ def kernels_to_report(channels: int) -> list[tuple[str, Callable, dict[str, Any]
 
     fwd_h, fwd_w, fwd_warps = _FWD_CONFIGS[0]
     fwd = {"BORDER": False, "NEAREST": False, "F64": False, "IDX64": False, "BLOCK_H": fwd_h, "BLOCK_W": fwd_w}
+    fwd["SPLIT_C"] = False
     fwd["BLOCK_C"] = block_c(channels, 8)
     bwd_cfg = bwd_config(channels)
     bwd_warps = bwd_cfg.pop("num_warps")
@@ -112,6 +113,7 @@ def kernels_to_report(channels: int) -> list[tuple[str, Callable, dict[str, Any]
     eps = reference.PROJECTIVE_EPS
     return [
         ("affine fwd", affine._affine_fwd_kernel, fwd, fwd_warps),
+        ("affine fwd (SPLIT_C)", affine._affine_fwd_kernel, {**fwd, "SPLIT_C": True}, fwd_warps),
         ("affine bwd (scatter)", affine._affine_bwd_kernel, {**bwd, "X_GRAD_ILL_ONLY": False}, bwd_warps),
         ("affine bwd (param, ill-only)", affine._affine_bwd_kernel, {**bwd, "X_GRAD_ILL_ONLY": True}, bwd_warps),
         ("affine gather", affine._affine_gather_kernel, gather, gather_warps),

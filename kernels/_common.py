@@ -33,7 +33,7 @@ __all__ = [
     "check_device",
     "device_context",
     "fwd_autotune",
-    "fwd_config_interpret",
+    "FWD_CONFIG_INTERPRET",
     "interpreting",
     "launch",
     "library_op",
@@ -361,15 +361,23 @@ _FWD_CONFIGS = ((8, 32, 4), (16, 16, 4), (16, 32, 8), (8, 64, 8), (8, 16, 4))
 
 
 def fwd_autotune(kernel: Callable) -> Callable:
-    """Wrap a forward kernel in an autotuner over tile shapes, keyed by sizes and options."""
-    configs = [triton.Config({"BLOCK_H": h, "BLOCK_W": w}, num_warps=nw) for h, w, nw in _FWD_CONFIGS]
+    """Wrap a forward kernel in an autotuner over tile shapes and channel blocking, keyed by sizes and options.
+
+    Each tile shape is tried twice: with the launcher's BLOCK_C channels per load (SPLIT_C False; for 3 channels
+    one lane in four idles and the registers double) and one channel at a time in a loop (SPLIT_C True). Which
+    is faster depends on the card and the shapes, so the autotuner measures it.
+    """
+    configs = [
+        triton.Config({"BLOCK_H": h, "BLOCK_W": w, "SPLIT_C": split}, num_warps=nw)
+        for h, w, nw in _FWD_CONFIGS
+        for split in (False, True)
+    ]
     key = ["C", "H", "W", "Ho", "Wo", "BORDER", "NEAREST", "BLOCK_C", "IDX64"]
     return triton.autotune(configs=configs, key=key)(kernel)
 
 
-def fwd_config_interpret() -> dict[str, int]:
-    """The single tile used under the interpreter (no autotuning there: it would time Python)."""
-    return {"BLOCK_H": 8, "BLOCK_W": 8}
+#: The single forward config used under the interpreter (no autotuning there: it would time Python).
+FWD_CONFIG_INTERPRET = {"BLOCK_H": 8, "BLOCK_W": 8, "SPLIT_C": False}
 
 
 def bwd_config(channels: int) -> dict[str, int]:
@@ -391,11 +399,11 @@ def launch(kernel: Any, tuned: Any | None, grid: Any, args: Sequence[Any], meta:
     ``kernel`` and ``tuned`` are Triton kernel handles (JITFunction / Autotuner, or the interpreter's wrappers),
     launched with the untyped ``handle[grid](...)`` syntax, hence ``Any``.
 
-    Under the interpreter the plain kernel runs with :func:`fwd_config_interpret` tiles when it is autotuned.
+    Under the interpreter the plain kernel runs with ``FWD_CONFIG_INTERPRET`` when it is autotuned.
     """
     if interpreting():
         if tuned is not None:
-            meta = {**meta, **fwd_config_interpret()}
+            meta = {**meta, **FWD_CONFIG_INTERPRET}
         kernel[grid](*args, **meta)
         return
     fn = tuned if tuned is not None else kernel

@@ -134,6 +134,7 @@ def _affine_fwd_kernel(
     IDX64: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_W: tl.constexpr,
+    SPLIT_C: tl.constexpr,
 ):
     # compute dtype (float64 when the image or the parameters are float64) and its largest finite value
     CDT = tl.float64 if F64 else tl.float32
@@ -148,7 +149,7 @@ def _affine_fwd_kernel(
         out_pix = i.to(tl.int64) * Wo + j
     _sample_tile(
         out_bk, x_b, ix, iy, pmask, out_pix, pmask, C, H, W, sxc, sxh, sxw, Ho * Wo,
-        BORDER, NEAREST, BLOCK_C, CDT, IDX64, FMAX,
+        BORDER, NEAREST, 1 if SPLIT_C else BLOCK_C, CDT, IDX64, FMAX,
     )  # fmt: skip
 
 
@@ -586,7 +587,7 @@ class _SampleAffine(torch.autograd.Function):
 def _affine_scale(theta: Tensor, x: Tensor, size: tuple[int, int], align_corners: bool) -> Tensor:
     # d M / d theta: M = theta * scale elementwise (see reference.affine_to_pixels).
     dtype = reference.compute_dtype(x, theta)
-    return reference.pixel_scale_matrix(2, (x.shape[-2], x.shape[-1]), size, align_corners, dtype, theta.device)
+    return reference.pixel_scale_matrix(2, (x.shape[-2], x.shape[-1]), size, align_corners, dtype, theta)
 
 
 _affine_op = library_op("sample_affine")

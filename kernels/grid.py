@@ -87,6 +87,7 @@ def _grid_fwd_kernel(
     IDX64: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_W: tl.constexpr,
+    SPLIT_C: tl.constexpr,
 ):
     # compute dtype (float64 when the image or the parameters are float64) and its largest finite value
     CDT = tl.float64 if F64 else tl.float32
@@ -101,7 +102,7 @@ def _grid_fwd_kernel(
         out_pix = i.to(tl.int64) * Wo + j
     _sample_tile(
         out_bk, x_b, ix, iy, pmask, out_pix, pmask, C, H, W, sxc, sxh, sxw, Ho * Wo,
-        BORDER, NEAREST, BLOCK_C, CDT, IDX64, FMAX,
+        BORDER, NEAREST, 1 if SPLIT_C else BLOCK_C, CDT, IDX64, FMAX,
     )  # fmt: skip
 
 
@@ -184,7 +185,7 @@ def _grid_scalars(x: Tensor, grid: Tensor, align_corners: bool) -> Tensor:
     # (sx, sy): pixels per normalised unit of the input, in the compute dtype.
     h, w = x.shape[-2:]
     sx, sy, _, _ = reference.pixel_scales((h, w), (h, w), align_corners)
-    return reference.host_constant([sx, sy], reference.compute_dtype(x, grid), x.device)
+    return reference.host_constant([sx, sy], reference.compute_dtype(x, grid), x)
 
 
 def _grid_forward(x: Tensor, grid: Tensor, scalars: Tensor, padding_mode: str, mode: str, wrap: bool = False) -> Tensor:

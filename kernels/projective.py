@@ -96,6 +96,7 @@ def _projective_fwd_kernel(
     EPS: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_W: tl.constexpr,
+    SPLIT_C: tl.constexpr,
 ):
     # compute dtype (float64 when the image or the parameters are float64) and its largest finite value
     CDT = tl.float64 if F64 else tl.float32
@@ -110,7 +111,7 @@ def _projective_fwd_kernel(
         out_pix = i.to(tl.int64) * Wo + j
     _sample_tile(
         out_bk, x_b, ix, iy, pmask & ok, out_pix, pmask, C, H, W, sxc, sxh, sxw, Ho * Wo,
-        BORDER, NEAREST, BLOCK_C, CDT, IDX64, FMAX,
+        BORDER, NEAREST, 1 if SPLIT_C else BLOCK_C, CDT, IDX64, FMAX,
     )  # fmt: skip
 
 
@@ -289,7 +290,7 @@ class _SampleProjective(torch.autograd.Function):
 def _projective_scale(h: Tensor, x: Tensor, size: tuple[int, int], align_corners: bool) -> Tensor:
     # d M / d h: M = h * scale elementwise (see reference.projective_to_pixels).
     dtype = reference.compute_dtype(x, h)
-    return reference.pixel_scale_matrix(3, (x.shape[-2], x.shape[-1]), size, align_corners, dtype, h.device)
+    return reference.pixel_scale_matrix(3, (x.shape[-2], x.shape[-1]), size, align_corners, dtype, h)
 
 
 _projective_op = library_op("sample_projective")

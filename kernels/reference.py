@@ -21,6 +21,8 @@ tested against, and the baseline of the kernel benchmarks. It follows the conven
 
 from __future__ import annotations
 
+import functools
+import weakref
 from typing import Literal
 
 import torch
@@ -150,14 +152,34 @@ def _ratio(num: float, extent: float) -> float:
     return num / extent if extent > 0 else 0.0
 
 
-def host_constant(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A small tensor of Python numbers on ``device`` without a host synchronisation.
+def host_constant(values: list, dtype: torch.dtype, like: Tensor) -> Tensor:
+    """A small constant tensor of Python numbers (a flat or nested list) on ``like``'s device, made once per value.
 
-    ``torch.tensor(values, device="cuda")`` copies from pageable memory and then waits for the stream to drain
-    (three such waits per forward + backward showed up in benchmarks/profile_kernels.py on an H100). With
-    ``non_blocking=True`` the driver stages the pageable source before returning, so the temporary may go.
+    Making it costs a host-to-device copy, which ``torch.tensor(values, device="cuda")`` follows with a wait for
+    the stream (three such waits per forward + backward showed up in benchmarks/profile_kernels.py on an H100);
+    the cache makes each constant once, with a non-blocking copy. Callers must not modify the result. Where
+    ``like`` is not :func:`_cacheable`, the tensor is made afresh.
     """
+    key = tuple(tuple(v) if isinstance(v, list) else v for v in values)
+    if not _cacheable(like):
+        return _make_constant(key, dtype, like.device)
+    return _cached_constant(key, dtype, like.device)
+
+
+def _cacheable(t: Tensor) -> bool:
+    # Whether a tensor made for (or from) ``t`` may be kept across calls: not while torch.compile traces (the
+    # compiler folds constants itself), and not for tensor subclasses such as fake tensors, whose modes reject a
+    # real tensor made outside them.
+    return type(t) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
+
+
+def _make_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # With non_blocking=True the driver stages the pageable source before returning, so the temporary may go.
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
+#: A few hundred constants at most: one per (sizes, align_corners, dtype, device) a program samples with.
+_cached_constant = functools.lru_cache(maxsize=256)(_make_constant)
 
 
 def pixel_scale_factors(in_size: tuple[int, int], out_size: tuple[int, int], align_corners: bool) -> list[list[float]]:
@@ -177,11 +199,11 @@ def pixel_scale_matrix(
     out_size: tuple[int, int],
     align_corners: bool,
     dtype: torch.dtype,
-    device: torch.device,
+    like: Tensor,
 ) -> Tensor:
-    """:func:`pixel_scale_factors` as a (rows, 3) tensor: 2 rows for affine, 3 for projective matrices; also the
-    derivative of the rewrite, for the backward."""
-    return host_constant(pixel_scale_factors(in_size, out_size, align_corners)[:rows], dtype, device)
+    """:func:`pixel_scale_factors` as a (rows, 3) tensor on ``like``'s device: 2 rows for affine, 3 for projective
+    matrices; also the derivative of the rewrite, for the backward."""
+    return host_constant(pixel_scale_factors(in_size, out_size, align_corners)[:rows], dtype, like)
 
 
 def affine_to_pixels(theta: Tensor, in_size: tuple[int, int], out_size: tuple[int, int], align_corners: bool) -> Tensor:
@@ -189,7 +211,7 @@ def affine_to_pixels(theta: Tensor, in_size: tuple[int, int], out_size: tuple[in
 
     The result M gives ix = M[0] . (u, v, 1) + (W - 1) / 2 and iy = M[1] . (u, v, 1) + (H - 1) / 2.
     """
-    return theta * pixel_scale_matrix(2, in_size, out_size, align_corners, theta.dtype, theta.device)
+    return theta * pixel_scale_matrix(2, in_size, out_size, align_corners, theta.dtype, theta)
 
 
 def projective_to_pixels(h: Tensor, in_size: tuple[int, int], out_size: tuple[int, int], align_corners: bool) -> Tensor:
@@ -198,7 +220,7 @@ def projective_to_pixels(h: Tensor, in_size: tuple[int, int], out_size: tuple[in
     With [a, b, w] = H' (u, v, 1): ix = a / w + (W - 1) / 2 and iy = b / w + (H - 1) / 2; w is the same as in
     normalised coordinates, so the |w| < PROJECTIVE_EPS rule is unchanged.
     """
-    return h * pixel_scale_matrix(3, in_size, out_size, align_corners, h.dtype, h.device)
+    return h * pixel_scale_matrix(3, in_size, out_size, align_corners, h.dtype, h)
 
 
 def centred_pixels(size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -399,6 +421,33 @@ def tps_kernel(d2: Tensor) -> Tensor:
     return torch.where(d2 > 0, d2 * torch.log(safe), torch.zeros_like(d2))
 
 
+#: Solved systems by target-point tensor: {id(target): (weak reference to it, its version counter, {(dtype,
+#: device): (N + 3, N) inverse})}. An entry goes with its tensor (weakref.finalize), and an in-place change of the
+#: tensor bumps its version, which invalidates the entry.
+_TPS_SOLVES: dict[int, tuple[weakref.ref, int, dict]] = {}
+
+
+def _tps_solver(target: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """:func:`_tps_system_inverse` of ``target`` in ``dtype`` on ``device``, solved once per target tensor.
+
+    The solve is some twenty small ops and a matrix inverse whose error check waits for the GPU; the target points
+    of a model are a fixed buffer, so one solve serves every step. Targets that require grad, inference tensors
+    (no version counter) and the cases of :func:`_cacheable` are solved afresh.
+    """
+    if not _cacheable(target) or target.requires_grad or target.is_inference():
+        return _tps_system_inverse(target).to(device=device, dtype=dtype)
+    entry = _TPS_SOLVES.get(id(target))
+    if entry is None or entry[0]() is not target or entry[1] != target._version:
+        if entry is None or entry[0]() is not target:
+            weakref.finalize(target, _TPS_SOLVES.pop, id(target), None)
+        entry = (weakref.ref(target), target._version, {})
+        _TPS_SOLVES[id(target)] = entry
+    solves = entry[2]
+    if (dtype, device) not in solves:
+        solves[dtype, device] = _tps_system_inverse(target).to(device=device, dtype=dtype)
+    return solves[dtype, device]
+
+
 def _tps_system_inverse(target: Tensor) -> Tensor:
     # The (N+3, N) block of L^-1 that maps control-point offsets to spline coefficients; L is built in float64.
     t = target.to(torch.float64)
@@ -430,7 +479,7 @@ def tps_coefficients(control_points: Tensor, target_points: Tensor) -> Tensor:
     if control_points.dim() != 4 or tuple(control_points.shape[2:]) != (n, 2):
         raise ValueError(f"expected control points of shape (B, K, {n}, 2), got {tuple(control_points.shape)}")
     dtype = compute_dtype(control_points)
-    inverse = _tps_system_inverse(target_points).to(device=control_points.device, dtype=dtype)
+    inverse = _tps_solver(target_points, dtype, control_points.device)
     offsets = control_points.to(dtype) - target_points.to(device=control_points.device, dtype=dtype)
     return inverse @ offsets
 
@@ -529,4 +578,14 @@ def default_target_points(control_points: Tensor, device: torch.device) -> Tenso
             f"expected N = n * n control points for the default lattice, got {tuple(control_points.shape)}; "
             "pass target_points for other layouts"
         )
-    return tps_target_points(side, device=device)
+    # One tensor per lattice and device, so that its solve is cached too (see _tps_solver).
+    key = (side, torch.device(device))
+    if key in _DEFAULT_TARGETS and not torch.compiler.is_compiling():
+        return _DEFAULT_TARGETS[key]
+    target = tps_target_points(side, device=device)
+    if _cacheable(target):
+        _DEFAULT_TARGETS[key] = target
+    return target
+
+
+_DEFAULT_TARGETS: dict[tuple[int, torch.device], Tensor] = {}

@@ -113,6 +113,7 @@ def _tps_fwd_kernel(
     IDX64: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_W: tl.constexpr,
+    SPLIT_C: tl.constexpr,
 ):
     # compute dtype (float64 when the image or the parameters are float64) and its largest finite value
     CDT = tl.float64 if F64 else tl.float32
@@ -127,7 +128,7 @@ def _tps_fwd_kernel(
         out_pix = i.to(tl.int64) * Wo + j
     _sample_tile(
         out_bk, x_b, ix, iy, pmask, out_pix, pmask, C, H, W, sxc, sxh, sxw, Ho * Wo,
-        BORDER, NEAREST, BLOCK_C, CDT, IDX64, FMAX,
+        BORDER, NEAREST, 1 if SPLIT_C else BLOCK_C, CDT, IDX64, FMAX,
     )  # fmt: skip
 
 
@@ -230,7 +231,7 @@ def _tps_inputs(
     (fxx, _, sx), (_, fyy, sy), (fwx, fwy, _) = reference.pixel_scale_factors(
         (x.shape[-2], x.shape[-1]), size, align_corners
     )
-    scalars = reference.host_constant([fxx, fyy, sx, sy, fwx, fwy], dtype, x.device)
+    scalars = reference.host_constant([fxx, fyy, sx, sy, fwx, fwy], dtype, x)
     target = target_points.detach().to(device=x.device, dtype=dtype).contiguous()
     return coefficients.to(dtype).contiguous(), target, scalars
 

@@ -258,6 +258,19 @@ def test_expanded_grad_out(ops):
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["affine", "projective", "tps", "grid"])
+def test_forward_one_channel_at_a_time(ops, family, monkeypatch):
+    # The autotuner's SPLIT_C configs (one channel per load, in a loop over the channels) sample the same values.
+    config = importlib.import_module("kernels._common").FWD_CONFIG_INTERPRET
+    monkeypatch.setitem(config, "SPLIT_C", True)
+    x = _image(2, 3, 7, 6, channels_last=True, seed=8)
+    p = _grid(2, 2, 5, 4) if family == "grid" else _params(family, 2, 2, seed=8)
+    size = None if family == "grid" else (5, 4)
+    split, _, _ = _check_parity(ops, family, x, p, size, padding_mode="border")
+    monkeypatch.setitem(config, "SPLIT_C", False)
+    assert torch.equal(split, _call(ops, family, x, p, size, _target(family, p), padding_mode="border"))
+
+
 def test_int64_offsets_path(ops, monkeypatch):
     # The int64 offset code (IDX64) is exercised on tiny tensors by forcing it; the 2**31 case runs on GPUs in
     # benchmarks/bench_kernels.py --check.

@@ -184,3 +184,36 @@ def test_bad_input_raises_value_error() -> None:
 def test_auto_backend_is_torch_on_cpu() -> None:
     assert kernels.resolve_backend("auto", torch.zeros(1)) == "torch"
     assert kernels.resolve_backend("torch", torch.zeros(1)) == "torch"
+
+
+def test_tps_solve_is_cached_per_target_tensor() -> None:
+    # The spline's system is solved once per target-point tensor (a model's fixed buffer) and dtype, and solved
+    # again after the tensor changes in place; every cached solve equals a fresh one.
+    target = kernels.tps_target_points(3)
+    cp = target + 0.1 * torch.randn(2, 1, 9, 2, generator=torch.Generator().manual_seed(5))
+    first = reference._tps_solver(target, torch.float32, target.device)
+    assert reference._tps_solver(target, torch.float32, target.device) is first
+    torch.testing.assert_close(first, reference._tps_system_inverse(target).float(), rtol=0, atol=0)
+    assert reference._tps_solver(target, torch.float64, target.device).dtype == torch.float64
+    before = kernels.tps_coefficients(cp, target)
+    target.mul_(0.5)  # the same tensor, other points
+    moved = reference._tps_solver(target, torch.float32, target.device)
+    assert moved is not first
+    torch.testing.assert_close(moved, reference._tps_system_inverse(target).float(), rtol=0, atol=0)
+    assert not torch.allclose(kernels.tps_coefficients(cp, target), before)
+    # The default lattice is one tensor per size and device, so sample_tps without target points reuses its solve.
+    assert reference.default_target_points(cp, cp.device) is reference.default_target_points(cp, cp.device)
+    # A target that requires grad is solved afresh and passes its gradient on.
+    trainable = kernels.tps_target_points(3).requires_grad_()
+    kernels.tps_coefficients(cp, trainable).sum().backward()
+    assert trainable.grad is not None and bool(trainable.grad.abs().sum() > 0)
+
+
+def test_small_constants_are_made_once() -> None:
+    # The pixel-scale factors are a host-to-device copy on GPUs: made once per value, dtype and device.
+    theta = torch.zeros(1, 1, 2, 3)
+    first = reference.pixel_scale_matrix(2, (6, 8), (3, 4), False, torch.float32, theta)
+    assert reference.pixel_scale_matrix(2, (6, 8), (3, 4), False, torch.float32, theta) is first
+    assert reference.pixel_scale_matrix(2, (6, 8), (3, 4), True, torch.float32, theta) is not first
+    assert reference.pixel_scale_matrix(2, (6, 8), (3, 4), False, torch.float64, theta).dtype == torch.float64
+    torch.testing.assert_close(first, torch.tensor(reference.pixel_scale_factors((6, 8), (3, 4), False)[:2]))
