@@ -340,8 +340,13 @@ def _affine_gather_kernel(
     p = tl.arange(0, BLOCK_H * BLOCK_W)
     ty0 = (tile // tiles_w) * BLOCK_H
     tx0 = (tile % tiles_w) * BLOCK_W
-    qy = ty0 + p // BLOCK_W
-    qx = tx0 + p % BLOCK_W
+    # Pixels in column-major order within the tile: consecutive p run down a column, so the gradient's store is
+    # not contiguous along p, and Triton's layout keeps a pixel's BLOCK_C channels in one thread instead of giving
+    # each warp one channel of every pixel (row-major order, whose contiguous stores Triton vectorises); each
+    # candidate's coordinates are then computed once per pixel, not once per warp along the channels. A warp's 32
+    # lanes cover a BLOCK_H x (32 / BLOCK_H) patch, compact for the gathers of grad_out.
+    qy = ty0 + p % BLOCK_H
+    qx = tx0 + p // BLOCK_H
     qmask = (qy < H) & (qx < W)
     cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = (cs < C)[:, None]
@@ -468,10 +473,10 @@ def _gathers(padding_mode: str) -> bool:
 
 
 #: Gather tiles on GPUs per channel block: BLOCK_C -> (BLOCK_H, BLOCK_W, num_warps). Every program recomputes the
-#: candidates' coordinates for its channels, so many channels (feature maps) take wide channel blocks on small
-#: pixel tiles. Not timed on a GPU yet; chosen so that ptxas (sm_90, float32) needs at most 96 registers per
-#: thread and spills nothing (16 x 32 x 1 on 4 warps and 32 x 32 x 1 spilled, 8 x 16 x 16 took 155 registers).
-_GATHER_TILES = {16: (4, 16, 4), 8: (8, 16, 4), 4: (8, 32, 4), 2: (16, 32, 4), 1: (16, 32, 8)}
+#: candidates' coordinates for its channels, so many channels (feature maps) take wide channel blocks. One or two
+#: pixels per thread with all BLOCK_C channels of a pixel in its thread (see the pixel order in the kernel): at
+#: most 96 registers per thread (ptxas, sm_90, float32) and no spills. Not timed on a GPU yet.
+_GATHER_TILES = {16: (8, 16, 4), 8: (8, 16, 4), 4: (8, 32, 4), 2: (8, 32, 4), 1: (16, 32, 8)}
 
 
 def _gather_config(channels: int) -> dict[str, int]:
