@@ -109,13 +109,14 @@ def kernels_to_report(channels: int) -> list[tuple[str, Callable, dict[str, Any]
     bwd |= {"IDX64": False, **bwd_cfg}
     gather_cfg = affine._gather_config(channels)
     gather_warps = gather_cfg.pop("num_warps")
-    gather = {"NEAREST": False, "CAP": affine.WINDOW_CAP, "F64": False, "IDX64": False, **gather_cfg}
+    gather = {"NEAREST": False, "NEED_PARAM_GRAD": True, "CAP": affine.WINDOW_CAP, "F64": False, "IDX64": False}
+    gather |= gather_cfg
     eps = reference.PROJECTIVE_EPS
     return [
         ("affine fwd", affine._affine_fwd_kernel, fwd, fwd_warps),
         ("affine fwd (SPLIT_C)", affine._affine_fwd_kernel, {**fwd, "SPLIT_C": True}, fwd_warps),
-        ("affine bwd (scatter)", affine._affine_bwd_kernel, {**bwd, "X_GRAD_ILL_ONLY": False}, bwd_warps),
-        ("affine bwd (param, ill-only)", affine._affine_bwd_kernel, {**bwd, "X_GRAD_ILL_ONLY": True}, bwd_warps),
+        ("affine bwd (scatter)", affine._affine_bwd_kernel, {**bwd, "SKIP_GATHERED": False}, bwd_warps),
+        ("affine bwd (after gather)", affine._affine_bwd_kernel, {**bwd, "SKIP_GATHERED": True}, bwd_warps),
         ("affine gather", affine._affine_gather_kernel, gather, gather_warps),
         ("projective fwd", projective._projective_fwd_kernel, {**fwd, "EPS": eps}, fwd_warps),
         ("projective bwd", projective._projective_bwd_kernel, {**bwd, "EPS": eps}, bwd_warps),

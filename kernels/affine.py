@@ -13,10 +13,11 @@ interpreter and an sm_90 compile):
 * "scatter": ``_affine_bwd_kernel`` sends every output pixel's gradient to its four input corners with atomic
   adds into a zeroed float32 (float64) buffer. Used for border padding in any case.
 * "gather" (zeros padding): ``_affine_gather_kernel`` inverts each warp, and every input pixel sums the few output
-  pixels that read it, then stores its gradient once: no atomics, no zeroed buffer. It takes the well-conditioned
-  (b, k) (finite, invertible, window of at most ``WINDOW_CAP`` output pixels per axis) and flags the others, which
-  ``_affine_bwd_kernel`` then scatters on top (``X_GRAD_ILL_ONLY``). The parameter gradient always comes from
-  ``_affine_bwd_kernel``.
+  pixels that read it, then stores its gradient once: no atomics, no zeroed buffer. The same (output pixel, input
+  pixel) pairs give the matrix gradient (bilinear), reduced per input tile. It takes the well-conditioned (b, k)
+  (finite, invertible, window of at most ``WINDOW_CAP`` output pixels per axis) and flags the others, which
+  ``_affine_bwd_kernel`` then handles (``SKIP_GATHERED``: its programs of gathered (b, k) do nothing). With
+  well-conditioned warps the backward is one pass of the gather kernel.
 
 Switch with ``kernels.affine.IMAGE_GRAD = "gather"`` (benchmarks/gpu_session.sh compares both on the same card).
 Either way the image gradient of ill-conditioned warps uses atomics, so torch.use_deterministic_algorithms still
@@ -192,7 +193,7 @@ def _affine_bwd_kernel(
     NEAREST: tl.constexpr,
     NEED_X_GRAD: tl.constexpr,
     NEED_PARAM_GRAD: tl.constexpr,
-    X_GRAD_ILL_ONLY: tl.constexpr,
+    SKIP_GATHERED: tl.constexpr,
     BLOCK_C: tl.constexpr,
     F64: tl.constexpr,
     IDX64: tl.constexpr,
@@ -203,34 +204,31 @@ def _affine_bwd_kernel(
     CDT = tl.float64 if F64 else tl.float32
     FMAX = 1.7976931348623157e308 if F64 else 3.4028234663852886e38
     bk, tile, tiles, i, j, pmask = _tile_coords(Ho, Wo, BLOCK_H, BLOCK_W)
-    ix, iy, u, v = _affine_coords(m_ptr, bk, i, j, H, W, Ho, Wo, CDT)
-    b = (bk // K).to(tl.int64)
-    go_bk = go_ptr + b * sgb + (bk % K).to(tl.int64) * sgk
-    go_pix = i * sgh + j * sgw
-    if IDX64:
-        go_pix = i.to(tl.int64) * sgh + j.to(tl.int64) * sgw
-    # With X_GRAD_ILL_ONLY the gather kernel already wrote the image gradient of the (b, k) it flagged 1 (well
-    # conditioned): those only add their parameter gradient here, the others also scatter their image gradient on
-    # top of the gather's plain stores (same stream, so ordered after them).
+    part = part_ptr + (bk * tiles + tile).to(tl.int64) * 6
+    r = tl.arange(0, 8)
+    # With SKIP_GATHERED the gather kernel has written both gradients of the (b, k) it flagged 1 (well conditioned):
+    # their programs here only zero their partial sums. The others scatter their image gradient on top of the
+    # gather's plain stores (same stream, so ordered after them).
     gathered = bk < 0  # a false scalar of the flag's type
-    if X_GRAD_ILL_ONLY:
+    if SKIP_GATHERED:
         gathered = tl.load(flag_ptr + bk) != 0
     if gathered:
-        gix, giy = _scatter_tile(
-            gx_ptr + b * sgxb, x_ptr + b * sxb, go_bk, ix, iy, pmask, go_pix, C, H, W,
-            sxc, sxh, sxw, sgxc, sgxh, sgxw, sgc,
-            BORDER, NEAREST, False, NEED_PARAM_GRAD, BLOCK_C, CDT, IDX64, FMAX,
-        )  # fmt: skip
+        if NEED_PARAM_GRAD:
+            tl.store(part + r, tl.zeros((8,), dtype=CDT), mask=r < 6)
     else:
+        ix, iy, u, v = _affine_coords(m_ptr, bk, i, j, H, W, Ho, Wo, CDT)
+        b = (bk // K).to(tl.int64)
+        go_bk = go_ptr + b * sgb + (bk % K).to(tl.int64) * sgk
+        go_pix = i * sgh + j * sgw
+        if IDX64:
+            go_pix = i.to(tl.int64) * sgh + j.to(tl.int64) * sgw
         gix, giy = _scatter_tile(
             gx_ptr + b * sgxb, x_ptr + b * sxb, go_bk, ix, iy, pmask, go_pix, C, H, W,
             sxc, sxh, sxw, sgxc, sgxh, sgxw, sgc,
             BORDER, NEAREST, NEED_X_GRAD, NEED_PARAM_GRAD, BLOCK_C, CDT, IDX64, FMAX,
         )  # fmt: skip
-    if NEED_PARAM_GRAD:
-        r = tl.arange(0, 8)
-        part = _matrix_partials(gix, giy, giy, u, v, 8)
-        tl.store(part_ptr + (bk * tiles + tile).to(tl.int64) * 6 + r, part, mask=r < 6)
+        if NEED_PARAM_GRAD:
+            tl.store(part + r, _matrix_partials(gix, giy, giy, u, v, 8), mask=r < 6)
 
 
 # The gather backward of the image gradient -------------------------------------------------------------------
@@ -293,11 +291,22 @@ def _affine_window(m00, m01, m02, m10, m11, m12, H, W, Ho, Wo, CAP: tl.constexpr
 
 
 @triton.jit
+def _row_sums6(a, b, c, d, e, f):
+    # (sum a, sum b, ..., sum f, 0, 0) over the tile: one (8, pixels) block and one reduction.
+    r = tl.arange(0, 8)[:, None]
+    rows = tl.where(r == 0, a[None, :], tl.where(r == 1, b[None, :], tl.where(r == 2, c[None, :], 0.0)))
+    rows = tl.where(r == 3, d[None, :], tl.where(r == 4, e[None, :], tl.where(r == 5, f[None, :], rows)))
+    return tl.sum(rows, axis=1)
+
+
+@triton.jit
 def _affine_gather_kernel(
     # outputs
     gx_ptr,
+    part_ptr,
     flag_ptr,
     # inputs
+    x_ptr,
     go_ptr,
     m_ptr,
     # sizes
@@ -307,7 +316,11 @@ def _affine_gather_kernel(
     W,
     Ho,
     Wo,
-    # strides of the image gradient buffer and of grad_out
+    # strides of x, of the image gradient buffer and of grad_out
+    sxb,
+    sxc,
+    sxh,
+    sxw,
     sgxb,
     sgxc,
     sgxh,
@@ -319,6 +332,7 @@ def _affine_gather_kernel(
     sgw,
     # options and tile sizes
     NEAREST: tl.constexpr,
+    NEED_PARAM_GRAD: tl.constexpr,
     CAP: tl.constexpr,
     BLOCK_C: tl.constexpr,
     F64: tl.constexpr,
@@ -327,7 +341,8 @@ def _affine_gather_kernel(
     BLOCK_W: tl.constexpr,
 ):
     # One program = one BLOCK_H x BLOCK_W tile of input pixels (qy, qx) of image b and one block of channels; it
-    # loops over the K transformers and writes the tile's image gradient (zeros padding only) with plain stores.
+    # loops over the K transformers and writes the tile's image gradient (zeros padding only) with plain stores,
+    # and with NEED_PARAM_GRAD (bilinear) the tile's share of each well-conditioned (b, k)'s matrix gradient.
     CDT = tl.float64 if F64 else tl.float32
     FMAX = 1.7976931348623157e308 if F64 else 3.4028234663852886e38
     pid = tl.program_id(0)
@@ -362,6 +377,14 @@ def _affine_gather_kernel(
     # How far from q a point can be and still reach it: the bilinear tent reaches one pixel, round() half of one.
     RADIUS = 0.5 if NEAREST else 1.0
     acc = tl.zeros((BLOCK_C, BLOCK_H * BLOCK_W), dtype=CDT)
+    if NEED_PARAM_GRAD:
+        # The tile's image values: each (candidate p, pixel q) pair adds sum_c g_c(p) x_c(q) d w / d (ix, iy) to
+        # the coordinate gradient of p, the same terms as the scatter's corner differences (x is 0 outside the
+        # image with zeros padding, and every q inside is visited).
+        xq_off = _offsets(cs, sxc, IDX64)[:, None] + (_offsets(qy, sxh, IDX64) + _offsets(qx, sxw, IDX64))[None, :]
+        xq = tl.load(x_ptr + b64 * sxb + xq_off, mask=cm & qmask[None, :], other=0.0).to(CDT)
+        part_tile = part_ptr + ((b * K * tiles + tile) * cblocks + cb).to(tl.int64) * 6
+        r = tl.arange(0, 8)
     for k in range(0, K):
         bk = b * K + k
         m00, m01, m02, m10, m11, m12 = _affine_matrix(m_ptr, bk, CDT)
@@ -394,14 +417,21 @@ def _affine_gather_kernel(
         j0 = tl.ceil(tl.minimum(tl.maximum(lo_u, -(CAP + 2.0)), Wo * 1.0)).to(tl.int32)
         i0 = tl.ceil(tl.minimum(tl.maximum(lo_v, -(CAP + 2.0)), Ho * 1.0)).to(tl.int32)
         go_bk = go_ptr + b64 * sgb + (bk.to(tl.int64) - b64 * K) * sgk
+        # Per pixel q: sums over its candidates p of d loss / d (ix, iy)(p) times (u, v, 1)(p), for the partial sums.
+        sxu = tl.zeros_like(cu)
+        sxv = tl.zeros_like(cu)
+        sx1 = tl.zeros_like(cu)
+        syu = tl.zeros_like(cu)
+        syv = tl.zeros_like(cu)
+        sy1 = tl.zeros_like(cu)
         for ti in range(0, nv):
             i = i0 + ti
             for tj in range(0, nu):
                 j = j0 + tj
                 cand = qmask & (i >= 0) & (i < Ho) & (j >= 0) & (j < Wo)
                 # Exactly the forward's coordinates and clamp: non-finite points are invalid and send nothing.
-                ix, iy, _, _ = _affine_map(m00, m01, m02, m10, m11, m12, i, j, H, W, Ho, Wo, CDT)
-                ix, iy, valid, _, _ = _clamp_coords(ix, iy, cand, H, W, False, FMAX)
+                ix, iy, u, v = _affine_map(m00, m01, m02, m10, m11, m12, i, j, H, W, Ho, Wo, CDT)
+                ix, iy, valid, pass_x, pass_y = _clamp_coords(ix, iy, cand, H, W, False, FMAX)
                 if NEAREST:
                     hitq = valid & (_round_half_even(ix).to(tl.int32) == qx)
                     hitq = hitq & (_round_half_even(iy).to(tl.int32) == qy)
@@ -422,6 +452,22 @@ def _affine_gather_kernel(
                 go_pix = _offsets(i, sgh, IDX64) + _offsets(j, sgw, IDX64)
                 g = tl.load(go_bk + go_c + go_pix[None, :], mask=cm & hitq[None, :], other=0.0).to(CDT)
                 acc += g * w[None, :]
+                if NEED_PARAM_GRAD:
+                    # d w / d ix = -wy for the x0 corner, +wy for x0 + 1 (likewise for iy); zero where the clamp of
+                    # the coordinate was active, as in _scatter_tile. The channel sum stays in the thread.
+                    gxy = tl.sum(g * xq, axis=0)
+                    gix = tl.where(hitq & pass_x, tl.where(xi == qx, -wy, wy) * gxy, 0.0)
+                    giy = tl.where(hitq & pass_y, tl.where(yi == qy, -wx, wx) * gxy, 0.0)
+                    sxu += gix * u
+                    sxv += gix * v
+                    sx1 += gix
+                    syu += giy * u
+                    syv += giy * v
+                    sy1 += giy
+        if NEED_PARAM_GRAD:
+            # Zero for a (b, k) not gathered or not reaching this tile: every (b, k, tile, channel block) is written.
+            part = _row_sums6(sxu, sxv, sx1, syu, syv, sy1)
+            tl.store(part_tile + k * tiles * cblocks * 6 + r, part, mask=r < 6)
     gq = _offsets(qy, sgxh, IDX64) + _offsets(qx, sgxw, IDX64)
     gx_b = gx_ptr + b64 * sgxb + _offsets(cs, sgxc, IDX64)[:, None]
     tl.store(gx_b + gq[None, :], acc, mask=cm & qmask[None, :])
@@ -473,10 +519,12 @@ def _gathers(padding_mode: str) -> bool:
 
 
 #: Gather tiles on GPUs per channel block: BLOCK_C -> (BLOCK_H, BLOCK_W, num_warps). Every program recomputes the
-#: candidates' coordinates for its channels, so many channels (feature maps) take wide channel blocks. One or two
-#: pixels per thread with all BLOCK_C channels of a pixel in its thread (see the pixel order in the kernel): at
-#: most 96 registers per thread (ptxas, sm_90, float32) and no spills. Not timed on a GPU yet.
-_GATHER_TILES = {16: (8, 16, 4), 8: (8, 16, 4), 4: (8, 32, 4), 2: (8, 32, 4), 1: (16, 32, 8)}
+#: candidates' coordinates for its channels, so many channels (feature maps) take blocks of 8, where the coordinate
+#: work and the channel work per candidate are about even. One pixel per thread, with all BLOCK_C channels of a
+#: pixel in its thread (see the pixel order in the kernel): with the parameter gradient, ptxas (sm_90, float32)
+#: needs 56 to 127 registers per thread (two pixels per thread took 149, 16 channels 166; see
+#: benchmarks/sass_report.py). Not timed on a GPU yet.
+_GATHER_TILES = {8: (8, 16, 4), 4: (8, 16, 4), 2: (8, 16, 4), 1: (16, 16, 8)}
 
 
 def _gather_config(channels: int) -> dict[str, int]:
@@ -484,34 +532,40 @@ def _gather_config(channels: int) -> dict[str, int]:
     channels, so that the tests' tiny images still span several tiles and channel blocks."""
     if interpreting():
         return {"BLOCK_H": 8, "BLOCK_W": 8, "BLOCK_C": block_c(channels, 4), "num_warps": 4}
-    bc = block_c(channels, 16)
+    bc = block_c(channels, 8)
     block_h, block_w, warps = _GATHER_TILES[bc]
     return {"BLOCK_H": block_h, "BLOCK_W": block_w, "BLOCK_C": bc, "num_warps": warps}
 
 
-def _affine_gather(grad: Tensor, m: Tensor, gx: Tensor, size: tuple[int, int], mode: str, wrap: bool) -> Tensor:
-    """Write the image gradient of every well-conditioned (b, k) into all of ``gx`` (B, C, H, W) with plain stores.
+def _affine_gather(
+    grad: Tensor, x: Tensor, m: Tensor, gx: Tensor, size: tuple[int, int], mode: str, need_m: bool, wrap: bool
+) -> tuple[Tensor, Tensor]:
+    """Write the image gradient of every well-conditioned (b, k) into all of ``gx`` (B, C, H, W) with plain stores,
+    and with ``need_m`` (bilinear) the partial sums of their matrix gradients.
 
-    Returns the (B * K,) int32 flags: 1 where the (b, k) was gathered, 0 where it is left to the scatter kernel
-    (the conditioning rule of ``_affine_window``). Zeros padding only.
+    Returns the (B * K,) int32 flags, 1 where the (b, k) was gathered and 0 where it is left to the scatter kernel
+    (the conditioning rule of ``_affine_window``), and the partial sums (B * K, tiles * channel blocks, 6), zero for
+    the (b, k) flagged 0 (empty without ``need_m``). Zeros padding only.
     """
     b, c, h, w = gx.shape
     k = m.shape[1]
     ho, wo = size
     flags = torch.empty(b * k, device=m.device, dtype=torch.int32)
     cfg = _gather_config(c)
-    programs = b * num_tiles(h, w, cfg["BLOCK_H"], cfg["BLOCK_W"]) * triton.cdiv(c, cfg["BLOCK_C"])
-    args = (gx, flags, grad, m, k, c, h, w, ho, wo, *gx.stride(), *grad.stride())
+    tiles = num_tiles(h, w, cfg["BLOCK_H"], cfg["BLOCK_W"]) * triton.cdiv(c, cfg["BLOCK_C"])
+    part = m.new_empty((b * k, tiles, 6) if need_m else (0,))
+    args = (gx, part, flags, x, grad, m, k, c, h, w, ho, wo, *x.stride(), *gx.stride(), *grad.stride())
     meta = {
         "NEAREST": mode == "nearest",
+        "NEED_PARAM_GRAD": need_m,
         "CAP": WINDOW_CAP,
         "F64": m.dtype == torch.float64,
-        "IDX64": needs_int64(gx, grad),
+        "IDX64": needs_int64(x, gx, grad),
         **cfg,
     }
     with device_context(gx):
-        launch(_affine_gather_kernel, None, (programs,), args, meta, wrap)
-    return flags
+        launch(_affine_gather_kernel, None, (b * tiles,), args, meta, wrap)
+    return flags, part
 
 
 def _affine_backward(
@@ -535,10 +589,12 @@ def _affine_backward(
     need_coord = need_m and mode != "nearest"  # nearest has no coordinate gradient
     gather = need_x and grad.numel() > 0 and _gathers(padding_mode)
     flags = m.new_empty(0, dtype=torch.int32)
+    gathered_part = None
     if gather:
-        # The gather kernel stores every pixel of gx: no zeroing; the scatter kernel adds the ill-conditioned rest.
+        # The gather kernel stores every pixel of gx (no zeroing) and the matrix gradients of the (b, k) it takes;
+        # the scatter kernel adds the ill-conditioned rest.
         gx = torch.empty_like(x, dtype=m.dtype)
-        flags = _affine_gather(grad, m, gx, size, mode, wrap)
+        flags, gathered_part = _affine_gather(grad, x, m, gx, size, mode, need_coord, wrap)
     else:
         gx = torch.zeros_like(x, dtype=m.dtype) if need_x else x.new_empty(0, dtype=m.dtype)
     cfg = bwd_config(c)
@@ -553,7 +609,7 @@ def _affine_backward(
             "NEAREST": mode == "nearest",
             "NEED_X_GRAD": need_x,
             "NEED_PARAM_GRAD": need_coord,
-            "X_GRAD_ILL_ONLY": gather,
+            "SKIP_GATHERED": gather,
             "F64": m_f64,
             "IDX64": needs_int64(x, grad),
             **cfg,
@@ -564,6 +620,9 @@ def _affine_backward(
     grad_m = None
     if need_m:
         grad_m = part.sum(1).view(b, k, 2, 3) if need_coord and part.numel() else torch.zeros_like(m)
+        if gathered_part is not None and gathered_part.numel():
+            # Each (b, k)'s partial sums are zero in the kernel that does not own it.
+            grad_m = grad_m + gathered_part.sum(1).view(b, k, 2, 3)
     return grad_x, grad_m
 
 
