@@ -4,8 +4,8 @@
 #   checks   parity of the Triton kernels with the float32 reference on CUDA (float32, float16, bfloat16), the
 #            2**31-element int64 case, NaN isolation
 #   quick    the headline workloads' timings without the torch.compile baseline (fast)
-#   gather   the same with the affine image gradient gathered per input pixel (STN_AFFINE_IMAGE_GRAD=gather, no
-#            atomics) instead of the default scattered by atomics, to compare on the same card
+#   gather   parity, then the same timings with the affine backward gathered per input pixel in one kernel
+#            (STN_AFFINE_IMAGE_GRAD=gather, no atomics) instead of the default scatter by atomics, on the same card
 #   bench    the headline workloads (cub448x4, feat56x2, mnist2) with the torch.compile baseline in float32
 #   more     projective and spline on cub448x4, without torch.compile
 #   profile  the CUDA kernels behind one Triton forward + backward, and host time against GPU time
