@@ -223,6 +223,8 @@ def run_benchmarks(args: argparse.Namespace, info: dict) -> dict:
                 except Exception as error:  # report and go on (e.g. out of memory for K copies)
                     row[impl_name] = {"error": f"{type(error).__name__}: {error}"[:200]}
                 torch.cuda.empty_cache()
+                if impl_name == "triton":
+                    row["triton_fwd_config"] = forward_config(family)
             rows.append(row)
             print_row(row)
             if args.json is not None:
@@ -230,6 +232,14 @@ def run_benchmarks(args: argparse.Namespace, info: dict) -> dict:
             del x, params
             torch.cuda.empty_cache()
     return results
+
+
+def forward_config(family: str) -> str:
+    """The configuration the autotuner chose for the family's forward kernel at its last call."""
+    import importlib
+
+    tuned = getattr(importlib.import_module(f"kernels.{family}"), f"_{family}_fwd_tuned")
+    return str(getattr(tuned, "best_config", None))
 
 
 def print_header(info: dict) -> None:
@@ -255,6 +265,8 @@ def print_row(row: dict) -> None:
             f"{row['workload']:<22} {row['dtype']:<9} {impl:<14} {r['fwd_ms']:>9.3f} {r['fwd_bwd_ms']:>11.3f}"
             f" {r['peak_fwd_bwd_mib']:>10.1f} {row['floor_fwd_ms']:>10.3f} {row['floor_fwd_bwd_ms']:>10.3f}"
         )
+        if impl == "triton":
+            print(f"#   triton forward config: {row.get('triton_fwd_config')}")
 
 
 # --------------------------------------------------------------------------------------------------------------
