@@ -7,6 +7,8 @@ For each workload and image dtype it times (median of CUDA-event timings, triton
 * eager-stacked: the K grids stacked in one grid_sample call on the un-copied input (what kernels.reference does),
   then the (B, K, C, Ho, Wo) transpose;
 * compiled: torch.compile of the eager-stacked path;
+* triton-graph, stacked-graph: the triton and eager-stacked paths captured in CUDA graphs and replayed, which
+  times their kernels without the host's work (on small workloads the host is what an eager step costs);
 * floor: (input read once + output written once) / the bandwidth of a device-to-device copy measured in the same
   run; for forward + backward also grad_out read and grad_in written;
 
@@ -49,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--check", action="store_true", help="run GPU parity, int64 and NaN-isolation checks first")
     parser.add_argument("--check-only", action="store_true", help="run the checks and no benchmark")
     parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile baseline")
+    parser.add_argument(
+        "--skip-graphs", action="store_true", help="leave out the CUDA-graph replays of triton and eager-stacked"
+    )
     parser.add_argument(
         "--compile-dtypes",
         nargs="+",
@@ -183,6 +188,32 @@ def measure(fn, x, params, target, size, rep):  # type: ignore[no-untyped-def]
     return fwd, both, peak
 
 
+def measure_graphed(fn, x, params, target, size, rep):  # type: ignore[no-untyped-def]
+    """(forward ms, forward + backward ms, NaN) of one implementation replayed from CUDA graphs: the time of its
+    kernels without the host's (Python, dispatch, launches), what torch.compile's "reduce-overhead" mode or a
+    graphed training step gets. Peak memory is not measured here."""
+    import torch
+    from triton.testing import do_bench
+
+    xg = x.detach().clone().requires_grad_()
+    pg = params.detach().clone().requires_grad_()
+    gout = torch.randn_like(fn(x, params, target, size))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up outside the capture: autotuning, compilation, cached constants
+        for _ in range(3):
+            fn(xg, pg, target, size).backward(gout)
+    torch.cuda.current_stream().wait_stream(side)
+    forward, step = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(forward):
+        fn(x, params, target, size)
+    with torch.cuda.graph(step):  # the gradients accumulate into xg.grad and pg.grad, allocated by the warm-up
+        fn(xg, pg, target, size).backward(gout)
+    fwd = do_bench(forward.replay, rep=rep, return_mode="median")
+    both = do_bench(step.replay, rep=rep, return_mode="median")
+    return fwd, both, float("nan")
+
+
 def run_benchmarks(args: argparse.Namespace, info: dict) -> dict:
     """Time every workload and dtype; the JSON file (if any) is rewritten after each row, so a run cut short
     keeps what it measured."""
@@ -216,9 +247,13 @@ def run_benchmarks(args: argparse.Namespace, info: dict) -> dict:
             if not args.skip_compile and dtype_name in compile_dtypes:
                 # dynamic=False: one static graph per workload (a dynamic-shape recompile fails in affine_grid)
                 impls["compiled"] = torch.compile(functools.partial(eager_stacked, family), dynamic=False)
+            if not args.skip_graphs:  # last: a capture that fails cannot disturb the others
+                impls["triton_graph"] = impls["triton"]
+                impls["stacked_graph"] = impls["eager_stacked"]
             for impl_name, fn in impls.items():
                 try:
-                    fwd, both, peak = measure(fn, x, params, target, size, args.rep)
+                    timer = measure_graphed if impl_name.endswith("_graph") else measure
+                    fwd, both, peak = timer(fn, x, params, target, size, args.rep)
                     row[impl_name] = {"fwd_ms": fwd, "fwd_bwd_ms": both, "peak_fwd_bwd_mib": peak}
                 except Exception as error:  # report and go on (e.g. out of memory for K copies)
                     row[impl_name] = {"error": f"{type(error).__name__}: {error}"[:200]}
@@ -254,7 +289,7 @@ def print_header(info: dict) -> None:
 
 
 def print_row(row: dict) -> None:
-    for impl in ("triton", "eager_copies", "eager_stacked", "compiled"):
+    for impl in ("triton", "eager_copies", "eager_stacked", "compiled", "triton_graph", "stacked_graph"):
         if impl not in row:
             continue
         r = row[impl]
