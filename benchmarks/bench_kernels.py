@@ -207,7 +207,8 @@ def measure_graphed(fn, x, params, target, size, rep):  # type: ignore[no-untype
     forward, step = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
     with torch.no_grad(), torch.cuda.graph(forward):
         fn(x, params, target, size)
-    with torch.cuda.graph(step):  # the gradients accumulate into xg.grad and pg.grad, allocated by the warm-up
+    xg.grad = pg.grad = None  # allocated inside the capture, from the graph's memory pool (as torch's docs do)
+    with torch.cuda.graph(step):
         fn(xg, pg, target, size).backward(gout)
     fwd = do_bench(forward.replay, rep=rep, return_mode="median")
     both = do_bench(step.replay, rep=rep, return_mode="median")
