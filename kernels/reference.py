@@ -155,10 +155,10 @@ def _ratio(num: float, extent: float) -> float:
 def host_constant(values: list, dtype: torch.dtype, like: Tensor) -> Tensor:
     """A small constant tensor of Python numbers (a flat or nested list) on ``like``'s device, made once per value.
 
-    Making it costs a host-to-device copy, which ``torch.tensor(values, device="cuda")`` follows with a wait for
-    the stream (three such waits per forward + backward showed up in benchmarks/profile_kernels.py on an H100);
-    the cache makes each constant once, with a non-blocking copy. Callers must not modify the result. Where
-    ``like`` is not :func:`_cacheable`, the tensor is made afresh.
+    Making it costs a host-to-device copy and a wait for the stream (three such waits per forward + backward showed
+    up in benchmarks/profile_kernels.py on an H100), so each constant is made once and kept. The cached copy is a
+    blocking one: once made, its values are in place for every stream. Callers must not modify the result. Where
+    ``like`` is not :func:`_cacheable`, the tensor is made afresh with a non-blocking copy.
     """
     key = tuple(tuple(v) if isinstance(v, list) else v for v in values)
     if not _cacheable(like):
@@ -174,12 +174,15 @@ def _cacheable(t: Tensor) -> bool:
 
 
 def _make_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
-    # With non_blocking=True the driver stages the pageable source before returning, so the temporary may go.
+    # With non_blocking=True the driver stages the pageable source before returning, so the temporary may go; the
+    # copy is ordered on the current stream only.
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
-#: A few hundred constants at most: one per (sizes, align_corners, dtype, device) a program samples with.
-_cached_constant = functools.lru_cache(maxsize=256)(_make_constant)
+@functools.lru_cache(maxsize=256)  # a few hundred at most: one per (sizes, align_corners, dtype, device) in use
+def _cached_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # A blocking copy, made once: its values are in place before any stream can read them.
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def pixel_scale_factors(in_size: tuple[int, int], out_size: tuple[int, int], align_corners: bool) -> list[list[float]]:
@@ -444,7 +447,8 @@ def _tps_solver(target: Tensor, dtype: torch.dtype, device: torch.device) -> Ten
         _TPS_SOLVES[id(target)] = entry
     solves = entry[2]
     if (dtype, device) not in solves:
-        solves[dtype, device] = _tps_system_inverse(target).to(device=device, dtype=dtype)
+        # Solved on the CPU and copied with a blocking copy: in place for every stream before anyone reads it.
+        solves[dtype, device] = _tps_system_inverse(target.detach().cpu()).to(dtype).to(device)
     return solves[dtype, device]
 
 
