@@ -9,6 +9,7 @@
 #   bench    the headline workloads (cub448x4, feat56x2, mnist2) with the torch.compile baseline in float32
 #   more     projective and spline on cub448x4, without torch.compile
 #   profile  the CUDA kernels behind one Triton forward + backward, and host time against GPU time
+#   sweep    forward + backward with other backward tiles (scatter and gather) than the launchers' fixed ones
 #   compile  torch.compile(fullgraph=True), opcheck and autocast on the compiled path (tests/..., -k gpu), and
 #            the gather backward's tests on CUDA
 #   train    the demo config end to end on the GPU (Triton sampler, `backend="auto"`), then its test set
@@ -60,6 +61,7 @@ for name in $STAGES; do
     more) stage more 60 python3 benchmarks/bench_kernels.py --workloads cub448x4-projective cub448x4-tps16 \
         --dtypes float32 bfloat16 --rep 50 --skip-compile --json "$OUT/kernels-more.json" ;;
     profile) stage profile 60 python3 benchmarks/profile_kernels.py cub448x4 feat56x2 mnist2 ;;
+    sweep) stage sweep 120 python3 benchmarks/sweep_tiles.py ;;
     compile) stage compile 80 bash -c 'python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py -k gpu \
         && python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gather.py' ;;
     train) stage train 90 python3 train.py fit --config configs/demo.yaml --test_after_fit true \

@@ -1,0 +1,114 @@
+"""Time the Triton backward with other tile shapes than the launchers' fixed ones (never collected by pytest).
+
+    python benchmarks/sweep_tiles.py                          # cub448x4, feat56x2, mnist2 and the spline, float32
+    python benchmarks/sweep_tiles.py --workloads cub448x4 --rep 50
+
+The forward kernels are autotuned; the backward kernels are not (the parameter gradient's partial sums need the
+tile count before the launch), so their tiles are fixed in ``kernels._common.bwd_config`` and, for the affine
+gather, ``kernels.affine._GATHER_TILES``. This script swaps in each candidate tile, times forward + backward with
+CUDA events (median, triton.testing.do_bench) and prints one table per workload, fastest first, next to the
+launchers' own choice measured in the same run. Parity is not checked here (bench_kernels.py --check does that);
+the candidates only change how the same work is divided.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from bench_kernels import WORKLOADS, make_inputs, triton_path  # noqa: E402
+
+#: Scatter-backward candidates: (BLOCK_H, BLOCK_W, BLOCK_C, num_warps).
+BWD_TILES = [(16, 16, 1, 8), (8, 16, 1, 4), (8, 32, 1, 4), (16, 32, 1, 8), (8, 16, 4, 8), (16, 16, 2, 8)]
+#: Gather candidates, by channel block: (BLOCK_H, BLOCK_W, num_warps) for the launcher's BLOCK_C.
+GATHER_TILES = [(8, 16, 4), (16, 16, 8), (8, 32, 4), (16, 32, 8), (4, 32, 4)]
+
+
+def time_step(family, x, params, target, size, rep):  # type: ignore[no-untyped-def]
+    """Median ms of one forward + backward through the Triton path."""
+    import torch
+    from triton.testing import do_bench
+
+    xg = x.detach().clone().requires_grad_()
+    pg = params.detach().clone().requires_grad_()
+    gout = torch.randn_like(triton_path(family, x, params, target, size))
+
+    def step() -> None:
+        triton_path(family, xg, pg, target, size).backward(gout)
+
+    step()  # compile and autotune outside the timing
+    return do_bench(step, rep=rep, grad_to_none=[xg, pg], return_mode="median")
+
+
+def sweep(name: str, rep: int) -> None:
+    import torch
+
+    from kernels import _common, affine, grid, projective, tps
+
+    family, b, c, h, w, k, ho, wo = WORKLOADS[name]
+    x, params, target = make_inputs(family, b, c, h, w, k, torch.float32, "cuda")
+    size = (ho, wo)
+    modules = (affine, projective, tps, grid)
+    default_bwd = _common.bwd_config
+    rows: list[tuple[float, str]] = []
+
+    def run(label: str) -> None:
+        try:
+            rows.append((time_step(family, x, params, target, size, rep), label))
+        except Exception as error:  # a tile that does not compile or run: report and go on
+            rows.append((float("inf"), f"{label}: {type(error).__name__}: {str(error)[:80]}"))
+        torch.cuda.empty_cache()
+
+    try:
+        affine.IMAGE_GRAD = "scatter"
+        run(f"scatter, launcher's {default_bwd(c)}")
+        for bh, bw, bc, warps in BWD_TILES:
+            config = {"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_C": min(bc, _common.block_c(c, 8)), "num_warps": warps}
+            for module in modules:
+                module.bwd_config = lambda channels, config=config: dict(config)
+            run(f"scatter, {config}")
+        for module in modules:
+            module.bwd_config = default_bwd
+        if family == "affine":
+            affine.IMAGE_GRAD = "gather"
+            default_gather = dict(affine._GATHER_TILES)
+            run(f"gather, launcher's {affine._gather_config(c)}")
+            for bh, bw, warps in GATHER_TILES:
+                affine._GATHER_TILES.update({bc: (bh, bw, warps) for bc in default_gather})
+                run(f"gather, {affine._gather_config(c)}")
+            affine._GATHER_TILES.update(default_gather)
+    finally:
+        for module in modules:
+            module.bwd_config = default_bwd
+        affine.IMAGE_GRAD = "scatter"
+    print(f"\n## {name} float32, forward + backward ms (fastest first)")
+    for ms, label in sorted(rows):
+        print(f"  {ms:8.3f}  {label}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", nargs="+", default=["cub448x4", "feat56x2", "mnist2", "cub448x4-tps16"])
+    parser.add_argument("--rep", type=int, default=25, help="milliseconds of repetitions per timing (do_bench)")
+    args = parser.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("sweep_tiles: no CUDA device here; the tiles are timed on GPUs only.")
+        return 0
+    import triton
+
+    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
+    for name in args.workloads:
+        sweep(name, args.rep)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
