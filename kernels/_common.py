@@ -28,6 +28,7 @@ __all__ = [
     "HAS_LIBRARY_OPS",
     "autocast_inputs",
     "block_c",
+    "cdiv",
     "bwd_config",
     "check_deterministic",
     "check_device",
@@ -343,7 +344,12 @@ def needs_int64(*tensors: Tensor) -> bool:
 
 def num_tiles(ho: int, wo: int, block_h: int, block_w: int) -> int:
     """Tiles of one (b, k) output plane."""
-    return triton.cdiv(ho, block_h) * triton.cdiv(wo, block_w)
+    return cdiv(ho, block_h) * cdiv(wo, block_w)
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive b, in plain Python (triton.cdiv costs microseconds per call on the host)."""
+    return -(-a // b)
 
 
 def device_context(x: Tensor) -> contextlib.AbstractContextManager:
@@ -353,7 +359,8 @@ def device_context(x: Tensor) -> contextlib.AbstractContextManager:
 
 def block_c(channels: int, cap: int) -> int:
     """Channels per block: the next power of two of C, at most ``cap``."""
-    return min(triton.next_power_of_2(int(channels)), cap)  # int(): a symbolic C (torch.compile) is specialised
+    # int(): a symbolic C (torch.compile) is specialised; 1 << bit_length is the next power of two, in plain Python.
+    return min(1 << (int(channels) - 1).bit_length(), cap)
 
 
 #: Forward tile shapes tried by the autotuner on GPUs (BLOCK_H, BLOCK_W, num_warps): two pixels per thread, and

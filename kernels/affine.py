@@ -49,6 +49,7 @@ from ._common import (
     autocast_inputs,
     block_c,
     bwd_config,
+    cdiv,
     check_deterministic,
     check_device,
     device_context,
@@ -552,7 +553,7 @@ def _affine_gather(
     ho, wo = size
     flags = torch.empty(b * k, device=m.device, dtype=torch.int32)
     cfg = _gather_config(c)
-    tiles = num_tiles(h, w, cfg["BLOCK_H"], cfg["BLOCK_W"]) * triton.cdiv(c, cfg["BLOCK_C"])
+    tiles = num_tiles(h, w, cfg["BLOCK_H"], cfg["BLOCK_W"]) * cdiv(c, cfg["BLOCK_C"])
     part = m.new_empty((b * k, tiles, 6) if need_m else (0,))
     args = (gx, part, flags, x, grad, m, k, c, h, w, ho, wo, *x.stride(), *gx.stride(), *grad.stride())
     meta = {
