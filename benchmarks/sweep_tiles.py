@@ -56,6 +56,7 @@ def sweep(name: str, rep: int) -> None:
     size = (ho, wo)
     modules = (affine, projective, tps, grid)
     default_bwd = _common.bwd_config
+    default_image_grad = affine.IMAGE_GRAD
     rows: list[tuple[float, str]] = []
 
     def run(label: str) -> None:
@@ -86,7 +87,7 @@ def sweep(name: str, rep: int) -> None:
     finally:
         for module in modules:
             module.bwd_config = default_bwd
-        affine.IMAGE_GRAD = "scatter"
+        affine.IMAGE_GRAD = default_image_grad
     print(f"\n## {name} float32, forward + backward ms (fastest first)")
     for ms, label in sorted(rows):
         print(f"  {ms:8.3f}  {label}")
