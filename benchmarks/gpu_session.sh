@@ -54,7 +54,7 @@ for name in $STAGES; do
     case $name in
     checks) stage checks "${CHECK_LIMIT:-150}" python3 benchmarks/bench_kernels.py --check-only ;;
     quick) stage quick 90 python3 benchmarks/bench_kernels.py "${HEADLINE[@]}" --skip-compile --json "$OUT/quick.json" ;;
-    gather) stage gather 240 env STN_AFFINE_IMAGE_GRAD=gather bash -c 'python3 benchmarks/bench_kernels.py --check-only \
+    gather) stage gather 180 env STN_AFFINE_IMAGE_GRAD=gather STN_CHECK_FAMILIES=affine bash -c 'python3 benchmarks/bench_kernels.py --check-only \
         && python3 benchmarks/bench_kernels.py "$@"' _ "${HEADLINE[@]}" --skip-compile --json "$OUT/gather.json" ;;
     bench) stage bench 180 python3 benchmarks/bench_kernels.py "${HEADLINE[@]}" --compile-dtypes float32 \
         --json "$OUT/kernels.json" ;;
