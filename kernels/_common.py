@@ -35,6 +35,7 @@ __all__ = [
     "device_context",
     "fwd_autotune",
     "FWD_CONFIG_INTERPRET",
+    "FWD_MAX_BLOCK_C",
     "interpreting",
     "launch",
     "library_op",
@@ -362,6 +363,10 @@ def block_c(channels: int, cap: int) -> int:
     # int(): a symbolic C (torch.compile) is specialised; 1 << bit_length is the next power of two, in plain Python.
     return min(1 << (int(channels) - 1).bit_length(), cap)
 
+
+#: Channels per load in the forward when SPLIT_C is off. With 8, ptxas (triton 3.6, sm_90) needed 198 to 255
+#: registers per thread and spilled on an 8 x 32 tile; with 4, 105 to 200 and no spills (benchmarks/sass_report.py).
+FWD_MAX_BLOCK_C = 4
 
 #: Forward tile shapes tried by the autotuner on GPUs (BLOCK_H, BLOCK_W, num_warps): two pixels per thread, and
 #: one (16 x 16 on 8 warps, 8 x 16 on 4), where each warp's gather instruction reads 32 neighbouring pixels. Each

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from . import reference
 from ._common import (
+    FWD_MAX_BLOCK_C,
     HAS_LIBRARY_OPS,
     _clamp_coords,
     _div,
@@ -499,7 +500,7 @@ def _affine_forward(
     meta = {
         "BORDER": padding_mode == "border",
         "NEAREST": mode == "nearest",
-        "BLOCK_C": block_c(c, 8),
+        "BLOCK_C": block_c(c, FWD_MAX_BLOCK_C),
         "F64": m_f64,
         "IDX64": needs_int64(x, out),
     }

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from . import reference
 from ._common import (
+    FWD_MAX_BLOCK_C,
     HAS_LIBRARY_OPS,
     _sample_tile,
     _scatter_tile,
@@ -201,7 +202,7 @@ def _grid_forward(x: Tensor, grid: Tensor, scalars: Tensor, padding_mode: str, m
     meta = {
         "BORDER": padding_mode == "border",
         "NEAREST": mode == "nearest",
-        "BLOCK_C": block_c(c, 8),
+        "BLOCK_C": block_c(c, FWD_MAX_BLOCK_C),
         "F64": m_f64,
         "IDX64": needs_int64(x, out),
     }

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import reference
 from ._common import (
+    FWD_MAX_BLOCK_C,
     HAS_LIBRARY_OPS,
     _div,
     _finite,
@@ -210,7 +211,7 @@ def _projective_forward(
     meta = {
         "BORDER": padding_mode == "border",
         "NEAREST": mode == "nearest",
-        "BLOCK_C": block_c(c, 8),
+        "BLOCK_C": block_c(c, FWD_MAX_BLOCK_C),
         "F64": m_f64,
         "IDX64": needs_int64(x, out),
         "EPS": reference.PROJECTIVE_EPS,
