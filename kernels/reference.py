@@ -584,7 +584,7 @@ def default_target_points(control_points: Tensor, device: torch.device) -> Tenso
         )
     # One tensor per lattice and device, so that its solve is cached too (see _tps_solver).
     key = (side, torch.device(device))
-    if key in _DEFAULT_TARGETS and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and key in _DEFAULT_TARGETS:
         return _DEFAULT_TARGETS[key]
     target = tps_target_points(side, device=device)
     if _cacheable(target):
