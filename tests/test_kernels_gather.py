@@ -253,3 +253,22 @@ def test_env_switch_and_sm90_compile():
     env["STN_AFFINE_IMAGE_GRAD"] = "gather"  # not the default
     run = subprocess.run([sys.executable, "-c", _FRESH], cwd=ROOT, env=env, capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.split() == ["gather", "COMPILED"], run.stderr[-4000:]
+
+
+def test_random_warps_float64(affine):
+    # Random rotations, anisotropic scales (zoom in up to about 3x, out up to about 3x), shears and translations
+    # in float64, where the gathered sums must equal the reference's to rounding, image and parameter gradients.
+    g = torch.Generator().manual_seed(11)
+    for trial in range(6):
+        c = 1 + trial % 3
+        h, w = (int(v) for v in torch.randint(3, 11, (2,), generator=g))
+        ho, wo = (int(v) for v in torch.randint(2, 10, (2,), generator=g))
+        rows = []
+        for _ in range(2):
+            angle, scale_x, scale_y, shear, tx, ty = torch.rand(6, generator=g, dtype=torch.float64).tolist()
+            cos, sin = math.cos(6.3 * angle), math.sin(6.3 * angle)
+            sx, sy, sh = 0.35 + 2.6 * scale_x, 0.35 + 2.6 * scale_y, 0.4 * (shear - 0.5)
+            rows.append((sx * cos, -sy * sin + sh, 1.5 * (tx - 0.5), sx * sin, sy * cos, 1.5 * (ty - 0.5)))
+        x = _image(1, c, h, w, dtype=torch.float64, seed=trial)
+        affine.flags.clear()
+        _check(affine, x, _theta(*rows), (ho, wo), align_corners=bool(trial % 2))
