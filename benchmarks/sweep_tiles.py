@@ -14,6 +14,7 @@ the candidates only change how the same work is divided.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ for path in (ROOT, ROOT / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from bench_kernels import WORKLOADS, make_inputs, triton_path  # noqa: E402
+from bench_kernels import WORKLOADS, make_inputs, measure, triton_path  # noqa: E402
 
 #: Scatter-backward candidates: (BLOCK_H, BLOCK_W, BLOCK_C, num_warps).
 BWD_TILES = [(16, 16, 1, 8), (8, 16, 1, 4), (8, 32, 1, 4), (16, 32, 1, 8), (8, 16, 4, 8), (16, 16, 2, 8)]
@@ -31,19 +32,8 @@ GATHER_TILES = [(8, 16, 4), (16, 16, 8), (8, 32, 4), (16, 32, 8), (4, 32, 4)]
 
 
 def time_step(family, x, params, target, size, rep):  # type: ignore[no-untyped-def]
-    """Median ms of one forward + backward through the Triton path."""
-    import torch
-    from triton.testing import do_bench
-
-    xg = x.detach().clone().requires_grad_()
-    pg = params.detach().clone().requires_grad_()
-    gout = torch.randn_like(triton_path(family, x, params, target, size))
-
-    def step() -> None:
-        triton_path(family, xg, pg, target, size).backward(gout)
-
-    step()  # compile and autotune outside the timing
-    return do_bench(step, rep=rep, grad_to_none=[xg, pg], return_mode="median")
+    """Median ms of one forward + backward through the Triton path (bench_kernels.measure's second number)."""
+    return measure(functools.partial(triton_path, family), x, params, target, size, rep)[1]
 
 
 def sweep(name: str, rep: int) -> None:

@@ -25,17 +25,17 @@ from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
 __all__ = [
+    "FWD_CONFIG_INTERPRET",
+    "FWD_MAX_BLOCK_C",
     "HAS_LIBRARY_OPS",
     "autocast_inputs",
     "block_c",
-    "cdiv",
     "bwd_config",
+    "cdiv",
     "check_deterministic",
     "check_device",
     "device_context",
     "fwd_autotune",
-    "FWD_CONFIG_INTERPRET",
-    "FWD_MAX_BLOCK_C",
     "interpreting",
     "launch",
     "library_op",

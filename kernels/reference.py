@@ -440,9 +440,10 @@ def _tps_solver(target: Tensor, dtype: torch.dtype, device: torch.device) -> Ten
     if not _cacheable(target) or target.requires_grad or target.is_inference():
         return _tps_system_inverse(target).to(device=device, dtype=dtype)
     entry = _TPS_SOLVES.get(id(target))
-    if entry is None or entry[0]() is not target or entry[1] != target._version:
-        if entry is None or entry[0]() is not target:
-            weakref.finalize(target, _TPS_SOLVES.pop, id(target), None)
+    if entry is None or entry[0]() is not target:  # a tensor not seen before: its entry goes when it goes
+        weakref.finalize(target, _TPS_SOLVES.pop, id(target), None)
+        entry = None
+    if entry is None or entry[1] != target._version:  # new, or changed in place since it was solved
         entry = (weakref.ref(target), target._version, {})
         _TPS_SOLVES[id(target)] = entry
     solves = entry[2]
