@@ -97,12 +97,12 @@ def sass_stats(compiled: Any) -> dict[str, int]:
 def kernels_to_report(channels: int) -> list[tuple[str, Callable, dict[str, Any], int]]:
     """(label, kernel, constexprs, num_warps) for every kernel, with the tiles its launcher picks on a GPU."""
     from kernels import affine, grid, projective, reference, tps
-    from kernels._common import _FWD_CONFIGS, FWD_MAX_BLOCK_C, block_c, bwd_config
+    from kernels._common import _FWD_CONFIGS, bwd_config, channel_group, fwd_block_c
 
     fwd_h, fwd_w, fwd_warps = _FWD_CONFIGS[0]
     fwd = {"BORDER": False, "NEAREST": False, "F64": False, "IDX64": False, "BLOCK_H": fwd_h, "BLOCK_W": fwd_w}
     fwd["SPLIT_C"] = False
-    fwd["BLOCK_C"] = block_c(channels, FWD_MAX_BLOCK_C)
+    fwd |= {"BLOCK_C": fwd_block_c(channels), "CGROUP": channel_group(channels)}
     bwd_cfg = bwd_config(channels)
     bwd_warps = bwd_cfg.pop("num_warps")
     bwd = {"BORDER": False, "NEAREST": False, "NEED_X_GRAD": True, "NEED_PARAM_GRAD": True, "F64": False}

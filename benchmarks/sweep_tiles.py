@@ -5,7 +5,8 @@
 
 The forward kernels are autotuned; the backward kernels are not (the parameter gradient's partial sums need the
 tile count before the launch), so their tiles are fixed in ``kernels._common.bwd_config`` and, for the affine
-gather, ``kernels.affine._GATHER_TILES``. This script swaps in each candidate tile, times forward + backward with
+gather, ``kernels.affine._GATHER_TILES``. This script swaps in each candidate tile (and, for inputs of many
+channels, each number of channels per program, ``kernels._common.CHANNEL_GROUP``), times forward + backward with
 CUDA events (median, triton.testing.do_bench) and prints one table per workload, fastest first, next to the
 launchers' own choice measured in the same run. Parity is not checked here (bench_kernels.py --check does that);
 the candidates only change how the same work is divided.
@@ -29,6 +30,8 @@ from bench_kernels import WORKLOADS, make_inputs, measure, triton_path  # noqa: 
 BWD_TILES = [(16, 16, 1, 8), (8, 16, 1, 4), (8, 32, 1, 4), (16, 32, 1, 8), (8, 16, 4, 8), (16, 16, 2, 8)]
 #: Gather candidates, by channel block: (BLOCK_H, BLOCK_W, num_warps) for the launcher's BLOCK_C.
 GATHER_TILES = [(8, 16, 4), (16, 16, 8), (8, 32, 4), (16, 32, 8), (4, 32, 4)]
+#: Channels per program (kernels._common.CHANNEL_GROUP, forward and scatter backward) tried where C is larger.
+CHANNEL_GROUPS = [4, 8, 32, 64, 128]
 
 
 def time_step(family, x, params, target, size, rep):  # type: ignore[no-untyped-def]
@@ -61,11 +64,17 @@ def sweep(name: str, rep: int) -> None:
         run(f"scatter, launcher's {default_bwd(c)}")
         for bh, bw, bc, warps in BWD_TILES:
             config = {"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_C": min(bc, _common.block_c(c, 8)), "num_warps": warps}
+            config["CGROUP"] = max(_common.channel_group(c), config["BLOCK_C"])
             for module in modules:
                 module.bwd_config = lambda channels, config=config: dict(config)
             run(f"scatter, {config}")
         for module in modules:
             module.bwd_config = default_bwd
+        default_group = _common.CHANNEL_GROUP
+        for group in (g for g in CHANNEL_GROUPS if g < c):
+            _common.CHANNEL_GROUP = group
+            run(f"scatter, launcher's tiles, {group} channels per program")
+        _common.CHANNEL_GROUP = default_group
         if family == "affine":
             affine.IMAGE_GRAD = "gather"
             default_gather = dict(affine._GATHER_TILES)
@@ -77,6 +86,7 @@ def sweep(name: str, rep: int) -> None:
     finally:
         for module in modules:
             module.bwd_config = default_bwd
+        _common.CHANNEL_GROUP = default_group
         affine.IMAGE_GRAD = default_image_grad
     print(f"\n## {name} float32, forward + backward ms (fastest first)")
     for ms, label in sorted(rows):

@@ -25,6 +25,7 @@ from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
 __all__ = [
+    "CHANNEL_GROUP",
     "FWD_CONFIG_INTERPRET",
     "FWD_MAX_BLOCK_C",
     "HAS_LIBRARY_OPS",
@@ -32,15 +33,18 @@ __all__ = [
     "block_c",
     "bwd_config",
     "cdiv",
+    "channel_group",
     "check_deterministic",
     "check_device",
     "device_context",
     "fwd_autotune",
+    "fwd_block_c",
     "interpreting",
     "launch",
     "library_op",
     "needs_int64",
     "num_tiles",
+    "programs_per_plane",
     "reference_vjp",
     "use_library_op",
 ]
@@ -53,17 +57,21 @@ HAS_LIBRARY_OPS = hasattr(torch.library, "triton_op") and hasattr(torch.library,
 # device helpers
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _tile_coords(Ho, Wo, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    # One program = one BLOCK_H x BLOCK_W tile of one (b, k); programs of the same (b, k) are consecutive.
-    pid = tl.program_id(0)
+def _tile_coords(C, Ho, Wo, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, CGROUP: tl.constexpr):
+    # One program = one BLOCK_H x BLOCK_W tile of one (b, k) and one group of CGROUP channels [c_lo, c_hi). Program
+    # ids run over (b, k), then channel groups, then tiles, so a (b, k)'s programs are consecutive and the program
+    # id is also the program's slot among the (B * K, groups * tiles) partial sums of the parameter gradient.
+    slot = tl.program_id(0)
     tiles_w = tl.cdiv(Wo, BLOCK_W)
     tiles = tl.cdiv(Ho, BLOCK_H) * tiles_w
-    bk = pid // tiles
-    tile = pid % tiles
+    groups = tl.cdiv(C, CGROUP)
+    tile = slot % tiles
+    c_lo = ((slot // tiles) % groups) * CGROUP
+    bk = slot // (tiles * groups)
     p = tl.arange(0, BLOCK_H * BLOCK_W)
     i = (tile // tiles_w) * BLOCK_H + p // BLOCK_W
     j = (tile % tiles_w) * BLOCK_W + p % BLOCK_W
-    return bk, tile, tiles, i, j, (i < Ho) & (j < Wo)
+    return bk, slot, c_lo, tl.minimum(c_lo + CGROUP, C), i, j, (i < Ho) & (j < Wo)
 
 
 @triton.jit
@@ -152,7 +160,8 @@ def _sample_tile(
     valid,
     out_pix,
     pmask,
-    C,
+    c_lo,
+    c_hi,
     H,
     W,
     sxc,
@@ -166,16 +175,17 @@ def _sample_tile(
     IDX64: tl.constexpr,
     FMAX: tl.constexpr,
 ):
-    """Write the samples of one tile: out_ptr and x_ptr point at (b, k) and b; out_pix is i * Wo + j."""
+    """Write the samples of one tile for channels [c_lo, c_hi): out_ptr and x_ptr point at (b, k) and b; out_pix is
+    i * Wo + j."""
     ix, iy, valid, _, _ = _clamp_coords(ix, iy, valid, H, W, BORDER, FMAX)
     if NEAREST:
         xi = _round_half_even(ix).to(tl.int32)
         yi = _round_half_even(iy).to(tl.int32)
         m = valid & (xi >= 0) & (xi < W) & (yi >= 0) & (yi < H)
         o = _offsets(yi, sxh, IDX64) + _offsets(xi, sxw, IDX64)
-        for c0 in range(0, C, BLOCK_C):
+        for c0 in range(c_lo, c_hi, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)
-            cm = cs < C
+            cm = cs < c_hi
             xc = _offsets(cs, sxc, IDX64)[:, None]
             v = tl.load(x_ptr + xc + o[None, :], mask=cm[:, None] & m[None, :], other=0.0)
             oc = _offsets(cs, soc, IDX64)[:, None]
@@ -208,9 +218,9 @@ def _sample_tile(
         o10 = (oy + ox + sxw)[None, :]
         o01 = (oy + sxh + ox)[None, :]
         o11 = (oy + sxh + ox + sxw)[None, :]
-        for c0 in range(0, C, BLOCK_C):
+        for c0 in range(c_lo, c_hi, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)
-            cm = (cs < C)[:, None]
+            cm = (cs < c_hi)[:, None]
             xc = x_ptr + _offsets(cs, sxc, IDX64)[:, None]
             v00 = tl.load(xc + o00, mask=cm & m00, other=0.0).to(CDT)
             v10 = tl.load(xc + o10, mask=cm & m10, other=0.0).to(CDT)
@@ -231,7 +241,8 @@ def _scatter_tile(
     iy,
     valid,
     go_pix,
-    C,
+    c_lo,
+    c_hi,
     H,
     W,
     sxc,
@@ -250,7 +261,8 @@ def _scatter_tile(
     IDX64: tl.constexpr,
     FMAX: tl.constexpr,
 ):
-    """Backward of one tile: scatter grad_out into the image gradient, return d loss / d (ix, iy) per pixel.
+    """Backward of one tile for channels [c_lo, c_hi): scatter grad_out into the image gradient, return the
+    channels' share of d loss / d (ix, iy) per pixel.
 
     gx_ptr, x_ptr point at image b, go_ptr at (b, k); go_pix is the pixel offset i * sgh + j * sgw in grad_out.
     """
@@ -265,9 +277,9 @@ def _scatter_tile(
             yi = _round_half_even(iy).to(tl.int32)
             m = (valid & (xi >= 0) & (xi < W) & (yi >= 0) & (yi < H))[None, :]
             q = (_offsets(yi, sgxh, IDX64) + _offsets(xi, sgxw, IDX64))[None, :]
-            for c0 in range(0, C, BLOCK_C):
+            for c0 in range(c_lo, c_hi, BLOCK_C):
                 cs = c0 + tl.arange(0, BLOCK_C)
-                cm = (cs < C)[:, None]
+                cm = (cs < c_hi)[:, None]
                 g = tl.load(go_ptr + _offsets(cs, sgc, IDX64)[:, None] + go_pix[None, :], mask=cm & m, other=0.0)
                 gq = gx_ptr + _offsets(cs, sgxc, IDX64)[:, None] + q
                 tl.atomic_add(gq, g.to(CDT), mask=cm & m, sem="relaxed")
@@ -288,9 +300,9 @@ def _scatter_tile(
         m10 = (my0 & mx1)[None, :]
         m01 = (my1 & mx0)[None, :]
         m11 = (my1 & mx1)[None, :]
-        for c0 in range(0, C, BLOCK_C):
+        for c0 in range(c_lo, c_hi, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)
-            cm = (cs < C)[:, None]
+            cm = (cs < c_hi)[:, None]
             gp = go_ptr + _offsets(cs, sgc, IDX64)[:, None] + go_pix[None, :]
             g = tl.load(gp, mask=cm & valid[None, :], other=0.0).to(CDT)
             if NEED_X_GRAD:
@@ -348,6 +360,12 @@ def num_tiles(ho: int, wo: int, block_h: int, block_w: int) -> int:
     return cdiv(ho, block_h) * cdiv(wo, block_w)
 
 
+def programs_per_plane(channels: int, ho: int, wo: int, meta: dict[str, Any]) -> int:
+    """Programs (and partial-sum slots) per (b, k) of a sampling kernel with ``meta``'s tile and channel group:
+    channel groups times tiles (see _tile_coords)."""
+    return cdiv(channels, meta["CGROUP"]) * num_tiles(ho, wo, meta["BLOCK_H"], meta["BLOCK_W"])
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for positive b, in plain Python (triton.cdiv costs microseconds per call on the host)."""
     return -(-a // b)
@@ -368,6 +386,26 @@ def block_c(channels: int, cap: int) -> int:
 #: registers per thread and spilled on an 8 x 32 tile; with 4, 105 to 200 and no spills (benchmarks/sass_report.py).
 FWD_MAX_BLOCK_C = 4
 
+#: Most channels per program on GPUs (CGROUP, a power of two). With all channels in one program, feature maps
+#: (feat56x2: B 64, C 128, K 2 x 28 x 28) made 512 programs of 8 warps, under one wave on an H100's 132 SMs, each
+#: looping over 128 channels one dependent gather after the other; in groups of 16 they make 4096. The coordinates
+#: are computed once per group, which costs little next to 16 channels of gathers.
+CHANNEL_GROUP = 16
+
+
+def channel_group(channels: int) -> int:
+    """Channels per program: the next power of two of C, at most ``CHANNEL_GROUP`` on GPUs and 4 under the
+    interpreter, where blocks take at most 2 (``fwd_block_c``, ``bwd_config``), so that the tests' C of 3 to 5 span
+    several groups and several blocks per group."""
+    return block_c(channels, 4 if interpreting() else CHANNEL_GROUP)
+
+
+def fwd_block_c(channels: int) -> int:
+    """Channels per load in the forward without SPLIT_C: at most ``FWD_MAX_BLOCK_C`` on GPUs, 2 under the
+    interpreter (see ``channel_group``); never more than a group."""
+    return block_c(channels, 2 if interpreting() else FWD_MAX_BLOCK_C)
+
+
 #: Forward tile shapes tried by the autotuner on GPUs (BLOCK_H, BLOCK_W, num_warps): two pixels per thread, and
 #: one (16 x 16 on 8 warps, 8 x 16 on 4), where each warp's gather instruction reads 32 neighbouring pixels. Each
 #: is tried with and without SPLIT_C, so the first call of a forward kernel for a new shape compiles and times 6.
@@ -386,7 +424,7 @@ def fwd_autotune(kernel: Callable) -> Callable:
         for h, w, nw in _FWD_CONFIGS
         for split in (False, True)
     ]
-    key = ["C", "H", "W", "Ho", "Wo", "BORDER", "NEAREST", "BLOCK_C", "IDX64"]
+    key = ["C", "H", "W", "Ho", "Wo", "BORDER", "NEAREST", "BLOCK_C", "CGROUP", "IDX64"]
     return triton.autotune(configs=configs, key=key)(kernel)
 
 
@@ -401,12 +439,14 @@ def bwd_config(channels: int) -> dict[str, int]:
     needs 55 to 64 registers per thread and the tile's reductions a handful of barriers, where two channel-pixel
     elements per thread took 110 to 130 registers (benchmarks/sass_report.py), and the per-channel loop matches the
     straightforward kernel that issue 3 quotes at 1.31 ms for the backward of cub448x4 against our 2.1 ms with 4
-    channels per block. Under the interpreter, 8 x 8 pixels and up to 4 channels per block, so that the tests'
+    channels per block. Under the interpreter, 8 x 8 pixels and up to 2 channels per block, so that the tests'
     tiny images span several tiles and channel blocks (C of 1 in the tests runs the GPUs' one-channel path).
+    Programs take ``channel_group`` channels each, so a (b, k) has ``programs_per_plane`` partial-sum slots.
     """
+    group = channel_group(channels)
     if interpreting():
-        return {"BLOCK_H": 8, "BLOCK_W": 8, "BLOCK_C": block_c(channels, 4), "num_warps": 4}
-    return {"BLOCK_H": 16, "BLOCK_W": 16, "BLOCK_C": 1, "num_warps": 8}
+        return {"BLOCK_H": 8, "BLOCK_W": 8, "BLOCK_C": block_c(channels, 2), "CGROUP": group, "num_warps": 4}
+    return {"BLOCK_H": 16, "BLOCK_W": 16, "BLOCK_C": 1, "CGROUP": group, "num_warps": 8}
 
 
 def launch(kernel: Any, tuned: Any | None, grid: Any, args: Sequence[Any], meta: dict, wrap: bool) -> None:

@@ -3,7 +3,7 @@
 The launcher folds the normalisation into the (B, K, 2, 3) matrices in PyTorch (``reference.affine_to_pixels``),
 so the kernels see pixel matrices M with ix = M[0] . (u, v, 1) + (W - 1) / 2 on centred output pixels (u, v),
 and autograd carries d loss / d M back to theta. The backward reduces d loss / d M inside the kernel into one
-partial sum per program (B * K, tiles, 6), summed in PyTorch: no grid gradient ever reaches memory.
+partial sum per program (B * K, programs per (b, k), 6), summed in PyTorch: no grid gradient ever reaches memory.
 
 The image gradient has two implementations, picked by the module attribute ``IMAGE_GRAD`` (read at every
 backward call; the environment variable ``STN_AFFINE_IMAGE_GRAD`` sets it at import). The default stays "scatter",
@@ -35,7 +35,6 @@ from torch import Tensor
 
 from . import reference
 from ._common import (
-    FWD_MAX_BLOCK_C,
     HAS_LIBRARY_OPS,
     _clamp_coords,
     _div,
@@ -51,15 +50,18 @@ from ._common import (
     block_c,
     bwd_config,
     cdiv,
+    channel_group,
     check_deterministic,
     check_device,
     device_context,
     fwd_autotune,
+    fwd_block_c,
     interpreting,
     launch,
     library_op,
     needs_int64,
     num_tiles,
+    programs_per_plane,
     reference_vjp,
     use_library_op,
 )
@@ -133,6 +135,7 @@ def _affine_fwd_kernel(
     BORDER: tl.constexpr,
     NEAREST: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    CGROUP: tl.constexpr,
     F64: tl.constexpr,
     IDX64: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -142,7 +145,7 @@ def _affine_fwd_kernel(
     # compute dtype (float64 when the image or the parameters are float64) and its largest finite value
     CDT = tl.float64 if F64 else tl.float32
     FMAX = 1.7976931348623157e308 if F64 else 3.4028234663852886e38
-    bk, tile, tiles, i, j, pmask = _tile_coords(Ho, Wo, BLOCK_H, BLOCK_W)
+    bk, slot, c_lo, c_hi, i, j, pmask = _tile_coords(C, Ho, Wo, BLOCK_H, BLOCK_W, CGROUP)
     ix, iy, u, v = _affine_coords(m_ptr, bk, i, j, H, W, Ho, Wo, CDT)
     # out is (B, K, C, Ho, Wo) contiguous; (b, k) planes are C * Ho * Wo apart.
     out_bk = out_ptr + bk.to(tl.int64) * C * Ho * Wo
@@ -151,7 +154,7 @@ def _affine_fwd_kernel(
     if IDX64:
         out_pix = i.to(tl.int64) * Wo + j
     _sample_tile(
-        out_bk, x_b, ix, iy, pmask, out_pix, pmask, C, H, W, sxc, sxh, sxw, Ho * Wo,
+        out_bk, x_b, ix, iy, pmask, out_pix, pmask, c_lo, c_hi, H, W, sxc, sxh, sxw, Ho * Wo,
         BORDER, NEAREST, 1 if SPLIT_C else BLOCK_C, CDT, IDX64, FMAX,
     )  # fmt: skip
 
@@ -197,6 +200,7 @@ def _affine_bwd_kernel(
     NEED_PARAM_GRAD: tl.constexpr,
     SKIP_GATHERED: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    CGROUP: tl.constexpr,
     F64: tl.constexpr,
     IDX64: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -205,8 +209,8 @@ def _affine_bwd_kernel(
     # compute dtype (float64 when the image or the parameters are float64) and its largest finite value
     CDT = tl.float64 if F64 else tl.float32
     FMAX = 1.7976931348623157e308 if F64 else 3.4028234663852886e38
-    bk, tile, tiles, i, j, pmask = _tile_coords(Ho, Wo, BLOCK_H, BLOCK_W)
-    part = part_ptr + (bk * tiles + tile).to(tl.int64) * 6
+    bk, slot, c_lo, c_hi, i, j, pmask = _tile_coords(C, Ho, Wo, BLOCK_H, BLOCK_W, CGROUP)
+    part = part_ptr + slot.to(tl.int64) * 6
     r = tl.arange(0, 8)
     # With SKIP_GATHERED the gather kernel has written both gradients of the (b, k) it flagged 1 (well conditioned):
     # their programs here only zero their partial sums. The others scatter their image gradient on top of the
@@ -225,7 +229,7 @@ def _affine_bwd_kernel(
         if IDX64:
             go_pix = i.to(tl.int64) * sgh + j.to(tl.int64) * sgw
         gix, giy = _scatter_tile(
-            gx_ptr + b * sgxb, x_ptr + b * sxb, go_bk, ix, iy, pmask, go_pix, C, H, W,
+            gx_ptr + b * sgxb, x_ptr + b * sxb, go_bk, ix, iy, pmask, go_pix, c_lo, c_hi, H, W,
             sxc, sxh, sxw, sgxc, sgxh, sgxw, sgc,
             BORDER, NEAREST, NEED_X_GRAD, NEED_PARAM_GRAD, BLOCK_C, CDT, IDX64, FMAX,
         )  # fmt: skip
@@ -495,12 +499,13 @@ def _affine_forward(
     if out.numel() == 0:
         return out
     m_f64 = m.dtype == torch.float64
-    grid = lambda meta: (b * k * num_tiles(ho, wo, meta["BLOCK_H"], meta["BLOCK_W"]),)
+    grid = lambda meta: (b * k * programs_per_plane(c, ho, wo, meta),)
     args = (out, x, m, k, c, h, w, ho, wo, *x.stride())
     meta = {
         "BORDER": padding_mode == "border",
         "NEAREST": mode == "nearest",
-        "BLOCK_C": block_c(c, FWD_MAX_BLOCK_C),
+        "BLOCK_C": fwd_block_c(c),
+        "CGROUP": channel_group(c),
         "F64": m_f64,
         "IDX64": needs_int64(x, out),
     }
@@ -600,8 +605,8 @@ def _affine_backward(
     else:
         gx = torch.zeros_like(x, dtype=m.dtype) if need_x else x.new_empty(0, dtype=m.dtype)
     cfg = bwd_config(c)
-    tiles = num_tiles(ho, wo, cfg["BLOCK_H"], cfg["BLOCK_W"])
-    part = m.new_empty((b * k, tiles, 6) if need_coord else (0,))
+    programs = programs_per_plane(c, ho, wo, cfg)
+    part = m.new_empty((b * k, programs, 6) if need_coord else (0,))
     if (need_x or need_coord) and grad.numel() > 0:
         m_f64 = m.dtype == torch.float64
         gx_strides = gx.stride() if need_x else (0, 0, 0, 0)
@@ -617,7 +622,7 @@ def _affine_backward(
             **cfg,
         }
         with device_context(x):
-            launch(_affine_bwd_kernel, None, (b * k * tiles,), args, meta, wrap)
+            launch(_affine_bwd_kernel, None, (b * k * programs,), args, meta, wrap)
     grad_x = gx.to(x.dtype) if need_x else None
     grad_m = None
     if need_m:

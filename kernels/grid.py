@@ -14,22 +14,23 @@ from torch import Tensor
 
 from . import reference
 from ._common import (
-    FWD_MAX_BLOCK_C,
     HAS_LIBRARY_OPS,
     _sample_tile,
     _scatter_tile,
     _tile_coords,
     autocast_inputs,
-    block_c,
     bwd_config,
+    cdiv,
+    channel_group,
     check_deterministic,
     check_device,
     device_context,
     fwd_autotune,
+    fwd_block_c,
     launch,
     library_op,
     needs_int64,
-    num_tiles,
+    programs_per_plane,
     reference_vjp,
     use_library_op,
 )
@@ -84,6 +85,7 @@ def _grid_fwd_kernel(
     BORDER: tl.constexpr,
     NEAREST: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    CGROUP: tl.constexpr,
     F64: tl.constexpr,
     IDX64: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -93,7 +95,7 @@ def _grid_fwd_kernel(
     # compute dtype (float64 when the image or the parameters are float64) and its largest finite value
     CDT = tl.float64 if F64 else tl.float32
     FMAX = 1.7976931348623157e308 if F64 else 3.4028234663852886e38
-    bk, tile, tiles, i, j, pmask = _tile_coords(Ho, Wo, BLOCK_H, BLOCK_W)
+    bk, slot, c_lo, c_hi, i, j, pmask = _tile_coords(C, Ho, Wo, BLOCK_H, BLOCK_W, CGROUP)
     ix, iy, sx, sy = _grid_coords(grid_ptr, s_ptr, bk, K, i, j, pmask, H, W, sgrb, sgrk, sgrh, sgrw, sgrd, CDT)
     # out is (B, K, C, Ho, Wo) contiguous; (b, k) planes are C * Ho * Wo apart.
     out_bk = out_ptr + bk.to(tl.int64) * C * Ho * Wo
@@ -102,7 +104,7 @@ def _grid_fwd_kernel(
     if IDX64:
         out_pix = i.to(tl.int64) * Wo + j
     _sample_tile(
-        out_bk, x_b, ix, iy, pmask, out_pix, pmask, C, H, W, sxc, sxh, sxw, Ho * Wo,
+        out_bk, x_b, ix, iy, pmask, out_pix, pmask, c_lo, c_hi, H, W, sxc, sxh, sxw, Ho * Wo,
         BORDER, NEAREST, 1 if SPLIT_C else BLOCK_C, CDT, IDX64, FMAX,
     )  # fmt: skip
 
@@ -152,6 +154,7 @@ def _grid_bwd_kernel(
     NEED_X_GRAD: tl.constexpr,
     NEED_PARAM_GRAD: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    CGROUP: tl.constexpr,
     F64: tl.constexpr,
     IDX64: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -160,7 +163,7 @@ def _grid_bwd_kernel(
     # compute dtype (float64 when the image or the parameters are float64) and its largest finite value
     CDT = tl.float64 if F64 else tl.float32
     FMAX = 1.7976931348623157e308 if F64 else 3.4028234663852886e38
-    bk, tile, tiles, i, j, pmask = _tile_coords(Ho, Wo, BLOCK_H, BLOCK_W)
+    bk, slot, c_lo, c_hi, i, j, pmask = _tile_coords(C, Ho, Wo, BLOCK_H, BLOCK_W, CGROUP)
     ix, iy, sx, sy = _grid_coords(grid_ptr, s_ptr, bk, K, i, j, pmask, H, W, sgrb, sgrk, sgrh, sgrw, sgrd, CDT)
     b = (bk // K).to(tl.int64)
     go_bk = go_ptr + b * sgb + (bk % K).to(tl.int64) * sgk
@@ -168,13 +171,15 @@ def _grid_bwd_kernel(
     if IDX64:
         go_pix = i.to(tl.int64) * sgh + j.to(tl.int64) * sgw
     gix, giy = _scatter_tile(
-        gx_ptr + b * sgxb, x_ptr + b * sxb, go_bk, ix, iy, pmask, go_pix, C, H, W,
+        gx_ptr + b * sgxb, x_ptr + b * sxb, go_bk, ix, iy, pmask, go_pix, c_lo, c_hi, H, W,
         sxc, sxh, sxw, sgxc, sgxh, sgxw, sgc,
         BORDER, NEAREST, NEED_X_GRAD, NEED_PARAM_GRAD, BLOCK_C, CDT, IDX64, FMAX,
     )  # fmt: skip
     if NEED_PARAM_GRAD:
-        # ggrid is (B, K, Ho, Wo, 2) contiguous: pixel (i, j) of (b, k) at ((bk * Ho + i) * Wo + j) * 2.
-        q = ((bk.to(tl.int64) * Ho + i) * Wo + j) * 2
+        # ggrid is (B, K, groups, Ho, Wo, 2) contiguous, one plane per channel group (summed by the launcher): pixel
+        # (i, j) of (b, k) and group g at (((bk * groups + g) * Ho + i) * Wo + j) * 2.
+        plane = bk.to(tl.int64) * tl.cdiv(C, CGROUP) + c_lo // CGROUP
+        q = ((plane * Ho + i) * Wo + j) * 2
         tl.store(ggrid_ptr + q, gix * sx, mask=pmask)
         tl.store(ggrid_ptr + q + 1, giy * sy, mask=pmask)
 
@@ -197,12 +202,13 @@ def _grid_forward(x: Tensor, grid: Tensor, scalars: Tensor, padding_mode: str, m
     if out.numel() == 0:
         return out
     m_f64 = scalars.dtype == torch.float64
-    launch_grid = lambda meta: (b * k * num_tiles(ho, wo, meta["BLOCK_H"], meta["BLOCK_W"]),)
+    launch_grid = lambda meta: (b * k * programs_per_plane(c, ho, wo, meta),)
     args = (out, x, grid, scalars, k, c, h, w, ho, wo, *x.stride(), *grid.stride())
     meta = {
         "BORDER": padding_mode == "border",
         "NEAREST": mode == "nearest",
-        "BLOCK_C": block_c(c, FWD_MAX_BLOCK_C),
+        "BLOCK_C": fwd_block_c(c),
+        "CGROUP": channel_group(c),
         "F64": m_f64,
         "IDX64": needs_int64(x, out),
     }
@@ -229,9 +235,12 @@ def _grid_backward(
     k, ho, wo = grid.shape[1:4]
     need_coord = need_grid and mode != "nearest"  # nearest has no coordinate gradient
     gx = torch.zeros_like(x, dtype=scalars.dtype) if need_x else x.new_empty(0, dtype=scalars.dtype)
-    ggrid = torch.empty((b, k, ho, wo, 2), device=x.device, dtype=scalars.dtype) if need_coord else gx.new_empty(0)
     cfg = bwd_config(c)
-    tiles = num_tiles(ho, wo, cfg["BLOCK_H"], cfg["BLOCK_W"])
+    groups = cdiv(c, cfg["CGROUP"])
+    ggrid = (
+        torch.empty((b, k, groups, ho, wo, 2), device=x.device, dtype=scalars.dtype) if need_coord else gx.new_empty(0)
+    )
+    programs = programs_per_plane(c, ho, wo, cfg)
     if (need_x or need_coord) and grad.numel() > 0:
         m_f64 = scalars.dtype == torch.float64
         gx_strides = gx.stride() if need_x else (0, 0, 0, 0)
@@ -247,11 +256,14 @@ def _grid_backward(
             **cfg,
         }
         with device_context(x):
-            launch(_grid_bwd_kernel, None, (b * k * tiles,), args, meta, wrap)
+            launch(_grid_bwd_kernel, None, (b * k * programs,), args, meta, wrap)
     grad_x = gx.to(x.dtype) if need_x else None
     grad_grid = None
     if need_grid:
-        grad_grid = (ggrid if need_coord and ggrid.numel() else torch.zeros(grid.shape, device=x.device)).to(grid.dtype)
+        if need_coord and ggrid.numel():
+            grad_grid = (ggrid.sum(2) if groups > 1 else ggrid.squeeze(2)).to(grid.dtype)
+        else:
+            grad_grid = torch.zeros(grid.shape, device=x.device, dtype=grid.dtype)
     return grad_x, grad_grid
 
 

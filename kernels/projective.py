@@ -4,7 +4,7 @@ The launcher folds the normalisation into the (B, K, 3, 3) homographies in PyTor
 (``reference.projective_to_pixels``), so the kernels see pixel matrices M with [a, b, w] = M (u, v, 1) on centred
 output pixels (u, v) and ix = a / w + (W - 1) / 2; autograd carries d loss / d M back to h. Points with
 non-finite a, b, w or |w| < PROJECTIVE_EPS read nothing and pass no gradient. The backward reduces d loss / d M
-inside the kernel into one partial sum per program (B * K, tiles, 9), summed in PyTorch.
+inside the kernel into one partial sum per program (B * K, programs per (b, k), 9), summed in PyTorch.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from torch import Tensor
 
 from . import reference
 from ._common import (
-    FWD_MAX_BLOCK_C,
     HAS_LIBRARY_OPS,
     _div,
     _finite,
@@ -26,16 +25,17 @@ from ._common import (
     _scatter_tile,
     _tile_coords,
     autocast_inputs,
-    block_c,
     bwd_config,
+    channel_group,
     check_deterministic,
     check_device,
     device_context,
     fwd_autotune,
+    fwd_block_c,
     launch,
     library_op,
     needs_int64,
-    num_tiles,
+    programs_per_plane,
     reference_vjp,
     use_library_op,
 )
@@ -92,6 +92,7 @@ def _projective_fwd_kernel(
     BORDER: tl.constexpr,
     NEAREST: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    CGROUP: tl.constexpr,
     F64: tl.constexpr,
     IDX64: tl.constexpr,
     EPS: tl.constexpr,
@@ -102,7 +103,7 @@ def _projective_fwd_kernel(
     # compute dtype (float64 when the image or the parameters are float64) and its largest finite value
     CDT = tl.float64 if F64 else tl.float32
     FMAX = 1.7976931348623157e308 if F64 else 3.4028234663852886e38
-    bk, tile, tiles, i, j, pmask = _tile_coords(Ho, Wo, BLOCK_H, BLOCK_W)
+    bk, slot, c_lo, c_hi, i, j, pmask = _tile_coords(C, Ho, Wo, BLOCK_H, BLOCK_W, CGROUP)
     ix, iy, ok, u, v, a, b, w = _projective_coords(m_ptr, bk, i, j, H, W, Ho, Wo, CDT, FMAX, EPS)
     # out is (B, K, C, Ho, Wo) contiguous; (b, k) planes are C * Ho * Wo apart.
     out_bk = out_ptr + bk.to(tl.int64) * C * Ho * Wo
@@ -111,7 +112,7 @@ def _projective_fwd_kernel(
     if IDX64:
         out_pix = i.to(tl.int64) * Wo + j
     _sample_tile(
-        out_bk, x_b, ix, iy, pmask & ok, out_pix, pmask, C, H, W, sxc, sxh, sxw, Ho * Wo,
+        out_bk, x_b, ix, iy, pmask & ok, out_pix, pmask, c_lo, c_hi, H, W, sxc, sxh, sxw, Ho * Wo,
         BORDER, NEAREST, 1 if SPLIT_C else BLOCK_C, CDT, IDX64, FMAX,
     )  # fmt: skip
 
@@ -155,6 +156,7 @@ def _projective_bwd_kernel(
     NEED_X_GRAD: tl.constexpr,
     NEED_PARAM_GRAD: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    CGROUP: tl.constexpr,
     F64: tl.constexpr,
     IDX64: tl.constexpr,
     EPS: tl.constexpr,
@@ -164,7 +166,7 @@ def _projective_bwd_kernel(
     # compute dtype (float64 when the image or the parameters are float64) and its largest finite value
     CDT = tl.float64 if F64 else tl.float32
     FMAX = 1.7976931348623157e308 if F64 else 3.4028234663852886e38
-    bk, tile, tiles, i, j, pmask = _tile_coords(Ho, Wo, BLOCK_H, BLOCK_W)
+    bk, slot, c_lo, c_hi, i, j, pmask = _tile_coords(C, Ho, Wo, BLOCK_H, BLOCK_W, CGROUP)
     ix, iy, ok, u, v, a, b, w = _projective_coords(m_ptr, bk, i, j, H, W, Ho, Wo, CDT, FMAX, EPS)
     bi = (bk // K).to(tl.int64)
     go_bk = go_ptr + bi * sgb + (bk % K).to(tl.int64) * sgk
@@ -172,7 +174,7 @@ def _projective_bwd_kernel(
     if IDX64:
         go_pix = i.to(tl.int64) * sgh + j.to(tl.int64) * sgw
     gix, giy = _scatter_tile(
-        gx_ptr + bi * sgxb, x_ptr + bi * sxb, go_bk, ix, iy, pmask & ok, go_pix, C, H, W,
+        gx_ptr + bi * sgxb, x_ptr + bi * sxb, go_bk, ix, iy, pmask & ok, go_pix, c_lo, c_hi, H, W,
         sxc, sxh, sxw, sgxc, sgxh, sgxw, sgc,
         BORDER, NEAREST, NEED_X_GRAD, NEED_PARAM_GRAD, BLOCK_C, CDT, IDX64, FMAX,
     )  # fmt: skip
@@ -183,7 +185,7 @@ def _projective_bwd_kernel(
         gw = -_div(gix * a, w * w) - _div(giy * b, w * w)
         r = tl.arange(0, 16)
         part = _matrix_partials(ga, gb, gw, u, v, 16)
-        tl.store(part_ptr + (bk * tiles + tile).to(tl.int64) * 9 + r, part, mask=r < 9)
+        tl.store(part_ptr + slot.to(tl.int64) * 9 + r, part, mask=r < 9)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -206,12 +208,13 @@ def _projective_forward(
     if out.numel() == 0:
         return out
     m_f64 = m.dtype == torch.float64
-    grid = lambda meta: (b * k * num_tiles(ho, wo, meta["BLOCK_H"], meta["BLOCK_W"]),)
+    grid = lambda meta: (b * k * programs_per_plane(c, ho, wo, meta),)
     args = (out, x, m, k, c, h, w, ho, wo, *x.stride())
     meta = {
         "BORDER": padding_mode == "border",
         "NEAREST": mode == "nearest",
-        "BLOCK_C": block_c(c, FWD_MAX_BLOCK_C),
+        "BLOCK_C": fwd_block_c(c),
+        "CGROUP": channel_group(c),
         "F64": m_f64,
         "IDX64": needs_int64(x, out),
         "EPS": reference.PROJECTIVE_EPS,
@@ -241,8 +244,8 @@ def _projective_backward(
     need_coord = need_m and mode != "nearest"  # nearest has no coordinate gradient
     gx = torch.zeros_like(x, dtype=m.dtype) if need_x else x.new_empty(0, dtype=m.dtype)
     cfg = bwd_config(c)
-    tiles = num_tiles(ho, wo, cfg["BLOCK_H"], cfg["BLOCK_W"])
-    part = m.new_empty((b * k, tiles, 9) if need_coord else (0,))
+    programs = programs_per_plane(c, ho, wo, cfg)
+    part = m.new_empty((b * k, programs, 9) if need_coord else (0,))
     if (need_x or need_coord) and grad.numel() > 0:
         m_f64 = m.dtype == torch.float64
         gx_strides = gx.stride() if need_x else (0, 0, 0, 0)
@@ -258,7 +261,7 @@ def _projective_backward(
             **cfg,
         }
         with device_context(x):
-            launch(_projective_bwd_kernel, None, (b * k * tiles,), args, meta, wrap)
+            launch(_projective_bwd_kernel, None, (b * k * programs,), args, meta, wrap)
     grad_x = gx.to(x.dtype) if need_x else None
     grad_m = None
     if need_m:

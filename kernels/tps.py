@@ -8,7 +8,7 @@ spline on its tile in registers: with normalised output coordinates (xn, yn) = (
     ix = (sx / ox) u + sx f_x(p) + (W - 1) / 2,  likewise iy,
 
 and the backward reduces d loss / d coefficients inside the kernel into one partial sum per program
-(B * K, tiles, N + 3, 2), summed and scaled by (sx, sy) in PyTorch. The target points receive no gradient.
+(B * K, programs per (b, k), N + 3, 2), summed and scaled by (sx, sy) in PyTorch. The target points receive no gradient.
 """
 
 from __future__ import annotations
@@ -20,22 +20,22 @@ from torch import Tensor
 
 from . import reference
 from ._common import (
-    FWD_MAX_BLOCK_C,
     HAS_LIBRARY_OPS,
     _sample_tile,
     _scatter_tile,
     _tile_coords,
     autocast_inputs,
-    block_c,
     bwd_config,
+    channel_group,
     check_deterministic,
     check_device,
     device_context,
     fwd_autotune,
+    fwd_block_c,
     launch,
     library_op,
     needs_int64,
-    num_tiles,
+    programs_per_plane,
     reference_vjp,
     use_library_op,
 )
@@ -110,6 +110,7 @@ def _tps_fwd_kernel(
     BORDER: tl.constexpr,
     NEAREST: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    CGROUP: tl.constexpr,
     F64: tl.constexpr,
     IDX64: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -119,7 +120,7 @@ def _tps_fwd_kernel(
     # compute dtype (float64 when the image or the parameters are float64) and its largest finite value
     CDT = tl.float64 if F64 else tl.float32
     FMAX = 1.7976931348623157e308 if F64 else 3.4028234663852886e38
-    bk, tile, tiles, i, j, pmask = _tile_coords(Ho, Wo, BLOCK_H, BLOCK_W)
+    bk, slot, c_lo, c_hi, i, j, pmask = _tile_coords(C, Ho, Wo, BLOCK_H, BLOCK_W, CGROUP)
     ix, iy, xn, yn = _tps_coords(coef_ptr, t_ptr, s_ptr, bk, i, j, N, H, W, Ho, Wo, CDT)
     # out is (B, K, C, Ho, Wo) contiguous; (b, k) planes are C * Ho * Wo apart.
     out_bk = out_ptr + bk.to(tl.int64) * C * Ho * Wo
@@ -128,7 +129,7 @@ def _tps_fwd_kernel(
     if IDX64:
         out_pix = i.to(tl.int64) * Wo + j
     _sample_tile(
-        out_bk, x_b, ix, iy, pmask, out_pix, pmask, C, H, W, sxc, sxh, sxw, Ho * Wo,
+        out_bk, x_b, ix, iy, pmask, out_pix, pmask, c_lo, c_hi, H, W, sxc, sxh, sxw, Ho * Wo,
         BORDER, NEAREST, 1 if SPLIT_C else BLOCK_C, CDT, IDX64, FMAX,
     )  # fmt: skip
 
@@ -176,6 +177,7 @@ def _tps_bwd_kernel(
     NEED_PARAM_GRAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    CGROUP: tl.constexpr,
     F64: tl.constexpr,
     IDX64: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -184,7 +186,7 @@ def _tps_bwd_kernel(
     # compute dtype (float64 when the image or the parameters are float64) and its largest finite value
     CDT = tl.float64 if F64 else tl.float32
     FMAX = 1.7976931348623157e308 if F64 else 3.4028234663852886e38
-    bk, tile, tiles, i, j, pmask = _tile_coords(Ho, Wo, BLOCK_H, BLOCK_W)
+    bk, slot, c_lo, c_hi, i, j, pmask = _tile_coords(C, Ho, Wo, BLOCK_H, BLOCK_W, CGROUP)
     ix, iy, xn, yn = _tps_coords(coef_ptr, t_ptr, s_ptr, bk, i, j, N, H, W, Ho, Wo, CDT)
     b = (bk // K).to(tl.int64)
     go_bk = go_ptr + b * sgb + (bk % K).to(tl.int64) * sgk
@@ -192,7 +194,7 @@ def _tps_bwd_kernel(
     if IDX64:
         go_pix = i.to(tl.int64) * sgh + j.to(tl.int64) * sgw
     gix, giy = _scatter_tile(
-        gx_ptr + b * sgxb, x_ptr + b * sxb, go_bk, ix, iy, pmask, go_pix, C, H, W,
+        gx_ptr + b * sgxb, x_ptr + b * sxb, go_bk, ix, iy, pmask, go_pix, c_lo, c_hi, H, W,
         sxc, sxh, sxw, sgxc, sgxh, sgxw, sgc,
         BORDER, NEAREST, NEED_X_GRAD, NEED_PARAM_GRAD, BLOCK_C, CDT, IDX64, FMAX,
     )  # fmt: skip
@@ -200,7 +202,7 @@ def _tps_bwd_kernel(
         # Partial sums of d loss / d f: row n is sum_p (gix, giy)(p) * feature_n(p), features [U_0..U_N-1, 1, x, y].
         # BLOCK_N points at a time: U as a (BLOCK_N, pixels) block, so one 2-D reduction per block and axis rather
         # than one per point (each reduction over the tile goes through shared memory and barriers).
-        part = part_ptr + (bk * tiles + tile).to(tl.int64) * (N + 3) * 2
+        part = part_ptr + slot.to(tl.int64) * (N + 3) * 2
         rn = tl.arange(0, BLOCK_N)
         for n0 in range(0, N, BLOCK_N):
             ns = n0 + rn
@@ -255,12 +257,13 @@ def _tps_forward(
     if out.numel() == 0:
         return out
     m_f64 = coef.dtype == torch.float64
-    grid = lambda meta: (b * k * num_tiles(ho, wo, meta["BLOCK_H"], meta["BLOCK_W"]),)
+    grid = lambda meta: (b * k * programs_per_plane(c, ho, wo, meta),)
     args = (out, x, coef, target, scalars, k, target.shape[0], c, h, w, ho, wo, *x.stride())
     meta = {
         "BORDER": padding_mode == "border",
         "NEAREST": mode == "nearest",
-        "BLOCK_C": block_c(c, FWD_MAX_BLOCK_C),
+        "BLOCK_C": fwd_block_c(c),
+        "CGROUP": channel_group(c),
         "F64": m_f64,
         "IDX64": needs_int64(x, out),
     }
@@ -291,8 +294,8 @@ def _tps_backward(
     need_coord = need_coef and mode != "nearest"  # nearest has no coordinate gradient
     gx = torch.zeros_like(x, dtype=coef.dtype) if need_x else x.new_empty(0, dtype=coef.dtype)
     cfg = bwd_config(c)
-    tiles = num_tiles(ho, wo, cfg["BLOCK_H"], cfg["BLOCK_W"])
-    part = coef.new_empty((b * k, tiles, n3, 2) if need_coord else (0,))
+    programs = programs_per_plane(c, ho, wo, cfg)
+    part = coef.new_empty((b * k, programs, n3, 2) if need_coord else (0,))
     if (need_x or need_coord) and grad.numel() > 0:
         m_f64 = coef.dtype == torch.float64
         gx_strides = gx.stride() if need_x else (0, 0, 0, 0)
@@ -309,7 +312,7 @@ def _tps_backward(
             **cfg,
         }
         with device_context(x):
-            launch(_tps_bwd_kernel, None, (b * k * tiles,), args, meta, wrap)
+            launch(_tps_bwd_kernel, None, (b * k * programs,), args, meta, wrap)
     grad_x = gx.to(x.dtype) if need_x else None
     grad_coef = None
     if need_coef:
