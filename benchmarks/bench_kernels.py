@@ -281,7 +281,8 @@ def forward_config(family: str) -> str:
 def print_header(info: dict) -> None:
     print(
         f"# {info['gpu']} | torch {info['torch']} | triton {info['triton']}"
-        f" | affine image gradient: {info['affine_image_grad']}"
+        f" | affine image gradient: {info['affine_image_grad']} | vector atomics: {info['vector_atomics']}"
+        f" | channels per program: {info['channel_group']}"
     )
     print(
         f"{'workload':<22} {'dtype':<9} {'impl':<14} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak MiB':>10}"
@@ -469,17 +470,22 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(ROOT))
     import triton
 
-    from kernels import affine
+    from kernels import _common, affine
 
     info = {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "affine_image_grad": affine.IMAGE_GRAD,  # STN_AFFINE_IMAGE_GRAD: "gather" or "scatter"
+        "vector_atomics": _common.VECTOR_ATOMICS,  # STN_VECTOR_ATOMICS=1: pixel-major image gradient buffer
+        "channel_group": _common.CHANNEL_GROUP,
     }
     passed = True
     if args.check or args.check_only:
-        print(f"# checks on {info['gpu']} | torch {info['torch']} | triton {info['triton']}")
+        print(
+            f"# checks on {info['gpu']} | torch {info['torch']} | triton {info['triton']}"
+            f" | affine image gradient: {info['affine_image_grad']} | vector atomics: {info['vector_atomics']}"
+        )
         passed = run_checks()
         print("ALL CHECKS PASS" if passed else "SOME CHECKS FAILED")
     if args.check_only:

@@ -6,6 +6,8 @@
 #   quick    the headline workloads' timings without the torch.compile baseline (fast)
 #   gather   parity, then the same timings with the affine backward gathered per input pixel in one kernel
 #            (STN_AFFINE_IMAGE_GRAD=gather, no atomics) instead of the default scatter by atomics, on the same card
+#   vector   parity, then the same timings with the scatter backward's image gradient accumulated pixel-major
+#            with vector atomics (STN_VECTOR_ATOMICS=1: 4 channels per atomic instruction on sm_90)
 #   bench    the headline workloads (cub448x4, feat56x2, mnist2) with the torch.compile baseline in float32
 #   more     projective and spline on cub448x4, without torch.compile
 #   profile  the CUDA kernels behind one Triton forward + backward, and host time against GPU time
@@ -46,7 +48,7 @@ stage() {  # stage NAME SECONDS COMMAND...
     python3 -c "import torch, triton, pytorch_lightning as pl, timm; print('torch', torch.__version__, 'triton', triton.__version__,
 'lightning', pl.__version__, 'timm', timm.__version__)"
 } 2>&1 | tee "$OUT/versions.txt"
-STAGES=${*:-checks quick gather compile more bench train}
+STAGES=${*:-checks quick gather vector compile more bench train}
 # BENCH_WORKLOADS / BENCH_DTYPES narrow the headline stages (to finish a run that was cut short).
 # shellcheck disable=SC2206
 HEADLINE=(--workloads ${BENCH_WORKLOADS:-cub448x4 feat56x2 mnist2} --dtypes ${BENCH_DTYPES:-float32 bfloat16} --rep 50)
@@ -56,6 +58,8 @@ for name in $STAGES; do
     quick) stage quick 90 python3 benchmarks/bench_kernels.py "${HEADLINE[@]}" --skip-compile --json "$OUT/quick.json" ;;
     gather) stage gather 180 env STN_AFFINE_IMAGE_GRAD=gather STN_CHECK_FAMILIES=affine bash -c 'python3 benchmarks/bench_kernels.py --check-only \
         && python3 benchmarks/bench_kernels.py "$@"' _ "${HEADLINE[@]}" --skip-compile --json "$OUT/gather.json" ;;
+    vector) stage vector 180 env STN_VECTOR_ATOMICS=1 bash -c 'python3 benchmarks/bench_kernels.py --check-only \
+        && python3 benchmarks/bench_kernels.py "$@"' _ "${HEADLINE[@]}" --skip-compile --json "$OUT/vector.json" ;;
     bench) stage bench 180 python3 benchmarks/bench_kernels.py "${HEADLINE[@]}" --compile-dtypes float32 \
         --json "$OUT/kernels.json" ;;
     more) stage more 60 python3 benchmarks/bench_kernels.py --workloads cub448x4-projective cub448x4-tps16 \

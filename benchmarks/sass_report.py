@@ -96,7 +96,9 @@ def sass_stats(compiled: Any) -> dict[str, int]:
 
 def kernels_to_report(channels: int) -> list[tuple[str, Callable, dict[str, Any], int]]:
     """(label, kernel, constexprs, num_warps) for every kernel, with the tiles its launcher picks on a GPU."""
-    from kernels import affine, grid, projective, reference, tps
+    import torch
+
+    from kernels import _common, affine, grid, projective, reference, tps
     from kernels._common import _FWD_CONFIGS, bwd_config, channel_group, fwd_block_c
 
     fwd_h, fwd_w, fwd_warps = _FWD_CONFIGS[0]
@@ -107,6 +109,11 @@ def kernels_to_report(channels: int) -> list[tuple[str, Callable, dict[str, Any]
     bwd_warps = bwd_cfg.pop("num_warps")
     bwd = {"BORDER": False, "NEAREST": False, "NEED_X_GRAD": True, "NEED_PARAM_GRAD": True, "F64": False}
     bwd |= {"IDX64": False, **bwd_cfg}
+    # the pixel-major image gradient buffer (kernels._common.VECTOR_ATOMICS)
+    default_vector, _common.VECTOR_ATOMICS = _common.VECTOR_ATOMICS, True
+    vec = {**bwd, **bwd_config(channels, torch.float32)}
+    _common.VECTOR_ATOMICS = default_vector
+    vec.pop("num_warps")
     gather_cfg = affine._gather_config(channels)
     gather_warps = gather_cfg.pop("num_warps")
     gather = {"NEAREST": False, "NEED_PARAM_GRAD": True, "CAP": affine.WINDOW_CAP, "F64": False, "IDX64": False}
@@ -117,13 +124,17 @@ def kernels_to_report(channels: int) -> list[tuple[str, Callable, dict[str, Any]
         ("affine fwd (SPLIT_C)", affine._affine_fwd_kernel, {**fwd, "SPLIT_C": True}, fwd_warps),
         ("affine bwd (scatter)", affine._affine_bwd_kernel, {**bwd, "SKIP_GATHERED": False}, bwd_warps),
         ("affine bwd (after gather)", affine._affine_bwd_kernel, {**bwd, "SKIP_GATHERED": True}, bwd_warps),
+        ("affine bwd (vector atomics)", affine._affine_bwd_kernel, {**vec, "SKIP_GATHERED": False}, bwd_warps),
         ("affine gather", affine._affine_gather_kernel, gather, gather_warps),
         ("projective fwd", projective._projective_fwd_kernel, {**fwd, "EPS": eps}, fwd_warps),
         ("projective bwd", projective._projective_bwd_kernel, {**bwd, "EPS": eps}, bwd_warps),
+        ("projective bwd (vector atomics)", projective._projective_bwd_kernel, {**vec, "EPS": eps}, bwd_warps),
         ("tps fwd", tps._tps_fwd_kernel, fwd, fwd_warps),
         ("tps bwd", tps._tps_bwd_kernel, {**bwd, "BLOCK_N": tps._TPS_BLOCK_N}, bwd_warps),
+        ("tps bwd (vector atomics)", tps._tps_bwd_kernel, {**vec, "BLOCK_N": tps._TPS_BLOCK_N}, bwd_warps),
         ("grid fwd", grid._grid_fwd_kernel, fwd, fwd_warps),
         ("grid bwd", grid._grid_bwd_kernel, bwd, bwd_warps),
+        ("grid bwd (vector atomics)", grid._grid_bwd_kernel, vec, bwd_warps),
     ]
 
 

@@ -6,7 +6,8 @@
 The forward kernels are autotuned; the backward kernels are not (the parameter gradient's partial sums need the
 tile count before the launch), so their tiles are fixed in ``kernels._common.bwd_config`` and, for the affine
 gather, ``kernels.affine._GATHER_TILES``. This script swaps in each candidate tile (and, for inputs of many
-channels, each number of channels per program, ``kernels._common.CHANNEL_GROUP``), times forward + backward with
+channels, each number of channels per program, ``kernels._common.CHANNEL_GROUP``, and the vector atomics,
+``kernels._common.VECTOR_ATOMICS``), times forward + backward with
 CUDA events (median, triton.testing.do_bench) and prints one table per workload, fastest first, next to the
 launchers' own choice measured in the same run. Parity is not checked here (bench_kernels.py --check does that);
 the candidates only change how the same work is divided.
@@ -49,6 +50,7 @@ def sweep(name: str, rep: int) -> None:
     size = (ho, wo)
     modules = (affine, projective, tps, grid)
     default_bwd = _common.bwd_config
+    default_group, default_vector = _common.CHANNEL_GROUP, _common.VECTOR_ATOMICS
     default_image_grad = affine.IMAGE_GRAD
     rows: list[tuple[float, str]] = []
 
@@ -66,15 +68,21 @@ def sweep(name: str, rep: int) -> None:
             config = {"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_C": min(bc, _common.block_c(c, 8)), "num_warps": warps}
             config["CGROUP"] = max(_common.channel_group(c), config["BLOCK_C"])
             for module in modules:
-                module.bwd_config = lambda channels, config=config: dict(config)
+                module.bwd_config = lambda channels, acc_dtype=None, config=config: {
+                    **config,
+                    "ACC_CP": _common.acc_channels(channels, acc_dtype),
+                }
             run(f"scatter, {config}")
         for module in modules:
             module.bwd_config = default_bwd
-        default_group = _common.CHANNEL_GROUP
         for group in (g for g in CHANNEL_GROUPS if g < c):
             _common.CHANNEL_GROUP = group
             run(f"scatter, launcher's tiles, {group} channels per program")
         _common.CHANNEL_GROUP = default_group
+        if c > 1:
+            _common.VECTOR_ATOMICS = True
+            run(f"scatter, vector atomics, launcher's {default_bwd(c, torch.float32)}")
+            _common.VECTOR_ATOMICS = default_vector
         if family == "affine":
             affine.IMAGE_GRAD = "gather"
             default_gather = dict(affine._GATHER_TILES)
@@ -86,7 +94,7 @@ def sweep(name: str, rep: int) -> None:
     finally:
         for module in modules:
             module.bwd_config = default_bwd
-        _common.CHANNEL_GROUP = default_group
+        _common.CHANNEL_GROUP, _common.VECTOR_ATOMICS = default_group, default_vector
         affine.IMAGE_GRAD = default_image_grad
     print(f"\n## {name} float32, forward + backward ms (fastest first)")
     for ms, label in sorted(rows):

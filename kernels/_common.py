@@ -14,6 +14,7 @@ accumulated in a float32 (float64 when computing in float64) buffer with relaxed
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,6 +30,8 @@ __all__ = [
     "FWD_CONFIG_INTERPRET",
     "FWD_MAX_BLOCK_C",
     "HAS_LIBRARY_OPS",
+    "VECTOR_ATOMICS",
+    "acc_channels",
     "autocast_inputs",
     "block_c",
     "bwd_config",
@@ -37,8 +40,10 @@ __all__ = [
     "check_deterministic",
     "check_device",
     "device_context",
+    "finish_image_grad",
     "fwd_autotune",
     "fwd_block_c",
+    "image_grad_buffer",
     "interpreting",
     "launch",
     "library_op",
@@ -233,6 +238,45 @@ def _sample_tile(
 
 
 @triton.jit
+def _grad_image(gx_ptr, b, sgxb, H, W, ACC_CP: tl.constexpr):
+    # Image b (int64) of the image gradient buffer: x's strides, or with ACC_CP the (B, H, W, ACC_CP) buffer, whose
+    # offset is written as a multiple of ACC_CP so that Triton knows its alignment (see _grad_corner).
+    if ACC_CP > 0:
+        return gx_ptr + b * H * W * ACC_CP
+    else:
+        return gx_ptr + b * sgxb
+
+
+@triton.jit
+def _grad_corner(gx_ptr, cs, yi, xi, W, sgxc, sgxh, sgxw, ACC_CP: tl.constexpr, IDX64: tl.constexpr):
+    # [channels, pixels] addresses of channels cs at input pixels (yi, xi) in the image gradient buffer of one image.
+    # With ACC_CP a pixel's ACC_CP channels are consecutive and its offset a multiple of ACC_CP, so a thread's 2 or 4
+    # channels form one aligned vector and the atomic add is one vector instruction (sm_90: atom.add.v4.f32).
+    if ACC_CP > 0:
+        pix = yi * W + xi
+        if IDX64:
+            pix = yi.to(tl.int64) * W + xi
+        return gx_ptr + cs[:, None] + (pix * ACC_CP)[None, :]
+    else:
+        return (
+            gx_ptr
+            + _offsets(cs, sgxc, IDX64)[:, None]
+            + (_offsets(yi, sgxh, IDX64) + _offsets(xi, sgxw, IDX64))[None, :]
+        )
+
+
+@triton.jit
+def _grad_mask(cm, ACC_CP: tl.constexpr):
+    # The channel mask of the atomic adds. The pixel-major buffer has room for every channel of a block (the padding
+    # channels receive the zeros that grad_out's masked load gives), so its mask is constant along the channels,
+    # which vectorising the atomics needs.
+    if ACC_CP > 0:
+        return tl.full(cm.shape, 1, tl.int1)
+    else:
+        return cm
+
+
+@triton.jit
 def _scatter_tile(
     gx_ptr,
     x_ptr,
@@ -257,6 +301,7 @@ def _scatter_tile(
     NEED_X_GRAD: tl.constexpr,
     NEED_COORD_GRAD: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    ACC_CP: tl.constexpr,
     CDT: tl.constexpr,
     IDX64: tl.constexpr,
     FMAX: tl.constexpr,
@@ -264,25 +309,28 @@ def _scatter_tile(
     """Backward of one tile for channels [c_lo, c_hi): scatter grad_out into the image gradient, return the
     channels' share of d loss / d (ix, iy) per pixel.
 
-    gx_ptr, x_ptr point at image b, go_ptr at (b, k); go_pix is the pixel offset i * sgh + j * sgw in grad_out.
+    gx_ptr (see _grad_image), x_ptr point at image b, go_ptr at (b, k); go_pix is the pixel offset i * sgh + j * sgw
+    in grad_out. With ACC_CP the image gradient buffer is pixel-major (see _grad_corner).
     """
     ix, iy, valid, pass_x, pass_y = _clamp_coords(ix, iy, valid, H, W, BORDER, FMAX)
     # Channel terms of the coordinate gradient accumulate per channel lane, summed over the lanes once at the end
     # (a reduction across warps per channel block would cost a pass through shared memory each).
     gix2 = tl.zeros((BLOCK_C, ix.shape[0]), dtype=CDT)
     giy2 = tl.zeros((BLOCK_C, ix.shape[0]), dtype=CDT)
+    # Channels per atomic add into a pixel-major buffer: one vector of 4 (or 2) channels.
+    VEC: tl.constexpr = 4 if ACC_CP % 4 == 0 else 2
     if NEAREST:
         if NEED_X_GRAD:
             xi = _round_half_even(ix).to(tl.int32)
             yi = _round_half_even(iy).to(tl.int32)
             m = (valid & (xi >= 0) & (xi < W) & (yi >= 0) & (yi < H))[None, :]
-            q = (_offsets(yi, sgxh, IDX64) + _offsets(xi, sgxw, IDX64))[None, :]
-            for c0 in range(c_lo, c_hi, BLOCK_C):
-                cs = c0 + tl.arange(0, BLOCK_C)
+            STEP: tl.constexpr = VEC if ACC_CP > 0 else BLOCK_C
+            for c0 in range(c_lo, c_hi, STEP):
+                cs = c0 + tl.arange(0, STEP)
                 cm = (cs < c_hi)[:, None]
                 g = tl.load(go_ptr + _offsets(cs, sgc, IDX64)[:, None] + go_pix[None, :], mask=cm & m, other=0.0)
-                gq = gx_ptr + _offsets(cs, sgxc, IDX64)[:, None] + q
-                tl.atomic_add(gq, g.to(CDT), mask=cm & m, sem="relaxed")
+                gq = _grad_corner(gx_ptr, cs, yi, xi, W, sgxc, sgxh, sgxw, ACC_CP, IDX64)
+                tl.atomic_add(gq, g.to(CDT), mask=_grad_mask(cm, ACC_CP) & m, sem="relaxed")
     else:
         x0 = tl.floor(ix)
         y0 = tl.floor(iy)
@@ -305,16 +353,12 @@ def _scatter_tile(
             cm = (cs < c_hi)[:, None]
             gp = go_ptr + _offsets(cs, sgc, IDX64)[:, None] + go_pix[None, :]
             g = tl.load(gp, mask=cm & valid[None, :], other=0.0).to(CDT)
-            if NEED_X_GRAD:
-                qx = _offsets(xi, sgxw, IDX64)
-                qy = _offsets(yi, sgxh, IDX64)
-                gq = gx_ptr + _offsets(cs, sgxc, IDX64)[:, None]
-                tl.atomic_add(gq + (qy + qx)[None, :], g * (wx0 * wy0)[None, :], mask=cm & m00, sem="relaxed")
-                tl.atomic_add(gq + (qy + qx + sgxw)[None, :], g * (wx1 * wy0)[None, :], mask=cm & m10, sem="relaxed")
-                tl.atomic_add(gq + (qy + sgxh + qx)[None, :], g * (wx0 * wy1)[None, :], mask=cm & m01, sem="relaxed")
-                tl.atomic_add(
-                    gq + (qy + sgxh + qx + sgxw)[None, :], g * (wx1 * wy1)[None, :], mask=cm & m11, sem="relaxed"
-                )
+            if NEED_X_GRAD and ACC_CP == 0:
+                gq = _grad_corner(gx_ptr, cs, yi, xi, W, sgxc, sgxh, sgxw, ACC_CP, IDX64)
+                tl.atomic_add(gq, g * (wx0 * wy0)[None, :], mask=cm & m00, sem="relaxed")
+                tl.atomic_add(gq + sgxw, g * (wx1 * wy0)[None, :], mask=cm & m10, sem="relaxed")
+                tl.atomic_add(gq + sgxh, g * (wx0 * wy1)[None, :], mask=cm & m01, sem="relaxed")
+                tl.atomic_add(gq + sgxh + sgxw, g * (wx1 * wy1)[None, :], mask=cm & m11, sem="relaxed")
             if NEED_COORD_GRAD:
                 ox = _offsets(xi, sxw, IDX64)
                 oy = _offsets(yi, sxh, IDX64)
@@ -326,6 +370,24 @@ def _scatter_tile(
                 # d out / d ix = sum_y w_y (v(x0 + 1, y) - v(x0, y)), likewise for iy.
                 gix2 += g * ((v10 - v00) * wy0[None, :] + (v11 - v01) * wy1[None, :])
                 giy2 += g * ((v01 - v00) * wx0[None, :] + (v11 - v10) * wx1[None, :])
+        if NEED_X_GRAD and ACC_CP > 0:
+            # The pixel-major buffer's vector atomics in a loop of their own, VEC channels at a time: in the loop
+            # above, the corner values' per-pixel layout and the vectors' per-channel layout would be converted
+            # into each other for every channel block (ptxas: 166 registers instead of about 60). grad_out's tile is
+            # read a second time, from the cache.
+            for c0 in range(c_lo, c_hi, VEC):
+                cs = c0 + tl.arange(0, VEC)
+                cm = (cs < c_hi)[:, None]
+                g = tl.load(
+                    go_ptr + _offsets(cs, sgc, IDX64)[:, None] + go_pix[None, :], mask=cm & valid[None, :], other=0.0
+                )
+                g = g.to(CDT)
+                gq = _grad_corner(gx_ptr, cs, yi, xi, W, sgxc, sgxh, sgxw, ACC_CP, IDX64)
+                gm = _grad_mask(cm, ACC_CP)
+                tl.atomic_add(gq, g * (wx0 * wy0)[None, :], mask=gm & m00, sem="relaxed")
+                tl.atomic_add(gq + ACC_CP, g * (wx1 * wy0)[None, :], mask=gm & m10, sem="relaxed")
+                tl.atomic_add(gq + W * ACC_CP, g * (wx0 * wy1)[None, :], mask=gm & m01, sem="relaxed")
+                tl.atomic_add(gq + (W + 1) * ACC_CP, g * (wx1 * wy1)[None, :], mask=gm & m11, sem="relaxed")
     gix = tl.where(pass_x, tl.sum(gix2, axis=0), 0.0)
     giy = tl.where(pass_y, tl.sum(giy2, axis=0), 0.0)
     return gix, giy
@@ -432,8 +494,46 @@ def fwd_autotune(kernel: Callable) -> Callable:
 FWD_CONFIG_INTERPRET = {"BLOCK_H": 8, "BLOCK_W": 8, "SPLIT_C": False}
 
 
-def bwd_config(channels: int) -> dict[str, int]:
-    """Backward tile: fixed (the parameter partial sums need the tile count before launch).
+#: How the scatter backward accumulates the image gradient. False (the default, the layout timed on a GPU): a zeroed
+#: float32 (float64) buffer in x's layout and one atomic add per channel and corner. True: a pixel-major buffer
+#: (B, H, W, CP), CP = C rounded up to 2 or 4 channels, where each corner's atomic add takes 2 or 4 channels in one
+#: vector instruction (sm_90: atom.global.add.v4.f32; other GPUs split it), a third of the atomics for C = 3,
+#: at the price of a zeroed buffer a third larger for C = 3 and a copy into x's layout afterwards. Read at every
+#: backward call; STN_VECTOR_ATOMICS=1 sets it at import. Not yet timed on a GPU.
+VECTOR_ATOMICS: bool = os.environ.get("STN_VECTOR_ATOMICS", "0") == "1"
+
+
+def acc_channels(channels: int, acc_dtype: torch.dtype | None) -> int:
+    """ACC_CP of the scatter backward: channels per pixel of its pixel-major image-gradient buffer (C rounded up to
+    a vector of 2 or 4), or 0 for a buffer in x's layout: without ``VECTOR_ATOMICS``, for one channel, where the
+    caller accumulates in no buffer of the scatter kernel's own (``acc_dtype`` None), and in float64 (no vector
+    atomics exist for it, and triton 3.6 fails to compile the kernel)."""
+    if not VECTOR_ATOMICS or acc_dtype != torch.float32 or channels < 2:
+        return 0
+    return 2 if channels == 2 else cdiv(channels, 4) * 4
+
+
+def image_grad_buffer(x: Tensor, dtype: torch.dtype, acc_cp: int) -> Tensor:
+    """The zeroed buffer the scatter backward accumulates the image gradient of x in, as a (B, C or ACC_CP, H, W)
+    tensor: x's layout (``acc_cp`` 0), or a pixel-major (B, H, W, ACC_CP) buffer seen through a permutation."""
+    if acc_cp == 0:
+        return torch.zeros_like(x, dtype=dtype)
+    b, _, h, w = x.shape
+    return torch.zeros((b, h, w, acc_cp), device=x.device, dtype=dtype).permute(0, 3, 1, 2)
+
+
+def finish_image_grad(gx: Tensor, x: Tensor, acc_cp: int) -> Tensor:
+    """The image gradient in x's dtype, from the buffer of ``image_grad_buffer``; a pixel-major buffer is copied
+    into x's layout (its padding channels dropped)."""
+    if acc_cp == 0:
+        return gx.to(x.dtype)
+    return torch.empty_like(x).copy_(gx[:, : x.shape[1]])
+
+
+def bwd_config(channels: int, acc_dtype: torch.dtype | None = None) -> dict[str, int]:
+    """Backward tile: fixed (the parameter partial sums need the tile count before launch), and the image gradient
+    buffer's layout, ACC_CP (see ``acc_channels``; ``acc_dtype``: the dtype of the buffer the scatter kernel
+    accumulates the image gradient in, None without one).
 
     On GPUs one pixel per thread (16 x 16 pixels on 8 warps) and one channel at a time: with these, ptxas (sm_90)
     needs 55 to 64 registers per thread and the tile's reductions a handful of barriers, where two channel-pixel
@@ -442,11 +542,15 @@ def bwd_config(channels: int) -> dict[str, int]:
     channels per block. Under the interpreter, 8 x 8 pixels and up to 2 channels per block, so that the tests'
     tiny images span several tiles and channel blocks (C of 1 in the tests runs the GPUs' one-channel path).
     Programs take ``channel_group`` channels each, so a (b, k) has ``programs_per_plane`` partial-sum slots.
+    With a pixel-major buffer, its atomic adds take vectors of 2 or 4 channels in a loop of their own.
     """
-    group = channel_group(channels)
+    cp = acc_channels(channels, acc_dtype)
     if interpreting():
-        return {"BLOCK_H": 8, "BLOCK_W": 8, "BLOCK_C": block_c(channels, 2), "CGROUP": group, "num_warps": 4}
-    return {"BLOCK_H": 16, "BLOCK_W": 16, "BLOCK_C": 1, "CGROUP": group, "num_warps": 8}
+        block_h, block_w, bc, warps = 8, 8, block_c(channels, 2), 4
+    else:
+        block_h, block_w, bc, warps = 16, 16, 1, 8
+    config = {"BLOCK_H": block_h, "BLOCK_W": block_w, "BLOCK_C": bc, "CGROUP": channel_group(channels)}
+    return {**config, "ACC_CP": cp, "num_warps": warps}
 
 
 def launch(kernel: Any, tuned: Any | None, grid: Any, args: Sequence[Any], meta: dict, wrap: bool) -> None:

@@ -39,6 +39,7 @@ from ._common import (
     _clamp_coords,
     _div,
     _finite,
+    _grad_image,
     _load_row3,
     _matrix_partials,
     _offsets,
@@ -54,8 +55,10 @@ from ._common import (
     check_deterministic,
     check_device,
     device_context,
+    finish_image_grad,
     fwd_autotune,
     fwd_block_c,
+    image_grad_buffer,
     interpreting,
     launch,
     library_op,
@@ -201,6 +204,7 @@ def _affine_bwd_kernel(
     SKIP_GATHERED: tl.constexpr,
     BLOCK_C: tl.constexpr,
     CGROUP: tl.constexpr,
+    ACC_CP: tl.constexpr,
     F64: tl.constexpr,
     IDX64: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -228,10 +232,11 @@ def _affine_bwd_kernel(
         go_pix = i * sgh + j * sgw
         if IDX64:
             go_pix = i.to(tl.int64) * sgh + j.to(tl.int64) * sgw
+        gx_b = _grad_image(gx_ptr, b, sgxb, H, W, ACC_CP)
         gix, giy = _scatter_tile(
-            gx_ptr + b * sgxb, x_ptr + b * sxb, go_bk, ix, iy, pmask, go_pix, c_lo, c_hi, H, W,
+            gx_b, x_ptr + b * sxb, go_bk, ix, iy, pmask, go_pix, c_lo, c_hi, H, W,
             sxc, sxh, sxw, sgxc, sgxh, sgxw, sgc,
-            BORDER, NEAREST, NEED_X_GRAD, NEED_PARAM_GRAD, BLOCK_C, CDT, IDX64, FMAX,
+            BORDER, NEAREST, NEED_X_GRAD, NEED_PARAM_GRAD, BLOCK_C, ACC_CP, CDT, IDX64, FMAX,
         )  # fmt: skip
         if NEED_PARAM_GRAD:
             tl.store(part + r, _matrix_partials(gix, giy, giy, u, v, 8), mask=r < 6)
@@ -597,14 +602,15 @@ def _affine_backward(
     gather = need_x and grad.numel() > 0 and _gathers(padding_mode)
     flags = m.new_empty(0, dtype=torch.int32)
     gathered_part = None
+    # The scatter kernel accumulates in a buffer of its own (pixel-major with VECTOR_ATOMICS) unless gathering.
+    cfg = bwd_config(c, m.dtype if need_x and not gather else None)
     if gather:
         # The gather kernel stores every pixel of gx (no zeroing) and the matrix gradients of the (b, k) it takes;
         # the scatter kernel adds the ill-conditioned rest.
         gx = torch.empty_like(x, dtype=m.dtype)
         flags, gathered_part = _affine_gather(grad, x, m, gx, size, mode, need_coord, wrap)
     else:
-        gx = torch.zeros_like(x, dtype=m.dtype) if need_x else x.new_empty(0, dtype=m.dtype)
-    cfg = bwd_config(c)
+        gx = image_grad_buffer(x, m.dtype, cfg["ACC_CP"]) if need_x else x.new_empty(0, dtype=m.dtype)
     programs = programs_per_plane(c, ho, wo, cfg)
     part = m.new_empty((b * k, programs, 6) if need_coord else (0,))
     if (need_x or need_coord) and grad.numel() > 0:
@@ -618,12 +624,12 @@ def _affine_backward(
             "NEED_PARAM_GRAD": need_coord,
             "SKIP_GATHERED": gather,
             "F64": m_f64,
-            "IDX64": needs_int64(x, grad),
+            "IDX64": needs_int64(x, grad, gx),
             **cfg,
         }
         with device_context(x):
             launch(_affine_bwd_kernel, None, (b * k * programs,), args, meta, wrap)
-    grad_x = gx.to(x.dtype) if need_x else None
+    grad_x = finish_image_grad(gx, x, cfg["ACC_CP"]) if need_x else None
     grad_m = None
     if need_m:
         grad_m = part.sum(1).view(b, k, 2, 3) if need_coord and part.numel() else torch.zeros_like(m)

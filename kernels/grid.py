@@ -15,6 +15,7 @@ from torch import Tensor
 from . import reference
 from ._common import (
     HAS_LIBRARY_OPS,
+    _grad_image,
     _sample_tile,
     _scatter_tile,
     _tile_coords,
@@ -25,8 +26,10 @@ from ._common import (
     check_deterministic,
     check_device,
     device_context,
+    finish_image_grad,
     fwd_autotune,
     fwd_block_c,
+    image_grad_buffer,
     launch,
     library_op,
     needs_int64,
@@ -155,6 +158,7 @@ def _grid_bwd_kernel(
     NEED_PARAM_GRAD: tl.constexpr,
     BLOCK_C: tl.constexpr,
     CGROUP: tl.constexpr,
+    ACC_CP: tl.constexpr,
     F64: tl.constexpr,
     IDX64: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -170,10 +174,11 @@ def _grid_bwd_kernel(
     go_pix = i * sgh + j * sgw
     if IDX64:
         go_pix = i.to(tl.int64) * sgh + j.to(tl.int64) * sgw
+    gx_b = _grad_image(gx_ptr, b, sgxb, H, W, ACC_CP)
     gix, giy = _scatter_tile(
-        gx_ptr + b * sgxb, x_ptr + b * sxb, go_bk, ix, iy, pmask, go_pix, c_lo, c_hi, H, W,
+        gx_b, x_ptr + b * sxb, go_bk, ix, iy, pmask, go_pix, c_lo, c_hi, H, W,
         sxc, sxh, sxw, sgxc, sgxh, sgxw, sgc,
-        BORDER, NEAREST, NEED_X_GRAD, NEED_PARAM_GRAD, BLOCK_C, CDT, IDX64, FMAX,
+        BORDER, NEAREST, NEED_X_GRAD, NEED_PARAM_GRAD, BLOCK_C, ACC_CP, CDT, IDX64, FMAX,
     )  # fmt: skip
     if NEED_PARAM_GRAD:
         # ggrid is (B, K, groups, Ho, Wo, 2) contiguous, one plane per channel group (summed by the launcher): pixel
@@ -234,8 +239,8 @@ def _grid_backward(
     b, c, h, w = x.shape
     k, ho, wo = grid.shape[1:4]
     need_coord = need_grid and mode != "nearest"  # nearest has no coordinate gradient
-    gx = torch.zeros_like(x, dtype=scalars.dtype) if need_x else x.new_empty(0, dtype=scalars.dtype)
-    cfg = bwd_config(c)
+    cfg = bwd_config(c, scalars.dtype if need_x else None)
+    gx = image_grad_buffer(x, scalars.dtype, cfg["ACC_CP"]) if need_x else x.new_empty(0, dtype=scalars.dtype)
     groups = cdiv(c, cfg["CGROUP"])
     ggrid = (
         torch.empty((b, k, groups, ho, wo, 2), device=x.device, dtype=scalars.dtype) if need_coord else gx.new_empty(0)
@@ -252,12 +257,12 @@ def _grid_backward(
             "NEED_X_GRAD": need_x,
             "NEED_PARAM_GRAD": need_coord,
             "F64": m_f64,
-            "IDX64": needs_int64(x, grad),
+            "IDX64": needs_int64(x, grad, gx),
             **cfg,
         }
         with device_context(x):
             launch(_grid_bwd_kernel, None, (b * k * programs,), args, meta, wrap)
-    grad_x = gx.to(x.dtype) if need_x else None
+    grad_x = finish_image_grad(gx, x, cfg["ACC_CP"]) if need_x else None
     grad_grid = None
     if need_grid:
         if need_coord and ggrid.numel():

@@ -19,6 +19,7 @@ from ._common import (
     HAS_LIBRARY_OPS,
     _div,
     _finite,
+    _grad_image,
     _load_row3,
     _matrix_partials,
     _sample_tile,
@@ -30,8 +31,10 @@ from ._common import (
     check_deterministic,
     check_device,
     device_context,
+    finish_image_grad,
     fwd_autotune,
     fwd_block_c,
+    image_grad_buffer,
     launch,
     library_op,
     needs_int64,
@@ -157,6 +160,7 @@ def _projective_bwd_kernel(
     NEED_PARAM_GRAD: tl.constexpr,
     BLOCK_C: tl.constexpr,
     CGROUP: tl.constexpr,
+    ACC_CP: tl.constexpr,
     F64: tl.constexpr,
     IDX64: tl.constexpr,
     EPS: tl.constexpr,
@@ -173,10 +177,11 @@ def _projective_bwd_kernel(
     go_pix = i * sgh + j * sgw
     if IDX64:
         go_pix = i.to(tl.int64) * sgh + j.to(tl.int64) * sgw
+    gx_b = _grad_image(gx_ptr, bi, sgxb, H, W, ACC_CP)
     gix, giy = _scatter_tile(
-        gx_ptr + bi * sgxb, x_ptr + bi * sxb, go_bk, ix, iy, pmask & ok, go_pix, c_lo, c_hi, H, W,
+        gx_b, x_ptr + bi * sxb, go_bk, ix, iy, pmask & ok, go_pix, c_lo, c_hi, H, W,
         sxc, sxh, sxw, sgxc, sgxh, sgxw, sgc,
-        BORDER, NEAREST, NEED_X_GRAD, NEED_PARAM_GRAD, BLOCK_C, CDT, IDX64, FMAX,
+        BORDER, NEAREST, NEED_X_GRAD, NEED_PARAM_GRAD, BLOCK_C, ACC_CP, CDT, IDX64, FMAX,
     )  # fmt: skip
     if NEED_PARAM_GRAD:
         # d loss / d (a, b, w) from ix = a / w + cx, iy = b / w + cy (zero where invalid: gix = giy = 0 there).
@@ -242,8 +247,8 @@ def _projective_backward(
     k = m.shape[1]
     ho, wo = size
     need_coord = need_m and mode != "nearest"  # nearest has no coordinate gradient
-    gx = torch.zeros_like(x, dtype=m.dtype) if need_x else x.new_empty(0, dtype=m.dtype)
-    cfg = bwd_config(c)
+    cfg = bwd_config(c, m.dtype if need_x else None)
+    gx = image_grad_buffer(x, m.dtype, cfg["ACC_CP"]) if need_x else x.new_empty(0, dtype=m.dtype)
     programs = programs_per_plane(c, ho, wo, cfg)
     part = m.new_empty((b * k, programs, 9) if need_coord else (0,))
     if (need_x or need_coord) and grad.numel() > 0:
@@ -256,13 +261,13 @@ def _projective_backward(
             "NEED_X_GRAD": need_x,
             "NEED_PARAM_GRAD": need_coord,
             "F64": m_f64,
-            "IDX64": needs_int64(x, grad),
+            "IDX64": needs_int64(x, grad, gx),
             "EPS": reference.PROJECTIVE_EPS,
             **cfg,
         }
         with device_context(x):
             launch(_projective_bwd_kernel, None, (b * k * programs,), args, meta, wrap)
-    grad_x = gx.to(x.dtype) if need_x else None
+    grad_x = finish_image_grad(gx, x, cfg["ACC_CP"]) if need_x else None
     grad_m = None
     if need_m:
         grad_m = part.sum(1).view(b, k, 3, 3) if need_coord and part.numel() else torch.zeros_like(m)

@@ -21,6 +21,7 @@ from torch import Tensor
 from . import reference
 from ._common import (
     HAS_LIBRARY_OPS,
+    _grad_image,
     _sample_tile,
     _scatter_tile,
     _tile_coords,
@@ -30,8 +31,10 @@ from ._common import (
     check_deterministic,
     check_device,
     device_context,
+    finish_image_grad,
     fwd_autotune,
     fwd_block_c,
+    image_grad_buffer,
     launch,
     library_op,
     needs_int64,
@@ -178,6 +181,7 @@ def _tps_bwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     CGROUP: tl.constexpr,
+    ACC_CP: tl.constexpr,
     F64: tl.constexpr,
     IDX64: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -193,10 +197,11 @@ def _tps_bwd_kernel(
     go_pix = i * sgh + j * sgw
     if IDX64:
         go_pix = i.to(tl.int64) * sgh + j.to(tl.int64) * sgw
+    gx_b = _grad_image(gx_ptr, b, sgxb, H, W, ACC_CP)
     gix, giy = _scatter_tile(
-        gx_ptr + b * sgxb, x_ptr + b * sxb, go_bk, ix, iy, pmask, go_pix, c_lo, c_hi, H, W,
+        gx_b, x_ptr + b * sxb, go_bk, ix, iy, pmask, go_pix, c_lo, c_hi, H, W,
         sxc, sxh, sxw, sgxc, sgxh, sgxw, sgc,
-        BORDER, NEAREST, NEED_X_GRAD, NEED_PARAM_GRAD, BLOCK_C, CDT, IDX64, FMAX,
+        BORDER, NEAREST, NEED_X_GRAD, NEED_PARAM_GRAD, BLOCK_C, ACC_CP, CDT, IDX64, FMAX,
     )  # fmt: skip
     if NEED_PARAM_GRAD:
         # Partial sums of d loss / d f: row n is sum_p (gix, giy)(p) * feature_n(p), features [U_0..U_N-1, 1, x, y].
@@ -292,8 +297,8 @@ def _tps_backward(
     k, n3 = coef.shape[1], coef.shape[2]
     ho, wo = size
     need_coord = need_coef and mode != "nearest"  # nearest has no coordinate gradient
-    gx = torch.zeros_like(x, dtype=coef.dtype) if need_x else x.new_empty(0, dtype=coef.dtype)
-    cfg = bwd_config(c)
+    cfg = bwd_config(c, coef.dtype if need_x else None)
+    gx = image_grad_buffer(x, coef.dtype, cfg["ACC_CP"]) if need_x else x.new_empty(0, dtype=coef.dtype)
     programs = programs_per_plane(c, ho, wo, cfg)
     part = coef.new_empty((b * k, programs, n3, 2) if need_coord else (0,))
     if (need_x or need_coord) and grad.numel() > 0:
@@ -307,13 +312,13 @@ def _tps_backward(
             "NEED_X_GRAD": need_x,
             "NEED_PARAM_GRAD": need_coord,
             "F64": m_f64,
-            "IDX64": needs_int64(x, grad),
+            "IDX64": needs_int64(x, grad, gx),
             "BLOCK_N": _TPS_BLOCK_N,
             **cfg,
         }
         with device_context(x):
             launch(_tps_bwd_kernel, None, (b * k * programs,), args, meta, wrap)
-    grad_x = gx.to(x.dtype) if need_x else None
+    grad_x = finish_image_grad(gx, x, cfg["ACC_CP"]) if need_x else None
     grad_coef = None
     if need_coef:
         if need_coord and part.numel():

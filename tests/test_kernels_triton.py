@@ -271,6 +271,33 @@ def test_forward_one_channel_at_a_time(ops, family, monkeypatch):
     assert torch.equal(split, _call(ops, family, x, p, size, _target(family, p), padding_mode="border"))
 
 
+@pytest.mark.parametrize("family", ["affine", "projective", "tps", "grid"])
+def test_vector_atomics_buffer(ops, family, monkeypatch):
+    # VECTOR_ATOMICS: the scatter backward accumulates the image gradient in a pixel-major buffer (B, H, W, C rounded
+    # up to 2 or 4), then copies it into x's layout. C of 2, 3 and 5 (vectors of 2, 4 with one padding channel, and
+    # two groups of 4 under the interpreter), both layouts, both sampling modes, the int64 offset code.
+    common, module = importlib.import_module("kernels._common"), importlib.import_module(f"kernels.{family}")
+    monkeypatch.setattr(common, "VECTOR_ATOMICS", True)
+    buffers = []
+
+    def buffer(x, dtype, acc_cp):
+        buffers.append(acc_cp)
+        return common.image_grad_buffer(x, dtype, acc_cp)
+
+    monkeypatch.setattr(module, "image_grad_buffer", buffer)
+    cases = [(2, False, "zeros", "bilinear"), (3, True, "border", "nearest"), (5, False, "border", "bilinear")]
+    for c, cl, pad, mode in cases:
+        x = _image(2, c, 7, 6, channels_last=cl, seed=c)
+        p = _grid(2, 2, 5, 4, seed=c) if family == "grid" else _params(family, 2, 2, seed=c)
+        size = None if family == "grid" else (5, 4)
+        _check_parity(ops, family, x, p, size, padding_mode=pad, mode=mode)  # gx in x's layout and dtype too
+    monkeypatch.setattr(module, "needs_int64", lambda *tensors: True)
+    _check_parity(ops, family, _image(1, 3, 5, 7), p[:1], size, align_corners=True)
+    assert buffers == [2, 4, 8, 4]
+    # float64 accumulates in x's layout: no vector atomics exist for it (and triton 3.6 fails to compile that kernel)
+    assert common.acc_channels(3, torch.float64) == 0 and common.acc_channels(1, torch.float32) == 0
+
+
 def test_int64_offsets_path(ops, monkeypatch):
     # The int64 offset code (IDX64) is exercised on tiny tensors by forcing it; the 2**31 case runs on GPUs in
     # benchmarks/bench_kernels.py --check.
