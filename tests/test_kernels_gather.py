@@ -227,9 +227,10 @@ _FRESH = """
 import sys
 sys.path.insert(0, "benchmarks")
 from sass_report import compile_sm90, kernels_to_report, sizes
+import kernels._common as common
 import kernels.affine as affine
 
-print(affine.IMAGE_GRAD)
+print(affine.IMAGE_GRAD, common.VECTOR_ATOMICS)
 # Every kernel with the tiles its launcher picks on a GPU, for an H100 (ptxas ships with triton; no GPU needed):
 # catches what only the interpreter accepts.
 for label, fn, consts, warps in kernels_to_report(3):
@@ -247,12 +248,13 @@ print("COMPILED")
 
 
 def test_env_switch_and_sm90_compile():
-    # One fresh process (triton without the interpreter): STN_AFFINE_IMAGE_GRAD sets IMAGE_GRAD at import, and
-    # every kernel (benchmarks/sass_report.py's list) compiles for an H100.
+    # One fresh process (triton without the interpreter): STN_AFFINE_IMAGE_GRAD and STN_VECTOR_ATOMICS set
+    # IMAGE_GRAD and VECTOR_ATOMICS at import, and every kernel (benchmarks/sass_report.py's list, the vector
+    # atomics' variants included) compiles for an H100.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["STN_AFFINE_IMAGE_GRAD"] = "gather"  # not the default
+    env |= {"STN_AFFINE_IMAGE_GRAD": "gather", "STN_VECTOR_ATOMICS": "1"}  # not the defaults
     run = subprocess.run([sys.executable, "-c", _FRESH], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert run.returncode == 0 and run.stdout.split() == ["gather", "COMPILED"], run.stderr[-4000:]
+    assert run.returncode == 0 and run.stdout.split() == ["gather", "True", "COMPILED"], run.stderr[-4000:]
 
 
 def test_random_warps_float64(affine):
