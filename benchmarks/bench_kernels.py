@@ -163,7 +163,9 @@ def copy_bandwidth() -> float:
 
 
 def measure(fn, x, params, target, size, rep):  # type: ignore[no-untyped-def]
-    """(forward ms, forward + backward ms, peak MiB of forward + backward) for one implementation."""
+    """(forward ms, forward + backward ms, peak MiB of forward + backward, forward + backward ms with the parameter
+    gradient only) for one implementation. The last is how a spatial transformer trains on input images, which
+    need no gradient: no image gradient, so none of its atomics."""
     import torch
     from triton.testing import do_bench
 
@@ -185,13 +187,16 @@ def measure(fn, x, params, target, size, rep):  # type: ignore[no-untyped-def]
     step()
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return fwd, both, peak
+    params_only = do_bench(
+        lambda: fn(x, pg, target, size).backward(gout), rep=rep, grad_to_none=[pg], return_mode="median"
+    )
+    return fwd, both, peak, params_only
 
 
 def measure_graphed(fn, x, params, target, size, rep):  # type: ignore[no-untyped-def]
-    """(forward ms, forward + backward ms, NaN) of one implementation replayed from CUDA graphs: the time of its
+    """(forward ms, forward + backward ms, NaN, NaN) of one implementation replayed from CUDA graphs: the time of its
     kernels without the host's (Python, dispatch, launches), what torch.compile's "reduce-overhead" mode or a
-    graphed training step gets. Peak memory is not measured here."""
+    graphed training step gets. Peak memory and the parameter-only backward are not measured here."""
     import torch
     from triton.testing import do_bench
 
@@ -212,7 +217,7 @@ def measure_graphed(fn, x, params, target, size, rep):  # type: ignore[no-untype
         fn(xg, pg, target, size).backward(gout)
     fwd = do_bench(forward.replay, rep=rep, return_mode="median")
     both = do_bench(step.replay, rep=rep, return_mode="median")
-    return fwd, both, float("nan")
+    return fwd, both, float("nan"), float("nan")
 
 
 def run_benchmarks(args: argparse.Namespace, info: dict) -> dict:
@@ -254,8 +259,9 @@ def run_benchmarks(args: argparse.Namespace, info: dict) -> dict:
             for impl_name, fn in impls.items():
                 try:
                     timer = measure_graphed if impl_name.endswith("_graph") else measure
-                    fwd, both, peak = timer(fn, x, params, target, size, args.rep)
+                    fwd, both, peak, params_only = timer(fn, x, params, target, size, args.rep)
                     row[impl_name] = {"fwd_ms": fwd, "fwd_bwd_ms": both, "peak_fwd_bwd_mib": peak}
+                    row[impl_name]["fwd_bwd_params_only_ms"] = params_only
                 except Exception as error:  # report and go on (e.g. out of memory for K copies)
                     row[impl_name] = {"error": f"{type(error).__name__}: {error}"[:200]}
                 torch.cuda.empty_cache()
@@ -286,7 +292,7 @@ def print_header(info: dict) -> None:
     )
     print(
         f"{'workload':<22} {'dtype':<9} {'impl':<14} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak MiB':>10}"
-        f" {'floor fwd':>10} {'floor f+b':>10}"
+        f" {'floor fwd':>10} {'floor f+b':>10} {'f+b, params only':>17}"
     )
 
 
@@ -301,6 +307,7 @@ def print_row(row: dict) -> None:
         print(
             f"{row['workload']:<22} {row['dtype']:<9} {impl:<14} {r['fwd_ms']:>9.3f} {r['fwd_bwd_ms']:>11.3f}"
             f" {r['peak_fwd_bwd_mib']:>10.1f} {row['floor_fwd_ms']:>10.3f} {row['floor_fwd_bwd_ms']:>10.3f}"
+            f" {r['fwd_bwd_params_only_ms']:>17.3f}"
         )
         if impl == "triton":
             print(f"#   triton forward config: {row.get('triton_fwd_config')}")
