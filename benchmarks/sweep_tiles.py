@@ -91,6 +91,12 @@ def sweep(name: str, rep: int) -> None:
                 affine._GATHER_TILES.update({bc: (bh, bw, warps) for bc in default_gather})
                 run(f"gather, {affine._gather_config(c)}")
             affine._GATHER_TILES.update(default_gather)
+            if c > affine._GATHER_MAX_BLOCK_C:
+                default_block = affine._GATHER_MAX_BLOCK_C
+                for cap in (2, 8):
+                    affine._GATHER_MAX_BLOCK_C = cap
+                    run(f"gather, launcher's tiles, at most {cap} channels per program")
+                affine._GATHER_MAX_BLOCK_C = default_block
     finally:
         for module in modules:
             module.bwd_config = default_bwd

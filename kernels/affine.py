@@ -530,13 +530,17 @@ def _gathers(padding_mode: str) -> bool:
     return IMAGE_GRAD == "gather" and padding_mode == "zeros"
 
 
-#: Gather tiles on GPUs per channel block: BLOCK_C -> (BLOCK_H, BLOCK_W, num_warps). Every program recomputes the
-#: candidates' coordinates for its channels, so many channels (feature maps) take blocks of 8, where the coordinate
-#: work and the channel work per candidate are about even. One pixel per thread, with all BLOCK_C channels of a
-#: pixel in its thread (see the pixel order in the kernel): with the parameter gradient, ptxas (sm_90, float32)
-#: needs 56 to 127 registers per thread (two pixels per thread took 149, 16 channels 166; see
+#: Gather tiles on GPUs per channel block: BLOCK_C -> (BLOCK_H, BLOCK_W, num_warps). One pixel per thread, with all
+#: BLOCK_C channels of a pixel in its thread (see the pixel order in the kernel): with the parameter gradient, ptxas
+#: (sm_90, float32) needs 64 to 111 registers per thread under triton 3.6 (two pixels per thread took more; see
 #: benchmarks/sass_report.py). Not timed on a GPU yet.
 _GATHER_TILES = {8: (8, 16, 4), 4: (8, 16, 4), 2: (8, 16, 4), 1: (16, 16, 8)}
+
+#: Most channels per gather program on GPUs. Every program recomputes the candidates' coordinates for its channels,
+#: so larger blocks do less of that work per channel, but 8 channels took 194 registers per thread under triton 3.6
+#: (the GPU machine's version; 127 under 3.8), which leaves room for 8 warps per SM, against 111 and 16 warps with 4.
+#: benchmarks/sweep_tiles.py times both.
+_GATHER_MAX_BLOCK_C = 4
 
 
 def _gather_config(channels: int) -> dict[str, int]:
@@ -544,7 +548,7 @@ def _gather_config(channels: int) -> dict[str, int]:
     channels, so that the tests' tiny images still span several tiles and channel blocks."""
     if interpreting():
         return {"BLOCK_H": 8, "BLOCK_W": 8, "BLOCK_C": block_c(channels, 4), "num_warps": 4}
-    bc = block_c(channels, 8)
+    bc = block_c(channels, _GATHER_MAX_BLOCK_C)
     block_h, block_w, warps = _GATHER_TILES[bc]
     return {"BLOCK_H": block_h, "BLOCK_W": block_w, "BLOCK_C": bc, "num_warps": warps}
 
