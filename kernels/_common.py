@@ -524,10 +524,14 @@ def image_grad_buffer(x: Tensor, dtype: torch.dtype, acc_cp: int) -> Tensor:
 
 def finish_image_grad(gx: Tensor, x: Tensor, acc_cp: int) -> Tensor:
     """The image gradient in x's dtype, from the buffer of ``image_grad_buffer``; a pixel-major buffer is copied
-    into x's layout (its padding channels dropped)."""
+    into x's layout (its padding channels dropped), unless it already is x's layout and dtype (channels_last
+    float32 images of 2 or a multiple of 4 channels)."""
     if acc_cp == 0:
         return gx.to(x.dtype)
-    return torch.empty_like(x).copy_(gx[:, : x.shape[1]])
+    view = gx[:, : x.shape[1]]
+    if view.dtype == x.dtype and view.stride() == x.stride():
+        return view
+    return torch.empty_like(x).copy_(view)
 
 
 def bwd_config(channels: int, acc_dtype: torch.dtype | None = None) -> dict[str, int]:

@@ -286,6 +286,7 @@ def test_vector_atomics_buffer(ops, family, monkeypatch):
 
     monkeypatch.setattr(module, "image_grad_buffer", buffer)
     cases = [(2, False, "zeros", "bilinear"), (3, True, "border", "nearest"), (5, False, "border", "bilinear")]
+    cases.append((4, True, "zeros", "bilinear"))  # the buffer is x's layout: returned without a copy
     for c, cl, pad, mode in cases:
         x = _image(2, c, 7, 6, channels_last=cl, seed=c)
         p = _grid(2, 2, 5, 4, seed=c) if family == "grid" else _params(family, 2, 2, seed=c)
@@ -293,7 +294,7 @@ def test_vector_atomics_buffer(ops, family, monkeypatch):
         _check_parity(ops, family, x, p, size, padding_mode=pad, mode=mode)  # gx in x's layout and dtype too
     monkeypatch.setattr(module, "needs_int64", lambda *tensors: True)
     _check_parity(ops, family, _image(1, 3, 5, 7), p[:1], size, align_corners=True)
-    assert buffers == [2, 4, 8, 4]
+    assert buffers == [2, 4, 8, 4, 4]
     # float64 accumulates in x's layout: no vector atomics exist for it (and triton 3.6 fails to compile that kernel)
     assert common.acc_channels(3, torch.float64) == 0 and common.acc_channels(1, torch.float32) == 0
 
