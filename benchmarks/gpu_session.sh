@@ -8,6 +8,9 @@
 #            (STN_AFFINE_IMAGE_GRAD=gather, no atomics) instead of the default scatter by atomics, on the same card
 #   vector   parity, then the same timings with the scatter backward's image gradient accumulated pixel-major
 #            with vector atomics (STN_VECTOR_ATOMICS=1: 4 channels per atomic instruction on sm_90)
+#   variants the cheap way to compare the backward variants: parity with both opt-in variants on (the affine
+#            gather, and vector atomics for every scatter), then forward + backward of the scatter, the vector
+#            atomics and the gather side by side in one process, float32 (sweep_tiles.py --variants-only)
 #   bench    the headline workloads (cub448x4, feat56x2, mnist2) with the torch.compile baseline in float32
 #   more     projective and spline on cub448x4, without torch.compile
 #   profile  the CUDA kernels behind one Triton forward + backward, and host time against GPU time
@@ -60,6 +63,9 @@ for name in $STAGES; do
         && python3 benchmarks/bench_kernels.py "$@"' _ "${HEADLINE[@]}" --skip-compile --json "$OUT/gather.json" ;;
     vector) stage vector 180 env STN_VECTOR_ATOMICS=1 bash -c 'python3 benchmarks/bench_kernels.py --check-only \
         && python3 benchmarks/bench_kernels.py "$@"' _ "${HEADLINE[@]}" --skip-compile --json "$OUT/vector.json" ;;
+    variants) stage variants 200 bash -c 'STN_VECTOR_ATOMICS=1 STN_AFFINE_IMAGE_GRAD=gather \
+        python3 benchmarks/bench_kernels.py --check-only; python3 benchmarks/sweep_tiles.py --variants-only \
+        --workloads cub448x4 feat56x2 cub448x4-projective cub448x4-tps16' ;;
     bench) stage bench 180 python3 benchmarks/bench_kernels.py "${HEADLINE[@]}" --compile-dtypes float32 \
         --json "$OUT/kernels.json" ;;
     more) stage more 60 python3 benchmarks/bench_kernels.py --workloads cub448x4-projective cub448x4-tps16 \

@@ -2,6 +2,7 @@
 
     python benchmarks/sweep_tiles.py                          # cub448x4, feat56x2, mnist2 and the spline, float32
     python benchmarks/sweep_tiles.py --workloads cub448x4 --rep 50
+    python benchmarks/sweep_tiles.py --variants-only       # scatter, vector atomics and gather only
 
 The forward kernels are autotuned; the backward kernels are not (the parameter gradient's partial sums need the
 tile count before the launch), so their tiles are fixed in ``kernels._common.bwd_config`` and, for the affine
@@ -40,7 +41,7 @@ def time_step(family, x, params, target, size, rep):  # type: ignore[no-untyped-
     return measure(functools.partial(triton_path, family), x, params, target, size, rep)[1]
 
 
-def sweep(name: str, rep: int) -> None:
+def sweep(name: str, rep: int, variants_only: bool = False) -> None:
     import torch
 
     from kernels import _common, affine, grid, projective, tps
@@ -64,7 +65,7 @@ def sweep(name: str, rep: int) -> None:
     try:
         affine.IMAGE_GRAD = "scatter"
         run(f"scatter, launcher's {default_bwd(c)}")
-        for bh, bw, bc, warps in BWD_TILES:
+        for bh, bw, bc, warps in [] if variants_only else BWD_TILES:
             config = {"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_C": min(bc, _common.block_c(c, 8)), "num_warps": warps}
             config["CGROUP"] = max(_common.channel_group(c), config["BLOCK_C"])
             for module in modules:
@@ -75,7 +76,7 @@ def sweep(name: str, rep: int) -> None:
             run(f"scatter, {config}")
         for module in modules:
             module.bwd_config = default_bwd
-        for group in (g for g in CHANNEL_GROUPS if g < c):
+        for group in (g for g in CHANNEL_GROUPS if g < c and not variants_only):
             _common.CHANNEL_GROUP = group
             run(f"scatter, launcher's tiles, {group} channels per program")
         _common.CHANNEL_GROUP = default_group
@@ -87,11 +88,11 @@ def sweep(name: str, rep: int) -> None:
             affine.IMAGE_GRAD = "gather"
             default_gather = dict(affine._GATHER_TILES)
             run(f"gather, launcher's {affine._gather_config(c)}")
-            for bh, bw, warps in GATHER_TILES:
+            for bh, bw, warps in [] if variants_only else GATHER_TILES:
                 affine._GATHER_TILES.update({bc: (bh, bw, warps) for bc in default_gather})
                 run(f"gather, {affine._gather_config(c)}")
             affine._GATHER_TILES.update(default_gather)
-            if c > affine._GATHER_MAX_BLOCK_C:
+            if c > affine._GATHER_MAX_BLOCK_C and not variants_only:
                 default_block = affine._GATHER_MAX_BLOCK_C
                 for cap in (2, 8):
                     affine._GATHER_MAX_BLOCK_C = cap
@@ -111,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", nargs="+", default=["cub448x4", "feat56x2", "mnist2", "cub448x4-tps16"])
     parser.add_argument("--rep", type=int, default=25, help="milliseconds of repetitions per timing (do_bench)")
+    parser.add_argument(
+        "--variants-only",
+        action="store_true",
+        help="only the backward variants at the launchers' tiles: scatter, vector atomics, gather (affine)",
+    )
     args = parser.parse_args(argv)
     import torch
 
@@ -121,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
     for name in args.workloads:
-        sweep(name, args.rep)
+        sweep(name, args.rep, args.variants_only)
     return 0
 
 
