@@ -299,6 +299,17 @@ def test_vector_atomics_buffer(ops, family, monkeypatch):
     assert common.acc_channels(3, torch.float64) == 0 and common.acc_channels(1, torch.float32) == 0
 
 
+def test_needs_int64():
+    # Offsets past 2**31 - 1 through a large stride or a large tensor (meta tensors: no memory); dense tensors of
+    # either layout and a small strided view stay int32.
+    needs = importlib.import_module("kernels._common").needs_int64
+    big_stride = torch.empty_strided((2, 1, 1, 1), (2**31, 1, 1, 1), device="meta")
+    big = torch.empty((1, 1, 32769, 65536), device="meta")
+    small = torch.empty(2, 3, 8, 8)
+    assert needs(big_stride) and needs(big) and needs(small, big)
+    assert not needs(small, small.to(memory_format=torch.channels_last), small[:, :, ::2], torch.empty(0))
+
+
 def test_int64_offsets_path(ops, monkeypatch):
     # The int64 offset code (IDX64) is exercised on tiny tensors by forcing it; the 2**31 case runs on GPUs in
     # benchmarks/bench_kernels.py --check.
