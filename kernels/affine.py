@@ -532,7 +532,7 @@ def _gathers(padding_mode: str) -> bool:
 
 #: Gather tiles on GPUs per channel block: BLOCK_C -> (BLOCK_H, BLOCK_W, num_warps). One pixel per thread, with all
 #: BLOCK_C channels of a pixel in its thread (see the pixel order in the kernel): with the parameter gradient, ptxas
-#: (sm_90, float32) needs 64 to 111 registers per thread under triton 3.6 (two pixels per thread took more; see
+#: (sm_90, float32) needs 63 to 111 registers per thread under triton 3.6 (two pixels per thread took more; see
 #: benchmarks/sass_report.py). Not timed on a GPU yet.
 _GATHER_TILES = {8: (8, 16, 4), 4: (8, 16, 4), 2: (8, 16, 4), 1: (16, 16, 8)}
 
