@@ -287,8 +287,8 @@ def forward_config(family: str) -> str:
 def print_header(info: dict) -> None:
     print(
         f"# {info['gpu']} | torch {info['torch']} | triton {info['triton']}"
-        f" | affine image gradient: {info['affine_image_grad']} | vector atomics: {info['vector_atomics']}"
-        f" | channels per program: {info['channel_group']}"
+        f" | image gradient: affine {info['affine_image_grad']}, projective {info['projective_image_grad']}"
+        f" | vector atomics: {info['vector_atomics']} | channels per program: {info['channel_group']}"
     )
     print(
         f"{'workload':<22} {'dtype':<9} {'impl':<14} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak MiB':>10}"
@@ -477,13 +477,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(ROOT))
     import triton
 
-    from kernels import _common, affine
+    from kernels import _common, affine, projective
 
     info = {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "affine_image_grad": affine.IMAGE_GRAD,  # STN_AFFINE_IMAGE_GRAD: "gather" or "scatter"
+        "projective_image_grad": projective.IMAGE_GRAD,  # STN_PROJECTIVE_IMAGE_GRAD
         "vector_atomics": _common.VECTOR_ATOMICS,  # STN_VECTOR_ATOMICS=1: pixel-major image gradient buffer
         "channel_group": _common.CHANNEL_GROUP,
     }
@@ -491,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check or args.check_only:
         print(
             f"# checks on {info['gpu']} | torch {info['torch']} | triton {info['triton']}"
-            f" | affine image gradient: {info['affine_image_grad']} | vector atomics: {info['vector_atomics']}"
+            f" | image gradient: affine {info['affine_image_grad']}, projective {info['projective_image_grad']}"
+            f" | vector atomics: {info['vector_atomics']}"
         )
         passed = run_checks()
         print("ALL CHECKS PASS" if passed else "SOME CHECKS FAILED")

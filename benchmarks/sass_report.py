@@ -35,6 +35,8 @@ if str(ROOT) not in sys.path:
 #: SASS opcode prefixes reported, in columns.
 COLUMNS = {"LDG": ("LDG",), "STG": ("STG",), "RED/ATOM": ("RED", "ATOM"), "BAR": ("BAR",), "SHFL": ("SHFL",)}
 COLUMNS |= {"LDS/STS": ("LDS", "STS"), "LDL/STL": ("LDL", "STL")}
+#: Opcodes that a prefix above would catch but that belong to no column: REDUX is a warp-wide reduction, not an atomic.
+NOT_COUNTED = {"REDUX"}
 
 
 def compile_sm90(
@@ -90,7 +92,7 @@ def sass_stats(compiled: Any) -> dict[str, int]:
     stats = {"regs": int(regs.group(1)) if regs else -1, "stack": int(stack.group(1)) if stack else -1}
     stats["SASS"] = sum(ops.values())
     for column, prefixes in COLUMNS.items():
-        stats[column] = sum(n for op, n in ops.items() if op.startswith(prefixes))
+        stats[column] = sum(n for op, n in ops.items() if op.startswith(prefixes) and op not in NOT_COUNTED)
     return stats
 
 
@@ -98,7 +100,7 @@ def kernels_to_report(channels: int) -> list[tuple[str, Callable, dict[str, Any]
     """(label, kernel, constexprs, num_warps) for every kernel, with the tiles its launcher picks on a GPU."""
     import torch
 
-    from kernels import _common, affine, grid, projective, reference, tps
+    from kernels import _common, _gather, affine, grid, projective, reference, tps
     from kernels._common import _FWD_CONFIGS, bwd_config, channel_group, fwd_block_c
 
     fwd_h, fwd_w, fwd_warps = _FWD_CONFIGS[0]
@@ -114,9 +116,13 @@ def kernels_to_report(channels: int) -> list[tuple[str, Callable, dict[str, Any]
     vec = {**bwd, **bwd_config(channels, torch.float32)}
     _common.VECTOR_ATOMICS = default_vector
     vec.pop("num_warps")
-    gather_cfg = affine._gather_config(channels)
+    gather_cfg = _gather.gather_config(channels)
     gather_warps = gather_cfg.pop("num_warps")
-    gather = {"NEAREST": False, "NEED_PARAM_GRAD": True, "CAP": affine.WINDOW_CAP, "F64": False, "IDX64": False}
+    gather = {"NEAREST": False, "NEED_PARAM_GRAD": True, "CAP": _gather.WINDOW_CAP, "EPS": reference.PROJECTIVE_EPS}
+    gather |= {"F64": False, "IDX64": False}
+    pgather_cfg = _gather.gather_config(channels, projective=True)
+    pgather_warps = pgather_cfg.pop("num_warps")
+    pgather = {**gather, **pgather_cfg}
     gather |= gather_cfg
     eps = reference.PROJECTIVE_EPS
     return [
@@ -125,10 +131,22 @@ def kernels_to_report(channels: int) -> list[tuple[str, Callable, dict[str, Any]
         ("affine bwd (scatter)", affine._affine_bwd_kernel, {**bwd, "SKIP_GATHERED": False}, bwd_warps),
         ("affine bwd (after gather)", affine._affine_bwd_kernel, {**bwd, "SKIP_GATHERED": True}, bwd_warps),
         ("affine bwd (vector atomics)", affine._affine_bwd_kernel, {**vec, "SKIP_GATHERED": False}, bwd_warps),
-        ("affine gather", affine._affine_gather_kernel, gather, gather_warps),
+        ("affine gather", _gather._gather_kernel, {**gather, "PROJ": False}, gather_warps),
+        ("projective gather", _gather._gather_kernel, {**pgather, "PROJ": True}, pgather_warps),
         ("projective fwd", projective._projective_fwd_kernel, {**fwd, "EPS": eps}, fwd_warps),
-        ("projective bwd", projective._projective_bwd_kernel, {**bwd, "EPS": eps}, bwd_warps),
-        ("projective bwd (vector atomics)", projective._projective_bwd_kernel, {**vec, "EPS": eps}, bwd_warps),
+        ("projective bwd", projective._projective_bwd_kernel, {**bwd, "EPS": eps, "SKIP_GATHERED": False}, bwd_warps),
+        (
+            "projective bwd (after gather)",
+            projective._projective_bwd_kernel,
+            {**bwd, "EPS": eps, "SKIP_GATHERED": True},
+            bwd_warps,
+        ),
+        (
+            "projective bwd (vector atomics)",
+            projective._projective_bwd_kernel,
+            {**vec, "EPS": eps, "SKIP_GATHERED": False},
+            bwd_warps,
+        ),
         ("tps fwd", tps._tps_fwd_kernel, fwd, fwd_warps),
         ("tps bwd", tps._tps_bwd_kernel, {**bwd, "BLOCK_N": tps._TPS_BLOCK_N}, bwd_warps),
         ("tps bwd (vector atomics)", tps._tps_bwd_kernel, {**vec, "BLOCK_N": tps._TPS_BLOCK_N}, bwd_warps),

@@ -6,7 +6,7 @@
 
 The forward kernels are autotuned; the backward kernels are not (the parameter gradient's partial sums need the
 tile count before the launch), so their tiles are fixed in ``kernels._common.bwd_config`` and, for the affine
-gather, ``kernels.affine._GATHER_TILES``. This script swaps in each candidate tile (and, for inputs of many
+gather, ``kernels._gather.GATHER_TILES``. This script swaps in each candidate tile (and, for inputs of many
 channels, each number of channels per program, ``kernels._common.CHANNEL_GROUP``, and the vector atomics,
 ``kernels._common.VECTOR_ATOMICS``), times forward + backward with
 CUDA events (median, triton.testing.do_bench) and prints one table per workload, fastest first, next to the
@@ -44,7 +44,7 @@ def time_step(family, x, params, target, size, rep):  # type: ignore[no-untyped-
 def sweep(name: str, rep: int, variants_only: bool = False) -> None:
     import torch
 
-    from kernels import _common, affine, grid, projective, tps
+    from kernels import _common, _gather, affine, grid, projective, tps
 
     family, b, c, h, w, k, ho, wo = WORKLOADS[name]
     x, params, target = make_inputs(family, b, c, h, w, k, torch.float32, "cuda")
@@ -52,7 +52,7 @@ def sweep(name: str, rep: int, variants_only: bool = False) -> None:
     modules = (affine, projective, tps, grid)
     default_bwd = _common.bwd_config
     default_group, default_vector = _common.CHANNEL_GROUP, _common.VECTOR_ATOMICS
-    default_image_grad = affine.IMAGE_GRAD
+    default_image_grad = affine.IMAGE_GRAD, projective.IMAGE_GRAD
     rows: list[tuple[float, str]] = []
 
     def run(label: str) -> None:
@@ -63,7 +63,7 @@ def sweep(name: str, rep: int, variants_only: bool = False) -> None:
         torch.cuda.empty_cache()
 
     try:
-        affine.IMAGE_GRAD = "scatter"
+        affine.IMAGE_GRAD = projective.IMAGE_GRAD = "scatter"
         run(f"scatter, launcher's {default_bwd(c)}")
         for bh, bw, bc, warps in [] if variants_only else BWD_TILES:
             config = {"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_C": min(bc, _common.block_c(c, 8)), "num_warps": warps}
@@ -84,25 +84,27 @@ def sweep(name: str, rep: int, variants_only: bool = False) -> None:
             _common.VECTOR_ATOMICS = True
             run(f"scatter, vector atomics, launcher's {default_bwd(c, torch.float32)}")
             _common.VECTOR_ATOMICS = default_vector
-        if family == "affine":
-            affine.IMAGE_GRAD = "gather"
-            default_gather = dict(affine._GATHER_TILES)
-            run(f"gather, launcher's {affine._gather_config(c)}")
+        if family in ("affine", "projective"):
+            module = affine if family == "affine" else projective
+            module.IMAGE_GRAD = "gather"
+            default_gather = dict(_gather.GATHER_TILES)
+            run(f"gather, launcher's {_gather.gather_config(c)}")
             for bh, bw, warps in [] if variants_only else GATHER_TILES:
-                affine._GATHER_TILES.update({bc: (bh, bw, warps) for bc in default_gather})
-                run(f"gather, {affine._gather_config(c)}")
-            affine._GATHER_TILES.update(default_gather)
-            if c > affine._GATHER_MAX_BLOCK_C and not variants_only:
-                default_block = affine._GATHER_MAX_BLOCK_C
+                _gather.GATHER_TILES.update({bc: (bh, bw, warps) for bc in default_gather})
+                run(f"gather, {_gather.gather_config(c)}")
+            _gather.GATHER_TILES.update(default_gather)
+            if c > _gather.GATHER_MAX_BLOCK_C and not variants_only:
+                default_block = _gather.GATHER_MAX_BLOCK_C
                 for cap in (2, 8):
-                    affine._GATHER_MAX_BLOCK_C = cap
+                    _gather.GATHER_MAX_BLOCK_C = cap
                     run(f"gather, launcher's tiles, at most {cap} channels per program")
-                affine._GATHER_MAX_BLOCK_C = default_block
+                _gather.GATHER_MAX_BLOCK_C = default_block
+            module.IMAGE_GRAD = "scatter"
     finally:
         for module in modules:
             module.bwd_config = default_bwd
         _common.CHANNEL_GROUP, _common.VECTOR_ATOMICS = default_group, default_vector
-        affine.IMAGE_GRAD = default_image_grad
+        affine.IMAGE_GRAD, projective.IMAGE_GRAD = default_image_grad
     print(f"\n## {name} float32, forward + backward ms (fastest first)")
     for ms, label in sorted(rows):
         print(f"  {ms:8.3f}  {label}")

@@ -136,6 +136,76 @@ def _matrix_partials(ga, gb, gw, u, v, R: tl.constexpr):
     return tl.sum(g * f, axis=1)
 
 
+# The families' coordinate maps (one function each, shared by their kernels and the gather) -------------------
+@triton.jit
+def _affine_matrix(m_ptr, bk, CDT: tl.constexpr):
+    # The six entries of the pixel matrix of (b, k) as scalars in the compute dtype.
+    mk = m_ptr + bk.to(tl.int64) * 6
+    m00, m01, m02 = _load_row3(mk, CDT)
+    m10, m11, m12 = _load_row3(mk + 3, CDT)
+    return m00, m01, m02, m10, m11, m12
+
+
+@triton.jit
+def _affine_map(m00, m01, m02, m10, m11, m12, i, j, H, W, Ho, Wo, CDT: tl.constexpr):
+    # Pixel coordinates of output pixels (i, j), in the reference's order of operations: ix = m00 * u + m01 * v +
+    # m02 + (W - 1) / 2 with u = j - (Wo - 1) / 2, v = i - (Ho - 1) / 2. The forward, the scatter backward and the
+    # gather backward all call this one function, so they agree on every coordinate (and so on every floor/round).
+    u = j.to(CDT) - (Wo - 1) * 0.5
+    v = i.to(CDT) - (Ho - 1) * 0.5
+    ix = m00 * u + m01 * v + m02 + (W - 1) * 0.5
+    iy = m10 * u + m11 * v + m12 + (H - 1) * 0.5
+    return ix, iy, u, v
+
+
+@triton.jit
+def _projective_matrix(m_ptr, bk, CDT: tl.constexpr):
+    # The nine entries of the pixel homography of (b, k) as scalars in the compute dtype.
+    mk = m_ptr + bk.to(tl.int64) * 9
+    m00, m01, m02 = _load_row3(mk, CDT)
+    m10, m11, m12 = _load_row3(mk + 3, CDT)
+    m20, m21, m22 = _load_row3(mk + 6, CDT)
+    return m00, m01, m02, m10, m11, m12, m20, m21, m22
+
+
+@triton.jit
+def _projective_map(
+    m00,
+    m01,
+    m02,
+    m10,
+    m11,
+    m12,
+    m20,
+    m21,
+    m22,
+    i,
+    j,
+    H,
+    W,
+    Ho,
+    Wo,
+    CDT: tl.constexpr,
+    FMAX: tl.constexpr,
+    EPS: tl.constexpr,
+):
+    # [a, b, w] = M (u, v, 1) with u = j - (Wo - 1) / 2, v = i - (Ho - 1) / 2, then ix = a / w + (W - 1) / 2.
+    # Points with non-finite a, b, w or |w| < EPS are invalid (ok False); like the reference, they divide 0 by 1.
+    # The forward, the scatter backward and the gather backward all call this one function (see _affine_map).
+    u = j.to(CDT) - (Wo - 1) * 0.5
+    v = i.to(CDT) - (Ho - 1) * 0.5
+    a = m00 * u + m01 * v + m02
+    b = m10 * u + m11 * v + m12
+    w = m20 * u + m21 * v + m22
+    ok = _finite(a, FMAX) & _finite(b, FMAX) & _finite(w, FMAX) & (tl.abs(w) >= EPS)
+    a = tl.where(ok, a, 0.0)
+    b = tl.where(ok, b, 0.0)
+    w = tl.where(ok, w, 1.0)
+    ix = _div(a, w) + (W - 1) * 0.5
+    iy = _div(b, w) + (H - 1) * 0.5
+    return ix, iy, ok, u, v, a, b, w
+
+
 @triton.jit
 def _clamp_coords(ix, iy, valid, H, W, BORDER: tl.constexpr, FMAX: tl.constexpr):
     # Non-finite points become invalid and sit at 0; finite points are clamped as in the reference. Returns the

@@ -5,9 +5,15 @@ The launcher folds the normalisation into the (B, K, 3, 3) homographies in PyTor
 output pixels (u, v) and ix = a / w + (W - 1) / 2; autograd carries d loss / d M back to h. Points with
 non-finite a, b, w or |w| < PROJECTIVE_EPS read nothing and pass no gradient. The backward reduces d loss / d M
 inside the kernel into one partial sum per program (B * K, programs per (b, k), 9), summed in PyTorch.
+
+With zeros padding and ``IMAGE_GRAD = "gather"`` (opt-in, ``STN_PROJECTIVE_IMAGE_GRAD=gather``), the backward
+first runs the gather kernel of kernels/_gather.py, which writes the image and parameter gradients of every
+well-conditioned (b, k) without atomics, then this module's scatter kernel for the others (``SKIP_GATHERED``).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -18,15 +24,14 @@ from . import reference
 from ._common import (
     HAS_LIBRARY_OPS,
     _div,
-    _finite,
     _grad_image,
-    _load_row3,
     _matrix_partials,
+    _projective_map,
+    _projective_matrix,
     _sample_tile,
     _scatter_tile,
     _tile_coords,
     autocast_inputs,
-    bwd_config,
     channel_group,
     check_deterministic,
     check_device,
@@ -34,7 +39,6 @@ from ._common import (
     finish_image_grad,
     fwd_autotune,
     fwd_block_c,
-    image_grad_buffer,
     launch,
     library_op,
     needs_int64,
@@ -42,9 +46,16 @@ from ._common import (
     reference_vjp,
     use_library_op,
 )
+from ._gather import _gathered, gather, gather_first, matrix_grad
 from .reference import Mode, Padding
 
-__all__ = ["sample_projective"]
+__all__ = ["IMAGE_GRAD", "sample_projective"]
+
+#: How the backward computes the image gradient with zeros padding: "gather" (each input pixel sums the output
+#: pixels that read it, plain stores; see kernels/_gather.py) or "scatter" (atomic adds, _projective_bwd_kernel).
+#: Read at every backward call; STN_PROJECTIVE_IMAGE_GRAD sets it at import. "scatter" stays the default until the
+#: gather has been timed on a GPU (it is verified on CPU only, through the interpreter and an sm_90 compile).
+IMAGE_GRAD: str = os.environ.get("STN_PROJECTIVE_IMAGE_GRAD", "scatter")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -52,24 +63,9 @@ __all__ = ["sample_projective"]
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _projective_coords(m_ptr, bk, i, j, H, W, Ho, Wo, CDT: tl.constexpr, FMAX: tl.constexpr, EPS: tl.constexpr):
-    # [a, b, w] = M (u, v, 1) with u = j - (Wo - 1) / 2, v = i - (Ho - 1) / 2, then ix = a / w + (W - 1) / 2.
-    # Points with non-finite a, b, w or |w| < EPS are invalid; like the reference, they divide 0 by 1.
-    mk = m_ptr + bk.to(tl.int64) * 9
-    m00, m01, m02 = _load_row3(mk, CDT)
-    m10, m11, m12 = _load_row3(mk + 3, CDT)
-    m20, m21, m22 = _load_row3(mk + 6, CDT)
-    u = j.to(CDT) - (Wo - 1) * 0.5
-    v = i.to(CDT) - (Ho - 1) * 0.5
-    a = m00 * u + m01 * v + m02
-    b = m10 * u + m11 * v + m12
-    w = m20 * u + m21 * v + m22
-    ok = _finite(a, FMAX) & _finite(b, FMAX) & _finite(w, FMAX) & (tl.abs(w) >= EPS)
-    a = tl.where(ok, a, 0.0)
-    b = tl.where(ok, b, 0.0)
-    w = tl.where(ok, w, 1.0)
-    ix = _div(a, w) + (W - 1) * 0.5
-    iy = _div(b, w) + (H - 1) * 0.5
-    return ix, iy, ok, u, v, a, b, w
+    # Pixel coordinates of output pixels (i, j) under the pixel homography of (b, k); see _projective_map.
+    m00, m01, m02, m10, m11, m12, m20, m21, m22 = _projective_matrix(m_ptr, bk, CDT)
+    return _projective_map(m00, m01, m02, m10, m11, m12, m20, m21, m22, i, j, H, W, Ho, Wo, CDT, FMAX, EPS)
 
 
 @triton.jit
@@ -132,6 +128,7 @@ def _projective_bwd_kernel(
     x_ptr,
     go_ptr,
     m_ptr,
+    flag_ptr,
     # sizes
     K,
     C,
@@ -158,6 +155,7 @@ def _projective_bwd_kernel(
     NEAREST: tl.constexpr,
     NEED_X_GRAD: tl.constexpr,
     NEED_PARAM_GRAD: tl.constexpr,
+    SKIP_GATHERED: tl.constexpr,
     BLOCK_C: tl.constexpr,
     CGROUP: tl.constexpr,
     ACC_CP: tl.constexpr,
@@ -171,26 +169,30 @@ def _projective_bwd_kernel(
     CDT = tl.float64 if F64 else tl.float32
     FMAX = 1.7976931348623157e308 if F64 else 3.4028234663852886e38
     bk, slot, c_lo, c_hi, i, j, pmask = _tile_coords(C, Ho, Wo, BLOCK_H, BLOCK_W, CGROUP)
-    ix, iy, ok, u, v, a, b, w = _projective_coords(m_ptr, bk, i, j, H, W, Ho, Wo, CDT, FMAX, EPS)
-    bi = (bk // K).to(tl.int64)
-    go_bk = go_ptr + bi * sgb + (bk % K).to(tl.int64) * sgk
-    go_pix = i * sgh + j * sgw
-    if IDX64:
-        go_pix = i.to(tl.int64) * sgh + j.to(tl.int64) * sgw
-    gx_b = _grad_image(gx_ptr, bi, sgxb, H, W, ACC_CP)
-    gix, giy = _scatter_tile(
-        gx_b, x_ptr + bi * sxb, go_bk, ix, iy, pmask & ok, go_pix, c_lo, c_hi, H, W,
-        sxc, sxh, sxw, sgxc, sgxh, sgxw, sgc,
-        BORDER, NEAREST, NEED_X_GRAD, NEED_PARAM_GRAD, BLOCK_C, ACC_CP, CDT, IDX64, FMAX,
-    )  # fmt: skip
-    if NEED_PARAM_GRAD:
-        # d loss / d (a, b, w) from ix = a / w + cx, iy = b / w + cy (zero where invalid: gix = giy = 0 there).
-        ga = _div(gix, w)
-        gb = _div(giy, w)
-        gw = -_div(gix * a, w * w) - _div(giy * b, w * w)
-        r = tl.arange(0, 16)
-        part = _matrix_partials(ga, gb, gw, u, v, 16)
-        tl.store(part_ptr + slot.to(tl.int64) * 9 + r, part, mask=r < 9)
+    part = part_ptr + slot.to(tl.int64) * 9
+    r = tl.arange(0, 16)
+    if _gathered(flag_ptr, bk, SKIP_GATHERED):
+        if NEED_PARAM_GRAD:
+            tl.store(part + r, tl.zeros((16,), dtype=CDT), mask=r < 9)
+    else:
+        ix, iy, ok, u, v, a, b, w = _projective_coords(m_ptr, bk, i, j, H, W, Ho, Wo, CDT, FMAX, EPS)
+        bi = (bk // K).to(tl.int64)
+        go_bk = go_ptr + bi * sgb + (bk % K).to(tl.int64) * sgk
+        go_pix = i * sgh + j * sgw
+        if IDX64:
+            go_pix = i.to(tl.int64) * sgh + j.to(tl.int64) * sgw
+        gx_b = _grad_image(gx_ptr, bi, sgxb, H, W, ACC_CP)
+        gix, giy = _scatter_tile(
+            gx_b, x_ptr + bi * sxb, go_bk, ix, iy, pmask & ok, go_pix, c_lo, c_hi, H, W,
+            sxc, sxh, sxw, sgxc, sgxh, sgxw, sgc,
+            BORDER, NEAREST, NEED_X_GRAD, NEED_PARAM_GRAD, BLOCK_C, ACC_CP, CDT, IDX64, FMAX,
+        )  # fmt: skip
+        if NEED_PARAM_GRAD:
+            # d loss / d (a, b, w) from ix = a / w + cx, iy = b / w + cy (zero where invalid: gix = giy = 0 there).
+            ga = _div(gix, w)
+            gb = _div(giy, w)
+            gw = -_div(gix * a, w * w) - _div(giy * b, w * w)
+            tl.store(part + r, _matrix_partials(ga, gb, gw, u, v, 16), mask=r < 9)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -229,6 +231,10 @@ def _projective_forward(
     return out
 
 
+#: The gather launcher (kernels._gather.gather), a name of this module's own so that tests can watch its flags.
+_projective_gather = gather
+
+
 def _projective_backward(
     grad: Tensor,
     x: Tensor,
@@ -247,19 +253,23 @@ def _projective_backward(
     k = m.shape[1]
     ho, wo = size
     need_coord = need_m and mode != "nearest"  # nearest has no coordinate gradient
-    cfg = bwd_config(c, m.dtype if need_x else None)
-    gx = image_grad_buffer(x, m.dtype, cfg["ACC_CP"]) if need_x else x.new_empty(0, dtype=m.dtype)
+    switch = "kernels.projective.IMAGE_GRAD (STN_PROJECTIVE_IMAGE_GRAD)"
+    plan = gather_first(
+        grad, x, m, size, padding_mode, mode, need_x, need_coord, wrap, IMAGE_GRAD, switch, _projective_gather
+    )
+    cfg, gx = plan.cfg, plan.gx
     programs = programs_per_plane(c, ho, wo, cfg)
     part = m.new_empty((b * k, programs, 9) if need_coord else (0,))
     if (need_x or need_coord) and grad.numel() > 0:
         m_f64 = m.dtype == torch.float64
         gx_strides = gx.stride() if need_x else (0, 0, 0, 0)
-        args = (gx, part, x, grad, m, k, c, h, w, ho, wo, *x.stride(), *gx_strides, *grad.stride())
+        args = (gx, part, x, grad, m, plan.flags, k, c, h, w, ho, wo, *x.stride(), *gx_strides, *grad.stride())
         meta = {
             "BORDER": padding_mode == "border",
             "NEAREST": mode == "nearest",
             "NEED_X_GRAD": need_x,
             "NEED_PARAM_GRAD": need_coord,
+            "SKIP_GATHERED": plan.gathered,
             "F64": m_f64,
             "IDX64": needs_int64(x, grad, gx),
             "EPS": reference.PROJECTIVE_EPS,
@@ -268,9 +278,7 @@ def _projective_backward(
         with device_context(x):
             launch(_projective_bwd_kernel, None, (b * k * programs,), args, meta, wrap)
     grad_x = finish_image_grad(gx, x, cfg["ACC_CP"]) if need_x else None
-    grad_m = None
-    if need_m:
-        grad_m = part.sum(1).view(b, k, 3, 3) if need_coord and part.numel() else torch.zeros_like(m)
+    grad_m = matrix_grad(part, plan.part, m, need_coord) if need_m else None
     return grad_x, grad_m
 
 

@@ -1,7 +1,8 @@
-"""The gather backward of sample_affine (kernels.affine.IMAGE_GRAD = "gather") against the reference.
+"""The gather backward of sample_affine and sample_projective (their IMAGE_GRAD = "gather") against the reference.
 
-The gather kernel inverts each affine warp and lets every input pixel sum the output pixels that read it; warps it
-cannot bound (singular, non-finite, zoomed in beyond WINDOW_CAP) are flagged and left to the scatter kernel. These
+The gather kernel inverts each warp and lets every input pixel sum the output pixels that read it; warps it cannot
+bound (singular, non-finite, zoomed in beyond WINDOW_CAP, a horizon near the output) are flagged and left to the
+scatter kernel. These
 tests check the image and parameter gradients against kernels.reference with autograd, that the gather really took
 the warps it should (the flags), that mixing good and bad warps changes nothing for the good ones, and that the
 parameter gradient the gather reduces agrees with the scatter kernel's. Without a GPU the kernels run through
@@ -36,23 +37,33 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-def affine(monkeypatch):
-    """kernels.affine with IMAGE_GRAD = "gather"; ``affine.flags`` collects the flags of every gather launch."""
-    from kernels import affine as module
+def _gathering(monkeypatch, family):
+    """kernels.<family> with IMAGE_GRAD = "gather"; ``module.flags`` collects the flags of every gather launch."""
+    import importlib
 
+    module = importlib.import_module(f"kernels.{family}")
     monkeypatch.setattr(module, "IMAGE_GRAD", "gather")
     launches = []
-    gather = module._affine_gather
+    gather = getattr(module, f"_{family}_gather")
 
     def recording(*args, **kwargs):
         flags, part = gather(*args, **kwargs)
         launches.append(flags)
         return flags, part
 
-    monkeypatch.setattr(module, "_affine_gather", recording)
+    monkeypatch.setattr(module, f"_{family}_gather", recording)
     monkeypatch.setattr(module, "flags", launches, raising=False)
     return module
+
+
+@pytest.fixture
+def affine(monkeypatch):
+    return _gathering(monkeypatch, "affine")
+
+
+@pytest.fixture
+def projective(monkeypatch):
+    return _gathering(monkeypatch, "projective")
 
 
 def _theta(*rows):
@@ -73,35 +84,51 @@ SHEAR = (1.3, 0.4, 0.1, -0.2, 0.7, 0.0)  # anisotropic and sheared
 OUTSIDE = (1.0, 0.0, 0.8, 0.0, 1.0, -0.6)  # part of the output reads outside the input
 
 
-def _grads(impl, x, theta, size, grad, need=(True, True), **options):
+def _homography(*rows):
+    """(1, K, 3, 3) from K 9-tuples (row-major), normalised coordinates as kernels.sample_projective takes them."""
+    return torch.tensor(rows, dtype=torch.float64).view(1, len(rows), 3, 3)
+
+
+H_IDENTITY = (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)
+H_TILT = (1.0, 0.1, 0.05, -0.05, 0.9, 0.0, 0.15, -0.1, 1.0)  # a mild perspective
+H_ZOOM_OUT = (1.6, 0.2, 0.1, 0.0, 1.4, -0.2, -0.1, 0.2, 1.0)  # zoom out, sheared, perspective the other way
+H_SCALED = tuple(2.5 * v for v in H_TILT)  # the same warp: a homography is defined up to scale
+H_ZOOM_IN = (0.45, 0.0, 0.1, 0.0, 0.45, 0.0, 0.05, 0.05, 1.0)  # 2.2x: a window of about 5 pixels
+H_HORIZON = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.2, 0.0, 0.3)  # w = 1.2 u + 0.3 changes sign inside the output
+H_MILD = (1.0, 0.05, 0.0, 0.0, 1.0, 0.1, 0.05, 0.0, 1.0)  # a slight perspective (H_TILT's bound exceeds the cap 2x in)
+
+
+def _grads(impl, x, theta, size, grad, need=(True, True), family="affine", **options):
     xa = x.detach().clone().requires_grad_(need[0])
     ta = theta.detach().clone().requires_grad_(need[1])
-    out = impl.sample_affine(xa, ta, size, **options)
+    out = getattr(impl, f"sample_{family}")(xa, ta, size, **options)
     out.backward(grad)
     # In nearest mode the reference's theta gets no gradient at all (None): compare zeros with zeros.
     gt = ta.grad if ta.grad is not None or not need[1] else torch.zeros_like(ta)
     return xa.grad, gt
 
 
-def _check(affine, x, theta, size, grad=None, flags=None, **options):
-    """Image and parameter gradients of the Triton op (gathering) against the reference; returns them."""
+def _check(module, x, theta, size, grad=None, flags=None, **options):
+    """Image and parameter gradients of the Triton op of ``module`` (kernels.affine or kernels.projective, gathering)
+    against the reference; returns them."""
+    family = module.__name__.rsplit(".", 1)[-1]
     x, theta = x.to(DEVICE), theta.to(device=DEVICE, dtype=reference.compute_dtype(x))
     b, k = theta.shape[:2]
     if grad is None:
         shape = (b, k, x.shape[1], *size)
         grad = torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     grad = grad.to(device=DEVICE, dtype=x.dtype)
-    gx, gt = _grads(affine, x, theta, size, grad, **options)
-    rgx, rgt = _grads(reference, x, theta, size, grad, **options)
+    gx, gt = _grads(module, x, theta, size, grad, family=family, **options)
+    rgx, rgt = _grads(reference, x, theta, size, grad, family=family, **options)
     # The image gradient's tolerance: the gather adds the same terms as the scatter and the reference (same
     # coordinates, corners and weights), in another order.
     rtol, atol = TOL[x.dtype][1]
     assert gx.dtype == x.dtype and gx.stride() == x.stride()
     torch.testing.assert_close(gx, rgx, rtol=rtol, atol=atol)
     torch.testing.assert_close(gt, rgt, rtol=1e-4 if x.dtype != torch.float64 else 1e-10, atol=1e-4)
-    assert len(affine.flags) == 1, "the image gradient did not go through the gather kernel"
+    assert len(module.flags) == 1, "the image gradient did not go through the gather kernel"
     expected = torch.ones(b * k, dtype=torch.int32) if flags is None else torch.tensor(flags, dtype=torch.int32)
-    assert torch.equal(affine.flags[0].cpu(), expected)
+    assert torch.equal(module.flags[0].cpu(), expected)
     return gx, gt
 
 
@@ -115,16 +142,6 @@ CASES = [
     ("nearest-f32-cl", 1, 5, 7, 3, 3, 7, torch.float32, False, "nearest", True, [SHEAR, _rotation(5, 0.8)]),
     ("float16-cl", 1, 3, 5, 7, 6, 4, torch.float16, False, "bilinear", True, [_rotation(10, 1.1, -0.3, 0.2)]),
 ]
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_image_gradient_parity(affine, case):
-    _, b, c, h, w, ho, wo, dtype, ac, mode, cl, rows = case
-    x = _image(b, c, h, w, dtype=dtype, channels_last=cl, seed=h * w)
-    theta = _theta(*rows).expand(b, -1, -1, -1).clone()
-    if b > 1:  # not the same warps in every image
-        theta[1:] += 0.05 * torch.randn(theta[1:].shape, generator=torch.Generator().manual_seed(3), dtype=theta.dtype)
-    _check(affine, x, theta, (ho, wo), align_corners=ac, mode=mode)
 
 
 def test_strided_grad_out(affine):
@@ -175,26 +192,29 @@ def test_window_cap_and_degenerate_axes(affine):
     _check(affine, x, _theta(IDENTITY, SHEAR), (4, 1), align_corners=True, flags=[0, 0])
 
 
-def test_parameter_gradient_matches_the_scatter_kernel(affine, monkeypatch):
+@pytest.mark.parametrize("family", ["affine", "projective"])
+def test_parameter_gradient_matches_the_scatter_kernel(family, monkeypatch):
     # The gather reduces the matrix gradient of the (b, k) it takes from its (output, input pixel) pairs: the scatter
     # kernel's terms in another order. Image-only and parameter-only backward passes work too.
+    module = _gathering(monkeypatch, family)
     x = _image(2, 3, 6, 7, channels_last=True, seed=4).to(DEVICE)
-    theta = (_theta(_rotation(25, 0.8), ZOOM_OUT).expand(2, -1, -1, -1).float() + 0.02).to(DEVICE)
+    rows = _theta(_rotation(25, 0.8), ZOOM_OUT) if family == "affine" else _homography(H_TILT, H_ZOOM_OUT)
+    params = (rows.expand(2, -1, -1, -1).float() + 0.02).to(DEVICE)
     grad = torch.randn(2, 2, 3, 5, 4, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    gx, gt = _grads(affine, x, theta, (5, 4), grad)
-    assert torch.equal(affine.flags[0].cpu(), torch.ones(4, dtype=torch.int32))
-    monkeypatch.setattr(affine, "IMAGE_GRAD", "scatter")
-    sx, st = _grads(affine, x, theta, (5, 4), grad)
-    assert len(affine.flags) == 1  # the scatter setting does not gather
+    gx, gt = _grads(module, x, params, (5, 4), grad, family=family)
+    assert torch.equal(module.flags[0].cpu(), torch.ones(4, dtype=torch.int32))
+    monkeypatch.setattr(module, "IMAGE_GRAD", "scatter")
+    sx, st = _grads(module, x, params, (5, 4), grad, family=family)
+    assert len(module.flags) == 1  # the scatter setting does not gather
     # float32 sums of some 50 terms of size ~1 in two orders
     torch.testing.assert_close(gt, st, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gx, sx, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(affine, "IMAGE_GRAD", "gather")
-    ox, none = _grads(affine, x, theta, (5, 4), grad, need=(True, False))
+    monkeypatch.setattr(module, "IMAGE_GRAD", "gather")
+    ox, none = _grads(module, x, params, (5, 4), grad, need=(True, False), family=family)
     assert none is None and torch.equal(ox, gx)
-    none, ot = _grads(affine, x, theta, (5, 4), grad, need=(False, True))
+    none, ot = _grads(module, x, params, (5, 4), grad, need=(False, True), family=family)
     assert none is None and torch.equal(ot, st)  # without an image gradient there is nothing to gather
-    assert len(affine.flags) == 2
+    assert len(module.flags) == 2
 
 
 def test_border_padding_scatters(affine):
@@ -228,6 +248,7 @@ import sys
 sys.path.insert(0, "benchmarks")
 from sass_report import compile_sm90, kernels_to_report, sizes
 import kernels._common as common
+import kernels._gather as _gather
 import kernels.affine as affine
 
 print(affine.IMAGE_GRAD, common.VECTOR_ATOMICS)
@@ -235,14 +256,14 @@ print(affine.IMAGE_GRAD, common.VECTOR_ATOMICS)
 # catches what only the interpreter accepts.
 for label, fn, consts, warps in kernels_to_report(3):
     compile_sm90(fn, sizes(3), consts, warps)
-# The gather's other variants, on the feature-map tile: nearest and bilinear with the parameter gradient, float64
-# compute with bfloat16 images and int64 offsets.
-tile = affine._gather_config(128)
+# The gather's other variants (affine and projective), on the feature-map tile: nearest and bilinear with the
+# parameter gradient, float64 compute with bfloat16 images and int64 offsets.
+tile = _gather.gather_config(128)
 warps = tile.pop("num_warps")
 pointers = {"gx_ptr": "*fp64", "part_ptr": "*fp64", "m_ptr": "*fp64", "x_ptr": "*bf16", "go_ptr": "*bf16"}
-for nearest in (True, False):
-    consts = dict(NEAREST=nearest, NEED_PARAM_GRAD=not nearest, CAP=affine.WINDOW_CAP, F64=True, IDX64=True, **tile)
-    compile_sm90(affine._affine_gather_kernel, sizes(128), consts, warps, pointers)
+for proj, nearest in ((False, True), (False, False), (True, True), (True, False)):
+    consts = dict(NEAREST=nearest, NEED_PARAM_GRAD=not nearest, CAP=_gather.WINDOW_CAP, F64=True, IDX64=True, **tile)
+    compile_sm90(_gather._gather_kernel, sizes(128), {**consts, "PROJ": proj, "EPS": 1e-8}, warps, pointers)
 print("COMPILED")
 """
 
@@ -274,3 +295,87 @@ def test_random_warps_float64(affine):
         x = _image(1, c, h, w, dtype=torch.float64, seed=trial)
         affine.flags.clear()
         _check(affine, x, _theta(*rows), (ho, wo), align_corners=bool(trial % 2))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# projective warps
+# --------------------------------------------------------------------------------------------------------------
+# (name, B, C, H, W, Ho, Wo, dtype, align_corners, mode, channels_last, homography rows per image)
+PROJECTIVE_CASES = [
+    (
+        "identity-tilt-zoomin",
+        1,
+        1,
+        7,
+        5,
+        7,
+        5,
+        torch.float64,
+        False,
+        "bilinear",
+        False,
+        [H_IDENTITY, H_TILT, H_ZOOM_IN],
+    ),
+    ("zoomout-scaled-f32", 2, 3, 11, 13, 5, 7, torch.float32, True, "bilinear", True, [H_ZOOM_OUT, H_SCALED]),
+    ("larger-output", 1, 2, 5, 6, 9, 11, torch.float32, False, "bilinear", False, [H_MILD]),
+    ("nearest-f64", 1, 2, 6, 7, 7, 5, torch.float64, True, "nearest", False, [H_TILT, H_ZOOM_OUT]),
+]
+
+
+PARITY = [("affine", case) for case in CASES] + [("projective", case) for case in PROJECTIVE_CASES]
+
+
+@pytest.mark.parametrize(("family", "case"), PARITY, ids=[f"{family}-{case[0]}" for family, case in PARITY])
+def test_image_gradient_parity(family, case, monkeypatch):
+    _, b, c, h, w, ho, wo, dtype, ac, mode, cl, rows = case
+    module = _gathering(monkeypatch, family)
+    x = _image(b, c, h, w, dtype=dtype, channels_last=cl, seed=h * w)
+    params = (_theta if family == "affine" else _homography)(*rows).expand(b, -1, -1, -1).clone()
+    if b > 1:  # not the same warps in every image
+        noise = torch.randn(params[1:].shape, generator=torch.Generator().manual_seed(3), dtype=params.dtype)
+        params[1:] += (0.05 if family == "affine" else 0.03) * noise
+    _check(module, x, params, (ho, wo), align_corners=ac, mode=mode)
+
+
+def test_projective_conditioning(projective):
+    # A horizon inside the output, a singular matrix, NaN and a 5x zoom-in are left to the scatter kernel; the
+    # gradients stay right for all of them, and the well-conditioned warps beside them are gathered.
+    nan = float("nan")
+    rows = [H_TILT, H_HORIZON, (1.0, 0, 0, 0, 1.0, 0, 0, 0, 0), (nan,) * 9, (0.2, 0, 0, 0, 0.2, 0, 0, 0, 1.0)]
+    x = _image(1, 2, 7, 6, seed=5)
+    gx, gt = _check(projective, x, _homography(*rows), (6, 5), flags=[1, 0, 0, 0, 0])
+    assert torch.isfinite(gt[:, [0, 1, 2, 4]]).all()
+
+
+def test_projective_random_warps_float64(projective):
+    # Random homographies (rotation, anisotropic scale from 0.6x to 1.8x, shear, translation and a perspective
+    # part of up to 0.15) in float64: the gathered sums equal the reference's to rounding wherever the gather takes
+    # the warp, and the scatter kernel gets the rest (a horizon near the output, a window wider than WINDOW_CAP).
+    g = torch.Generator().manual_seed(12)
+    gathered = 0
+    for trial in range(6):
+        c = 1 + trial % 2
+        h, w = (int(v) for v in torch.randint(3, 10, (2,), generator=g))
+        ho, wo = (int(v) for v in torch.randint(2, 9, (2,), generator=g))
+        rows = []
+        for _ in range(2):
+            angle, scale_x, scale_y, shear, tx, ty, px, py = torch.rand(8, generator=g, dtype=torch.float64).tolist()
+            cos, sin = math.cos(6.3 * angle), math.sin(6.3 * angle)
+            sx, sy, sh = 0.6 + 1.2 * scale_x, 0.6 + 1.2 * scale_y, 0.4 * (shear - 0.5)
+            perspective = (0.3 * (px - 0.5), 0.3 * (py - 0.5), 1.0)
+            rows.append((sx * cos, -sy * sin + sh, tx - 0.5, sx * sin, sy * cos, ty - 0.5, *perspective))
+        x = _image(1, c, h, w, dtype=torch.float64, seed=trial)
+        hom = _homography(*rows)
+        projective.flags.clear()
+        xa, ha = x.to(DEVICE), hom.to(DEVICE)
+        grad = torch.randn(1, 2, c, ho, wo, generator=torch.Generator().manual_seed(trial), dtype=torch.float64)
+        gx, gt = _grads(
+            projective, xa, ha, (ho, wo), grad.to(DEVICE), family="projective", align_corners=bool(trial % 2)
+        )
+        rgx, rgt = _grads(
+            reference, xa, ha, (ho, wo), grad.to(DEVICE), family="projective", align_corners=bool(trial % 2)
+        )
+        torch.testing.assert_close(gx, rgx, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(gt, rgt, rtol=1e-10, atol=1e-10)
+        gathered += int(projective.flags[0].sum())
+    assert gathered >= 6  # most of the 12 warps are well conditioned
