@@ -6,8 +6,9 @@ forward + backward on an H100 for B 64, C 3, 448 x 448 -> K 4 x 224 x 224). An a
 inverse, so each input pixel q can instead find the few output pixels that read it and sum their contributions in
 registers, then write its gradient with one plain store: no atomics, no zeroed buffer, and a deterministic sum.
 
-The families' backward launchers call :func:`gather` when their ``IMAGE_GRAD`` is "gather" (zeros padding), then
-their scatter kernel with ``SKIP_GATHERED`` for the (b, k) the gather flagged as not well conditioned.
+The families' backward launchers call :func:`gather_first`, which runs :func:`gather` when their ``IMAGE_GRAD`` is
+"gather" (zeros padding), then their scatter kernel with ``SKIP_GATHERED`` for the (b, k) the gather flagged as not
+well conditioned, and :func:`matrix_grad` to add up both kernels' partial sums of the matrix gradient.
 """
 
 from __future__ import annotations
