@@ -49,7 +49,7 @@ def sweep(name: str, rep: int, variants_only: bool = False) -> None:
     family, b, c, h, w, k, ho, wo = WORKLOADS[name]
     x, params, target = make_inputs(family, b, c, h, w, k, torch.float32, "cuda")
     size = (ho, wo)
-    modules = (affine, projective, tps, grid)
+    modules = (_gather, tps, grid)  # the modules whose launchers call bwd_config (affine, projective: via _gather)
     default_bwd = _common.bwd_config
     default_group, default_vector = _common.CHANNEL_GROUP, _common.VECTOR_ATOMICS
     default_image_grad = affine.IMAGE_GRAD, projective.IMAGE_GRAD
@@ -87,17 +87,18 @@ def sweep(name: str, rep: int, variants_only: bool = False) -> None:
         if family in ("affine", "projective"):
             module = affine if family == "affine" else projective
             module.IMAGE_GRAD = "gather"
+            proj = family == "projective"
             default_gather = dict(_gather.GATHER_TILES)
-            run(f"gather, launcher's {_gather.gather_config(c)}")
+            run(f"gather, launcher's {_gather.gather_config(c, proj)}")
             for bh, bw, warps in [] if variants_only else GATHER_TILES:
                 _gather.GATHER_TILES.update({bc: (bh, bw, warps) for bc in default_gather})
-                run(f"gather, {_gather.gather_config(c)}")
+                run(f"gather, {_gather.gather_config(c, proj)}")
             _gather.GATHER_TILES.update(default_gather)
             if c > _gather.GATHER_MAX_BLOCK_C and not variants_only:
                 default_block = _gather.GATHER_MAX_BLOCK_C
                 for cap in (2, 8):
                     _gather.GATHER_MAX_BLOCK_C = cap
-                    run(f"gather, launcher's tiles, at most {cap} channels per program")
+                    run(f"gather, {_gather.gather_config(c, proj)}")
                 _gather.GATHER_MAX_BLOCK_C = default_block
             module.IMAGE_GRAD = "scatter"
     finally:
