@@ -52,7 +52,7 @@ stage() {  # stage NAME SECONDS COMMAND...
     python3 -c "import torch, triton, pytorch_lightning as pl, timm; print('torch', torch.__version__, 'triton', triton.__version__,
 'lightning', pl.__version__, 'timm', timm.__version__)"
 } 2>&1 | tee "$OUT/versions.txt"
-STAGES=${*:-checks quick gather vector compile more bench train}
+STAGES=${*:-checks variants quick compile more bench train}
 # BENCH_WORKLOADS / BENCH_DTYPES narrow the headline stages (to finish a run that was cut short).
 # shellcheck disable=SC2206
 HEADLINE=(--workloads ${BENCH_WORKLOADS:-cub448x4 feat56x2 mnist2} --dtypes ${BENCH_DTYPES:-float32 bfloat16} --rep 50)
