@@ -19,7 +19,8 @@
 #   compile  torch.compile(fullgraph=True), opcheck and autocast on the compiled path (tests/..., -k gpu), and
 #            the gather backward's tests on CUDA
 #   train    the demo config end to end on the GPU (Triton sampler, `backend="auto"`), then its test set
-# Results go to $OUT (one .txt per stage, kernels*.json). Arguments name the stages to run (default: all), e.g.
+# Results go to $OUT (one .txt per stage, kernels*.json). Arguments name the stages to run (default: checks
+# variants quick compile more bench train), e.g.
 #   bash benchmarks/gpu_session.sh checks quick      # parity + timings without the torch.compile baseline
 #   bash benchmarks/gpu_session.sh bench more compile train
 #
