@@ -76,7 +76,7 @@ for name in $STAGES; do
         --dtypes float32 bfloat16 --rep 50 --skip-compile --json "$OUT/kernels-more.json" ;;
     profile) stage profile 60 python3 benchmarks/profile_kernels.py cub448x4 feat56x2 mnist2 ;;
     sweep) stage sweep 120 python3 benchmarks/sweep_tiles.py ;;
-    compile) stage compile 80 bash -c 'python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py -k gpu \
+    compile) stage compile 150 bash -c 'python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py -k gpu \
         && python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gather.py' ;;
     train) stage train 90 python3 train.py fit --config configs/demo.yaml --test_after_fit true \
         --trainer.default_root_dir /tmp/gpu_logs --trainer.enable_progress_bar false ;;
