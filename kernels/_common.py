@@ -353,21 +353,30 @@ def _scatter_tile(
     gx_ptr,
     x_ptr,
     go_ptr,
+    bk,
+    K,
+    i,
+    j,
     ix,
     iy,
     valid,
-    go_pix,
     c_lo,
     c_hi,
     H,
     W,
+    sxb,
     sxc,
     sxh,
     sxw,
+    sgxb,
     sgxc,
     sgxh,
     sgxw,
+    sgb,
+    sgk,
     sgc,
+    sgh,
+    sgw,
     BORDER: tl.constexpr,
     NEAREST: tl.constexpr,
     NEED_X_GRAD: tl.constexpr,
@@ -381,9 +390,17 @@ def _scatter_tile(
     """Backward of one tile for channels [c_lo, c_hi): scatter grad_out into the image gradient, return the
     channels' share of d loss / d (ix, iy) per pixel.
 
-    gx_ptr (see _grad_image), x_ptr point at image b, go_ptr at (b, k); go_pix is the pixel offset i * sgh + j * sgw
-    in grad_out. With ACC_CP the image gradient buffer is pixel-major (see _grad_corner).
+    gx_ptr, x_ptr and go_ptr are the whole tensors (image gradient buffer, images, grad_out), located here for
+    (b, k) = divmod(bk, K) and output pixels (i, j). With ACC_CP the image gradient buffer is pixel-major (see
+    _grad_corner).
     """
+    b = (bk // K).to(tl.int64)
+    gx_ptr = _grad_image(gx_ptr, b, sgxb, H, W, ACC_CP)
+    x_ptr = x_ptr + b * sxb
+    go_ptr = go_ptr + b * sgb + (bk % K).to(tl.int64) * sgk
+    go_pix = i * sgh + j * sgw
+    if IDX64:
+        go_pix = i.to(tl.int64) * sgh + j.to(tl.int64) * sgw
     ix, iy, valid, pass_x, pass_y = _clamp_coords(ix, iy, valid, H, W, BORDER, FMAX)
     # Channel terms of the coordinate gradient accumulate per channel lane, summed over the lanes once at the end
     # (a reduction across warps per channel block would cost a pass through shared memory each).

@@ -38,7 +38,6 @@ from ._common import (
     HAS_LIBRARY_OPS,
     _affine_map,
     _affine_matrix,
-    _grad_image,
     _matrix_partials,
     _sample_tile,
     _scatter_tile,
@@ -186,15 +185,9 @@ def _affine_bwd_kernel(
             tl.store(part + r, tl.zeros((8,), dtype=CDT), mask=r < 6)
     else:
         ix, iy, u, v = _affine_coords(m_ptr, bk, i, j, H, W, Ho, Wo, CDT)
-        b = (bk // K).to(tl.int64)
-        go_bk = go_ptr + b * sgb + (bk % K).to(tl.int64) * sgk
-        go_pix = i * sgh + j * sgw
-        if IDX64:
-            go_pix = i.to(tl.int64) * sgh + j.to(tl.int64) * sgw
-        gx_b = _grad_image(gx_ptr, b, sgxb, H, W, ACC_CP)
         gix, giy = _scatter_tile(
-            gx_b, x_ptr + b * sxb, go_bk, ix, iy, pmask, go_pix, c_lo, c_hi, H, W,
-            sxc, sxh, sxw, sgxc, sgxh, sgxw, sgc,
+            gx_ptr, x_ptr, go_ptr, bk, K, i, j, ix, iy, pmask, c_lo, c_hi, H, W,
+            sxb, sxc, sxh, sxw, sgxb, sgxc, sgxh, sgxw, sgb, sgk, sgc, sgh, sgw,
             BORDER, NEAREST, NEED_X_GRAD, NEED_PARAM_GRAD, BLOCK_C, ACC_CP, CDT, IDX64, FMAX,
         )  # fmt: skip
         if NEED_PARAM_GRAD:

@@ -24,7 +24,6 @@ from . import reference
 from ._common import (
     HAS_LIBRARY_OPS,
     _div,
-    _grad_image,
     _matrix_partials,
     _projective_map,
     _projective_matrix,
@@ -176,15 +175,9 @@ def _projective_bwd_kernel(
             tl.store(part + r, tl.zeros((16,), dtype=CDT), mask=r < 9)
     else:
         ix, iy, ok, u, v, a, b, w = _projective_coords(m_ptr, bk, i, j, H, W, Ho, Wo, CDT, FMAX, EPS)
-        bi = (bk // K).to(tl.int64)
-        go_bk = go_ptr + bi * sgb + (bk % K).to(tl.int64) * sgk
-        go_pix = i * sgh + j * sgw
-        if IDX64:
-            go_pix = i.to(tl.int64) * sgh + j.to(tl.int64) * sgw
-        gx_b = _grad_image(gx_ptr, bi, sgxb, H, W, ACC_CP)
         gix, giy = _scatter_tile(
-            gx_b, x_ptr + bi * sxb, go_bk, ix, iy, pmask & ok, go_pix, c_lo, c_hi, H, W,
-            sxc, sxh, sxw, sgxc, sgxh, sgxw, sgc,
+            gx_ptr, x_ptr, go_ptr, bk, K, i, j, ix, iy, pmask & ok, c_lo, c_hi, H, W,
+            sxb, sxc, sxh, sxw, sgxb, sgxc, sgxh, sgxw, sgb, sgk, sgc, sgh, sgw,
             BORDER, NEAREST, NEED_X_GRAD, NEED_PARAM_GRAD, BLOCK_C, ACC_CP, CDT, IDX64, FMAX,
         )  # fmt: skip
         if NEED_PARAM_GRAD:

@@ -21,7 +21,6 @@ from torch import Tensor
 from . import reference
 from ._common import (
     HAS_LIBRARY_OPS,
-    _grad_image,
     _sample_tile,
     _scatter_tile,
     _tile_coords,
@@ -192,15 +191,9 @@ def _tps_bwd_kernel(
     FMAX = 1.7976931348623157e308 if F64 else 3.4028234663852886e38
     bk, slot, c_lo, c_hi, i, j, pmask = _tile_coords(C, Ho, Wo, BLOCK_H, BLOCK_W, CGROUP)
     ix, iy, xn, yn = _tps_coords(coef_ptr, t_ptr, s_ptr, bk, i, j, N, H, W, Ho, Wo, CDT)
-    b = (bk // K).to(tl.int64)
-    go_bk = go_ptr + b * sgb + (bk % K).to(tl.int64) * sgk
-    go_pix = i * sgh + j * sgw
-    if IDX64:
-        go_pix = i.to(tl.int64) * sgh + j.to(tl.int64) * sgw
-    gx_b = _grad_image(gx_ptr, b, sgxb, H, W, ACC_CP)
     gix, giy = _scatter_tile(
-        gx_b, x_ptr + b * sxb, go_bk, ix, iy, pmask, go_pix, c_lo, c_hi, H, W,
-        sxc, sxh, sxw, sgxc, sgxh, sgxw, sgc,
+        gx_ptr, x_ptr, go_ptr, bk, K, i, j, ix, iy, pmask, c_lo, c_hi, H, W,
+        sxb, sxc, sxh, sxw, sgxb, sgxc, sgxh, sgxw, sgb, sgk, sgc, sgh, sgw,
         BORDER, NEAREST, NEED_X_GRAD, NEED_PARAM_GRAD, BLOCK_C, ACC_CP, CDT, IDX64, FMAX,
     )  # fmt: skip
     if NEED_PARAM_GRAD:
