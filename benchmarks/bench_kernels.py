@@ -7,6 +7,8 @@ For each workload and image dtype it times (median of CUDA-event timings, triton
 * eager-stacked: the K grids stacked in one grid_sample call on the un-copied input (what kernels.reference does),
   then the (B, K, C, Ho, Wo) transpose;
 * compiled: torch.compile of the eager-stacked path;
+* triton-compiled: torch.compile(fullgraph=True) of the triton path (the torch.library ops in inductor's graph,
+  launched from its generated code: what a user who compiles the model gets, with less host time per call);
 * triton-graph, stacked-graph: the triton and eager-stacked paths captured in CUDA graphs and replayed, which
   times their kernels without the host's work (on small workloads the host is what an eager step costs);
 * floor: (input read once + output written once) / the bandwidth of a device-to-device copy measured in the same
@@ -50,7 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
     parser.add_argument("--check", action="store_true", help="run GPU parity, int64 and NaN-isolation checks first")
     parser.add_argument("--check-only", action="store_true", help="run the checks and no benchmark")
-    parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile baseline")
+    parser.add_argument(
+        "--skip-compile",
+        action="store_true",
+        help="leave out torch.compile (of the eager-stacked and the triton paths)",
+    )
     parser.add_argument(
         "--skip-graphs", action="store_true", help="leave out the CUDA-graph replays of triton and eager-stacked"
     )
@@ -146,6 +152,15 @@ def triton_path(family, x, params, target, size):  # type: ignore[no-untyped-def
     from kernels import triton_ops
 
     return sample(triton_ops, family, x, params, target, size)
+
+
+def triton_compiled(family):  # type: ignore[no-untyped-def]
+    """torch.compile of the triton path, without graph breaks (fullgraph), one static graph per workload."""
+    import torch
+
+    from kernels import triton_ops
+
+    return torch.compile(functools.partial(sample, triton_ops, family), fullgraph=True, dynamic=False)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -253,6 +268,7 @@ def run_benchmarks(args: argparse.Namespace, info: dict) -> dict:
             if not args.skip_compile and dtype_name in compile_dtypes:
                 # dynamic=False: one static graph per workload (a dynamic-shape recompile fails in affine_grid)
                 impls["compiled"] = torch.compile(functools.partial(eager_stacked, family), dynamic=False)
+                impls["triton_compiled"] = triton_compiled(family)
             if not args.skip_graphs:  # last: a capture that fails cannot disturb the others
                 impls["triton_graph"] = impls["triton"]
                 impls["stacked_graph"] = impls["eager_stacked"]
@@ -291,21 +307,22 @@ def print_header(info: dict) -> None:
         f" | vector atomics: {info['vector_atomics']} | channels per program: {info['channel_group']}"
     )
     print(
-        f"{'workload':<22} {'dtype':<9} {'impl':<14} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak MiB':>10}"
+        f"{'workload':<22} {'dtype':<9} {'impl':<15} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak MiB':>10}"
         f" {'floor fwd':>10} {'floor f+b':>10} {'f+b, params only':>17}"
     )
 
 
 def print_row(row: dict) -> None:
-    for impl in ("triton", "eager_copies", "eager_stacked", "compiled", "triton_graph", "stacked_graph"):
+    impls = ("triton", "eager_copies", "eager_stacked", "compiled", "triton_compiled", "triton_graph", "stacked_graph")
+    for impl in impls:
         if impl not in row:
             continue
         r = row[impl]
         if "error" in r:
-            print(f"{row['workload']:<22} {row['dtype']:<9} {impl:<14} {r['error']}")
+            print(f"{row['workload']:<22} {row['dtype']:<9} {impl:<15} {r['error']}")
             continue
         print(
-            f"{row['workload']:<22} {row['dtype']:<9} {impl:<14} {r['fwd_ms']:>9.3f} {r['fwd_bwd_ms']:>11.3f}"
+            f"{row['workload']:<22} {row['dtype']:<9} {impl:<15} {r['fwd_ms']:>9.3f} {r['fwd_bwd_ms']:>11.3f}"
             f" {r['peak_fwd_bwd_mib']:>10.1f} {row['floor_fwd_ms']:>10.3f} {row['floor_fwd_bwd_ms']:>10.3f}"
             f" {r['fwd_bwd_params_only_ms']:>17.3f}"
         )

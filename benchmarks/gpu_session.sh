@@ -12,7 +12,8 @@
 #   variants the cheap way to compare the backward variants: parity with the opt-in variants on (the affine and
 #            projective gathers, and vector atomics for every scatter), then forward + backward of the scatter, the
 #            vector atomics and the gather side by side in one process, float32 (sweep_tiles.py --variants-only)
-#   bench    the headline workloads (cub448x4, feat56x2, mnist2) with the torch.compile baseline in float32
+#   bench    the headline workloads (cub448x4, feat56x2, mnist2) with torch.compile (of the PyTorch and the
+#            Triton paths) in float32
 #   more     projective and spline on cub448x4, without torch.compile
 #   profile  the CUDA kernels behind one Triton forward + backward, and host time against GPU time
 #   sweep    forward + backward with other backward tiles (scatter and gather) than the launchers' fixed ones
@@ -70,7 +71,7 @@ for name in $STAGES; do
         STN_PROJECTIVE_IMAGE_GRAD=gather python3 benchmarks/bench_kernels.py --check-only; \
         python3 benchmarks/sweep_tiles.py --variants-only \
         --workloads cub448x4 feat56x2 cub448x4-projective cub448x4-tps16' ;;
-    bench) stage bench 180 python3 benchmarks/bench_kernels.py "${HEADLINE[@]}" --compile-dtypes float32 \
+    bench) stage bench 240 python3 benchmarks/bench_kernels.py "${HEADLINE[@]}" --compile-dtypes float32 \
         --json "$OUT/kernels.json" ;;
     more) stage more 60 python3 benchmarks/bench_kernels.py --workloads cub448x4-projective cub448x4-tps16 \
         --dtypes float32 bfloat16 --rep 50 --skip-compile --json "$OUT/kernels-more.json" ;;
