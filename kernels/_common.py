@@ -34,6 +34,7 @@ __all__ = [
     "HAS_LIBRARY_OPS",
     "VECTOR_ATOMICS",
     "acc_channels",
+    "apply_function",
     "autocast_inputs",
     "block_c",
     "bwd_config",
@@ -718,6 +719,19 @@ def use_library_op(x: Tensor) -> bool:
     around 0.04 ms of kernels for mnist2), so eager calls take the autograd.Function.
     """
     return HAS_LIBRARY_OPS and x.is_cuda and not interpreting() and torch.compiler.is_compiling()
+
+
+def apply_function(function: Any, forward: Callable[..., Tensor], *args: Any) -> Tensor:
+    """``function.apply(*args)`` (a family's autograd.Function) when autograd will need its backward, else
+    ``forward(*args)``, the launcher its forward calls with the same arguments.
+
+    Without a gradient to track (torch.no_grad, inference_mode, or no input that requires one) the Function would
+    only add host time: on the development machine's CPU its apply took about 35 us where the launcher alone took
+    18 us (benchmarks/RESULTS-kernels.md), which on small workloads is what a call costs.
+    """
+    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        return function.apply(*args)
+    return forward(*args)
 
 
 def reference_vjp(

@@ -42,6 +42,7 @@ from ._common import (
     _sample_tile,
     _scatter_tile,
     _tile_coords,
+    apply_function,
     autocast_inputs,
     channel_group,
     check_deterministic,
@@ -397,4 +398,5 @@ def sample_affine(
     x, theta = autocast_inputs(x, theta)
     if use_library_op(x):
         return torch.ops.stn_lightning.sample_affine(x, theta, size[0], size[1], align_corners, padding_mode, mode)
-    return _SampleAffine.apply(x, _pixel_matrix(x, theta, size, align_corners), size, padding_mode, mode)
+    m = _pixel_matrix(x, theta, size, align_corners)
+    return apply_function(_SampleAffine, _affine_forward, x, m, size, padding_mode, mode)

@@ -18,6 +18,7 @@ from ._common import (
     _sample_tile,
     _scatter_tile,
     _tile_coords,
+    apply_function,
     autocast_inputs,
     bwd_config,
     cdiv,
@@ -364,4 +365,5 @@ def sample_grid(
     x, grid = autocast_inputs(x, grid)
     if use_library_op(x):
         return torch.ops.stn_lightning.sample_grid(x, grid, align_corners, padding_mode, mode)
-    return _SampleGrid.apply(x, grid, _grid_scalars(x, grid, align_corners), padding_mode, mode)
+    scalars = _grid_scalars(x, grid, align_corners)
+    return apply_function(_SampleGrid, _grid_forward, x, grid, scalars, padding_mode, mode)

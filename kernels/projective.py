@@ -30,6 +30,7 @@ from ._common import (
     _sample_tile,
     _scatter_tile,
     _tile_coords,
+    apply_function,
     autocast_inputs,
     channel_group,
     check_deterministic,
@@ -390,4 +391,5 @@ def sample_projective(
     x, h = autocast_inputs(x, h)
     if use_library_op(x):
         return torch.ops.stn_lightning.sample_projective(x, h, size[0], size[1], align_corners, padding_mode, mode)
-    return _SampleProjective.apply(x, _pixel_matrix(x, h, size, align_corners), size, padding_mode, mode)
+    m = _pixel_matrix(x, h, size, align_corners)
+    return apply_function(_SampleProjective, _projective_forward, x, m, size, padding_mode, mode)

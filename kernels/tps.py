@@ -24,6 +24,7 @@ from ._common import (
     _sample_tile,
     _scatter_tile,
     _tile_coords,
+    apply_function,
     autocast_inputs,
     bwd_config,
     channel_group,
@@ -456,4 +457,4 @@ def sample_tps_coefficients(
             x, coefficients, target_points, size[0], size[1], align_corners, padding_mode, mode
         )
     coef, target, scalars = _tps_inputs(x, coefficients, target_points, size, align_corners)
-    return _SampleTps.apply(x, coef, target, scalars, size, padding_mode, mode)
+    return apply_function(_SampleTps, _tps_forward, x, coef, target, scalars, size, padding_mode, mode)

@@ -227,6 +227,25 @@ def test_partial_gradients(ops, need):
     _check_parity(ops, "grid", x, _grid(1, 2, 4, 7), None, need=need, padding_mode="border")
 
 
+@pytest.mark.parametrize("family", ["affine", "projective", "tps", "grid"])
+def test_forward_without_autograd(ops, family):
+    # Without a gradient to track, the ops call the forward launcher directly (no autograd.Function): the same
+    # samples bit for bit and no graph; with one, the Function records the backward.
+    x = _image(1, 2, 6, 5, seed=3)
+    p = _grid(1, 2, 4, 3) if family == "grid" else _params(family, 1, 2, seed=5)
+    size = None if family == "grid" else (4, 3)
+    tracked = _call(ops, family, x, p.clone().requires_grad_(), size, _target(family, p))
+    assert tracked.grad_fn is not None
+    untracked = [_call(ops, family, x, p, size, _target(family, p))]
+    with torch.no_grad():
+        untracked.append(_call(ops, family, x.requires_grad_(), p, size, _target(family, p)))
+    with torch.inference_mode():
+        untracked.append(_call(ops, family, x, p, size, _target(family, p)))
+    for out in untracked:
+        assert out.grad_fn is None
+        assert torch.equal(out, tracked.detach())
+
+
 def test_strided_images(ops):
     # Images are read with their own strides (no hidden copy): a sliced view and a batch expanded with stride 0;
     # the gradient reaches the tensor they are views of.
