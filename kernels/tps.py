@@ -198,9 +198,12 @@ def _tps_bwd_kernel(
         BORDER, NEAREST, NEED_X_GRAD, NEED_PARAM_GRAD, BLOCK_C, ACC_CP, CDT, IDX64, FMAX,
     )  # fmt: skip
     if NEED_PARAM_GRAD:
-        # Partial sums of d loss / d f: row n is sum_p (gix, giy)(p) * feature_n(p), features [U_0..U_N-1, 1, x, y].
+        # Partial sums of d loss / d f: row n is sum_p (gfx, gfy)(p) * feature_n(p), features [U_0..U_N-1, 1, x, y],
+        # where (gfx, gfy) = (sx gix, sy giy) since ix = ... + sx * f_x (likewise iy).
         # BLOCK_N points at a time: U as a (BLOCK_N, pixels) block, so one 2-D reduction per block and axis rather
         # than one per point (each reduction over the tile goes through shared memory and barriers).
+        gfx = gix * tl.load(s_ptr + 2).to(CDT)
+        gfy = giy * tl.load(s_ptr + 3).to(CDT)
         part = part_ptr + slot.to(tl.int64) * (N + 3) * 2
         rn = tl.arange(0, BLOCK_N)
         for n0 in range(0, N, BLOCK_N):
@@ -209,12 +212,12 @@ def _tps_bwd_kernel(
             dx = xn[None, :] - tl.load(t_ptr + 2 * ns, mask=nm, other=0.0).to(CDT)[:, None]
             dy = yn[None, :] - tl.load(t_ptr + 2 * ns + 1, mask=nm, other=0.0).to(CDT)[:, None]
             rad = _radial(dx * dx + dy * dy)
-            tl.store(part + 2 * ns, tl.sum(rad * gix[None, :], axis=1), mask=nm)
-            tl.store(part + 2 * ns + 1, tl.sum(rad * giy[None, :], axis=1), mask=nm)
+            tl.store(part + 2 * ns, tl.sum(rad * gfx[None, :], axis=1), mask=nm)
+            tl.store(part + 2 * ns + 1, tl.sum(rad * gfy[None, :], axis=1), mask=nm)
         r6 = tl.arange(0, 8)
         col = r6 // 2
         feat = tl.where((col == 0)[:, None], 1.0, tl.where((col == 1)[:, None], xn[None, :], yn[None, :]))
-        g = tl.where((r6 % 2 == 0)[:, None], gix[None, :], giy[None, :])
+        g = tl.where((r6 % 2 == 0)[:, None], gfx[None, :], gfy[None, :])
         tl.store(part + 2 * N + r6, tl.sum(g * feat, axis=1), mask=r6 < 6)
 
 
@@ -315,11 +318,7 @@ def _tps_backward(
     grad_x = finish_image_grad(gx, x, cfg["ACC_CP"]) if need_x else None
     grad_coef = None
     if need_coef:
-        if need_coord and part.numel():
-            # ix = ... + sx * f_x: scale the column sums by (sx, sy).
-            grad_coef = part.sum(1).view(b, k, n3, 2) * scalars[2:4]
-        else:
-            grad_coef = torch.zeros_like(coef)
+        grad_coef = part.sum(1).view(b, k, n3, 2) if need_coord and part.numel() else torch.zeros_like(coef)
     return grad_x, grad_coef
 
 
