@@ -27,6 +27,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
+from . import reference
+
 __all__ = [
     "CHANNEL_GROUP",
     "FWD_CONFIG_INTERPRET",
@@ -55,6 +57,7 @@ __all__ = [
     "programs_per_plane",
     "reference_vjp",
     "use_library_op",
+    "warp_params",
 ]
 
 #: torch.library.triton_op / wrap_triton exist (torch >= 2.6); without them the ops are plain autograd.Functions.
@@ -137,14 +140,32 @@ def _matrix_partials(ga, gb, gw, u, v, R: tl.constexpr):
     return tl.sum(g * f, axis=1)
 
 
+@triton.jit
+def _param_grads(part, s_ptr, R: tl.constexpr, E: tl.constexpr):
+    # d loss / d params from R entries of d loss / d M (the first E real, the rest junk the caller masks), where
+    # M = params * s entry by entry (see _affine_matrix, _projective_matrix).
+    r = tl.arange(0, R)
+    return part * tl.load(s_ptr + r, mask=r < E, other=0.0)
+
+
 # The families' coordinate maps (one function each, shared by their kernels and the gather) -------------------
 @triton.jit
 def _affine_matrix(m_ptr, bk, CDT: tl.constexpr):
-    # The six entries of the pixel matrix of (b, k) as scalars in the compute dtype.
+    # The six entries at m_ptr of (b, k), (B, K, 2, 3), as scalars in the compute dtype.
     mk = m_ptr + bk.to(tl.int64) * 6
     m00, m01, m02 = _load_row3(mk, CDT)
     m10, m11, m12 = _load_row3(mk + 3, CDT)
     return m00, m01, m02, m10, m11, m12
+
+
+@triton.jit
+def _affine_pixel_matrix(t_ptr, s_ptr, bk, CDT: tl.constexpr):
+    # The pixel matrix of (b, k): theta (B, K, 2, 3) times the pixel scales s (2, 3) entry by entry, one rounding
+    # each, as reference.affine_to_pixels computes it.
+    t00, t01, t02, t10, t11, t12 = _affine_matrix(t_ptr, bk, CDT)
+    s00, s01, s02 = _load_row3(s_ptr, CDT)
+    s10, s11, s12 = _load_row3(s_ptr + 3, CDT)
+    return t00 * s00, t01 * s01, t02 * s02, t10 * s10, t11 * s11, t12 * s12
 
 
 @triton.jit
@@ -161,12 +182,25 @@ def _affine_map(m00, m01, m02, m10, m11, m12, i, j, H, W, Ho, Wo, CDT: tl.conste
 
 @triton.jit
 def _projective_matrix(m_ptr, bk, CDT: tl.constexpr):
-    # The nine entries of the pixel homography of (b, k) as scalars in the compute dtype.
+    # The nine entries at m_ptr of (b, k), (B, K, 3, 3), as scalars in the compute dtype.
     mk = m_ptr + bk.to(tl.int64) * 9
     m00, m01, m02 = _load_row3(mk, CDT)
     m10, m11, m12 = _load_row3(mk + 3, CDT)
     m20, m21, m22 = _load_row3(mk + 6, CDT)
     return m00, m01, m02, m10, m11, m12, m20, m21, m22
+
+
+@triton.jit
+def _projective_pixel_matrix(t_ptr, s_ptr, bk, CDT: tl.constexpr):
+    # The pixel homography of (b, k): h (B, K, 3, 3) times the pixel scales s (3, 3) entry by entry, one rounding
+    # each, as reference.projective_to_pixels computes it.
+    t00, t01, t02, t10, t11, t12, t20, t21, t22 = _projective_matrix(t_ptr, bk, CDT)
+    s00, s01, s02 = _load_row3(s_ptr, CDT)
+    s10, s11, s12 = _load_row3(s_ptr + 3, CDT)
+    s20, s21, s22 = _load_row3(s_ptr + 6, CDT)
+    m00, m01, m02 = t00 * s00, t01 * s01, t02 * s02
+    m10, m11, m12 = t10 * s10, t11 * s11, t12 * s12
+    return m00, m01, m02, m10, m11, m12, t20 * s20, t21 * s21, t22 * s22
 
 
 @triton.jit
@@ -719,6 +753,20 @@ def use_library_op(x: Tensor) -> bool:
     around 0.04 ms of kernels for mnist2), so eager calls take the autograd.Function.
     """
     return HAS_LIBRARY_OPS and x.is_cuda and not interpreting() and torch.compiler.is_compiling()
+
+
+def warp_params(x: Tensor, params: Tensor, size: tuple[int, int], align_corners: bool) -> tuple[Tensor, Tensor]:
+    """What the affine and projective kernels read for parameters (B, K, 2 or 3, 3): the parameters in the compute
+    dtype, contiguous (no copy of the usual float32 parameters), and the (2 or 3, 3) pixel scales of the sizes
+    (``reference.pixel_scale_matrix``, a cached constant). The kernels multiply the two, entry by entry, into the
+    pixel matrices of ``reference.affine_to_pixels`` / ``projective_to_pixels`` (the same products, rounded once),
+    and scale their partial sums of d loss / d M by the same factors: the parameters' gradient. Done on the host,
+    the product cost a launch and an autograd node per call (benchmarks/RESULTS-kernels.md). The gather backward
+    (kernels/_gather.py) still takes the product from the host: in its loop over k the scaling cost registers."""
+    dtype = reference.compute_dtype(x, params)
+    in_size = (x.shape[-2], x.shape[-1])
+    scale = reference.pixel_scale_matrix(params.shape[2], in_size, size, align_corners, dtype, params)
+    return params.to(dtype).contiguous(), scale
 
 
 def apply_function(function: Any, forward: Callable[..., Tensor], *args: Any) -> Tensor:

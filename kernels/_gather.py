@@ -518,13 +518,14 @@ class ImageGradPlan(NamedTuple):
     cfg: dict[str, Any]  #: the scatter kernel's tile and image-gradient layout (bwd_config)
     gx: Tensor  #: the image gradient buffer (empty without an image gradient)
     flags: Tensor  #: the gather's (B * K,) flags (empty without a gather)
-    part: Tensor | None  #: the gather's partial sums of the matrix gradient (None without a gather)
+    part: Tensor | None  #: the gather's partial sums of d loss / d (pixel matrix) (None without a gather)
 
 
 def gather_first(
     grad: Tensor,
     x: Tensor,
     m: Tensor,
+    s: Tensor,
     size: tuple[int, int],
     padding_mode: str,
     mode: str,
@@ -546,18 +547,21 @@ def gather_first(
         # The gather kernel stores every pixel of gx (no zeroing) and the matrix gradients of the (b, k) it takes;
         # the scatter kernel adds the ill-conditioned rest.
         gx = torch.empty_like(x, dtype=m.dtype)
-        flags, part = gather_fn(grad, x, m, gx, size, mode, need_coord, wrap)
+        # The gather kernel reads pixel matrices (scaling the parameters in its loop over k cost it 17 registers
+        # per thread and spills under triton 3.6), so the product is formed here, and its partial sums are of
+        # d loss / d M (see matrix_grad).
+        flags, part = gather_fn(grad, x, m * s, gx, size, mode, need_coord, wrap)
     else:
         gx = image_grad_buffer(x, m.dtype, cfg["ACC_CP"]) if need_x else x.new_empty(0, dtype=m.dtype)
     return ImageGradPlan(gathered, cfg, gx, flags, part)
 
 
-def matrix_grad(part: Tensor, gathered_part: Tensor | None, m: Tensor, need_coord: bool) -> Tensor:
-    """d loss / d m, the shape of ``m``, from the scatter kernel's partial sums and the gather's (each is zero for
-    the (b, k) that the other kernel owns)."""
+def matrix_grad(part: Tensor, gathered_part: Tensor | None, m: Tensor, s: Tensor, need_coord: bool) -> Tensor:
+    """d loss / d m, the shape of the parameters ``m``, from the scatter kernel's partial sums (of d loss / d m) and
+    the gather's (of d loss / d M, M = m * s); each is zero for the (b, k) that the other kernel owns."""
     if not (need_coord and part.numel()):
         return torch.zeros_like(m)
     grad_m = part.sum(1).view(m.shape)
     if gathered_part is not None and gathered_part.numel():
-        grad_m = grad_m + gathered_part.sum(1).view(m.shape)
+        grad_m = grad_m + gathered_part.sum(1).view(m.shape) * s
     return grad_m

@@ -1,9 +1,9 @@
 """Triton sampler for K affine warps per image: kernels, launchers, autograd.Function and torch.library op.
 
-The launcher folds the normalisation into the (B, K, 2, 3) matrices in PyTorch (``reference.affine_to_pixels``),
-so the kernels see pixel matrices M with ix = M[0] . (u, v, 1) + (W - 1) / 2 on centred output pixels (u, v),
-and autograd carries d loss / d M back to theta. The backward reduces d loss / d M inside the kernel into one
-partial sum per program (B * K, programs per (b, k), 6), summed in PyTorch: no grid gradient ever reaches memory.
+The kernels multiply theta (B, K, 2, 3) by the pixel scales of the sizes (``_common.warp_params``) into pixel
+matrices M with ix = M[0] . (u, v, 1) + (W - 1) / 2 on centred output pixels (u, v) (``reference.affine_to_pixels``).
+The backward reduces d loss / d theta inside the kernel into one partial sum per program (B * K, programs per
+(b, k), 6), summed in PyTorch: no grid gradient ever reaches memory.
 
 The image gradient has two implementations, picked by the module attribute ``IMAGE_GRAD`` (read at every
 backward call; the environment variable ``STN_AFFINE_IMAGE_GRAD`` sets it at import). The default stays "scatter",
@@ -37,8 +37,9 @@ from . import reference
 from ._common import (
     HAS_LIBRARY_OPS,
     _affine_map,
-    _affine_matrix,
+    _affine_pixel_matrix,
     _matrix_partials,
+    _param_grads,
     _sample_tile,
     _scatter_tile,
     _tile_coords,
@@ -57,6 +58,7 @@ from ._common import (
     programs_per_plane,
     reference_vjp,
     use_library_op,
+    warp_params,
 )
 from ._gather import WINDOW_CAP, _gathered, gather, gather_first, matrix_grad
 from .reference import Mode, Padding
@@ -73,9 +75,9 @@ IMAGE_GRAD: str = os.environ.get("STN_AFFINE_IMAGE_GRAD", "scatter")
 # kernels
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _affine_coords(m_ptr, bk, i, j, H, W, Ho, Wo, CDT: tl.constexpr):
+def _affine_coords(m_ptr, s_ptr, bk, i, j, H, W, Ho, Wo, CDT: tl.constexpr):
     # Pixel coordinates of output pixels (i, j) under the pixel matrix of (b, k); see _affine_map.
-    m00, m01, m02, m10, m11, m12 = _affine_matrix(m_ptr, bk, CDT)
+    m00, m01, m02, m10, m11, m12 = _affine_pixel_matrix(m_ptr, s_ptr, bk, CDT)
     ix, iy, u, v = _affine_map(m00, m01, m02, m10, m11, m12, i, j, H, W, Ho, Wo, CDT)
     return ix, iy, u, v
 
@@ -87,6 +89,7 @@ def _affine_fwd_kernel(
     # inputs
     x_ptr,
     m_ptr,
+    s_ptr,
     # sizes
     K,
     C,
@@ -114,7 +117,7 @@ def _affine_fwd_kernel(
     CDT = tl.float64 if F64 else tl.float32
     FMAX = 1.7976931348623157e308 if F64 else 3.4028234663852886e38
     bk, slot, c_lo, c_hi, i, j, pmask = _tile_coords(C, Ho, Wo, BLOCK_H, BLOCK_W, CGROUP)
-    ix, iy, u, v = _affine_coords(m_ptr, bk, i, j, H, W, Ho, Wo, CDT)
+    ix, iy, u, v = _affine_coords(m_ptr, s_ptr, bk, i, j, H, W, Ho, Wo, CDT)
     # out is (B, K, C, Ho, Wo) contiguous; (b, k) planes are C * Ho * Wo apart.
     out_bk = out_ptr + bk.to(tl.int64) * C * Ho * Wo
     x_b = x_ptr + (bk // K).to(tl.int64) * sxb
@@ -139,6 +142,7 @@ def _affine_bwd_kernel(
     x_ptr,
     go_ptr,
     m_ptr,
+    s_ptr,
     flag_ptr,
     # sizes
     K,
@@ -185,29 +189,24 @@ def _affine_bwd_kernel(
         if NEED_PARAM_GRAD:
             tl.store(part + r, tl.zeros((8,), dtype=CDT), mask=r < 6)
     else:
-        ix, iy, u, v = _affine_coords(m_ptr, bk, i, j, H, W, Ho, Wo, CDT)
+        ix, iy, u, v = _affine_coords(m_ptr, s_ptr, bk, i, j, H, W, Ho, Wo, CDT)
         gix, giy = _scatter_tile(
             gx_ptr, x_ptr, go_ptr, bk, K, i, j, ix, iy, pmask, c_lo, c_hi, H, W,
             sxb, sxc, sxh, sxw, sgxb, sgxc, sgxh, sgxw, sgb, sgk, sgc, sgh, sgw,
             BORDER, NEAREST, NEED_X_GRAD, NEED_PARAM_GRAD, BLOCK_C, ACC_CP, CDT, IDX64, FMAX,
         )  # fmt: skip
         if NEED_PARAM_GRAD:
-            tl.store(part + r, _matrix_partials(gix, giy, giy, u, v, 8), mask=r < 6)
+            tl.store(part + r, _param_grads(_matrix_partials(gix, giy, giy, u, v, 8), s_ptr, 8, 6), mask=r < 6)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------------------------
-def _pixel_matrix(x: Tensor, theta: Tensor, size: tuple[int, int], align_corners: bool) -> Tensor:
-    # (B, K, 2, 3) pixel matrices in the compute dtype, contiguous for the kernels.
-    dtype = reference.compute_dtype(x, theta)
-    return reference.affine_to_pixels(theta.to(dtype), (x.shape[-2], x.shape[-1]), size, align_corners).contiguous()
-
-
 def _affine_forward(
-    x: Tensor, m: Tensor, size: tuple[int, int], padding_mode: str, mode: str, wrap: bool = False
+    x: Tensor, m: Tensor, s: Tensor, size: tuple[int, int], padding_mode: str, mode: str, wrap: bool = False
 ) -> Tensor:
-    """Samples (B, K, C, Ho, Wo) in x's dtype for pixel matrices m (B, K, 2, 3) in the compute dtype."""
+    """Samples (B, K, C, Ho, Wo) in x's dtype for theta m (B, K, 2, 3) and pixel scales s (2, 3), both in the
+    compute dtype (``warp_params``)."""
     b, c, h, w = x.shape
     k = m.shape[1]
     ho, wo = size
@@ -216,7 +215,7 @@ def _affine_forward(
         return out
     m_f64 = m.dtype == torch.float64
     grid = lambda meta: (b * k * programs_per_plane(c, ho, wo, meta),)
-    args = (out, x, m, k, c, h, w, ho, wo, *x.stride())
+    args = (out, x, m, s, k, c, h, w, ho, wo, *x.stride())
     meta = {
         "BORDER": padding_mode == "border",
         "NEAREST": mode == "nearest",
@@ -238,6 +237,7 @@ def _affine_backward(
     grad: Tensor,
     x: Tensor,
     m: Tensor,
+    s: Tensor,
     size: tuple[int, int],
     padding_mode: str,
     mode: str,
@@ -245,7 +245,8 @@ def _affine_backward(
     need_m: bool,
     wrap: bool = False,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """(d loss / d x, d loss / d m) for grad (B, K, C, Ho, Wo); None where not needed."""
+    """(d loss / d x, d loss / d m) for grad (B, K, C, Ho, Wo), theta m and scales s as for _affine_forward; None
+    where not needed."""
     if need_x:
         # Still atomics for the ill-conditioned (b, k) (and for border padding) even when gathering.
         check_deterministic("sample_affine_backward (Triton)")
@@ -255,7 +256,7 @@ def _affine_backward(
     need_coord = need_m and mode != "nearest"  # nearest has no coordinate gradient
     switch = "kernels.affine.IMAGE_GRAD (STN_AFFINE_IMAGE_GRAD)"
     plan = gather_first(
-        grad, x, m, size, padding_mode, mode, need_x, need_coord, wrap, IMAGE_GRAD, switch, _affine_gather
+        grad, x, m, s, size, padding_mode, mode, need_x, need_coord, wrap, IMAGE_GRAD, switch, _affine_gather
     )
     cfg, gx = plan.cfg, plan.gx
     programs = programs_per_plane(c, ho, wo, cfg)
@@ -263,7 +264,7 @@ def _affine_backward(
     if (need_x or need_coord) and grad.numel() > 0:
         m_f64 = m.dtype == torch.float64
         gx_strides = gx.stride() if need_x else (0, 0, 0, 0)
-        args = (gx, part, x, grad, m, plan.flags, k, c, h, w, ho, wo, *x.stride(), *gx_strides, *grad.stride())
+        args = (gx, part, x, grad, m, s, plan.flags, k, c, h, w, ho, wo, *x.stride(), *gx_strides, *grad.stride())
         meta = {
             "BORDER": padding_mode == "border",
             "NEAREST": mode == "nearest",
@@ -277,7 +278,7 @@ def _affine_backward(
         with device_context(x):
             launch(_affine_bwd_kernel, None, (b * k * programs,), args, meta, wrap)
     grad_x = finish_image_grad(gx, x, cfg["ACC_CP"]) if need_x else None
-    grad_m = matrix_grad(part, plan.part, m, need_coord) if need_m else None
+    grad_m = matrix_grad(part, plan.part, m, s, need_coord) if need_m else None
     return grad_x, grad_m
 
 
@@ -287,26 +288,20 @@ def _affine_backward(
 class _SampleAffine(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x: Tensor, m: Tensor, size: tuple[int, int], padding_mode: str, mode: str) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x, m)
+    def forward(ctx, x: Tensor, m: Tensor, s: Tensor, size: tuple[int, int], padding_mode: str, mode: str) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, m, s)
         ctx.options = (size, padding_mode, mode)
-        return _affine_forward(x, m, size, padding_mode, mode)
+        return _affine_forward(x, m, s, size, padding_mode, mode)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        x, m = ctx.saved_tensors
+        x, m, s = ctx.saved_tensors
         size, padding_mode, mode = ctx.options
         needs = ctx.needs_input_grad
-        gx, gm = _affine_backward(grad, x, m, size, padding_mode, mode, needs[0], needs[1])
-        return gx, gm, None, None, None
-
-
-def _affine_scale(theta: Tensor, x: Tensor, size: tuple[int, int], align_corners: bool) -> Tensor:
-    # d M / d theta: M = theta * scale elementwise (see reference.affine_to_pixels).
-    dtype = reference.compute_dtype(x, theta)
-    return reference.pixel_scale_matrix(2, (x.shape[-2], x.shape[-1]), size, align_corners, dtype, theta)
+        gx, gm = _affine_backward(grad, x, m, s, size, padding_mode, mode, needs[0], needs[1])
+        return gx, gm, None, None, None, None
 
 
 _affine_op = library_op("sample_affine")
@@ -316,8 +311,8 @@ if HAS_LIBRARY_OPS and _affine_op is None:
     def _affine_fwd_op(
         x: Tensor, theta: Tensor, height: int, width: int, align_corners: bool, padding_mode: str, mode: str
     ) -> Tensor:
-        m = _pixel_matrix(x, theta, (height, width), align_corners)
-        return _affine_forward(x, m, (height, width), padding_mode, mode, wrap=True)
+        m, s = warp_params(x, theta, (height, width), align_corners)
+        return _affine_forward(x, m, s, (height, width), padding_mode, mode, wrap=True)
 
     @_affine_fwd_op.register_kernel("cpu")
     def _affine_cpu(x, theta, height, width, align_corners, padding_mode, mode):  # type: ignore[no-untyped-def]
@@ -339,12 +334,10 @@ if HAS_LIBRARY_OPS and _affine_op is None:
         need_theta: bool,
     ) -> tuple[Tensor, Tensor]:
         size = (height, width)
-        m = _pixel_matrix(x, theta, size, align_corners)
-        gx, gm = _affine_backward(grad, x, m, size, padding_mode, mode, need_x, need_theta, wrap=True)
+        m, s = warp_params(x, theta, size, align_corners)
+        gx, gm = _affine_backward(grad, x, m, s, size, padding_mode, mode, need_x, need_theta, wrap=True)
         gx = gx if gx is not None else x.new_empty(0)
-        gt = theta.new_empty(0)
-        if gm is not None:
-            gt = (gm * _affine_scale(theta, x, size, align_corners)).to(theta.dtype)
+        gt = gm.to(theta.dtype) if gm is not None else theta.new_empty(0)
         return gx, gt
 
     @_affine_bwd_op.register_kernel("cpu")
@@ -398,5 +391,5 @@ def sample_affine(
     x, theta = autocast_inputs(x, theta)
     if use_library_op(x):
         return torch.ops.stn_lightning.sample_affine(x, theta, size[0], size[1], align_corners, padding_mode, mode)
-    m = _pixel_matrix(x, theta, size, align_corners)
-    return apply_function(_SampleAffine, _affine_forward, x, m, size, padding_mode, mode)
+    m, s = warp_params(x, theta, size, align_corners)
+    return apply_function(_SampleAffine, _affine_forward, x, m, s, size, padding_mode, mode)

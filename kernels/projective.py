@@ -1,10 +1,10 @@
 """Triton sampler for K projective warps per image: kernels, launchers, autograd.Function and torch.library op.
 
-The launcher folds the normalisation into the (B, K, 3, 3) homographies in PyTorch
-(``reference.projective_to_pixels``), so the kernels see pixel matrices M with [a, b, w] = M (u, v, 1) on centred
-output pixels (u, v) and ix = a / w + (W - 1) / 2; autograd carries d loss / d M back to h. Points with
-non-finite a, b, w or |w| < PROJECTIVE_EPS read nothing and pass no gradient. The backward reduces d loss / d M
-inside the kernel into one partial sum per program (B * K, programs per (b, k), 9), summed in PyTorch.
+The kernels multiply h (B, K, 3, 3) by the pixel scales of the sizes (``_common.warp_params``) into pixel matrices
+M with [a, b, w] = M (u, v, 1) on centred output pixels (u, v) and ix = a / w + (W - 1) / 2
+(``reference.projective_to_pixels``). Points with non-finite a, b, w or |w| < PROJECTIVE_EPS read nothing and
+pass no gradient. The backward reduces d loss / d h inside the kernel into one partial sum per program (B * K,
+programs per (b, k), 9), summed in PyTorch.
 
 With zeros padding and ``IMAGE_GRAD = "gather"`` (opt-in, ``STN_PROJECTIVE_IMAGE_GRAD=gather``), the backward
 first runs the gather kernel of kernels/_gather.py, which writes the image and parameter gradients of every
@@ -25,8 +25,9 @@ from ._common import (
     HAS_LIBRARY_OPS,
     _div,
     _matrix_partials,
+    _param_grads,
     _projective_map,
-    _projective_matrix,
+    _projective_pixel_matrix,
     _sample_tile,
     _scatter_tile,
     _tile_coords,
@@ -45,6 +46,7 @@ from ._common import (
     programs_per_plane,
     reference_vjp,
     use_library_op,
+    warp_params,
 )
 from ._gather import _gathered, gather, gather_first, matrix_grad
 from .reference import Mode, Padding
@@ -62,9 +64,9 @@ IMAGE_GRAD: str = os.environ.get("STN_PROJECTIVE_IMAGE_GRAD", "scatter")
 # kernels
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _projective_coords(m_ptr, bk, i, j, H, W, Ho, Wo, CDT: tl.constexpr, FMAX: tl.constexpr, EPS: tl.constexpr):
+def _projective_coords(m_ptr, s_ptr, bk, i, j, H, W, Ho, Wo, CDT: tl.constexpr, FMAX: tl.constexpr, EPS: tl.constexpr):
     # Pixel coordinates of output pixels (i, j) under the pixel homography of (b, k); see _projective_map.
-    m00, m01, m02, m10, m11, m12, m20, m21, m22 = _projective_matrix(m_ptr, bk, CDT)
+    m00, m01, m02, m10, m11, m12, m20, m21, m22 = _projective_pixel_matrix(m_ptr, s_ptr, bk, CDT)
     return _projective_map(m00, m01, m02, m10, m11, m12, m20, m21, m22, i, j, H, W, Ho, Wo, CDT, FMAX, EPS)
 
 
@@ -75,6 +77,7 @@ def _projective_fwd_kernel(
     # inputs
     x_ptr,
     m_ptr,
+    s_ptr,
     # sizes
     K,
     C,
@@ -103,7 +106,7 @@ def _projective_fwd_kernel(
     CDT = tl.float64 if F64 else tl.float32
     FMAX = 1.7976931348623157e308 if F64 else 3.4028234663852886e38
     bk, slot, c_lo, c_hi, i, j, pmask = _tile_coords(C, Ho, Wo, BLOCK_H, BLOCK_W, CGROUP)
-    ix, iy, ok, u, v, a, b, w = _projective_coords(m_ptr, bk, i, j, H, W, Ho, Wo, CDT, FMAX, EPS)
+    ix, iy, ok, u, v, a, b, w = _projective_coords(m_ptr, s_ptr, bk, i, j, H, W, Ho, Wo, CDT, FMAX, EPS)
     # out is (B, K, C, Ho, Wo) contiguous; (b, k) planes are C * Ho * Wo apart.
     out_bk = out_ptr + bk.to(tl.int64) * C * Ho * Wo
     x_b = x_ptr + (bk // K).to(tl.int64) * sxb
@@ -128,6 +131,7 @@ def _projective_bwd_kernel(
     x_ptr,
     go_ptr,
     m_ptr,
+    s_ptr,
     flag_ptr,
     # sizes
     K,
@@ -175,7 +179,7 @@ def _projective_bwd_kernel(
         if NEED_PARAM_GRAD:
             tl.store(part + r, tl.zeros((16,), dtype=CDT), mask=r < 9)
     else:
-        ix, iy, ok, u, v, a, b, w = _projective_coords(m_ptr, bk, i, j, H, W, Ho, Wo, CDT, FMAX, EPS)
+        ix, iy, ok, u, v, a, b, w = _projective_coords(m_ptr, s_ptr, bk, i, j, H, W, Ho, Wo, CDT, FMAX, EPS)
         gix, giy = _scatter_tile(
             gx_ptr, x_ptr, go_ptr, bk, K, i, j, ix, iy, pmask & ok, c_lo, c_hi, H, W,
             sxb, sxc, sxh, sxw, sgxb, sgxc, sgxh, sgxw, sgb, sgk, sgc, sgh, sgw,
@@ -186,22 +190,17 @@ def _projective_bwd_kernel(
             ga = _div(gix, w)
             gb = _div(giy, w)
             gw = -_div(gix * a, w * w) - _div(giy * b, w * w)
-            tl.store(part + r, _matrix_partials(ga, gb, gw, u, v, 16), mask=r < 9)
+            tl.store(part + r, _param_grads(_matrix_partials(ga, gb, gw, u, v, 16), s_ptr, 16, 9), mask=r < 9)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------------------------
-def _pixel_matrix(x: Tensor, h: Tensor, size: tuple[int, int], align_corners: bool) -> Tensor:
-    # (B, K, 3, 3) pixel matrices in the compute dtype, contiguous for the kernels.
-    dtype = reference.compute_dtype(x, h)
-    return reference.projective_to_pixels(h.to(dtype), (x.shape[-2], x.shape[-1]), size, align_corners).contiguous()
-
-
 def _projective_forward(
-    x: Tensor, m: Tensor, size: tuple[int, int], padding_mode: str, mode: str, wrap: bool = False
+    x: Tensor, m: Tensor, s: Tensor, size: tuple[int, int], padding_mode: str, mode: str, wrap: bool = False
 ) -> Tensor:
-    """Samples (B, K, C, Ho, Wo) in x's dtype for pixel matrices m (B, K, 3, 3) in the compute dtype."""
+    """Samples (B, K, C, Ho, Wo) in x's dtype for homographies m (B, K, 3, 3) and pixel scales s (3, 3), both in
+    the compute dtype (``warp_params``)."""
     b, c, h, w = x.shape
     k = m.shape[1]
     ho, wo = size
@@ -210,7 +209,7 @@ def _projective_forward(
         return out
     m_f64 = m.dtype == torch.float64
     grid = lambda meta: (b * k * programs_per_plane(c, ho, wo, meta),)
-    args = (out, x, m, k, c, h, w, ho, wo, *x.stride())
+    args = (out, x, m, s, k, c, h, w, ho, wo, *x.stride())
     meta = {
         "BORDER": padding_mode == "border",
         "NEAREST": mode == "nearest",
@@ -233,6 +232,7 @@ def _projective_backward(
     grad: Tensor,
     x: Tensor,
     m: Tensor,
+    s: Tensor,
     size: tuple[int, int],
     padding_mode: str,
     mode: str,
@@ -240,7 +240,8 @@ def _projective_backward(
     need_m: bool,
     wrap: bool = False,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """(d loss / d x, d loss / d m) for grad (B, K, C, Ho, Wo); None where not needed."""
+    """(d loss / d x, d loss / d m) for grad (B, K, C, Ho, Wo), homographies m and scales s as for
+    _projective_forward; None where not needed."""
     if need_x:
         check_deterministic("sample_projective_backward (Triton)")
     b, c, h, w = x.shape
@@ -249,7 +250,7 @@ def _projective_backward(
     need_coord = need_m and mode != "nearest"  # nearest has no coordinate gradient
     switch = "kernels.projective.IMAGE_GRAD (STN_PROJECTIVE_IMAGE_GRAD)"
     plan = gather_first(
-        grad, x, m, size, padding_mode, mode, need_x, need_coord, wrap, IMAGE_GRAD, switch, _projective_gather
+        grad, x, m, s, size, padding_mode, mode, need_x, need_coord, wrap, IMAGE_GRAD, switch, _projective_gather
     )
     cfg, gx = plan.cfg, plan.gx
     programs = programs_per_plane(c, ho, wo, cfg)
@@ -257,7 +258,7 @@ def _projective_backward(
     if (need_x or need_coord) and grad.numel() > 0:
         m_f64 = m.dtype == torch.float64
         gx_strides = gx.stride() if need_x else (0, 0, 0, 0)
-        args = (gx, part, x, grad, m, plan.flags, k, c, h, w, ho, wo, *x.stride(), *gx_strides, *grad.stride())
+        args = (gx, part, x, grad, m, s, plan.flags, k, c, h, w, ho, wo, *x.stride(), *gx_strides, *grad.stride())
         meta = {
             "BORDER": padding_mode == "border",
             "NEAREST": mode == "nearest",
@@ -272,7 +273,7 @@ def _projective_backward(
         with device_context(x):
             launch(_projective_bwd_kernel, None, (b * k * programs,), args, meta, wrap)
     grad_x = finish_image_grad(gx, x, cfg["ACC_CP"]) if need_x else None
-    grad_m = matrix_grad(part, plan.part, m, need_coord) if need_m else None
+    grad_m = matrix_grad(part, plan.part, m, s, need_coord) if need_m else None
     return grad_x, grad_m
 
 
@@ -282,26 +283,20 @@ def _projective_backward(
 class _SampleProjective(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x: Tensor, m: Tensor, size: tuple[int, int], padding_mode: str, mode: str) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x, m)
+    def forward(ctx, x: Tensor, m: Tensor, s: Tensor, size: tuple[int, int], padding_mode: str, mode: str) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, m, s)
         ctx.options = (size, padding_mode, mode)
-        return _projective_forward(x, m, size, padding_mode, mode)
+        return _projective_forward(x, m, s, size, padding_mode, mode)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        x, m = ctx.saved_tensors
+        x, m, s = ctx.saved_tensors
         size, padding_mode, mode = ctx.options
         needs = ctx.needs_input_grad
-        gx, gm = _projective_backward(grad, x, m, size, padding_mode, mode, needs[0], needs[1])
-        return gx, gm, None, None, None
-
-
-def _projective_scale(h: Tensor, x: Tensor, size: tuple[int, int], align_corners: bool) -> Tensor:
-    # d M / d h: M = h * scale elementwise (see reference.projective_to_pixels).
-    dtype = reference.compute_dtype(x, h)
-    return reference.pixel_scale_matrix(3, (x.shape[-2], x.shape[-1]), size, align_corners, dtype, h)
+        gx, gm = _projective_backward(grad, x, m, s, size, padding_mode, mode, needs[0], needs[1])
+        return gx, gm, None, None, None, None
 
 
 _projective_op = library_op("sample_projective")
@@ -311,8 +306,8 @@ if HAS_LIBRARY_OPS and _projective_op is None:
     def _projective_fwd_op(
         x: Tensor, h: Tensor, height: int, width: int, align_corners: bool, padding_mode: str, mode: str
     ) -> Tensor:
-        m = _pixel_matrix(x, h, (height, width), align_corners)
-        return _projective_forward(x, m, (height, width), padding_mode, mode, wrap=True)
+        m, s = warp_params(x, h, (height, width), align_corners)
+        return _projective_forward(x, m, s, (height, width), padding_mode, mode, wrap=True)
 
     @_projective_fwd_op.register_kernel("cpu")
     def _projective_cpu(x, h, height, width, align_corners, padding_mode, mode):  # type: ignore[no-untyped-def]
@@ -334,10 +329,10 @@ if HAS_LIBRARY_OPS and _projective_op is None:
         need_h: bool,
     ) -> tuple[Tensor, Tensor]:
         size = (height, width)
-        m = _pixel_matrix(x, h, size, align_corners)
-        gx, gm = _projective_backward(grad, x, m, size, padding_mode, mode, need_x, need_h, wrap=True)
+        m, s = warp_params(x, h, size, align_corners)
+        gx, gm = _projective_backward(grad, x, m, s, size, padding_mode, mode, need_x, need_h, wrap=True)
         gx = gx if gx is not None else x.new_empty(0)
-        gt = (gm * _projective_scale(h, x, size, align_corners)).to(h.dtype) if gm is not None else h.new_empty(0)
+        gt = gm.to(h.dtype) if gm is not None else h.new_empty(0)
         return gx, gt
 
     @_projective_bwd_op.register_kernel("cpu")
@@ -391,5 +386,5 @@ def sample_projective(
     x, h = autocast_inputs(x, h)
     if use_library_op(x):
         return torch.ops.stn_lightning.sample_projective(x, h, size[0], size[1], align_corners, padding_mode, mode)
-    m = _pixel_matrix(x, h, size, align_corners)
-    return apply_function(_SampleProjective, _projective_forward, x, m, size, padding_mode, mode)
+    m, s = warp_params(x, h, size, align_corners)
+    return apply_function(_SampleProjective, _projective_forward, x, m, s, size, padding_mode, mode)
