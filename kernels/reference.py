@@ -87,8 +87,8 @@ def check_params(x: Tensor, params: Tensor, name: str, tail: tuple[int, ...]) ->
     """Raise ValueError unless ``params`` has shape (B, K, *tail) on ``x``'s device with K >= 1."""
     if not isinstance(params, Tensor):
         raise ValueError(f"expected {name} to be a torch.Tensor, got {type(params).__name__}")
-    expected = f"(B={x.shape[0]}, K, {', '.join(str(t) for t in tail)})"
     if params.dim() != 2 + len(tail) or tuple(params.shape[2:]) != tail or params.shape[0] != x.shape[0]:
+        expected = f"(B={x.shape[0]}, K, {', '.join(str(t) for t in tail)})"
         raise ValueError(f"expected {name} of shape {expected}, got {tuple(params.shape)}")
     if params.shape[1] < 1:
         raise ValueError(f"expected at least one transformer (K >= 1) in {name}, got shape {tuple(params.shape)}")
@@ -206,7 +206,22 @@ def pixel_scale_matrix(
 ) -> Tensor:
     """:func:`pixel_scale_factors` as a (rows, 3) tensor on ``like``'s device: 2 rows for affine, 3 for projective
     matrices; also the derivative of the rewrite, for the backward."""
+    if _cacheable(like):  # the common case, looked up by its arguments (the factors and their key cost microseconds)
+        return _cached_scale_matrix(rows, in_size, out_size, align_corners, dtype, like.device)
     return host_constant(pixel_scale_factors(in_size, out_size, align_corners)[:rows], dtype, like)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_scale_matrix(
+    rows: int,
+    in_size: tuple[int, int],
+    out_size: tuple[int, int],
+    align_corners: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:
+    factors = pixel_scale_factors(in_size, out_size, align_corners)[:rows]
+    return _cached_constant(tuple(tuple(row) for row in factors), dtype, device)
 
 
 def affine_to_pixels(theta: Tensor, in_size: tuple[int, int], out_size: tuple[int, int], align_corners: bool) -> Tensor:
