@@ -485,7 +485,7 @@ def gather(
 
     Returns the (B * K,) int32 flags, 1 where the (b, k) was gathered and 0 where it is left to the scatter kernel
     (the conditioning rules of ``_affine_window`` and ``_projective_window``), and the partial sums
-    (B * K, tiles * channel blocks, 6 or 9), zero for the (b, k) flagged 0 (empty without ``need_m``). Zeros padding
+    (B, K, tiles * channel blocks, 2 or 3, 3), zero for the (b, k) flagged 0 (empty without ``need_m``). Zeros padding
     only.
     """
     b, c, h, w = gx.shape
@@ -494,7 +494,7 @@ def gather(
     flags = torch.empty(b * k, device=m.device, dtype=torch.int32)
     cfg = gather_config(c, rows == 3)
     tiles = num_tiles(h, w, cfg["BLOCK_H"], cfg["BLOCK_W"]) * cdiv(c, cfg["BLOCK_C"])
-    part = m.new_empty((b * k, tiles, 3 * rows) if need_m else (0,))
+    part = m.new_empty((b, k, tiles, rows, 3) if need_m else (0,))
     args = (gx, part, flags, x, grad, m, k, c, h, w, ho, wo, *x.stride(), *gx.stride(), *grad.stride())
     meta = {
         "PROJ": rows == 3,
@@ -561,7 +561,7 @@ def matrix_grad(part: Tensor, gathered_part: Tensor | None, m: Tensor, s: Tensor
     the gather's (of d loss / d M, M = m * s); each is zero for the (b, k) that the other kernel owns."""
     if not (need_coord and part.numel()):
         return torch.zeros_like(m)
-    grad_m = part.sum(1).view(m.shape)
+    grad_m = part.sum(2)  # (B, K, programs, rows, 3) -> the shape of m
     if gathered_part is not None and gathered_part.numel():
-        grad_m = grad_m + gathered_part.sum(1).view(m.shape) * s
+        grad_m = grad_m + gathered_part.sum(2) * s
     return grad_m

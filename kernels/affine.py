@@ -2,8 +2,8 @@
 
 The kernels multiply theta (B, K, 2, 3) by the pixel scales of the sizes (``_common.warp_params``) into pixel
 matrices M with ix = M[0] . (u, v, 1) + (W - 1) / 2 on centred output pixels (u, v) (``reference.affine_to_pixels``).
-The backward reduces d loss / d theta inside the kernel into one partial sum per program (B * K, programs per
-(b, k), 6), summed in PyTorch: no grid gradient ever reaches memory.
+The backward reduces d loss / d theta inside the kernel into one partial sum per program (B, K, programs per
+(b, k), 2, 3), summed in PyTorch: no grid gradient ever reaches memory.
 
 The image gradient has two implementations, picked by the module attribute ``IMAGE_GRAD`` (read at every
 backward call; the environment variable ``STN_AFFINE_IMAGE_GRAD`` sets it at import). The default stays "scatter",
@@ -260,7 +260,7 @@ def _affine_backward(
     )
     cfg, gx = plan.cfg, plan.gx
     programs = programs_per_plane(c, ho, wo, cfg)
-    part = m.new_empty((b * k, programs, 6) if need_coord else (0,))
+    part = m.new_empty((b, k, programs, 2, 3) if need_coord else (0,))
     if (need_x or need_coord) and grad.numel() > 0:
         m_f64 = m.dtype == torch.float64
         gx_strides = gx.stride() if need_x else (0, 0, 0, 0)

@@ -3,8 +3,8 @@
 The kernels multiply h (B, K, 3, 3) by the pixel scales of the sizes (``_common.warp_params``) into pixel matrices
 M with [a, b, w] = M (u, v, 1) on centred output pixels (u, v) and ix = a / w + (W - 1) / 2
 (``reference.projective_to_pixels``). Points with non-finite a, b, w or |w| < PROJECTIVE_EPS read nothing and
-pass no gradient. The backward reduces d loss / d h inside the kernel into one partial sum per program (B * K,
-programs per (b, k), 9), summed in PyTorch.
+pass no gradient. The backward reduces d loss / d h inside the kernel into one partial sum per program (B, K,
+programs per (b, k), 3, 3), summed in PyTorch.
 
 With zeros padding and ``IMAGE_GRAD = "gather"`` (opt-in, ``STN_PROJECTIVE_IMAGE_GRAD=gather``), the backward
 first runs the gather kernel of kernels/_gather.py, which writes the image and parameter gradients of every
@@ -254,7 +254,7 @@ def _projective_backward(
     )
     cfg, gx = plan.cfg, plan.gx
     programs = programs_per_plane(c, ho, wo, cfg)
-    part = m.new_empty((b * k, programs, 9) if need_coord else (0,))
+    part = m.new_empty((b, k, programs, 3, 3) if need_coord else (0,))
     if (need_x or need_coord) and grad.numel() > 0:
         m_f64 = m.dtype == torch.float64
         gx_strides = gx.stride() if need_x else (0, 0, 0, 0)

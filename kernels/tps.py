@@ -8,7 +8,8 @@ spline on its tile in registers: with normalised output coordinates (xn, yn) = (
     ix = (sx / ox) u + sx f_x(p) + (W - 1) / 2,  likewise iy,
 
 and the backward reduces d loss / d coefficients inside the kernel into one partial sum per program
-(B * K, programs per (b, k), N + 3, 2), summed and scaled by (sx, sy) in PyTorch. The target points receive no gradient.
+(B, K, programs per (b, k), N + 3, 2), scaled by (sx, sy) in the kernel and summed in PyTorch. The target points
+receive no gradient.
 """
 
 from __future__ import annotations
@@ -297,7 +298,7 @@ def _tps_backward(
     cfg = bwd_config(c, coef.dtype if need_x else None)
     gx = image_grad_buffer(x, coef.dtype, cfg["ACC_CP"]) if need_x else x.new_empty(0, dtype=coef.dtype)
     programs = programs_per_plane(c, ho, wo, cfg)
-    part = coef.new_empty((b * k, programs, n3, 2) if need_coord else (0,))
+    part = coef.new_empty((b, k, programs, n3, 2) if need_coord else (0,))
     if (need_x or need_coord) and grad.numel() > 0:
         m_f64 = coef.dtype == torch.float64
         gx_strides = gx.stride() if need_x else (0, 0, 0, 0)
@@ -318,7 +319,7 @@ def _tps_backward(
     grad_x = finish_image_grad(gx, x, cfg["ACC_CP"]) if need_x else None
     grad_coef = None
     if need_coef:
-        grad_coef = part.sum(1).view(b, k, n3, 2) if need_coord and part.numel() else torch.zeros_like(coef)
+        grad_coef = part.sum(2) if need_coord and part.numel() else torch.zeros_like(coef)
     return grad_x, grad_coef
 
 
