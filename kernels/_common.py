@@ -685,11 +685,20 @@ def bwd_config(channels: int, acc_dtype: torch.dtype | None = None) -> dict[str,
     return {**config, "ACC_CP": cp, "num_warps": warps}
 
 
+#: The configuration the autotuner chose, per autotuned kernel and call signature (see ``launch``).
+_TUNED_CONFIGS: dict[tuple, Any] = {}
+
+
 def launch(kernel: Any, tuned: Any | None, grid: Any, args: Sequence[Any], meta: dict, wrap: bool) -> None:
     """Launch ``kernel`` (or its autotuned wrapper ``tuned``); ``wrap`` routes it through torch.library.wrap_triton.
 
     ``kernel`` and ``tuned`` are Triton kernel handles (JITFunction / Autotuner, or the interpreter's wrappers),
     launched with the untyped ``handle[grid](...)`` syntax, hence ``Any``.
+
+    An autotuned kernel goes through its autotuner once per call signature (the options in ``meta``, the scalar
+    arguments and the tensors' dtypes: at least what the autotuner keys on); later calls launch the plain kernel
+    with the configuration it chose. The autotuner rebuilds its key from every argument on every call, about 20 us
+    of host time on the development machine's CPU against about 3 us for this lookup (benchmarks/RESULTS-kernels.md).
 
     Under the interpreter the plain kernel runs with ``FWD_CONFIG_INTERPRET`` when it is autotuned.
     """
@@ -698,10 +707,19 @@ def launch(kernel: Any, tuned: Any | None, grid: Any, args: Sequence[Any], meta:
             meta = {**meta, **FWD_CONFIG_INTERPRET}
         kernel[grid](*args, **meta)
         return
-    fn = tuned if tuned is not None else kernel
-    if wrap and HAS_LIBRARY_OPS:
-        fn = torch.library.wrap_triton(fn)
-    fn[grid](*args, **meta)
+    if wrap and HAS_LIBRARY_OPS:  # torch.compile's graph: inductor launches (and autotunes) the kernels itself
+        torch.library.wrap_triton(tuned if tuned is not None else kernel)[grid](*args, **meta)
+        return
+    if tuned is None:
+        kernel[grid](*args, **meta)
+        return
+    key = (tuned, *meta.values(), *(a.dtype if isinstance(a, Tensor) else a for a in args))
+    config = _TUNED_CONFIGS.get(key)
+    if config is None:
+        tuned[grid](*args, **meta)  # times the configurations the first time the autotuner sees its key
+        _TUNED_CONFIGS[key] = tuned.best_config
+    else:
+        kernel[grid](*args, **meta, **config.all_kwargs())
 
 
 def check_deterministic(op: str) -> None:

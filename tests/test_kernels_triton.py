@@ -331,6 +331,43 @@ def test_needs_int64():
     assert not needs(small, small.to(memory_format=torch.channels_last), small[:, :, ::2], torch.empty(0))
 
 
+def test_launch_reuses_the_autotuners_choice(monkeypatch):
+    # On GPUs an autotuned kernel goes through its autotuner once per call signature (options, scalar arguments,
+    # tensor dtypes); later calls launch the plain kernel with the configuration the autotuner chose.
+    common = importlib.import_module("kernels._common")
+    monkeypatch.setattr(common, "interpreting", lambda: False)
+    monkeypatch.setattr(common, "_TUNED_CONFIGS", {})
+    calls = []
+
+    class Handle:  # stands in for a JITFunction / Autotuner: handle[grid](*args, **kwargs) launches
+        def __init__(self, name):
+            self.name, self.best_config = name, None
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                calls.append((self.name, args, kwargs))
+                if self.name == "tuned":  # what Autotuner.run records
+                    self.best_config = triton.Config({"BLOCK_H": 16, "SPLIT_C": len(calls) > 1}, num_warps=8)
+
+            return run
+
+    kernel, tuned = Handle("kernel"), Handle("tuned")
+    x = torch.empty(2, 3, 4, 5)
+    meta = {"BORDER": False, "IDX64": False}
+    common.launch(kernel, tuned, (1,), (x, 3, 4), meta, False)
+    common.launch(kernel, tuned, (1,), (x, 3, 4), meta, False)  # the same signature: the autotuner's choice
+    common.launch(kernel, tuned, (1,), (x.double(), 3, 4), meta, False)  # another dtype
+    common.launch(kernel, tuned, (1,), (x, 3, 5), meta, False)  # another size
+    common.launch(kernel, tuned, (1,), (x, 3, 4), {**meta, "BORDER": True}, False)  # another option
+    common.launch(kernel, tuned, (1,), (x.clone(), 3, 4), meta, False)  # another tensor, same signature
+    common.launch(kernel, None, (1,), (x, 3, 4), meta, False)  # not autotuned: as it is
+    assert [name for name, _, _ in calls] == ["tuned", "kernel", "tuned", "tuned", "tuned", "kernel", "kernel"]
+    first_choice = {"BLOCK_H": 16, "SPLIT_C": False, "num_warps": 8}
+    for reused in (calls[1], calls[5]):
+        assert reused[2].items() >= {**meta, **first_choice}.items()
+    assert calls[6][2] == meta
+
+
 def test_int64_offsets_path(ops, monkeypatch):
     # The int64 offset code (IDX64) is exercised on tiny tensors by forcing it; the 2**31 case runs on GPUs in
     # benchmarks/bench_kernels.py --check.
