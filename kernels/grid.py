@@ -236,9 +236,9 @@ def _grid_backward(
     cfg = bwd_config(c, scalars.dtype if need_x else None)
     gx = image_grad_buffer(x, scalars.dtype, cfg["ACC_CP"]) if need_x else x.new_empty(0, dtype=scalars.dtype)
     groups = cdiv(c, cfg["CGROUP"])
-    ggrid = (
-        torch.empty((b, k, groups, ho, wo, 2), device=x.device, dtype=scalars.dtype) if need_coord else gx.new_empty(0)
-    )
+    # (B, K, groups, Ho, Wo, 2) contiguous, allocated without the groups axis when there is one group (same layout)
+    ggrid_shape = (b, k, groups, ho, wo, 2) if groups > 1 else (b, k, ho, wo, 2)
+    ggrid = torch.empty(ggrid_shape, device=x.device, dtype=scalars.dtype) if need_coord else gx.new_empty(0)
     programs = programs_per_plane(c, ho, wo, cfg)
     if (need_x or need_coord) and grad.numel() > 0:
         m_f64 = scalars.dtype == torch.float64
@@ -260,7 +260,7 @@ def _grid_backward(
     grad_grid = None
     if need_grid:
         if need_coord and ggrid.numel():
-            grad_grid = (ggrid.sum(2) if groups > 1 else ggrid.squeeze(2)).to(grid.dtype)
+            grad_grid = (ggrid.sum(2) if groups > 1 else ggrid).to(grid.dtype)
         else:
             grad_grid = torch.zeros(grid.shape, device=x.device, dtype=grid.dtype)
     return grad_x, grad_grid
