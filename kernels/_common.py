@@ -676,13 +676,18 @@ def bwd_config(channels: int, acc_dtype: torch.dtype | None = None) -> dict[str,
     Programs take ``channel_group`` channels each, so a (b, k) has ``programs_per_plane`` partial-sum slots.
     With a pixel-major buffer, its atomic adds take vectors of 2 or 4 channels in a loop of their own.
     """
-    cp = acc_channels(channels, acc_dtype)
     if interpreting():
         block_h, block_w, bc, warps = 8, 8, block_c(channels, 2), 4
     else:
         block_h, block_w, bc, warps = 16, 16, 1, 8
-    config = {"BLOCK_H": block_h, "BLOCK_W": block_w, "BLOCK_C": bc, "CGROUP": channel_group(channels)}
-    return {**config, "ACC_CP": cp, "num_warps": warps}
+    return {
+        "BLOCK_H": block_h,
+        "BLOCK_W": block_w,
+        "BLOCK_C": bc,
+        "CGROUP": channel_group(channels),
+        "ACC_CP": acc_channels(channels, acc_dtype),
+        "num_warps": warps,
+    }
 
 
 #: The configuration the autotuner chose, per autotuned kernel and call signature (see ``launch``).

@@ -6,15 +6,15 @@ forward + backward on an H100 for B 64, C 3, 448 x 448 -> K 4 x 224 x 224). An a
 inverse, so each input pixel q can instead find the few output pixels that read it and sum their contributions in
 registers, then write its gradient with one plain store: no atomics, no zeroed buffer, and a deterministic sum.
 
-The families' backward launchers call :func:`gather_first`, which runs :func:`gather` when their ``IMAGE_GRAD`` is
-"gather" (zeros padding), then their scatter kernel with ``SKIP_GATHERED`` for the (b, k) the gather flagged as not
-well conditioned, and :func:`matrix_grad` to add up both kernels' partial sums of the matrix gradient.
+The families' backward launchers call :func:`matrix_backward`, which runs :func:`gather` when their ``IMAGE_GRAD``
+is "gather" (zeros padding), then their scatter kernel, with ``SKIP_GATHERED`` for the (b, k) the gather flagged as
+not well conditioned, and adds up both kernels' partial sums of the parameter gradient.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import triton
@@ -36,22 +36,22 @@ from ._common import (
     bwd_config,
     cdiv,
     device_context,
+    finish_image_grad,
     image_grad_buffer,
     interpreting,
     launch,
     needs_int64,
     num_tiles,
+    programs_per_plane,
 )
 
 __all__ = [
     "IMAGE_GRADS",
     "WINDOW_CAP",
-    "ImageGradPlan",
     "gather",
     "gather_config",
-    "gather_first",
     "gathers",
-    "matrix_grad",
+    "matrix_backward",
 ]
 
 #: The values of the families' IMAGE_GRAD switches.
@@ -511,17 +511,8 @@ def gather(
     return flags, part
 
 
-class ImageGradPlan(NamedTuple):
-    """What a family's scatter kernel needs after :func:`gather_first`."""
-
-    gathered: bool  #: the gather kernel ran: the scatter kernel skips the (b, k) it flagged (SKIP_GATHERED)
-    cfg: dict[str, Any]  #: the scatter kernel's tile and image-gradient layout (bwd_config)
-    gx: Tensor  #: the image gradient buffer (empty without an image gradient)
-    flags: Tensor  #: the gather's (B * K,) flags (empty without a gather)
-    part: Tensor | None  #: the gather's partial sums of d loss / d (pixel matrix) (None without a gather)
-
-
-def gather_first(
+def matrix_backward(
+    kernel: Any,
     grad: Tensor,
     x: Tensor,
     m: Tensor,
@@ -530,38 +521,64 @@ def gather_first(
     padding_mode: str,
     mode: str,
     need_x: bool,
-    need_coord: bool,
+    need_m: bool,
     wrap: bool,
+    *,
     image_grad: str,
     switch: str,
     gather_fn: Callable[..., tuple[Tensor, Tensor]],
-) -> ImageGradPlan:
-    """The first half of an affine or projective backward: gather the image gradient (and the matrix gradient) of
-    the well-conditioned (b, k) when the family's switch ``image_grad`` says "gather" (``gather_fn``: the family's
-    name for :func:`gather`), and set up the scatter kernel's buffer and tile for the rest."""
+    meta: dict[str, Any],
+) -> tuple[Tensor | None, Tensor | None]:
+    """The backward of an affine or projective sample: (d loss / d x, d loss / d m) for grad (B, K, C, Ho, Wo),
+    parameters ``m`` (B, K, 2 or 3, 3) and their pixel scales ``s`` (``_common.warp_params``); None where not needed.
+
+    When the family's switch ``image_grad`` says "gather" (zeros padding), :func:`gather` (``gather_fn``: the
+    family's name for it) writes both gradients of the well-conditioned (b, k); then the family's scatter ``kernel``
+    (its extra constants in ``meta``) handles the others (``SKIP_GATHERED``), or every (b, k) without a gather.
+    ``switch`` names the switch for the error message of an unknown value.
+    """
+    b, c, h, w = x.shape
+    k, rows = m.shape[1], m.shape[2]
+    ho, wo = size
+    need_coord = need_m and mode != "nearest"  # nearest has no coordinate gradient
     gathered = need_x and grad.numel() > 0 and gathers(image_grad, padding_mode, switch)
     # The scatter kernel accumulates in a buffer of its own (pixel-major with VECTOR_ATOMICS) unless gathering.
-    cfg = bwd_config(x.shape[1], m.dtype if need_x and not gathered else None)
-    flags, part = m.new_empty(0, dtype=torch.int32), None
+    cfg = bwd_config(c, m.dtype if need_x and not gathered else None)
+    flags, gathered_part = m.new_empty(0, dtype=torch.int32), None
     if gathered:
         # The gather kernel stores every pixel of gx (no zeroing) and the matrix gradients of the (b, k) it takes;
-        # the scatter kernel adds the ill-conditioned rest.
+        # the scatter kernel adds the ill-conditioned rest. It reads pixel matrices (scaling the parameters in its
+        # loop over k cost it 17 registers per thread and spills under triton 3.6), so the product is formed here,
+        # and its partial sums are of d loss / d (m * s).
         gx = torch.empty_like(x, dtype=m.dtype)
-        # The gather kernel reads pixel matrices (scaling the parameters in its loop over k cost it 17 registers
-        # per thread and spills under triton 3.6), so the product is formed here, and its partial sums are of
-        # d loss / d M (see matrix_grad).
-        flags, part = gather_fn(grad, x, m * s, gx, size, mode, need_coord, wrap)
+        flags, gathered_part = gather_fn(grad, x, m * s, gx, size, mode, need_coord, wrap)
     else:
         gx = image_grad_buffer(x, m.dtype, cfg["ACC_CP"]) if need_x else x.new_empty(0, dtype=m.dtype)
-    return ImageGradPlan(gathered, cfg, gx, flags, part)
-
-
-def matrix_grad(part: Tensor, gathered_part: Tensor | None, m: Tensor, s: Tensor, need_coord: bool) -> Tensor:
-    """d loss / d m, the shape of the parameters ``m``, from the scatter kernel's partial sums (of d loss / d m) and
-    the gather's (of d loss / d M, M = m * s); each is zero for the (b, k) that the other kernel owns."""
+    programs = programs_per_plane(c, ho, wo, cfg)
+    part = m.new_empty((b, k, programs, rows, 3) if need_coord else (0,))
+    if (need_x or need_coord) and grad.numel() > 0:
+        gx_strides = gx.stride() if need_x else (0, 0, 0, 0)
+        args = (gx, part, x, grad, m, s, flags, k, c, h, w, ho, wo, *x.stride(), *gx_strides, *grad.stride())
+        options = {
+            "BORDER": padding_mode == "border",
+            "NEAREST": mode == "nearest",
+            "NEED_X_GRAD": need_x,
+            "NEED_PARAM_GRAD": need_coord,
+            "SKIP_GATHERED": gathered,
+            "F64": m.dtype == torch.float64,
+            "IDX64": needs_int64(x, grad, gx),
+            **meta,
+            **cfg,
+        }
+        with device_context(x):
+            launch(kernel, None, (b * k * programs,), args, options, wrap)
+    grad_x = finish_image_grad(gx, x, cfg["ACC_CP"]) if need_x else None
+    if not need_m:
+        return grad_x, None
     if not (need_coord and part.numel()):
-        return torch.zeros_like(m)
+        return grad_x, torch.zeros_like(m)
+    # Each kernel's partial sums are zero for the (b, k) that the other owns.
     grad_m = part.sum(2)  # (B, K, programs, rows, 3) -> the shape of m
     if gathered_part is not None and gathered_part.numel():
         grad_m = grad_m + gathered_part.sum(2) * s
-    return grad_m
+    return grad_x, grad_m

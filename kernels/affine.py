@@ -49,7 +49,6 @@ from ._common import (
     check_deterministic,
     check_device,
     device_context,
-    finish_image_grad,
     fwd_autotune,
     fwd_block_c,
     launch,
@@ -60,7 +59,7 @@ from ._common import (
     use_library_op,
     warp_params,
 )
-from ._gather import WINDOW_CAP, _gathered, gather, gather_first, matrix_grad
+from ._gather import WINDOW_CAP, _gathered, gather, matrix_backward
 from .reference import Mode, Padding
 
 __all__ = ["IMAGE_GRAD", "WINDOW_CAP", "sample_affine"]
@@ -250,36 +249,11 @@ def _affine_backward(
     if need_x:
         # Still atomics for the ill-conditioned (b, k) (and for border padding) even when gathering.
         check_deterministic("sample_affine_backward (Triton)")
-    b, c, h, w = x.shape
-    k = m.shape[1]
-    ho, wo = size
-    need_coord = need_m and mode != "nearest"  # nearest has no coordinate gradient
     switch = "kernels.affine.IMAGE_GRAD (STN_AFFINE_IMAGE_GRAD)"
-    plan = gather_first(
-        grad, x, m, s, size, padding_mode, mode, need_x, need_coord, wrap, IMAGE_GRAD, switch, _affine_gather
-    )
-    cfg, gx = plan.cfg, plan.gx
-    programs = programs_per_plane(c, ho, wo, cfg)
-    part = m.new_empty((b, k, programs, 2, 3) if need_coord else (0,))
-    if (need_x or need_coord) and grad.numel() > 0:
-        m_f64 = m.dtype == torch.float64
-        gx_strides = gx.stride() if need_x else (0, 0, 0, 0)
-        args = (gx, part, x, grad, m, s, plan.flags, k, c, h, w, ho, wo, *x.stride(), *gx_strides, *grad.stride())
-        meta = {
-            "BORDER": padding_mode == "border",
-            "NEAREST": mode == "nearest",
-            "NEED_X_GRAD": need_x,
-            "NEED_PARAM_GRAD": need_coord,
-            "SKIP_GATHERED": plan.gathered,
-            "F64": m_f64,
-            "IDX64": needs_int64(x, grad, gx),
-            **cfg,
-        }
-        with device_context(x):
-            launch(_affine_bwd_kernel, None, (b * k * programs,), args, meta, wrap)
-    grad_x = finish_image_grad(gx, x, cfg["ACC_CP"]) if need_x else None
-    grad_m = matrix_grad(part, plan.part, m, s, need_coord) if need_m else None
-    return grad_x, grad_m
+    return matrix_backward(
+        _affine_bwd_kernel, grad, x, m, s, size, padding_mode, mode, need_x, need_m, wrap,
+        image_grad=IMAGE_GRAD, switch=switch, gather_fn=_affine_gather, meta={},
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------

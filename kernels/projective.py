@@ -37,7 +37,6 @@ from ._common import (
     check_deterministic,
     check_device,
     device_context,
-    finish_image_grad,
     fwd_autotune,
     fwd_block_c,
     launch,
@@ -48,7 +47,7 @@ from ._common import (
     use_library_op,
     warp_params,
 )
-from ._gather import _gathered, gather, gather_first, matrix_grad
+from ._gather import _gathered, gather, matrix_backward
 from .reference import Mode, Padding
 
 __all__ = ["IMAGE_GRAD", "sample_projective"]
@@ -244,37 +243,11 @@ def _projective_backward(
     _projective_forward; None where not needed."""
     if need_x:
         check_deterministic("sample_projective_backward (Triton)")
-    b, c, h, w = x.shape
-    k = m.shape[1]
-    ho, wo = size
-    need_coord = need_m and mode != "nearest"  # nearest has no coordinate gradient
     switch = "kernels.projective.IMAGE_GRAD (STN_PROJECTIVE_IMAGE_GRAD)"
-    plan = gather_first(
-        grad, x, m, s, size, padding_mode, mode, need_x, need_coord, wrap, IMAGE_GRAD, switch, _projective_gather
-    )
-    cfg, gx = plan.cfg, plan.gx
-    programs = programs_per_plane(c, ho, wo, cfg)
-    part = m.new_empty((b, k, programs, 3, 3) if need_coord else (0,))
-    if (need_x or need_coord) and grad.numel() > 0:
-        m_f64 = m.dtype == torch.float64
-        gx_strides = gx.stride() if need_x else (0, 0, 0, 0)
-        args = (gx, part, x, grad, m, s, plan.flags, k, c, h, w, ho, wo, *x.stride(), *gx_strides, *grad.stride())
-        meta = {
-            "BORDER": padding_mode == "border",
-            "NEAREST": mode == "nearest",
-            "NEED_X_GRAD": need_x,
-            "NEED_PARAM_GRAD": need_coord,
-            "SKIP_GATHERED": plan.gathered,
-            "F64": m_f64,
-            "IDX64": needs_int64(x, grad, gx),
-            "EPS": reference.PROJECTIVE_EPS,
-            **cfg,
-        }
-        with device_context(x):
-            launch(_projective_bwd_kernel, None, (b * k * programs,), args, meta, wrap)
-    grad_x = finish_image_grad(gx, x, cfg["ACC_CP"]) if need_x else None
-    grad_m = matrix_grad(part, plan.part, m, s, need_coord) if need_m else None
-    return grad_x, grad_m
+    return matrix_backward(
+        _projective_bwd_kernel, grad, x, m, s, size, padding_mode, mode, need_x, need_m, wrap,
+        image_grad=IMAGE_GRAD, switch=switch, gather_fn=_projective_gather, meta={"EPS": reference.PROJECTIVE_EPS},
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------
