@@ -20,7 +20,7 @@ import torch
 
 triton = pytest.importorskip("triton")  # after tests/conftest.py has decided on TRITON_INTERPRET
 
-from triton_helpers import ROOT, TOL, interpreter_active  # noqa: E402
+from triton_helpers import ROOT, TOL, force_int64, interpreter_active  # noqa: E402
 from triton_helpers import image as _image  # noqa: E402
 
 from kernels import reference  # noqa: E402
@@ -229,8 +229,8 @@ def test_border_padding_scatters(affine):
 
 
 def test_int64_offsets(affine, monkeypatch):
-    # The IDX64 code of the gather kernel, forced on tiny tensors.
-    monkeypatch.setattr(affine, "needs_int64", lambda *tensors: True)
+    # The IDX64 code of the gather and scatter kernels, forced on tiny tensors.
+    force_int64(monkeypatch)
     _check(affine, _image(1, 3, 5, 7, channels_last=True), _theta(SHEAR, ZOOM_IN), (6, 5), align_corners=True)
 
 

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from triton_helpers import ROOT, TOL, interpreter_active  # noqa: E402
+from triton_helpers import ROOT, TOL, force_int64, interpreter_active  # noqa: E402
 from triton_helpers import image as _image  # noqa: E402
 
 import kernels  # noqa: E402
@@ -303,7 +303,7 @@ def test_vector_atomics_buffer(ops, family, monkeypatch):
         buffers.append(acc_cp)
         return common.image_grad_buffer(x, dtype, acc_cp)
 
-    # affine and projective allocate it through kernels._gather.gather_first, tps and grid themselves
+    # affine and projective allocate it through kernels._gather.matrix_backward, tps and grid themselves
     owner = importlib.import_module("kernels._gather") if family in ("affine", "projective") else module
     monkeypatch.setattr(owner, "image_grad_buffer", buffer)
     cases = [(2, False, "zeros", "bilinear"), (3, True, "border", "nearest"), (5, False, "border", "bilinear")]
@@ -313,7 +313,7 @@ def test_vector_atomics_buffer(ops, family, monkeypatch):
         p = _grid(2, 2, 5, 4, seed=c) if family == "grid" else _params(family, 2, 2, seed=c)
         size = None if family == "grid" else (5, 4)
         _check_parity(ops, family, x, p, size, padding_mode=pad, mode=mode)  # gx in x's layout and dtype too
-    monkeypatch.setattr(module, "needs_int64", lambda *tensors: True)
+    force_int64(monkeypatch)
     _check_parity(ops, family, _image(1, 3, 5, 7), p[:1], size, align_corners=True)
     assert buffers == [2, 4, 8, 4, 4]
     # float64 accumulates in x's layout: no vector atomics exist for it (and triton 3.6 fails to compile that kernel)
@@ -371,8 +371,7 @@ def test_launch_reuses_the_autotuners_choice(monkeypatch):
 def test_int64_offsets_path(ops, monkeypatch):
     # The int64 offset code (IDX64) is exercised on tiny tensors by forcing it; the 2**31 case runs on GPUs in
     # benchmarks/bench_kernels.py --check.
-    for name in ("kernels.affine", "kernels.grid"):
-        monkeypatch.setattr(importlib.import_module(name), "needs_int64", lambda *tensors: True)
+    force_int64(monkeypatch)
     x = _image(1, 3, 5, 7, channels_last=True)
     _check_parity(ops, "affine", x, _params("affine", 1, 2), (6, 5), align_corners=True)
     _check_parity(ops, "grid", x, _grid(1, 2, 3, 4), None, mode="nearest")

@@ -32,3 +32,11 @@ def image(b: int, c: int, h: int, w: int, dtype=torch.float32, channels_last: bo
     """A seeded random image batch (B, C, H, W), optionally channels_last."""
     x = torch.randn(b, c, h, w, generator=torch.Generator().manual_seed(seed)).to(dtype)
     return x.to(memory_format=torch.channels_last) if channels_last else x
+
+
+def force_int64(monkeypatch) -> None:
+    """Make every launcher take the int64 offset code (IDX64), which real sizes reach only past 2**31 elements."""
+    import importlib
+
+    for name in ("kernels.affine", "kernels.projective", "kernels.tps", "kernels.grid", "kernels._gather"):
+        monkeypatch.setattr(importlib.import_module(name), "needs_int64", lambda *tensors: True)
