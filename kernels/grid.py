@@ -18,6 +18,7 @@ from ._common import (
     _sample_tile,
     _scatter_tile,
     _tile_coords,
+    amp_backward,
     apply_function,
     autocast_inputs,
     bwd_config,
@@ -278,8 +279,7 @@ class _SampleGrid(torch.autograd.Function):
         return _grid_forward(x, grid, scalars, padding_mode, mode)
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    @torch.autograd.function.once_differentiable
+    @amp_backward
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         x, grid, scalars = ctx.saved_tensors
         needs = ctx.needs_input_grad

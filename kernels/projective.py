@@ -31,6 +31,7 @@ from ._common import (
     _sample_tile,
     _scatter_tile,
     _tile_coords,
+    amp_backward,
     apply_function,
     autocast_inputs,
     channel_group,
@@ -262,8 +263,7 @@ class _SampleProjective(torch.autograd.Function):
         return _projective_forward(x, m, s, size, padding_mode, mode)
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    @torch.autograd.function.once_differentiable
+    @amp_backward
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         x, m, s = ctx.saved_tensors
         size, padding_mode, mode = ctx.options

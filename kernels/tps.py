@@ -25,6 +25,7 @@ from ._common import (
     _sample_tile,
     _scatter_tile,
     _tile_coords,
+    amp_backward,
     apply_function,
     autocast_inputs,
     bwd_config,
@@ -335,8 +336,7 @@ class _SampleTps(torch.autograd.Function):
         return _tps_forward(x, coef, target, scalars, size, padding_mode, mode)
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    @torch.autograd.function.once_differentiable
+    @amp_backward
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         x, coef, target, scalars = ctx.saved_tensors
         needs = ctx.needs_input_grad

@@ -246,6 +246,26 @@ def test_forward_without_autograd(ops, family):
         assert torch.equal(out, tracked.detach())
 
 
+@pytest.mark.parametrize("family", ["affine", "projective", "tps", "grid"])
+def test_backward_while_recording(ops, family):
+    # The backward skips custom_bwd's and once_differentiable's contexts unless grad mode is on (create_graph) or
+    # autocast is (kernels._common.amp_backward): with create_graph the gradients are the same bit for bit, and
+    # differentiating them again raises once_differentiable's error instead of giving a wrong second derivative.
+    x = _image(1, 2, 6, 5, seed=4)
+    p = _grid(1, 2, 4, 3) if family == "grid" else _params(family, 1, 2, seed=6)
+    size = None if family == "grid" else (4, 3)
+    grads = []
+    for create_graph in (False, True):
+        xa, pa = x.clone().requires_grad_(), p.clone().requires_grad_()
+        out = _call(ops, family, xa, pa, size, _target(family, p))
+        grads.append(torch.autograd.grad(out.square().sum(), (xa, pa), create_graph=create_graph))
+    for plain, recorded in zip(*grads, strict=True):
+        assert plain.grad_fn is None and recorded.grad_fn is not None
+        assert torch.equal(plain, recorded.detach())
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grads[1][0].sum().backward()
+
+
 def test_strided_images(ops):
     # Images are read with their own strides (no hidden copy): a sliced view and a batch expanded with stride 0;
     # the gradient reaches the tensor they are views of.
