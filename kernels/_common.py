@@ -628,8 +628,9 @@ FWD_CONFIG_INTERPRET = {"BLOCK_H": 8, "BLOCK_W": 8, "SPLIT_C": False}
 #: float32 (float64) buffer in x's layout and one atomic add per channel and corner. True: a pixel-major buffer
 #: (B, H, W, CP), CP = C rounded up to 2 or 4 channels, where each corner's atomic add takes 2 or 4 channels in one
 #: vector instruction (sm_90: atom.global.add.v4.f32; other GPUs split it), a third of the atomics for C = 3,
-#: at the price of a zeroed buffer a third larger for C = 3 and a copy into x's layout afterwards. Read at every
-#: backward call; STN_VECTOR_ATOMICS=1 sets it at import. Not yet timed on a GPU.
+#: at the price of a zeroed buffer a third larger for C = 3 and a copy into x's layout afterwards (peak memory of
+#: a forward + backward of cub448x4: 490 instead of 294 MiB, above the half of PyTorch's that issue 3 allows).
+#: Read at every backward call; STN_VECTOR_ATOMICS=1 sets it at import. Not yet timed on a GPU.
 VECTOR_ATOMICS: bool = os.environ.get("STN_VECTOR_ATOMICS", "0") == "1"
 
 
