@@ -115,15 +115,23 @@ class AttentionVisualizer(pl.Callback):
             return
         if (trainer.current_epoch + 1) % self.every_n_epochs and not getattr(trainer, "fast_dev_run", False):
             return
+        # trainer.log_dir is a collective under DDP: every rank asks, then only rank 0 draws (and calls nothing
+        # collective while it does). fast_dev_run has no log folder: the picture is drawn but not written.
+        log_dir = None if getattr(trainer, "fast_dev_run", False) else trainer.log_dir
         if not trainer.is_global_zero:
             return
         images = self._images.to(pl_module.device)
+        was_training = transformer.training
+        transformer.eval()
         with torch.no_grad():
             crops, params = transformer(images)
             outlines = transformer.outline(params, (images.shape[-2], images.shape[-1]))
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "attention"
-        self.last_path = folder / f"epoch_{trainer.current_epoch:03d}.png"
-        fig = draw_attention(images, outlines, crops, self.last_path)
+        transformer.train(was_training)
+        path = None
+        if log_dir is not None:
+            path = Path(log_dir) / "attention" / f"epoch_{trainer.current_epoch:03d}.png"
+            self.last_path = path
+        fig = draw_attention(images, outlines, crops, path)
         add_figure = getattr(getattr(trainer.logger, "experiment", None), "add_figure", None)
         if add_figure is not None:
             add_figure("attention", fig, global_step=trainer.global_step)

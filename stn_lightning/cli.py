@@ -1,34 +1,74 @@
 """Command line: LightningCLI around STNModule and any DataModule, with the data's shape linked into the model.
 
 ``stn-train fit --config configs/rts_mnist.yaml`` (or ``python train.py ...``) trains; ``validate``, ``test``
-and ``predict`` work the same way, ``--print_config`` shows the full configuration.
+and ``predict`` work the same way, ``--print_config`` shows the full configuration. On top of LightningCLI:
+
+* ``--ckpt_path last`` resumes the newest ``last.ckpt`` of the log folder (every run gets a new ``version_N``);
+  a checkpoint file is checked before anything starts (empty, truncated, not a checkpoint, another model);
+  when its hyperparameters override options given on the command line or in YAML, each one is named;
+* checkpoints are written atomically, ``last.ckpt`` is always the latest state, and the global random states
+  travel with it (:mod:`stn_lightning.checkpointing`), so a resumed run continues the uninterrupted one;
+* a value that the data sets (``model.num_classes`` and the other links) and that the configuration sets to
+  something else is an error instead of being dropped;
+* a mistake exits with status 2 and one line on stderr (a non-finite run with status 1, SIGTERM with 143),
+  without a traceback unless ``--debug`` is given (or ``JSONARGPARSE_DEBUG`` is set); a run that fails before
+  its first optimiser step leaves no ``version_N`` folder behind.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelCheckpoint
+from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from .callbacks import AttentionVisualizer
+from .checkpointing import (
+    AtomicCheckpointIO,
+    NonFiniteError,
+    RNGStateCallback,
+    STNCheckpoint,
+    find_last_checkpoint,
+    read_checkpoint,
+    state_dict_differences,
+)
 from .module import STNModule
 
 __all__ = ["STNCLI", "console", "main"]
 
 # What only the data knows, read from the instantiated DataModule and passed to the model.
 _LINKED = ("num_classes", "in_chans", "image_size", "background")
+_DEBUG_ENV = "JSONARGPARSE_DEBUG"
+
+
+def _say(message: str) -> None:
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _plain(value: Any) -> Any:
+    # Tuples from __init__ arguments and lists from YAML compare equal.
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 class STNCLI(LightningCLI):
-    """LightningCLI with data-to-model links, checkpointing on validation accuracy and attention pictures."""
+    """LightningCLI with data-to-model links, safe checkpointing and resumption, and clear errors."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for name in _LINKED:
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(STNCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
@@ -46,45 +86,194 @@ class STNCLI(LightningCLI):
             help="After fit, test the best checkpoint and print a summary.",
         )
 
+    # ------------------------------------------------------------------------------------------------------------
+    # parsing: linked values, checkpoints
+    # ------------------------------------------------------------------------------------------------------------
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        self._given_links: dict[str, Any] = {}
+        self._checkpoint: dict[str, Any] | None = None
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        defaults = self._parser(sub).get_defaults().get("model", {})
+        model = self.config[sub].get("model", {})
+        for name in _LINKED:
+            given, default = model.get(name), defaults.get(name)
+            if _plain(given) != _plain(default):
+                self._given_links[name] = given
+
+    def _log_root(self, config: Any) -> Path:
+        # Where the runs of this configuration go: <default_root_dir>/<logger name>/version_N (Lightning's layout).
+        trainer = config.get("trainer", {})
+        root = Path(trainer.get("default_root_dir") or os.getcwd())
+        logger = trainer.get("logger")
+        if logger is False:
+            return root
+        init = (logger.get("init_args", {}) if isinstance(logger, dict) else getattr(logger, "init_args", None)) or {}
+        save_dir = init.get("save_dir") if hasattr(init, "get") else None
+        name = init.get("name", "lightning_logs") if hasattr(init, "get") else "lightning_logs"
+        return Path(save_dir or root) / (name or "")
+
+    def _parse_ckpt_path(self) -> None:
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        config = self.config[sub]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path or ckpt_path in ("best", "hpc") or str(ckpt_path).startswith("registry"):
+            return
+        if ckpt_path == "last":
+            root = self._log_root(config)
+            found = find_last_checkpoint(root)
+            if found is None:
+                if sub == "fit":
+                    _say(f"--ckpt_path last: no last.ckpt under {root}; starting a new run")
+                    config["ckpt_path"] = None
+                    return
+                raise ValueError(f"--ckpt_path last: no last.ckpt under {root}")
+            config["ckpt_path"] = ckpt_path = str(found)
+        checkpoint = read_checkpoint(ckpt_path)
+        self._checkpoint = checkpoint
+        what = "resuming" if sub == "fit" else "using"
+        _say(f"{what} {ckpt_path} (epoch {checkpoint.get('epoch')}, global step {checkpoint.get('global_step')})")
+        hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
+        defaults = self._parser(sub).get_defaults().get("model", {})
+        model = config.get("model", {})
+        for key, value in hparams.items():
+            given = model.get(key) if hasattr(model, "get") else None
+            if key in _LINKED or _plain(given) == _plain(defaults.get(key)) or _plain(given) == _plain(value):
+                continue
+            _say(f"model.{key}: the checkpoint's value {value!r} replaces the given {given!r}")
+        super()._parse_ckpt_path()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # instantiation
+    # ------------------------------------------------------------------------------------------------------------
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[pl.Callback]) -> pl.Trainer:
+        callbacks = [*callbacks, RNGStateCallback()]
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        config["plugins"] = plugins
+        return super()._instantiate_trainer(config, callbacks)
+
+    def after_instantiate_classes(self) -> None:
+        for name, given in self._given_links.items():
+            actual = getattr(self.datamodule, name, None)
+            if actual is not None and _plain(given) != _plain(actual):
+                raise ValueError(
+                    f"model.{name} is {given!r} in the configuration, but the data sets it "
+                    f"({type(self.datamodule).__name__}.{name} = {actual!r}); remove model.{name}, or change the data"
+                )
+        if self._checkpoint is not None and self.model is not None:
+            self._check_checkpoint_fits(self._checkpoint)
+            self._checkpoint = None  # free the memory before the run
+
+    def _check_checkpoint_fits(self, checkpoint: dict[str, Any]) -> None:
+        differences = state_dict_differences(self.model.state_dict(), checkpoint["state_dict"])
+        if not differences:
+            return
+        hparams = checkpoint.get("hyper_parameters", {})
+        mine = dict(getattr(self.model, "hparams", {}))
+        changed = [
+            f"{k}: checkpoint {hparams[k]!r}, now {mine[k]!r}"
+            for k in hparams
+            if k in mine and _plain(hparams[k]) != _plain(mine[k])
+        ]
+        path = self.config[self.config["subcommand"]].get("ckpt_path")
+        detail = "; ".join(differences + (["hyperparameters that differ: " + ", ".join(changed)] if changed else []))
+        raise ValueError(f"checkpoint {path} was made by a different model: {detail}")
+
+    # ------------------------------------------------------------------------------------------------------------
+    # running
+    # ------------------------------------------------------------------------------------------------------------
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            self._remove_empty_run_folder()
+            raise
+
+    def _remove_empty_run_folder(self) -> None:
+        # A run that failed before its first optimiser step leaves nothing worth keeping: no empty version_N.
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.global_step > 0 or trainer.global_rank != 0 or self.subcommand != "fit":
+            return
+        logger = trainer.logger
+        log_dir = getattr(logger, "log_dir", None) if logger is not None else None
+        if not log_dir or not Path(log_dir).is_dir() or any(Path(log_dir).rglob("*.ckpt")):
+            return
+        shutil.rmtree(log_dir, ignore_errors=True)
+
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):
             return
         checkpoint = self.trainer.checkpoint_callback
-        ckpt = "best" if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_path else None
+        ckpt = "best" if isinstance(checkpoint, STNCheckpoint) and checkpoint.best_model_path else None
         results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
         if self.trainer.is_global_zero:
-            _summary(self.trainer, results)
+            _summary(self.trainer, results, log_dir)
 
 
-def _summary(trainer: pl.Trainer, results: list[Any]) -> None:
+def _summary(trainer: pl.Trainer, results: list[Any], log_dir: str | None) -> None:
     acc = results[0].get("test/acc") if results else None
     pictures = next((cb.last_path for cb in trainer.callbacks if isinstance(cb, AttentionVisualizer)), None)  # type: ignore[attr-defined]
     lines = [
         f"test accuracy: {acc:.4f}" if acc is not None else "test accuracy: n/a",
-        f"logs:          {trainer.log_dir}",
+        f"logs:          {log_dir}",
         f"pictures:      {pictures.parent if pictures else 'none (no transformer or no validation run)'}",
     ]
     print("\n".join(["", *lines, ""]))
 
 
+def _one_line(err: BaseException) -> str:
+    # An error raised in a DataLoader worker comes back with the worker's traceback in its message: keep the end.
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text or type(err).__name__
+
+
 def main(args: list[str] | None = None, run: bool = True) -> STNCLI:
     """Run the CLI on ``args`` (default: sys.argv) and return it.
 
-    Bad input (ValueError, FileNotFoundError) exits with status 2 and a one-line message instead of a traceback.
+    Bad input exits with status 2 and a one-line message instead of a traceback, a non-finite run with status 1,
+    SIGTERM with 143 after saving ``last.ckpt``. ``--debug`` (or ``JSONARGPARSE_DEBUG=1``) shows the traceback.
     """
+    argv = list(sys.argv[1:] if args is None else args)
+    if "--debug" in argv:
+        argv.remove("--debug")
+        os.environ[_DEBUG_ENV] = "1"  # DDP re-launches the command: the other ranks see it too
+        if args is None:
+            sys.argv = [sys.argv[0], *argv]
+    debug = bool(os.environ.get(_DEBUG_ENV))
     try:
         return STNCLI(
             STNModule,
             pl.LightningDataModule,
             subclass_mode_data=True,
-            args=args,
+            args=argv if args is not None else None,
             run=run,
             seed_everything_default=42,
             save_config_kwargs={"overwrite": True},
         )
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except SIGTERMException:
+        _say("stopped by SIGTERM; the state is saved in last.ckpt: continue with --ckpt_path last")
+        raise SystemExit(143) from None
+    except (ValueError, FileNotFoundError, MisconfigurationException) as err:
+        if debug:
+            raise
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except NonFiniteError as err:
+        if debug:
+            raise
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def console() -> None:

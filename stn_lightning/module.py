@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from kernels import Backend, Padding
 from kernels.reference import normalize_size
 
+from .checkpointing import NonFiniteError
 from .localization import PaperLocalizer, check_input_size
 from .model import Fusion, STNClassifier
 from .transformer import SpatialTransformer
 from .transforms import Affine, Transform
 
 __all__ = ["STNModule"]
+
+
+def _first(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
 
 OptimizerCallable = Callable[[Iterable[Any]], torch.optim.Optimizer]
 LRSchedulerCallable = Callable[[torch.optim.Optimizer], Any]
@@ -55,6 +64,10 @@ class STNModule(pl.LightningModule):
             each step; None leaves it unclipped. Trainer's ``gradient_clip_val`` still clips every parameter.
         label_smoothing: label smoothing of the cross-entropy.
         backbone_kwargs: extra arguments for ``timm.create_model``.
+        nonfinite: what a training batch with NaN or inf pixels, a non-finite loss or a non-finite gradient does:
+            "raise" stops the run with a :class:`~stn_lightning.checkpointing.NonFiniteError` naming the step (and,
+            for parameters, which transformer's warps and which weights), "skip" skips the optimiser step and
+            counts it (``train/skipped_steps``). Checkpoints are never written with non-finite weights either way.
     """
 
     def __init__(
@@ -81,6 +94,7 @@ class STNModule(pl.LightningModule):
         loc_grad_clip: float | None = None,
         label_smoothing: float = 0.0,
         backbone_kwargs: dict[str, Any] | None = None,
+        nonfinite: Literal["raise", "skip"] = "raise",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["transform", "localizer", "optimizer", "lr_scheduler"])
@@ -88,6 +102,8 @@ class STNModule(pl.LightningModule):
             raise ValueError(f"expected num_transformers >= 1, got {num_transformers}")
         if loc_lr_scale < 0:
             raise ValueError(f"expected loc_lr_scale >= 0, got {loc_lr_scale}")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"expected nonfinite 'raise' or 'skip', got {nonfinite!r}")
         if loc_grad_clip is not None and not loc_grad_clip > 0:
             raise ValueError(f"expected loc_grad_clip > 0 or None, got {loc_grad_clip}")
         self.image_size = normalize_size(image_size)
@@ -123,6 +139,9 @@ class STNModule(pl.LightningModule):
         self.loc_lr_scale = loc_lr_scale
         self.loc_grad_clip = loc_grad_clip
         self.label_smoothing = label_smoothing
+        self.nonfinite = nonfinite
+        self._skip_step = False  # set by training_step, read after the backward (configure_gradient_clipping)
+        self._skipped = 0
         metrics: dict[str, torchmetrics.Metric | torchmetrics.MetricCollection] = {
             "acc": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
         }
@@ -147,20 +166,99 @@ class STNModule(pl.LightningModule):
         x, y = batch
         logits, params = self.model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        self._log_step(stage, x, y, logits, params, loss)
+        return loss
+
+    def _log_step(self, stage: str, x: Tensor, y: Tensor, logits: Tensor, params: Tensor | None, loss: Tensor) -> None:
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y))
+        # Logged values are averaged over every rank (sync_dist); metrics objects reduce their own states.
+        self.log(
+            f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True
+        )
         metrics: Any = self.metrics[f"{stage}_metrics"]
         metrics(logits, y)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
         if params is not None and self.transformer is not None:
             stats = self.transformer.transform.statistics(params, (x.shape[-2], x.shape[-1]))
             self.log_dict(
-                {f"{stage}/stn_{k}": v for k, v in stats.items()}, on_step=False, on_epoch=True, batch_size=len(y)
+                {f"{stage}/stn_{k}": v for k, v in stats.items()},
+                on_step=False,
+                on_epoch=True,
+                batch_size=len(y),
+                sync_dist=True,
             )
-        return loss
+
+    def _any_rank(self, flag: Tensor) -> bool:
+        # One decision for every DDP rank, so that all raise or skip together (a lone rank would deadlock).
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return bool(flag)
+        return bool(trainer.strategy.reduce_boolean_decision(bool(flag), all=False))
+
+    def _nonfinite(self, what: str) -> None:
+        step = self._trainer.global_step if self._trainer is not None else 0
+        epoch = self._trainer.current_epoch if self._trainer is not None else 0
+        message = f"{what} at global step {step} (epoch {epoch})"
+        if self.nonfinite == "raise":
+            raise NonFiniteError(f"{message}; stopping (STNModule(nonfinite='skip') skips such steps instead)")
+        self._skip_step = True
+        self._skipped += 1
+        rank_zero_warn(f"{message}; skipping this step ({self._skipped} skipped so far)")
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
+        x, y = batch
+        self._skip_step = False
+        bad_pixels = ~torch.isfinite(x)
+        if self._any_rank(bad_pixels.any()):
+            count, images = int(bad_pixels.sum()), int(bad_pixels.flatten(1).any(1).sum())
+            self._nonfinite(f"batch {batch_idx}: {count} NaN or inf pixels in {images} of {len(x)} images")
+            # Skipping (the step, not the batch's backward: every DDP rank must run one): a clean copy, no update.
+            x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        logits, params = self.model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        if not self._skip_step and self._any_rank(~torch.isfinite(loss)):
+            self._nonfinite(f"non-finite training loss ({loss.item()}){self._describe_params(params)}")
+        if self._skip_step:
+            loss = torch.nan_to_num(loss) * 0.0
+        else:
+            self._log_step("train", x, y, logits, params, loss)
+        self.log(
+            "train/skipped_steps", float(self._skipped), on_step=False, on_epoch=True, reduce_fx="max", sync_dist=True
+        )
+        return loss
+
+    def _describe_params(self, params: Tensor | None) -> str:
+        parts = []
+        if params is not None:
+            bad = ~torch.isfinite(params).flatten(2).all(-1)  # (B, K): transformer k's warp of image b
+            ks = [k for k in range(bad.shape[1]) if bad[:, k].any()]
+            if ks:
+                parts.append("; warp parameters non-finite for transformer " + ", ".join(map(str, ks)))
+        names = [n for n, p in self.named_parameters() if not bool(torch.isfinite(p).all())]
+        if names:
+            parts.append(f"; non-finite weights: {_first(names)}")
+        return "".join(parts)
+
+    def on_after_backward(self) -> None:
+        if self._skip_step:
+            return
+        trainer = self._trainer
+        if trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return  # float16 mixed precision: the gradient scaler skips steps with inf gradients itself
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.nn.utils.get_total_norm(grads)
+        if not bool(torch.isfinite(norm)):  # gradients are already reduced over the ranks: one answer everywhere
+            names = [n for n, p in self.named_parameters() if p.grad is not None and not bool(p.grad.isfinite().all())]
+            self._nonfinite(f"non-finite gradient in {_first(names)}")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._skip_step:
+            # Parameters without a gradient are left alone by torch's optimisers (no decay, no momentum step).
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
@@ -171,6 +269,13 @@ class STNModule(pl.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).argmax(-1)
+
+    def setup(self, stage: str) -> None:
+        # Each rank compiles Triton kernels into its own cache folder (ranks on one node would otherwise race).
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1 and "TRITON_CACHE_DIR" not in os.environ:
+            base = Path.home() / ".triton" / "cache"
+            os.environ["TRITON_CACHE_DIR"] = str(base / f"rank{trainer.global_rank}")
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """The backbone and head first, then the localisation net and its head (at ``loc_lr_scale``)."""

@@ -16,12 +16,13 @@ import shutil
 from typing import Any, Literal
 
 import timm
+from PIL import Image
 from pytorch_lightning import LightningDataModule
 from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-__all__ = ["ImageFolderDataModule", "arrange_cub200"]
+__all__ = ["BadImageError", "ImageFolderDataModule", "arrange_cub200", "load_rgb"]
 
 
 def _layout_message(root: str, problem: str) -> str:
@@ -35,12 +36,26 @@ def _layout_message(root: str, problem: str) -> str:
     )
 
 
+class BadImageError(ValueError):
+    """An image file that cannot be decoded (truncated, empty, not an image)."""
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode an image file to RGB, or raise :class:`BadImageError` naming the file."""
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            return image.convert("RGB")  # convert() decodes every pixel: truncated files fail here, not later
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+        raise BadImageError(f"cannot read image {path}: {err}") from None
+
+
 class _ClassListImageFolder(ImageFolder):
     """An ImageFolder whose classes are given (those of the training split), so indices agree across splits."""
 
     def __init__(self, root: str, classes: list[str], transform: Any, allow_empty: bool) -> None:
         self._given_classes = classes
-        super().__init__(root, transform=transform, allow_empty=allow_empty)
+        super().__init__(root, transform=transform, allow_empty=allow_empty, loader=load_rgb)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:  # type: ignore[override]
         return list(self._given_classes), {name: i for i, name in enumerate(self._given_classes)}

@@ -24,8 +24,10 @@ pixel equals ``background``), y int64 (B,) in ``range(num_classes)``, the sum of
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pytorch_lightning import LightningDataModule
 from torch import Tensor
@@ -50,6 +52,11 @@ _VARIANTS = ("R", "RTS", "P", "E")
 
 # Mean and std of the pixels in [0, 1] of each source's training set.
 _STATS = {"bundled": (0.1307, 0.3081), "mnist": (0.1307, 0.3081), "fashion_mnist": (0.2860, 0.3530)}
+
+
+def _run_seed() -> int:
+    # The seed of seed_everything (Lightning exports it to every DDP process), else torch's initial seed.
+    return int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())) % 2**63
 
 
 class DigitsDataset(Dataset):
@@ -141,7 +148,10 @@ class DigitsDataModule(LightningDataModule):
         self.train_set: DigitsDataset | None = None
         self.val_set: DigitsDataset | None = None
         self.test_set: DigitsDataset | None = None
-        self._generators: dict[str, torch.Generator] = {}
+        # Training distortion generators by device: (epoch they were seeded for, generator); see generator().
+        self._generators: dict[str, tuple[int, torch.Generator]] = {}
+        self._pending_states: dict[str, tuple[int, Tensor]] = {}
+        self._base_seed: int | None = None
 
     def _set_stats(self) -> None:
         mean, std = _STATS[self.source]
@@ -152,6 +162,7 @@ class DigitsDataModule(LightningDataModule):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_generators"] = {}  # generators are re-seeded lazily after unpickling (e.g. in spawned processes)
+        state["_pending_states"] = {}
         return state
 
     # ----------------------------------------------------------------------------------------------------------
@@ -185,15 +196,47 @@ class DigitsDataModule(LightningDataModule):
     # batches
     # ----------------------------------------------------------------------------------------------------------
     def generator(self, device: torch.device | str) -> torch.Generator:
-        """The generator of the training distortions on ``device``, seeded on first use from torch's global RNG
-        (so ``seed_everything`` makes training reproducible) and the process rank."""
+        """The generator of the training distortions on ``device``.
+
+        At the first batch of every epoch it is seeded from the run's seed (``seed_everything``), the process rank
+        and the epoch, so each DDP rank draws its own distortions and a run resumed at an epoch boundary draws the
+        same ones as the uninterrupted run. Its state is also saved in checkpoints (:meth:`state_dict`), so a
+        resumed mid-epoch checkpoint continues the epoch's stream on the rank that saved it.
+        """
         device = torch.device(device)
         key = str(device)
-        if key not in self._generators:
-            rank = self.trainer.global_rank if self.trainer is not None else 0
-            seed = int(torch.randint(0, 2**62, (1,)).item()) + rank
-            self._generators[key] = torch.Generator(device=device).manual_seed(seed)
-        return self._generators[key]
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        entry = self._generators.get(key)
+        if entry is None or entry[0] != epoch:
+            if self._base_seed is None:
+                self._base_seed = _run_seed()
+            words = np.random.SeedSequence([self._base_seed, rank, epoch]).generate_state(2, dtype=np.uint32)
+            generator = torch.Generator(device=device).manual_seed(int(words[0]) << 31 | int(words[1]) >> 1)
+            pending = self._pending_states.pop(key, None)
+            if pending is not None and pending[0] == epoch:
+                generator.set_state(pending[1])
+            self._generators[key] = (epoch, generator)
+        return self._generators[key][1]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The distortion generators' seed and states (Lightning stores them in every checkpoint)."""
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        return {
+            "base_seed": self._base_seed,
+            "rank": rank,
+            "generators": {key: {"epoch": e, "state": g.get_state()} for key, (e, g) in self._generators.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`: the seed always, the generators' states on the rank that saved them."""
+        if state_dict.get("base_seed") is not None:
+            self._base_seed = int(state_dict["base_seed"])
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        self._generators = {}
+        if state_dict.get("rank", 0) == rank:
+            saved = state_dict.get("generators", {})
+            self._pending_states = {key: (int(v["epoch"]), v["state"]) for key, v in saved.items()}
 
     def compose(self, digits: Tensor, labels: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         """Group single training digits into samples of ``num_digits`` by pairing each with random batch mates.

@@ -1,0 +1,94 @@
+"""A few DDP steps on the bundled digits; each rank writes what tests/test_ddp.py compares.
+
+Run as ``python tests/ddp_script.py OUT --devices 2`` (Lightning's ddp strategy re-launches this script for the
+other ranks) or under ``torchrun --nnodes 2 ... tests/ddp_script.py OUT --devices 1 --num_nodes 2``. Writes
+``OUT/rank{R}.pt`` (the rank's parameters after training and its first training batch) and, on rank 0,
+``OUT/metrics.json`` (validation accuracy under DDP and in one process on the same data and weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from stn_lightning.data import DistortedMNIST
+from stn_lightning.module import STNModule
+
+
+class FirstBatch(pl.Callback):
+    """Keeps the first training batch this rank sees (after the on-device distortions)."""
+
+    def __init__(self) -> None:
+        self.batch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        if self.batch is None:
+            self.batch = (batch[0].detach().clone(), batch[1].detach().clone())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--num_nodes", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    pl.seed_everything(0)
+    data = DistortedMNIST("RTS", batch_size=16, val_size=64)
+    model = STNModule(
+        num_classes=data.num_classes,
+        in_chans=data.in_chans,
+        image_size=data.image_size,
+        background=data.background,
+        backbone="resnet10t",
+        feature_norm=True,
+        loc_grad_clip=1.0,
+    )
+    first = FirstBatch()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        strategy="ddp",
+        max_steps=args.steps,
+        num_sanity_val_steps=0,  # and max_steps ends fit long before the first epoch's validation
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        callbacks=[first],
+    )
+    trainer.fit(model, datamodule=data)
+    out, rank = Path(args.out), trainer.global_rank
+    assert first.batch is not None
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.save(
+        {"params": params, "x": first.batch[0], "y": first.batch[1], "step": trainer.global_step},
+        out / f"rank{rank}.pt",
+    )
+
+    # The metric: rank 0's weights (BatchNorm statistics included) on every rank, then validation under DDP
+    # (torchmetrics reduces its counts over the ranks) against the same computation in this process alone.
+    model.load_state_dict(trainer.strategy.broadcast(model.state_dict(), src=0))
+    ddp_acc = trainer.validate(model, datamodule=data, verbose=False)[0]["val/acc"]
+    if rank == 0:
+        model.eval()
+        correct = seen = 0
+        with torch.no_grad():
+            for raw in data.val_dataloader():
+                x, y = data.make_batch(raw, train=False)
+                correct += int((model(x).argmax(-1) == y).sum())
+                seen += len(y)
+        result = {"ddp_acc": ddp_acc, "single_acc": correct / seen, "images": seen, "world_size": trainer.world_size}
+        (out / "metrics.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

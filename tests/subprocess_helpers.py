@@ -1,0 +1,63 @@
+"""Running the CLI and scripts in child processes with a hard time limit (a deadlock fails instead of hanging)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "train.py"
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child: one thread per process (two cores, several processes), no GPU."""
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"})
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(extra)
+    return env
+
+
+def start(cmd: list[str], cwd: Path, **extra_env: str) -> subprocess.Popen[str]:
+    """Start ``cmd`` in its own process group (so that a kill reaches the DDP ranks it launches too)."""
+    return subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=child_env(**extra_env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def finish(proc: subprocess.Popen[str], timeout: float) -> tuple[int, str]:
+    """Wait for ``proc``; past ``timeout`` seconds kill its whole process group and fail."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s (a deadlock?); output:\n{out[-4000:]}") from None
+    return proc.returncode, out
+
+
+def run(cmd: list[str], cwd: Path, timeout: float, **extra_env: str) -> tuple[int, str]:
+    """Run ``cmd`` to its end within ``timeout`` seconds: (exit status, stdout and stderr together)."""
+    return finish(start(cmd, cwd, **extra_env), timeout)
+
+
+def train_cmd(*args: str) -> list[str]:
+    """The command line of ``python train.py ARGS``."""
+    return [sys.executable, str(TRAIN), *args]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
