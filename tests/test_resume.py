@@ -1,0 +1,143 @@
+"""Runs that survive: SIGKILL mid-epoch and ``--ckpt_path last`` give the uninterrupted run; SIGTERM saves and exits;
+checkpoint writes are atomic; checkpoints never unpickle arbitrary objects."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from subprocess_helpers import ROOT, finish, run, start, train_cmd
+
+from stn_lightning.checkpointing import AtomicCheckpointIO, NonFiniteError, find_last_checkpoint, read_checkpoint
+
+ARGS = [
+    "fit",
+    "--config",
+    str(ROOT / "configs" / "demo.yaml"),
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.devices",
+    "1",
+    "--trainer.deterministic",
+    "true",
+    "--trainer.max_epochs",
+    "3",
+    "--trainer.limit_train_batches",
+    "24",
+    "--trainer.limit_val_batches",
+    "2",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--data.init_args.batch_size",
+    "16",
+    "--attention.num_images",
+    "2",
+]
+
+
+def _wait_for(path_of: callable, timeout: float, proc) -> Path:  # type: ignore[valid-type]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = path_of()
+        if found is not None:
+            return found
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before its first checkpoint: {proc.communicate()[0][-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared in time")
+
+
+def _params(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path: Path) -> None:
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    whole.mkdir()
+    broken.mkdir()
+    code, out = run(train_cmd(*ARGS), whole, timeout=300)
+    assert code == 0, out[-3000:]
+    reference = whole / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+
+    proc = start(train_cmd(*ARGS), broken)
+    first = _wait_for(lambda: find_last_checkpoint(broken / "lightning_logs"), 240, proc)
+    time.sleep(1.0)  # a few steps into the second epoch (24 steps of 16 digits take several seconds here)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    killed_at = read_checkpoint(first)
+    assert killed_at["global_step"] < 72, "the run finished before it was killed"
+
+    code, out = run(train_cmd(*ARGS, "--ckpt_path", "last"), broken, timeout=300)
+    assert code == 0, out[-3000:]
+    assert f"resuming {first}" in out
+    resumed = broken / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"
+    a, b = read_checkpoint(reference), read_checkpoint(resumed)
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"]) == (2, 72)
+    diff = max((a["state_dict"][k].double() - v.double()).abs().max().item() for k, v in b["state_dict"].items())
+    assert diff <= 1e-6, f"resumed weights differ from the uninterrupted run's by {diff}"
+
+
+def test_sigterm_saves_the_state_and_exits(tmp_path: Path) -> None:
+    proc = start(train_cmd(*ARGS), tmp_path)
+    first = _wait_for(lambda: find_last_checkpoint(tmp_path / "lightning_logs"), 240, proc)
+    step_before = read_checkpoint(first)["global_step"]
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    code, out = finish(proc, timeout=120)
+    assert code == 143, out[-3000:]
+    assert "SIGTERM" in out and "--ckpt_path last" in out
+    saved = read_checkpoint(first)
+    assert saved["global_step"] > step_before, "SIGTERM did not save the state it stopped at"
+
+
+def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    good = {"state_dict": {"w": torch.ones(3)}, "epoch": 1}
+    io.save_checkpoint(good, path)
+
+    def dies_half_way(obj: object, f: object, *args: object, **kwargs: object) -> None:
+        f.write(b"PK\x03\x04 half a checkpoint")  # type: ignore[attr-defined]
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "epoch": 2}, path)
+    monkeypatch.undo()
+    assert read_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"], "a temporary file was left behind"
+    with pytest.raises(NonFiniteError, match="w"):
+        io.save_checkpoint({"state_dict": {"w": torch.tensor([1.0, float("nan")])}}, path)
+    assert read_checkpoint(path)["epoch"] == 1
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # like any file the user writes, not mkstemp's 0600
+
+
+class _Marker:
+    """Unpickling this object would create a file: what a malicious checkpoint does."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_a_malicious_checkpoint_is_never_unpickled(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": _Marker(marker)}}, evil)
+    with pytest.raises(ValueError, match="refuses to unpickle"):
+        read_checkpoint(evil)
+    with pytest.raises(Exception):  # noqa: B017 - torch's own weights-only error
+        AtomicCheckpointIO().load_checkpoint(evil)
+    code, out = run(
+        train_cmd("test", "--config", str(ROOT / "configs" / "demo.yaml"), "--ckpt_path", str(evil)), tmp_path, 120
+    )
+    assert code == 2 and "refuses to unpickle" in out and "Traceback" not in out, out[-2000:]
+    assert not marker.exists()
