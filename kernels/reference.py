@@ -181,8 +181,10 @@ def _make_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> T
 
 @functools.lru_cache(maxsize=256)  # a few hundred at most: one per (sizes, align_corners, dtype, device) in use
 def _cached_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
-    # A blocking copy, made once: its values are in place before any stream can read them.
-    return torch.tensor(values, dtype=dtype, device=device)
+    # A blocking copy, made once: its values are in place before any stream can read them. Made outside
+    # inference mode, so that a constant first made while testing can be saved for backward while training.
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype, device=device)
 
 
 def pixel_scale_factors(in_size: tuple[int, int], out_size: tuple[int, int], align_corners: bool) -> list[list[float]]:

@@ -17,6 +17,7 @@ and ``predict`` work the same way, ``--print_config`` shows the full configurati
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -167,6 +168,14 @@ class STNCLI(LightningCLI):
                     f"model.{name} is {given!r} in the configuration, but the data sets it "
                     f"({type(self.datamodule).__name__}.{name} = {actual!r}); remove model.{name}, or change the data"
                 )
+        # Lightning logs the model's and the data's hyperparameters together and stops on a name they share
+        # with different values (e.g. the image-folder data's normalisation backbone): say so before the run.
+        model_hp = dict(getattr(self.model, "hparams", {}))
+        data_hp = dict(getattr(self.datamodule, "hparams", {}))
+        clashes = [k for k in model_hp.keys() & data_hp.keys() if _plain(model_hp[k]) != _plain(data_hp[k])]
+        if clashes:
+            detail = ", ".join(f"model.{k} = {model_hp[k]!r} but data.{k} = {data_hp[k]!r}" for k in sorted(clashes))
+            raise ValueError(f"{detail}; give both the same value")
         if self._checkpoint is not None and self.model is not None:
             self._check_checkpoint_fits(self._checkpoint)
             self._checkpoint = None  # free the memory before the run
@@ -206,6 +215,8 @@ class STNCLI(LightningCLI):
         if not log_dir or not Path(log_dir).is_dir() or any(Path(log_dir).rglob("*.ckpt")):
             return
         shutil.rmtree(log_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # and lightning_logs/ if this run had made it (rmdir: only if empty)
+            Path(log_dir).parent.rmdir()
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):
@@ -247,7 +258,7 @@ def main(args: list[str] | None = None, run: bool = True) -> STNCLI:
     argv = list(sys.argv[1:] if args is None else args)
     if "--debug" in argv:
         argv.remove("--debug")
-        os.environ[_DEBUG_ENV] = "1"  # DDP re-launches the command: the other ranks see it too
+        os.environ[_DEBUG_ENV] = "true"  # DDP re-launches the command: the other ranks see it too
         if args is None:
             sys.argv = [sys.argv[0], *argv]
     debug = bool(os.environ.get(_DEBUG_ENV))

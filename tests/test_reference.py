@@ -217,3 +217,15 @@ def test_small_constants_are_made_once() -> None:
     assert reference.pixel_scale_matrix(2, (6, 8), (3, 4), True, torch.float32, theta) is not first
     assert reference.pixel_scale_matrix(2, (6, 8), (3, 4), False, torch.float64, theta).dtype == torch.float64
     torch.testing.assert_close(first, torch.tensor(reference.pixel_scale_factors((6, 8), (3, 4), False)[:2]))
+
+
+def test_constants_made_in_inference_mode_serve_training_later() -> None:
+    # trainer.test() then trainer.fit() in one process: the cached pixel-scale constant is first made under
+    # inference mode and must still be usable in a graph that autograd records.
+    x = torch.randn(1, 1, 13, 11)
+    theta = torch.tensor([[[[0.9, 0.1, 0.05], [-0.1, 1.1, 0.0]]]])
+    with torch.inference_mode():
+        kernels.sample_affine(x, theta, (7, 5), backend="torch")
+    theta = theta.clone().requires_grad_(True)
+    kernels.sample_affine(x, theta, (7, 5), backend="torch").sum().backward()
+    assert theta.grad is not None and torch.isfinite(theta.grad).all()
