@@ -161,9 +161,19 @@ def overlap_penalty(regions: Tensor, jitter: float = 1e-3) -> Tensor:
     gains from shrinking them; the classification loss keeps them on the objects).
 
     Any penalty that treats the transformers alike has a zero gradient when their regions coincide exactly,
-    which is where K transformers started at the identity begin. So box k is moved by ``jitter`` times its
-    width and height towards the direction 2 pi k / K before the comparison (a fixed, almost invisible tiling);
-    coinciding regions then get a gradient that spreads them apart.
+    which is where K transformers started at the identity begin. So before the comparison box k is moved by
+    ``jitter`` times its width and height towards the centre of the k-th window of the tiled layout
+    (``tiled_windows``: a near-square grid, row major, in normalised coordinates), a fixed and almost invisible
+    offset: coinciding regions then get a gradient that spreads them apart along that layout, and the touching
+    windows of ``init="tiled"`` are nudged apart rather than into each other.
+
+    Used alone it can be lowered by moving regions out of the image, where they read only padding. In a
+    40-step check on MultiMNIST (batch 32, K = 2 ``Attention(scale_range=(0.2, 1.0))`` transformers started at
+    the identity, whose scale then sits in the saturated end of its sigmoid and cannot shrink; translations
+    unbounded), weight 1 at the base localisation rate moved both regions entirely off the canvas (validation
+    ``stn_outside`` 1.0); weight 0.1 left 21 % and weight 1 at a tenth of the rate 23 % of the sampled points
+    outside. Pair it with ``init="tiled"`` (the same check kept the overlap at 0 and every point inside), bounded
+    translations, or a scale range whose interior holds the start.
 
     Args:
         regions: (B, K, M, 2) polygons (``SpatialTransformer.outline``), any units with equal x and y scales.
@@ -177,9 +187,12 @@ def overlap_penalty(regions: Tensor, jitter: float = 1e-3) -> Tensor:
         return regions.sum() * 0.0
     lo, hi = regions.amin(-2), regions.amax(-2)  # (B, K, 2)
     if jitter:
-        angle = torch.arange(k, device=regions.device, dtype=regions.dtype) * (2 * math.pi / k)
-        direction = torch.stack([torch.cos(angle), torch.sin(angle)], -1)  # (K, 2)
-        shift = jitter * (hi - lo).detach() * direction
+        cols = math.ceil(math.sqrt(k))
+        rows = math.ceil(k / cols)
+        idx = torch.arange(k, device=regions.device)
+        # Centre of tile k of a rows x cols grid over [-1, 1]^2, as tiled_windows lays them out.
+        tiles = torch.stack([(2 * (idx % cols) + 1) / cols - 1, (2 * (idx // cols) + 1) / rows - 1], -1)
+        shift = jitter * (hi - lo).detach() * tiles.to(regions.dtype)
         lo, hi = lo + shift, hi + shift
     inter = (torch.minimum(hi[:, :, None], hi[:, None]) - torch.maximum(lo[:, :, None], lo[:, None])).clamp(min=0)
     inter_area = inter.prod(-1)  # (B, K, K)
