@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import timm
 import torch
 
 import stn_lightning  # noqa: F401  (registers the models)
 from stn_lightning.backbones import PaperCNN, PaperFCN
+from stn_lightning.localization import create_timm_model
 from stn_lightning.module import STNModule
 from stn_lightning.transforms import Attention
 
@@ -128,3 +131,15 @@ def test_stn_module_forward_backward(name: str, kwargs: dict) -> None:
     assert all(g is not None and g.isfinite().all() for g in grads)
     if module.transformer is not None:
         assert module.transformer.head.bias.grad is not None
+
+
+def test_local_pretrained_weights_load_through_create_timm_model(tmp_path: Path) -> None:
+    source = timm.create_model("stn_paper_cnn")
+    path = tmp_path / "cnn.pth"
+    torch.save(source.state_dict(), path)
+    # A headless copy for STNClassifier: the classifier is dropped, the convolutions are loaded.
+    loaded = create_timm_model("stn_paper_cnn", pretrained=str(path), num_classes=0)
+    assert loaded.num_classes == 0 and torch.equal(loaded.conv2.weight, source.conv2.weight)
+    # timm adapts the first convolution (the cfg's first_conv) to more channels, keeping its sum over channels.
+    wider = create_timm_model("stn_paper_cnn", pretrained=str(path), num_classes=0, in_chans=2)
+    torch.testing.assert_close(wider.conv1.weight.sum(1, keepdim=True), source.conv1.weight)
