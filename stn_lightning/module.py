@@ -19,6 +19,7 @@ from kernels.reference import normalize_size
 
 from .checkpointing import NonFiniteError
 from .localization import PaperLocalizer, check_input_size
+from .metrics import CoLocalization, overlap_penalty
 from .model import Fusion, STNClassifier
 from .transformer import SpatialTransformer
 from .transforms import Affine, Transform
@@ -68,6 +69,13 @@ class STNModule(pl.LightningModule):
             "raise" stops the run with a :class:`~stn_lightning.checkpointing.NonFiniteError` naming the step (and,
             for parameters, which transformer's warps and which weights), "skip" skips the optimiser step and
             counts it (``train/skipped_steps``). Checkpoints are never written with non-finite weights either way.
+        overlap_weight: weight of :func:`~stn_lightning.metrics.overlap_penalty` (the mean IoU of the K
+            transformers' regions) added to the training loss, to keep parallel transformers off the same region;
+            0 adds nothing. With K > 1 the penalty is logged as ``<stage>/overlap`` whatever the weight.
+
+    Batches are ``(x, y)`` or ``(x, y, boxes)``; with boxes (B, D, 4) of the objects in input pixels (MultiMNIST's
+    validation and test batches) and a transformer, :class:`~stn_lightning.metrics.CoLocalization` is logged as
+    ``val/coloc``, ``val/hit_<k>`` and ``val/contains_<k>`` (``test/...`` in testing).
     """
 
     def __init__(
@@ -95,6 +103,7 @@ class STNModule(pl.LightningModule):
         label_smoothing: float = 0.0,
         backbone_kwargs: dict[str, Any] | None = None,
         nonfinite: Literal["raise", "skip"] = "raise",
+        overlap_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["transform", "localizer", "optimizer", "lr_scheduler"])
@@ -106,6 +115,8 @@ class STNModule(pl.LightningModule):
             raise ValueError(f"expected nonfinite 'raise' or 'skip', got {nonfinite!r}")
         if loc_grad_clip is not None and not loc_grad_clip > 0:
             raise ValueError(f"expected loc_grad_clip > 0 or None, got {loc_grad_clip}")
+        if not overlap_weight >= 0:
+            raise ValueError(f"expected overlap_weight >= 0, got {overlap_weight}")
         self.image_size = normalize_size(image_size)
         crop = normalize_size(crop_size) if crop_size is not None else self.image_size
         transformer = None
@@ -142,6 +153,7 @@ class STNModule(pl.LightningModule):
         self.nonfinite = nonfinite
         self._skip_step = False  # set by training_step, read after the backward (configure_gradient_clipping)
         self._skipped = 0
+        self.overlap_weight = overlap_weight
         metrics: dict[str, torchmetrics.Metric | torchmetrics.MetricCollection] = {
             "acc": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
         }
@@ -152,6 +164,9 @@ class STNModule(pl.LightningModule):
         self.metrics = nn.ModuleDict(
             {f"{s}_metrics": collection.clone(prefix=f"{s}/") for s in ("train", "val", "test")}
         )
+        k = num_transformers if fusion != "none" else 0
+        self.val_coloc = CoLocalization(k) if k else None
+        self.test_coloc = CoLocalization(k) if k else None
 
     @property
     def transformer(self) -> SpatialTransformer | None:
@@ -162,10 +177,13 @@ class STNModule(pl.LightningModule):
         """Logits (B, num_classes) of images (B, C, H, W)."""
         return self.model(x)[0]
 
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
-        x, y = batch
+    def _step(self, batch: tuple[Tensor, ...], stage: str) -> Tensor:
+        x, y = batch[0], batch[1]
+        boxes = batch[2] if len(batch) > 2 else None
         logits, params = self.model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        if params is not None and self.transformer is not None:
+            loss = loss + self._attention_terms(x, params, boxes, stage)
         self._log_step(stage, x, y, logits, params, loss)
         return loss
 
@@ -205,8 +223,35 @@ class STNModule(pl.LightningModule):
         self._skipped += 1
         rank_zero_warn(f"{message}; skipping this step ({self._skipped} skipped so far)")
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
+    def _attention_terms(self, x: Tensor, params: Tensor, boxes: Tensor | None, stage: str) -> Tensor:
+        # The overlap penalty (logged; added to the training loss with its weight) and the co-localisation update.
+        transformer = self.transformer
+        assert transformer is not None
+        extra = x.new_zeros(())
+        if transformer.num_transformers < 2 and boxes is None:
+            return extra
+        regions = transformer.outline(params, (x.shape[-2], x.shape[-1]))  # (B, K, M, 2) in input pixels
+        if transformer.num_transformers > 1:
+            penalty = overlap_penalty(regions)
+            self.log(f"{stage}/overlap", penalty, on_step=False, on_epoch=True, batch_size=len(x), sync_dist=True)
+            if stage == "train" and self.overlap_weight > 0:
+                extra = extra + self.overlap_weight * penalty
+        metric = self._coloc(stage)
+        if boxes is not None and metric is not None:
+            metric.update(regions.detach(), boxes)
+        return extra
+
+    def _coloc(self, stage: str) -> CoLocalization | None:
+        return {"val": self.val_coloc, "test": self.test_coloc}.get(stage)
+
+    def _log_coloc(self, stage: str) -> None:
+        metric = self._coloc(stage)
+        if metric is not None and metric.update_count > 0:
+            self.log_dict({f"{stage}/{k}": v for k, v in metric.compute().items()})
+            metric.reset()
+
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        x, y = batch[0], batch[1]
         self._skip_step = False
         bad_pixels = ~torch.isfinite(x)
         if self._any_rank(bad_pixels.any()):
@@ -216,6 +261,8 @@ class STNModule(pl.LightningModule):
             x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
         logits, params = self.model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        if params is not None and self.transformer is not None:
+            loss = loss + self._attention_terms(x, params, None, "train")
         if not self._skip_step and self._any_rank(~torch.isfinite(loss)):
             self._nonfinite(f"non-finite training loss ({loss.item()}){self._describe_params(params)}")
         if self._skip_step:
@@ -260,11 +307,17 @@ class STNModule(pl.LightningModule):
                 for p in group["params"]:
                     p.grad = None
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         self._step(batch, "val")
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         self._step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_coloc("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_coloc("test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -36,6 +36,7 @@ import kernels
 
 __all__ = [
     "DIGIT_SIZE",
+    "affine_ink_boxes",
     "cut_patches",
     "homography_from_points",
     "paste_patches",
@@ -226,6 +227,52 @@ def random_cells(
     ones = torch.ones(n * num_digits, device=device)
     theta = placement_theta(0.0 * ones, ones, (centre + jitter).reshape(-1, 2), canvas, digit)
     return theta.view(n, num_digits, 2, 3)
+
+
+def affine_ink_boxes(digits: Tensor, theta: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """Where affine placements put each digit's ink: the axis-aligned box around the warped ink bounding box.
+
+    The ink bounding box spans the outer edges of the digit's nonzero pixels; its four corners are mapped from
+    the digit into the canvas by the inverse of ``theta`` (which maps canvas to digit, ``align_corners=False``),
+    and the result is the box around them, in canvas pixels with pixel centres at integers (the convention of
+    ``Transform.outline``). Bilinear sampling spreads the ink by less than a pixel, so every nonzero pixel of the
+    rendered digit overlaps its box. A digit without ink gets the box of its whole square.
+
+    Args:
+        digits: (N, 28, 28) (any side), ink where > 0.
+        theta: (N, 2, 3) output-to-input placements, as :func:`warp_affine` takes them.
+        size: canvas (H, W) or an int.
+
+    Returns:
+        boxes (N, 4) float32: x0, y0, x1, y1.
+    """
+    h, w = (size, size) if isinstance(size, int) else size
+    side_y, side_x = digits.shape[-2:]
+    ink = digits > 0
+
+    def span(mask: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        # First and last ink index along an axis; the whole axis when there is no ink.
+        idx = torch.arange(n, device=mask.device)
+        first = torch.where(mask, idx, n).amin(-1)
+        last = torch.where(mask, idx, -1).amax(-1)
+        empty = last < 0
+        return torch.where(empty, 0, first).float(), torch.where(empty, n - 1, last).float()
+
+    x0, x1 = span(ink.any(-2), side_x)
+    y0, y1 = span(ink.any(-1), side_y)
+    # Pixel edges i - 0.5 and i + 0.5 in normalised digit coordinates: (2 i + 1) / n - 1 at the centres.
+    u0, u1 = 2 * x0 / side_x - 1, 2 * (x1 + 1) / side_x - 1
+    v0, v1 = 2 * y0 / side_y - 1, 2 * (y1 + 1) / side_y - 1
+    corners = torch.stack(
+        [torch.stack([u0, v0], -1), torch.stack([u1, v0], -1), torch.stack([u1, v1], -1), torch.stack([u0, v1], -1)],
+        dim=1,
+    )  # (N, 4, 2) in the digit
+    theta = theta.float()
+    inv = torch.linalg.inv(theta[:, :, :2])
+    canvas = (corners - theta[:, None, :, 2]) @ inv.transpose(-1, -2)  # (N, 4, 2), normalised canvas
+    px = ((canvas[..., 0] + 1) * w - 1) / 2
+    py = ((canvas[..., 1] + 1) * h - 1) / 2
+    return torch.stack([px.amin(-1), py.amin(-1), px.amax(-1), py.amax(-1)], dim=-1)
 
 
 # --------------------------------------------------------------------------------------------------------------

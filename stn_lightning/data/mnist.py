@@ -19,7 +19,9 @@ Raw batches (what the DataLoaders yield) are dicts:
 * validation and test only: the stored distortion parameters of the DataModule (e.g. ``"theta"``).
 
 Processed batches are ``(x, y)``: x float32 (B, in_chans, H, W), normalised with ``mean`` and ``std`` (an empty
-pixel equals ``background``), y int64 (B,) in ``range(num_classes)``, the sum of the D digit labels.
+pixel equals ``background``), y int64 (B,) in ``range(num_classes)``, the sum of the D digit labels. Validation and
+test batches of the DataModules that know where they put the digits (:class:`MultiMNIST`, :class:`ClutteredMNIST`)
+are ``(x, y, boxes)``: boxes float32 (B, D, 4), each digit's ink as x0, y0, x1, y1 in pixels of x.
 """
 
 from __future__ import annotations
@@ -192,6 +194,18 @@ class DigitsDataModule(LightningDataModule):
         """
         return digits[:, :1]
 
+    def boxes(self, digits: Tensor, params: dict[str, Tensor]) -> Tensor | None:
+        """Where each digit's ink lies in the images, or None when the DataModule does not say.
+
+        Args:
+            digits: (B, D, 28, 28) float in [0, 1].
+            params: what :meth:`draw` returns.
+
+        Returns:
+            (B, D, 4) float32 boxes x0, y0, x1, y1 in pixels of the image (pixel centres at integers), or None.
+        """
+        return None
+
     # ----------------------------------------------------------------------------------------------------------
     # batches
     # ----------------------------------------------------------------------------------------------------------
@@ -263,8 +277,8 @@ class DigitsDataModule(LightningDataModule):
         return digits[index, 0], labels[index, 0]
 
     def make_batch(
-        self, batch: dict[str, Tensor], train: bool, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor]:
+        self, batch: dict[str, Tensor], train: bool, generator: torch.Generator | None = None, boxes: bool = False
+    ) -> tuple[Tensor, ...]:
         """Turn a raw batch into model inputs on the batch's device.
 
         Args:
@@ -272,9 +286,11 @@ class DigitsDataModule(LightningDataModule):
                 ``train``, the stored parameters.
             train: draw fresh random distortions (True) or use the stored ones (False).
             generator: for ``train``, the random generator on the batch's device; default :meth:`generator`.
+            boxes: also return the digits' boxes (see :meth:`boxes`) when the DataModule knows them.
 
         Returns:
-            x float32 (B, in_chans, H, W), normalised; y int64 (B,), the sum of the digit labels.
+            x float32 (B, in_chans, H, W), normalised; y int64 (B,), the sum of the digit labels; with ``boxes``
+            and a DataModule that knows them, boxes float32 (B, D, 4) as a third element.
         """
         digits, labels = batch["digits"], batch["labels"]
         if digits.dim() != 4 or digits.shape[-2:] != (dist.DIGIT_SIZE, dist.DIGIT_SIZE):
@@ -292,12 +308,15 @@ class DigitsDataModule(LightningDataModule):
         x = self.render(digits, params)
         mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        return ((x - mean) / std).float().contiguous(), labels.sum(dim=1).long()
+        out = ((x - mean) / std).float().contiguous(), labels.sum(dim=1).long()
+        where = self.boxes(digits, params) if boxes else None
+        return out if where is None else (*out, where)
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        """Build the batch on its device: random distortions while training, the stored ones otherwise."""
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[Tensor, ...]:
+        """Build the batch on its device: random distortions while training, the stored ones (and the digits'
+        boxes, where known) otherwise."""
         train = self.trainer is not None and bool(self.trainer.training)
-        return self.make_batch(batch, train=train)
+        return self.make_batch(batch, train=train, boxes=not train)
 
     # ----------------------------------------------------------------------------------------------------------
     # data
@@ -500,6 +519,10 @@ class ClutteredMNIST(DigitsDataModule):
         canvas = dist.paste_patches(canvas, params["clutter"].to(canvas.dtype), params["clutter_at"])
         return canvas.unsqueeze(1)
 
+    def boxes(self, digits: Tensor, params: dict[str, Tensor]) -> Tensor:
+        """The digit's ink box (B, 1, 4) in canvas pixels (the clutter is not boxed)."""
+        return dist.affine_ink_boxes(digits[:, 0], params["theta"], self.image_size).unsqueeze(1)
+
 
 class MNISTAddition(DigitsDataModule):
     """MNIST addition: two independently RTS-distorted digits in two 42x42 channels, label = their sum.
@@ -593,3 +616,9 @@ class MultiMNIST(DigitsDataModule):
         flat = digits.reshape(b * d, 1, dist.DIGIT_SIZE, dist.DIGIT_SIZE)
         placed = dist.warp_affine(flat, params["theta"].reshape(b * d, 2, 3), self.image_size)
         return placed.view(b, d, *self.image_size).amax(dim=1, keepdim=True)
+
+    def boxes(self, digits: Tensor, params: dict[str, Tensor]) -> Tensor:
+        """Each digit's ink box (B, D, 4) in canvas pixels, from its placement and its ink bounding box."""
+        b, d = digits.shape[:2]
+        theta = params["theta"].reshape(b * d, 2, 3)
+        return dist.affine_ink_boxes(digits.reshape(b * d, *digits.shape[-2:]), theta, self.image_size).view(b, d, 4)

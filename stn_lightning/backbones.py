@@ -1,0 +1,274 @@
+"""The paper's own classification networks (Jaderberg et al. 2015) as timm models.
+
+Importing this module (``import stn_lightning`` does) registers four models with timm, so that
+``timm.create_model(name, num_classes=..., in_chans=...)`` and ``STNModule(backbone=name)`` build them like any
+timm model:
+
+* ``stn_paper_cnn``: conv 9x9 32 -> max-pool 2 -> conv 7x7 32 -> adaptive max-pool 4x4 -> fully connected;
+  57,962 parameters (1 channel, 10 classes).
+* ``stn_paper_cnn_st``: the same with 23 filters per convolution; 31,520 (+ 26,896 of the localiser = 58,416).
+* ``stn_paper_fcn``: 28x28 input grid -> fc 128 -> fc 128 -> fully connected; 118,282.
+* ``stn_paper_fcn_st``: 28x28 input grid -> fc 102 -> fc 102 -> fully connected; 91,606 (+ 26,896 = 118,502).
+
+The baselines (``*_cnn``, ``*_fcn``) are the CNN and FCN rows of the paper's tables. The paper compares each
+with an ST network of about the same total size: the ST side adds a localisation network in front of the
+classifier, so its classifier must be smaller. The ``*_st`` variants are sized for that: with the project's
+default localiser, ``PaperLocalizer(1)`` (two 5x5 convolutions of 20 filters, 4x4 pooling, fc 50: 26,590
+parameters) and an affine head of one transformer (50 x 6 + 6 = 306), an ST-CNN built with
+``stn_paper_cnn_st`` has 58,416 parameters against the CNN's 57,962 (+0.8 %), and an ST-FCN with
+``stn_paper_fcn_st`` 118,502 against the FCN's 118,282 (+0.2 %). The widths were solved for here from these
+counts (49 c^2 + 243 c + 10 for the CNN with c filters per convolution, h^2 + 796 h + 10 for the FCN with two
+hidden layers of h units); REFERENCES.md gives the CNN's layers, and the paper only states that the compared
+models have about the same number of parameters. The FCN's two hidden layers of 128 units are this project's
+choice. The paper's ST-FCN used a fully connected localiser; here every localiser is injected separately
+(``STNModule(localizer=...)``), so other pairings re-balance by passing widths through ``backbone_kwargs``
+(``channels=(c1, c2)`` or ``hidden=(h1, h2, ...)``).
+
+The counts above include the classifier. In ``STNClassifier`` the backbone is built with ``num_classes=0`` and
+the classifier is the model's own head of the same size; with feature fusion of K crops that head is K times
+wider, and with channel fusion the first layer sees K * C channels, so those models grow accordingly.
+
+Both networks stay position-sensitive (no global average pooling) and accept any input of at least
+``min_size`` pixels: the CNN's second max-pooling is adaptive and pools its map to a fixed 4x4 grid (the
+paper's 2x2 pooling for 36x36 inputs), and the FCN first resamples the image to a fixed 28x28 grid by area
+averaging (adaptive average pooling, the identity on 28x28 digits). The fully connected layers, and with them
+the parameter counts, therefore do not depend on the input size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch.nn.functional as F
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import Tensor, nn
+
+__all__ = ["PaperCNN", "PaperFCN"]
+
+# Mean and std of MNIST pixels in [0, 1], as stn_lightning.data normalises them.
+_MNIST_MEAN, _MNIST_STD = (0.1307,), (0.3081,)
+
+
+def _check_classes(num_classes: int, in_chans: int) -> None:
+    if num_classes < 0 or in_chans < 1:
+        raise ValueError(f"expected num_classes >= 0 and in_chans >= 1, got {num_classes} and {in_chans}")
+
+
+class _PaperNet(nn.Module):
+    """What both networks share: the timm classifier interface around ``features`` and ``head``.
+
+    Subclasses set ``in_chans``, ``num_features`` and ``min_size``, build ``self.head`` with :meth:`_make_head`
+    and implement :meth:`forward_features`.
+    """
+
+    in_chans: int
+    num_classes: int
+    num_features: int
+    min_size: int
+    drop_rate: float
+    head: nn.Module
+
+    def _make_head(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"expected images (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
+        if min(x.shape[-2:]) < self.min_size:
+            raise ValueError(
+                f"{type(self).__name__} accepts images of at least {self.min_size} x {self.min_size} pixels, "
+                f"got {x.shape[-2]} x {x.shape[-1]}"
+            )
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Features of images (B, in_chans, H, W), before the classifier (shape per subclass)."""
+        raise NotImplementedError
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Logits (B, num_classes) of features from :meth:`forward_features`, or the flat features
+        (B, num_features) that the classifier reads when ``pre_logits``."""
+        x = x.flatten(1)
+        if self.drop_rate > 0:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits (B, num_classes) of images (B, in_chans, H, W); features (B, num_features) if num_classes is 0."""
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        """The final fully connected layer (an ``nn.Identity`` when num_classes is 0)."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier by a fresh one with ``num_classes`` outputs (0 removes it).
+
+        Args:
+            num_classes: outputs of the new classifier.
+            global_pool: accepted for timm's interface; these networks never pool globally, so only None or ""
+                are valid.
+        """
+        if global_pool not in (None, ""):
+            raise ValueError(
+                f"{type(self).__name__} keeps its spatial layout and has no global pool, got {global_pool!r}"
+            )
+        _check_classes(num_classes, self.in_chans)
+        self._make_head(num_classes)
+
+
+class PaperCNN(_PaperNet):
+    """The paper's CNN: two convolutions with max-pooling, then one fully connected classifier.
+
+    conv(k1 x k1, c1) -> ReLU -> max-pool 2 -> conv(k2 x k2, c2) -> ReLU -> adaptive max-pool (pool x pool)
+    -> [dropout] -> fully connected (num_classes). Parameters:
+    ``c1 (in_chans k1^2 + 1) + c2 (c1 k2^2 + 1) + num_classes (c2 pool^2 + 1)``, whatever the input size.
+    ``forward_features`` returns the pooled map (B, c2, pool, pool); ``num_features`` is c2 * pool^2, the width
+    of the flattened map the classifier reads.
+
+    Args:
+        num_classes: outputs of the classifier; 0 for none (``forward`` then returns the flat features).
+        in_chans: input channels.
+        channels: filters of the two convolutions (c1, c2).
+        kernel_sizes: sides of the two convolution kernels (k1, k2).
+        pool: side of the grid that the second max-pooling pools to.
+        drop_rate: dropout before the classifier.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_chans: int = 1,
+        channels: Sequence[int] = (32, 32),
+        kernel_sizes: Sequence[int] = (9, 7),
+        pool: int = 4,
+        drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_classes(num_classes, in_chans)
+        if len(channels) != 2 or len(kernel_sizes) != 2 or min(*channels, *kernel_sizes, pool) < 1:
+            raise ValueError(
+                f"expected two positive channels, two kernel sizes and pool >= 1, got "
+                f"{channels}, {kernel_sizes}, {pool}"
+            )
+        (c1, c2), (k1, k2) = channels, kernel_sizes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.num_features = c2 * pool * pool
+        # The second convolution needs k2 pixels after the first pooling: (H - k1 + 1) // 2 >= k2.
+        self.min_size = k1 - 1 + 2 * k2
+        self.conv1 = nn.Conv2d(in_chans, c1, k1)
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(c1, c2, k2)
+        self.pool2 = nn.AdaptiveMaxPool2d(pool)
+        self._make_head(num_classes)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The pooled feature map (B, c2, pool, pool) of images (B, in_chans, H, W)."""
+        self._check_input(x)
+        x = self.pool1(F.relu(self.conv1(x)))
+        return self.pool2(F.relu(self.conv2(x)))
+
+
+class PaperFCN(_PaperNet):
+    """The paper's fully connected network: hidden fully connected layers with ReLU, then the classifier.
+
+    adaptive average pool of the image to grid x grid -> flatten -> [fc(h_i) -> ReLU] for each hidden width ->
+    [dropout] -> fully connected (num_classes). Parameters: ``sum_i h_i (h_{i-1} + 1) + num_classes (h_n + 1)``
+    with ``h_0 = in_chans grid^2``, whatever the input size. ``forward_features`` returns the last hidden layer
+    (B, h_n) = (B, num_features).
+
+    Args:
+        num_classes: outputs of the classifier; 0 for none.
+        in_chans: input channels.
+        hidden: widths of the hidden layers.
+        grid: side of the grid the image is area-resampled to first (28 keeps 28x28 digits unchanged).
+        drop_rate: dropout before the classifier.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_chans: int = 1,
+        hidden: Sequence[int] = (128, 128),
+        grid: int = 28,
+        drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_classes(num_classes, in_chans)
+        if len(hidden) < 1 or min(*hidden, grid) < 1:
+            raise ValueError(f"expected at least one positive hidden width and grid >= 1, got {hidden}, {grid}")
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.min_size = 1
+        self.grid = nn.AdaptiveAvgPool2d(grid)
+        layers: list[nn.Module] = []
+        width = in_chans * grid * grid
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU(inplace=True)]
+            width = h
+        self.fc = nn.Sequential(*layers)
+        self.num_features = width
+        self._make_head(num_classes)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The last hidden layer (B, num_features) of images (B, in_chans, H, W)."""
+        self._check_input(x)
+        return self.fc(self.grid(x).flatten(1))
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    # No weights are published for these networks: the cfg only describes their input and classifier.
+    return {
+        "url": "",
+        "num_classes": 10,
+        "input_size": (1, 28, 28),
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+        "mean": _MNIST_MEAN,
+        "std": _MNIST_STD,
+        "classifier": "head",
+        "paper_ids": "arXiv:1506.02025",
+        "paper_name": "Spatial Transformer Networks",
+        "license": "mit",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "stn_paper_cnn": _cfg(first_conv="conv1", min_input_size=(1, 22, 22)),
+        "stn_paper_cnn_st": _cfg(first_conv="conv1", min_input_size=(1, 22, 22)),
+        "stn_paper_fcn": _cfg(first_conv=None),
+        "stn_paper_fcn_st": _cfg(first_conv=None),
+    }
+)
+
+
+def _create(cls: type[_PaperNet], variant: str, pretrained: bool, **kwargs: Any) -> _PaperNet:
+    return build_model_with_cfg(cls, variant, pretrained, **kwargs)
+
+
+@register_model
+def stn_paper_cnn(pretrained: bool = False, **kwargs: Any) -> _PaperNet:
+    """The paper's CNN baseline: conv 9x9 32 -> max-pool -> conv 7x7 32 -> max-pool to 4x4 -> fc (57,962)."""
+    return _create(PaperCNN, "stn_paper_cnn", pretrained, **{"channels": (32, 32), **kwargs})
+
+
+@register_model
+def stn_paper_cnn_st(pretrained: bool = False, **kwargs: Any) -> _PaperNet:
+    """The CNN behind a transformer in the ST-CNN: 23 filters per convolution (31,520 + the localiser)."""
+    return _create(PaperCNN, "stn_paper_cnn_st", pretrained, **{"channels": (23, 23), **kwargs})
+
+
+@register_model
+def stn_paper_fcn(pretrained: bool = False, **kwargs: Any) -> _PaperNet:
+    """The paper's FCN baseline: 28x28 grid -> fc 128 -> fc 128 -> fc (118,282)."""
+    return _create(PaperFCN, "stn_paper_fcn", pretrained, **{"hidden": (128, 128), **kwargs})
+
+
+@register_model
+def stn_paper_fcn_st(pretrained: bool = False, **kwargs: Any) -> _PaperNet:
+    """The FCN behind a transformer in the ST-FCN: two hidden layers of 102 units (91,606 + the localiser)."""
+    return _create(PaperFCN, "stn_paper_fcn_st", pretrained, **{"hidden": (102, 102), **kwargs})
