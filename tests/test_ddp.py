@@ -86,6 +86,7 @@ def test_two_ranks_hold_identical_weights_and_metrics_match_one_process(tmp_path
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["images"] == 64
     assert metrics["ddp_acc"] == pytest.approx(metrics["single_acc"], abs=1e-6), metrics
+    print(f"two ranks: parameters equal after 4 steps, validation accuracy {metrics}")
 
 
 def test_two_nodes_under_torchrun(tmp_path: Path) -> None:

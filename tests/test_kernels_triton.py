@@ -658,3 +658,30 @@ def test_gpu_compile_opcheck_autocast():
         [sys.executable, "-c", textwrap.dedent(_GPU_SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert run.returncode == 0 and "OK" in run.stdout, run.stderr[-4000:]
+
+
+_SECOND_GPU_SCRIPT = """
+import torch
+import kernels
+from kernels import reference
+torch.cuda.set_device(0)  # the current device is cuda:0; the tensors live on cuda:1
+dev = torch.device("cuda:1")
+x = torch.rand(2, 3, 17, 13, device=dev, requires_grad=True)
+theta = (torch.eye(2, 3, device=dev) + 0.1 * torch.randn(2, 2, 2, 3, device=dev)).requires_grad_()
+out = kernels.sample_affine(x, theta, (9, 7), backend="triton")
+ref = reference.sample_affine(x.detach(), theta.detach(), (9, 7))
+assert out.device == dev and torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+out.sum().backward()
+assert x.grad.device == dev and theta.grad.device == dev and torch.isfinite(theta.grad).all()
+assert torch.cuda.current_device() == 0
+print("OK")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_kernels_launch_on_their_tensors_device():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_SECOND_GPU_SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0 and "OK" in run.stdout, run.stderr[-4000:]

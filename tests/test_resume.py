@@ -78,6 +78,9 @@ def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path: P
     a, b = read_checkpoint(reference), read_checkpoint(resumed)
     assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"]) == (2, 72)
     diff = max((a["state_dict"][k].double() - v.double()).abs().max().item() for k, v in b["state_dict"].items())
+    print(
+        f"killed after step {killed_at['global_step']}, resumed to {b['global_step']}: max weight difference {diff:.3g}"
+    )
     assert diff <= 1e-6, f"resumed weights differ from the uninterrupted run's by {diff}"
 
 
@@ -141,3 +144,35 @@ def test_a_malicious_checkpoint_is_never_unpickled(tmp_path: Path) -> None:
     )
     assert code == 2 and "refuses to unpickle" in out and "Traceback" not in out, out[-2000:]
     assert not marker.exists()
+
+
+def test_last_checkpoint_every_n_steps_and_at_every_epoch_end(tmp_path: Path) -> None:
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from stn_lightning.checkpointing import STNCheckpoint
+    from stn_lightning.module import STNModule
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(28, 1, 28, 28, generator=g), torch.randint(0, 10, (28,), generator=g))
+    ckpt = STNCheckpoint(dirpath=tmp_path, save_last=True, last_every_n_steps=3)
+    written: list[int] = []
+    save_last = ckpt._save_last_checkpoint
+
+    def recording(trainer: pl.Trainer, candidates: dict) -> None:
+        written.append(trainer.global_step)
+        save_last(trainer, candidates)
+
+    ckpt._save_last_checkpoint = recording  # type: ignore[method-assign]
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        callbacks=[ckpt],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(STNModule(backbone="resnet10t", image_size=28), DataLoader(data, batch_size=4))
+    assert written == [3, 6, 7, 9, 12, 14]  # every 3 steps and each epoch's end (7 steps an epoch)
+    assert read_checkpoint(tmp_path / "last.ckpt")["global_step"] == 14
+    assert sorted(p.name for p in tmp_path.glob("epoch=*.ckpt")) == ["epoch=1-step=14.ckpt"]  # top-k still saved

@@ -219,8 +219,8 @@ class DigitsDataModule(LightningDataModule):
         """
         device = torch.device(device)
         key = str(device)
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        rank = int(getattr(self.trainer, "global_rank", 0))
+        epoch = int(getattr(self.trainer, "current_epoch", 0))
         entry = self._generators.get(key)
         if entry is None or entry[0] != epoch:
             if self._base_seed is None:
@@ -235,7 +235,7 @@ class DigitsDataModule(LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """The distortion generators' seed and states (Lightning stores them in every checkpoint)."""
-        rank = self.trainer.global_rank if self.trainer is not None else 0
+        rank = int(getattr(self.trainer, "global_rank", 0))
         return {
             "base_seed": self._base_seed,
             "rank": rank,
@@ -246,7 +246,7 @@ class DigitsDataModule(LightningDataModule):
         """Restore :meth:`state_dict`: the seed always, the generators' states on the rank that saved them."""
         if state_dict.get("base_seed") is not None:
             self._base_seed = int(state_dict["base_seed"])
-        rank = self.trainer.global_rank if self.trainer is not None else 0
+        rank = int(getattr(self.trainer, "global_rank", 0))
         self._generators = {}
         if state_dict.get("rank", 0) == rank:
             saved = state_dict.get("generators", {})
