@@ -1,0 +1,424 @@
+"""Reproduce the paper's comparisons on the bundled digits and write docs/RESULTS.md.
+
+Every cell is one training run through the project's CLI (``stn_lightning.cli.main``: the configs in configs/,
+with the overrides listed below), tested with the checkpoint that validated best; both sides of each comparison
+use the paper's networks of the same size (stn_lightning.backbones). Runs go to separate processes, one thread
+each, ``--jobs`` at a time. The tables give the test error (mean and spread over the seeds) next to the paper's.
+
+    python benchmarks/reproduce.py            # every table, 3 seeds (about an hour on 2 cores)
+    python benchmarks/reproduce.py --quick    # one seed, short schedules, a subset: a few minutes
+    python benchmarks/reproduce.py --only rts cluttered --seeds 0
+
+Results of each run are cached in ``--root`` (``reproduce_runs/``, ignored by git) by the run's arguments, so an
+interrupted reproduction continues where it stopped; ``--fresh`` ignores the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+AFFINE = "stn_lightning.transforms.Affine"
+PROJECTIVE = "stn_lightning.transforms.Projective"
+TPS = "stn_lightning.transforms.ThinPlateSpline"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of a table: its row and column, the config and the overrides, the paper's number."""
+
+    table: str
+    row: str
+    column: str
+    config: str
+    overrides: tuple[str, ...]
+    paper: float | None = None  # test error in %
+
+
+@dataclass
+class Table:
+    key: str
+    title: str
+    columns: list[str]
+    comparisons: list[tuple[str, str, str]] = field(default_factory=list)  # (column, baseline row, ST row)
+    note: str = ""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the paper's tables (numbers from ../shared/REFERENCES.md)
+# --------------------------------------------------------------------------------------------------------------
+_DISTORTED_PAPER = {
+    "FCN": (2.1, 5.2, 3.1, 3.2),
+    "CNN": (1.2, 0.8, 1.5, 1.4),
+    "ST-FCN Aff": (1.2, 0.8, 1.5, 2.7),
+    "ST-FCN Proj": (1.3, 0.9, 1.4, 2.6),
+    "ST-FCN TPS": (1.1, 0.8, 1.4, 2.4),
+    "ST-CNN Aff": (0.7, 0.5, 0.8, 1.2),
+    "ST-CNN Proj": (0.8, 0.6, 0.8, 1.3),
+    "ST-CNN TPS": (0.7, 0.5, 0.8, 1.1),
+}
+_VARIANTS = ("R", "RTS", "P", "E")
+
+
+def _model(backbone: str, transform: str | None, **extra: str) -> tuple[str, ...]:
+    args = ["--model.backbone", backbone]
+    if transform is None:
+        args += ["--model.fusion", "none"]
+    else:
+        args += ["--model.transform", transform]
+    for key, value in extra.items():
+        args += [f"--{key}", value]
+    return tuple(args)
+
+
+def tables() -> list[Table]:
+    """The tables, in the order of the report."""
+    return [
+        Table(
+            "distorted",
+            "Distorted MNIST (R, RTS, P, E)",
+            list(_VARIANTS),
+            [(v, "CNN", "ST-CNN Aff") for v in _VARIANTS] + [(v, "FCN", "ST-FCN Aff") for v in _VARIANTS],
+        ),
+        Table("cluttered", "Translated and cluttered MNIST, 60 x 60", ["error"], [("error", "CNN", "ST-CNN")]),
+        Table(
+            "addition",
+            "MNIST addition (two digits in two channels, label = sum)",
+            ["error"],
+            [("error", "CNN", "1 x ST-CNN"), ("error", "CNN", "2 x ST-CNN")],
+            "The paper's transformer rows are ST-FCNs (18.5 and 5.8 %); here both sides use the paper's CNN.",
+        ),
+        Table(
+            "multi",
+            "MultiMNIST (2 or 3 digits apart in a 64 x 64 canvas, label = sum)",
+            ["2 digits", "3 digits"],
+            [("2 digits", "CNN", "K = 2"), ("3 digits", "CNN", "K = 3")],
+            "No paper number: the case for K parallel transformers (co-localisation below).",
+        ),
+    ]
+
+
+def cells(epochs: dict[str, int]) -> list[Cell]:
+    """Every run of every table; ``epochs`` per table key."""
+    out: list[Cell] = []
+    rows = {
+        "FCN": ("stn_paper_fcn", None),
+        "CNN": ("stn_paper_cnn", None),
+        "ST-FCN Aff": ("stn_paper_fcn_st", AFFINE),
+        "ST-FCN Proj": ("stn_paper_fcn_st", PROJECTIVE),
+        "ST-FCN TPS": ("stn_paper_fcn_st", TPS),
+        "ST-CNN Aff": ("stn_paper_cnn_st", AFFINE),
+        "ST-CNN Proj": ("stn_paper_cnn_st", PROJECTIVE),
+        "ST-CNN TPS": ("stn_paper_cnn_st", TPS),
+    }
+    for i, variant in enumerate(_VARIANTS):
+        for row, (backbone, transform) in rows.items():
+            extra = {"data.init_args.variant": variant, "trainer.max_epochs": str(epochs["distorted"])}
+            out.append(
+                Cell(
+                    "distorted",
+                    row,
+                    variant,
+                    "rts_mnist.yaml",
+                    _model(backbone, transform, **extra),
+                    _DISTORTED_PAPER[row][i],
+                )
+            )
+    e = {"trainer.max_epochs": str(epochs["cluttered"])}
+    out.append(Cell("cluttered", "CNN", "error", "cluttered_mnist.yaml", _model("stn_paper_cnn", None, **e), 3.5))
+    out.append(
+        Cell("cluttered", "ST-CNN", "error", "cluttered_mnist.yaml", _model("stn_paper_cnn_st", AFFINE, **e), 1.7)
+    )
+    e = {"trainer.max_epochs": str(epochs["addition"])}
+    out.append(Cell("addition", "CNN", "error", "mnist_addition.yaml", _model("stn_paper_cnn", None, **e), 14.7))
+    for k, paper in ((1, 18.5), (2, 5.8)):
+        overrides = _model("stn_paper_cnn_st", AFFINE, **e, **{"model.num_transformers": str(k)})
+        out.append(Cell("addition", f"{k} x ST-CNN", "error", "mnist_addition.yaml", overrides, paper))
+    for digits in (2, 3):
+        e = {"trainer.max_epochs": str(epochs["multi"]), "data.init_args.num_digits": str(digits)}
+        column = f"{digits} digits"
+        out.append(Cell("multi", "CNN", column, "multi_mnist.yaml", _model("stn_paper_cnn", None, **e)))
+        for k in (1, 2, 3):
+            overrides = _model("stn_paper_cnn_st", None, **e, **{"model.num_transformers": str(k)})
+            overrides = tuple(a for a in overrides if a not in ("--model.fusion", "none"))  # keep the config's fusion
+            out.append(Cell("multi", f"K = {k}", column, "multi_mnist.yaml", overrides))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# running
+# --------------------------------------------------------------------------------------------------------------
+def _run_args(cell: Cell, seed: int, root: Path) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        str(CONFIGS / cell.config),
+        *cell.overrides,
+        "--seed_everything",
+        str(seed),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "1",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--attention.every_n_epochs",
+        "1000",  # no pictures while reproducing
+    ]
+
+
+def _key(args: list[str]) -> str:
+    relative = [a.replace(str(ROOT), "<root>") for a in args]
+    return hashlib.sha1(json.dumps(relative).encode()).hexdigest()[:16]
+
+
+def _train(job: tuple[list[str], str]) -> dict[str, Any]:
+    """One run in this worker process: fit, then test the checkpoint that validated best."""
+    args, out_file = job
+    import torch
+
+    torch.set_num_threads(1)
+    from stn_lightning.cli import main
+
+    start = time.perf_counter()
+    cli = main(args)
+    trainer = cli.trainer
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""  # type: ignore[union-attr]
+    results = trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None, verbose=False)[0]
+    record = {k: float(v) for k, v in results.items()}
+    record.update(seconds=time.perf_counter() - start, steps=trainer.global_step, best=str(best))
+    Path(out_file).write_text(json.dumps(record))
+    return record
+
+
+def run_all(plan: list[tuple[Cell, int]], root: Path, jobs: int, fresh: bool) -> dict[tuple[Cell, int], dict[str, Any]]:
+    root.mkdir(parents=True, exist_ok=True)
+    todo, done = [], {}
+    for cell, seed in plan:
+        key = _key(_run_args(cell, seed, root / "x"))
+        folder = root / key
+        result = folder / "result.json"
+        if result.is_file() and not fresh:
+            done[(cell, seed)] = json.loads(result.read_text())
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            todo.append(((cell, seed), (_run_args(cell, seed, folder), str(result))))
+    print(f"{len(plan)} runs: {len(done)} cached, {len(todo)} to train, {jobs} at a time", flush=True)
+    os.environ.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    ctx = mp.get_context("spawn")
+    start = time.perf_counter()
+    with ctx.Pool(jobs, maxtasksperchild=1) as pool:
+        futures = [(key, pool.apply_async(_train, (job,))) for key, job in todo]
+        for i, (key, future) in enumerate(futures, 1):
+            cell, seed = key
+            try:
+                done[key] = future.get()
+                err = 100 * (1 - done[key].get("test/acc", math.nan))
+                status = f"test error {err:.2f} %"
+            except BaseException as exc:  # a failed run is reported, the others go on
+                done[key] = {"failed": f"{type(exc).__name__}: {exc}"}
+                status = f"FAILED ({exc})"
+            elapsed = time.perf_counter() - start
+            print(
+                f"[{i}/{len(todo)} {elapsed:6.0f} s] {cell.table} / {cell.row} / {cell.column} / seed {seed}: {status}"
+            )
+            sys.stdout.flush()
+    return done
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the report
+# --------------------------------------------------------------------------------------------------------------
+def _errors(results: dict[tuple[Cell, int], dict[str, Any]], table: str, row: str, column: str) -> list[float]:
+    return [
+        100 * (1 - r["test/acc"])
+        for (cell, _), r in results.items()
+        if (cell.table, cell.row, cell.column) == (table, row, column) and "test/acc" in r
+    ]
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    mean = statistics.fmean(values)
+    spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+    return f"{mean:.2f}{spread}"
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def _commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
+        return sha.stdout.strip() + (" (with uncommitted changes)" if dirty.strip() else "")
+    except OSError:
+        return "unknown"
+
+
+def report(
+    results: dict[tuple[Cell, int], dict[str, Any]], plan_cells: list[Cell], args: argparse.Namespace, seconds: float
+) -> str:
+    seeds = sorted({seed for _, seed in results})
+    lines = [
+        "# Reproducing the paper's comparisons on the bundled digits",
+        "",
+        f"Written by `python benchmarks/reproduce.py{' --quick' if args.quick else ''}` on {time.strftime('%Y-%m-%d')}"
+        f" at commit {_commit()}.",
+        f"Machine: {_machine()}; {args.jobs} runs at a time, one thread each; {seconds / 60:.1f} min in all.",
+        f"Seeds: {', '.join(map(str, seeds))}. Test error in % on the 1,000 bundled test digits with their fixed "
+        "distortions (mean ± standard deviation over the seeds), from the checkpoint with the best validation "
+        "accuracy; the paper's number beside it (150,000 steps of 256 images on 60,000 digits; here a few "
+        "thousand steps on 3,500 digits).",
+        "",
+    ]
+    by_table: dict[str, list[Cell]] = {}
+    for cell in plan_cells:
+        by_table.setdefault(cell.table, []).append(cell)
+    failed = [(c, s, r["failed"]) for (c, s), r in results.items() if "failed" in r]
+    for table in tables():
+        cells_here = by_table.get(table.key)
+        if not cells_here:
+            continue
+        rows = list(dict.fromkeys(c.row for c in cells_here))
+        columns = [c for c in table.columns if any(x.column == c for x in cells_here)]
+        paper = {(c.row, c.column): c.paper for c in cells_here}
+        lines += [f"## {table.title}", ""]
+        if table.note:
+            lines += [table.note, ""]
+        epochs = sorted({c.overrides[c.overrides.index("--trainer.max_epochs") + 1] for c in cells_here})
+        lines += [f"Epochs: {', '.join(epochs)}.", ""]
+        lines.append("| model | " + " | ".join(f"{c} (ours) | {c} (paper)" for c in columns) + " |")
+        lines.append("|---|" + "---|---|" * len(columns))
+        for row in rows:
+            cells_txt = []
+            for column in columns:
+                p = paper.get((row, column))
+                cells_txt += [_fmt(_errors(results, table.key, row, column)), f"{p}" if p is not None else ""]
+            lines.append(f"| {row} | " + " | ".join(cells_txt) + " |")
+        lines.append("")
+        comparisons = [c for c in table.comparisons if c[0] in columns and c[1] in rows and c[2] in rows]
+        if comparisons:
+            lines += ["| comparison | ours: baseline -> ST, reduction | paper: baseline -> ST, reduction | verdict |"]
+            lines.append("|---|---|---|---|")
+            for column, base, st in comparisons:
+                ours_b, ours_s = _errors(results, table.key, base, column), _errors(results, table.key, st, column)
+                pb, ps = paper.get((base, column)), paper.get((st, column))
+                if not ours_b or not ours_s:
+                    continue
+                mb, ms = statistics.fmean(ours_b), statistics.fmean(ours_s)
+                red = 100 * (mb - ms) / mb if mb > 0 else math.nan
+                if pb is not None and ps is not None:
+                    pred = 100 * (pb - ps) / pb
+                    paper_txt = f"{pb} -> {ps}, {pred:.0f} %"
+                    verdict = "meets the paper's reduction" if red >= pred else "misses the paper's reduction"
+                else:
+                    paper_txt = ""
+                    verdict = "the transformer helps" if ms < mb else "the transformer does not help"
+                name = f"{column}: {base} vs {st}"
+                lines.append(f"| {name} | {mb:.2f} -> {ms:.2f}, {red:.0f} % | {paper_txt} | {verdict} |")
+            lines.append("")
+        if table.key == "multi":
+            lines += _colocalization(results, cells_here)
+    if failed:
+        lines += ["## Runs that failed", ""]
+        lines += [f"- {c.table} / {c.row} / {c.column} / seed {s}: {msg}" for c, s, msg in failed] + [""]
+    lines += ["## Time per run", "", "| table | runs | mean s | max s |", "|---|---|---|---|"]
+    for table in tables():
+        times = [r["seconds"] for (c, _), r in results.items() if c.table == table.key and "seconds" in r]
+        if times:
+            lines.append(f"| {table.key} | {len(times)} | {statistics.fmean(times):.0f} | {max(times):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _colocalization(results: dict[tuple[Cell, int], dict[str, Any]], cells_here: list[Cell]) -> list[str]:
+    lines = [
+        "Co-localisation on the test set: the share of images in which the K transformers' region centres fall on",
+        "min(K, D) different digits (`test/coloc`), and per transformer the share in which its region holds a whole",
+        "digit (`test/contains_k`), mean over the seeds:",
+        "",
+        "| digits | K | co-localisation | whole digit in the region, per transformer |",
+        "|---|---|---|---|",
+    ]
+    for cell in cells_here:
+        if not cell.row.startswith("K = "):
+            continue
+        rs = [r for (c, _), r in results.items() if c == cell and "test/coloc" in r]
+        if not rs:
+            continue
+        k = int(cell.row.split("= ")[1])
+        coloc = statistics.fmean(r["test/coloc"] for r in rs)
+        contains = [statistics.fmean(r.get(f"test/contains_{j}", math.nan) for r in rs) for j in range(k)]
+        lines.append(
+            f"| {cell.column.split()[0]} | {k} | {100 * coloc:.1f} % | "
+            + ", ".join(f"{100 * c:.1f} %" for c in contains)
+            + " |"
+        )
+    return [*lines, ""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one seed, short schedules, a subset of the cells")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (0 with --quick)")
+    parser.add_argument("--only", nargs="+", choices=[t.key for t in tables()], default=None)
+    parser.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)))
+    parser.add_argument("--root", type=Path, default=ROOT / "reproduce_runs")
+    parser.add_argument("--out", type=Path, default=None, help="default docs/RESULTS.md (docs/RESULTS-quick.md)")
+    parser.add_argument("--fresh", action="store_true", help="train every run again, ignoring cached results")
+    args = parser.parse_args()
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    if args.quick:
+        epochs = {"distorted": 2, "cluttered": 3, "addition": 3, "multi": 3}
+        keep = {("distorted", "CNN"), ("distorted", "ST-CNN Aff"), ("cluttered", "CNN"), ("cluttered", "ST-CNN")}
+        keep |= {("multi", "K = 2"), ("multi", "CNN")}
+        plan_cells = [c for c in cells(epochs) if (c.table, c.row) in keep and c.column in ("RTS", "error", "2 digits")]
+    else:
+        epochs = {"distorted": 10, "cluttered": 15, "addition": 15, "multi": 15}
+        plan_cells = cells(epochs)
+    if args.only:
+        plan_cells = [c for c in plan_cells if c.table in args.only]
+    plan = [(c, s) for c in plan_cells for s in seeds]
+    start = time.perf_counter()
+    results = run_all(plan, args.root, args.jobs, args.fresh)
+    text = report(results, plan_cells, args, time.perf_counter() - start)
+    out = args.out or ROOT / "docs" / ("RESULTS-quick.md" if args.quick else "RESULTS.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
