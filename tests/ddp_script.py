@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +70,9 @@ def main() -> None:
     out, rank = Path(args.out), trainer.global_rank
     assert first.batch is not None
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    torch.save(
-        {"params": params, "x": first.batch[0], "y": first.batch[1], "step": trainer.global_step},
-        out / f"rank{rank}.pt",
-    )
+    state = {"params": params, "x": first.batch[0], "y": first.batch[1], "step": trainer.global_step}
+    state["triton_cache"] = os.environ.get("TRITON_CACHE_DIR", "")
+    torch.save(state, out / f"rank{rank}.pt")
 
     # The metric: rank 0's weights (BatchNorm statistics included) on every rank, then validation under DDP
     # (torchmetrics reduces its counts over the ranks) against the same computation in this process alone.

@@ -78,8 +78,10 @@ def test_two_ranks_hold_identical_weights_and_metrics_match_one_process(tmp_path
     code, log = run([sys.executable, str(SCRIPT), str(tmp_path), "--devices", "2"], ROOT, timeout=300)
     assert code == 0, log[-4000:]
     states = _check_ranks(tmp_path, 2)
-    # Each rank draws its own share of the digits and its own distortions.
+    # Each rank draws its own share of the digits and its own distortions, and has its own Triton cache.
     assert not torch.equal(states[0]["x"], states[1]["x"])
+    caches = [s["triton_cache"] for s in states]
+    assert caches[0] != caches[1] and all(c.endswith(f"rank{r}") for r, c in enumerate(caches)), caches
     fresh = STNModule(image_size=42, backbone="resnet10t", feature_norm=True)
     moved = max((states[0]["params"][n] - p.detach()).abs().max().item() for n, p in fresh.named_parameters())
     assert moved > 0, "training did not change the weights"
