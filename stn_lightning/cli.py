@@ -241,11 +241,16 @@ def _summary(trainer: pl.Trainer, results: list[Any], log_dir: str | None) -> No
 
 
 def _one_line(err: BaseException) -> str:
-    # An error raised in a DataLoader worker comes back with the worker's traceback in its message: keep the end.
     text = str(err).strip()
+    # An error raised in a DataLoader worker comes back with the worker's traceback in its message: keep the end.
     if "Original Traceback" in text:
         last = text.splitlines()[-1]
         text = last.split(": ", 1)[1] if ": " in last else last
+    # A class that refused its arguments, as jsonargparse reports it: the class's own errors, not the union's.
+    if "Does not validate against any of the" in text:
+        reasons = [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")]
+        reasons = [r for r in reasons if not r.startswith("Expected a <class 'NoneType'>")]
+        text = "; ".join(reasons) or text
     return text or type(err).__name__
 
 

@@ -158,6 +158,7 @@ def test_a_linked_value_on_the_command_line_is_refused(tmp_path: Path, capsys: p
         (["--model.nonfinite", "ignore"], "nonfinite"),
         (["--checkpoint.last_every_n_steps", "0"], "last_every_n_steps"),
         (["--model.backbone", "resnet18"], None),
+        (["--data.init_args.batch_size", "0"], "error: expected batch_size >= 1, got 0\n"),
     ],
 )
 def test_bad_options(extra: list[str], message: str | None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
