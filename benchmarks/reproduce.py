@@ -345,7 +345,7 @@ def report(
                     verdict = "meets the paper's reduction" if red >= pred else "misses the paper's reduction"
                 else:
                     paper_txt = ""
-                    verdict = "the transformer helps" if ms < mb else "the transformer does not help"
+                    verdict = "lower error with the transformer" if ms < mb else "no lower error with the transformer"
                 name = f"{column}: {base} vs {st}"
                 lines.append(f"| {name} | {mb:.2f} -> {ms:.2f}, {red:.0f} % | {paper_txt} | {verdict} |")
             lines.append("")
