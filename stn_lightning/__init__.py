@@ -1,6 +1,122 @@
-"""stn-lightning: K parallel spatial transformers in front of any timm backbone, trained with Lightning."""
+"""stn-lightning: K parallel spatial transformers in front of any timm backbone, trained with Lightning.
+
+The classes a user needs are importable from here (``from stn_lightning import SpatialTransformer, Affine,
+STNModule``). They load on first use, so ``import stn_lightning`` stays light; importing the package registers
+the paper's networks with timm (``stn_lightning.backbones``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 # Registers the paper's networks with timm (torch and timm only), so that any timm model name resolves to them.
 from . import backbones as backbones
 
 __version__ = "0.1.0"
+
+# Public name -> the submodule that defines it.
+_EXPORTS = {
+    "Affine": "transforms",
+    "Attention": "transforms",
+    "Projective": "transforms",
+    "Similarity": "transforms",
+    "ThinPlateSpline": "transforms",
+    "Transform": "transforms",
+    "Translation": "transforms",
+    "SpatialTransformer": "transformer",
+    "STOutput": "transformer",
+    "PaperLocalizer": "localization",
+    "TimmLocalizer": "localization",
+    "STNClassifier": "model",
+    "STNModule": "module",
+    "CoLocalization": "metrics",
+    "overlap_penalty": "metrics",
+    "AttentionVisualizer": "callbacks",
+    "PredictionWriter": "callbacks",
+    "draw_attention": "callbacks",
+    "STNCheckpoint": "checkpointing",
+    "NonFiniteError": "checkpointing",
+    "DistortedMNIST": "data",
+    "ClutteredMNIST": "data",
+    "MNISTAddition": "data",
+    "MultiMNIST": "data",
+    "MNISTDataModule": "data",
+    "ImageFolderDataModule": "data",
+    "ImageFilesDataModule": "data",
+    "main": "cli",
+}
+
+__all__ = [
+    "Affine",
+    "Attention",
+    "AttentionVisualizer",
+    "ClutteredMNIST",
+    "CoLocalization",
+    "DistortedMNIST",
+    "ImageFilesDataModule",
+    "ImageFolderDataModule",
+    "MNISTAddition",
+    "MNISTDataModule",
+    "MultiMNIST",
+    "NonFiniteError",
+    "PaperLocalizer",
+    "PredictionWriter",
+    "Projective",
+    "STNCheckpoint",
+    "STNClassifier",
+    "STNModule",
+    "STOutput",
+    "Similarity",
+    "SpatialTransformer",
+    "ThinPlateSpline",
+    "TimmLocalizer",
+    "Transform",
+    "Translation",
+    "backbones",
+    "draw_attention",
+    "main",
+    "overlap_penalty",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'stn_lightning' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from .callbacks import AttentionVisualizer, PredictionWriter, draw_attention
+    from .checkpointing import NonFiniteError, STNCheckpoint
+    from .cli import main
+    from .data import (
+        ClutteredMNIST,
+        DistortedMNIST,
+        ImageFilesDataModule,
+        ImageFolderDataModule,
+        MNISTAddition,
+        MNISTDataModule,
+        MultiMNIST,
+    )
+    from .localization import PaperLocalizer, TimmLocalizer
+    from .metrics import CoLocalization, overlap_penalty
+    from .model import STNClassifier
+    from .module import STNModule
+    from .transformer import SpatialTransformer, STOutput
+    from .transforms import (
+        Affine,
+        Attention,
+        Projective,
+        Similarity,
+        ThinPlateSpline,
+        Transform,
+        Translation,
+    )

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +16,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
+from pytorch_lightning.callbacks import BasePredictionWriter  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-__all__ = ["AttentionVisualizer", "draw_attention"]
+__all__ = ["AttentionVisualizer", "PredictionWriter", "draw_attention"]
 
 _COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
 
@@ -31,14 +36,24 @@ def _show(ax: Any, img: Tensor) -> None:
     ax.set_yticks([])
 
 
-def draw_attention(images: Tensor, outlines: Tensor, crops: Tensor, path: str | os.PathLike[str] | None = None) -> Any:
-    """Draw each image with the regions its K transformers read, followed by the K crops.
+def draw_attention(
+    images: Tensor,
+    outlines: Tensor,
+    crops: Tensor,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    labels: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Any:
+    """Draw each image with the regions its K transformers read (one colour each), followed by the K crops.
 
     Args:
         images: (N, C, H, W).
         outlines: (N, K, M, 2) polygons in input pixel coordinates.
         crops: (N, K, C, Ho, Wo).
         path: where to save a PNG, or None.
+        labels: a caption per image (e.g. "true 3, pred 8"), shown under it.
+        title: the figure's title (e.g. the epoch and step).
 
     Returns:
         The matplotlib figure.
@@ -69,9 +84,13 @@ def draw_attention(images: Tensor, outlines: Tensor, crops: Tensor, path: str | 
         axes[i, 0].patch.set_hatch("////")
         frame = plt.Rectangle((-0.5, -0.5), w, h, fill=False, edgecolor="black", linewidth=0.8)
         axes[i, 0].add_patch(frame)
+        if labels is not None:
+            axes[i, 0].set_xlabel(labels[i], fontsize=7, labelpad=2)
     axes[0, 0].set_title("input", fontsize=8)
     for j in range(k):
-        axes[0, j + 1].set_title(f"crop {j}", fontsize=8)
+        axes[0, j + 1].set_title(f"crop {j}", fontsize=8, color=_COLOURS[j % len(_COLOURS)])
+    if title is not None:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -82,20 +101,28 @@ def draw_attention(images: Tensor, outlines: Tensor, crops: Tensor, path: str | 
 class AttentionVisualizer(pl.Callback):
     """After every ``every_n_epochs`` validation epochs, draw where the transformers look on fixed validation images.
 
-    The pictures go to ``<log_dir>/attention/epoch_NNN.png`` and, with a TensorBoard logger, to its images tab.
-    Models without a transformer are skipped.
+    Each picture is titled with the epoch and step and gives every image's true and predicted label. The pictures
+    go to ``<log_dir>/attention/epoch_NNN.png`` and, with a TensorBoard logger, to its images tab (one entry per
+    visualised epoch, so TensorBoard's step slider plays them in order); with ``gif=True``
+    ``<log_dir>/attention/attention.gif`` holds them as an animation, one frame per visualised epoch. Models
+    without a transformer are skipped. Only rank 0 draws, and it calls nothing collective while it does.
 
     Args:
         num_images: how many validation images to draw.
         every_n_epochs: drawing period in epochs.
+        gif: also write the animated GIF (rewritten after each visualised epoch).
     """
 
-    def __init__(self, num_images: int = 8, every_n_epochs: int = 1) -> None:
+    def __init__(self, num_images: int = 8, every_n_epochs: int = 1, gif: bool = False) -> None:
         super().__init__()
         self.num_images = num_images
         self.every_n_epochs = every_n_epochs
+        self.gif = gif
         self._images: Tensor | None = None
+        self._labels: Tensor | None = None
+        self._frames: list[Any] = []
         self.last_path: Path | None = None
+        self.gif_path: Path | None = None
 
     def on_validation_batch_end(
         self,
@@ -108,6 +135,8 @@ class AttentionVisualizer(pl.Callback):
     ) -> None:
         if batch_idx == 0 and self._images is None:
             self._images = batch[0][: self.num_images].detach()
+            labels = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+            self._labels = labels[: self.num_images].detach() if isinstance(labels, Tensor) else None
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         transformer = getattr(pl_module, "transformer", None)
@@ -121,18 +150,204 @@ class AttentionVisualizer(pl.Callback):
         if not trainer.is_global_zero:
             return
         images = self._images.to(pl_module.device)
-        was_training = transformer.training
-        transformer.eval()
         with torch.no_grad():
             crops, params = transformer(images)
             outlines = transformer.outline(params, (images.shape[-2], images.shape[-1]))
-        transformer.train(was_training)
+            predicted = pl_module(images).argmax(-1).cpu()
+        truth = self._labels.cpu() if self._labels is not None else None
+        labels = [
+            (f"true {int(truth[i])}, " if truth is not None else "") + f"pred {int(predicted[i])}"
+            for i in range(len(images))
+        ]
+        title = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
         path = None
         if log_dir is not None:
             path = Path(log_dir) / "attention" / f"epoch_{trainer.current_epoch:03d}.png"
             self.last_path = path
-        fig = draw_attention(images, outlines, crops, path)
+        fig = draw_attention(images, outlines, crops, path, labels=labels, title=title)
         add_figure = getattr(getattr(trainer.logger, "experiment", None), "add_figure", None)
+        if self.gif and path is not None:
+            self._frames.append(_figure_image(fig))
+            self.gif_path = path.parent / "attention.gif"
+            _write_gif(self._frames, self.gif_path)
         if add_figure is not None:
             add_figure("attention", fig, global_step=trainer.global_step)
         plt.close(fig)
+
+
+def _figure_image(fig: Any) -> Any:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+def _write_gif(frames: list[Any], path: Path) -> None:
+    # Frames of one run share a layout; a resized frame would make PIL pad, so all take the first one's size.
+    size = frames[0].size
+    frames = [f if f.size == size else f.resize(size) for f in frames]
+    tmp = path.with_suffix(".gif.tmp")
+    frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=700, loop=0)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# predictions
+# ----------------------------------------------------------------------------------------------------------------
+class PredictionWriter(BasePredictionWriter):
+    """Write one row per predicted image: what it is, the predicted class, the top-k and where each transformer
+    looked; and the attention picture of the first images.
+
+    A row holds ``image`` (the file, or the index in the DataModule's predict set), ``label`` when known,
+    ``pred`` and ``prob``, ``top`` (the top-k classes with their probabilities) and, per transformer,
+    ``params`` (its warp parameters) and ``region`` (the polygon it read, in input pixels, corners included).
+    ``.csv`` files hold the lists as JSON strings; ``.jsonl`` files one JSON object per line. Under DDP every
+    rank writes its own part and rank 0 merges them, in index order, into ``output`` at the end.
+
+    Args:
+        output: the file to write (``.csv`` or ``.jsonl``); default ``<log_dir>/predictions.csv``.
+        top_k: how many classes ``top`` lists.
+        num_images: how many images the attention picture (``predictions.png`` next to the file) shows; 0 for
+            none.
+    """
+
+    def __init__(self, output: str | None = None, top_k: int = 5, num_images: int = 8) -> None:
+        super().__init__(write_interval="batch")
+        if output is not None and Path(output).suffix not in (".csv", ".jsonl"):
+            raise ValueError(f"expected a prediction file ending in .csv or .jsonl, got {output!r}")
+        if top_k < 1 or num_images < 0:
+            raise ValueError(f"expected top_k >= 1 and num_images >= 0, got {top_k} and {num_images}")
+        self.output = output
+        self.top_k = top_k
+        self.num_images = num_images
+        self.path: Path | None = None
+        self.rows = 0
+        self._part: Path | None = None
+        self._file: Any = None
+        self._picture: list[tuple[Tensor, Tensor, Tensor, list[str]]] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "predict":
+            return
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+        self.path = Path(self.output) if self.output else Path(log_dir or trainer.default_root_dir) / "predictions.csv"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        world = trainer.world_size
+        self._part = self.path if world == 1 else self.path.with_name(f".{self.path.name}.rank{trainer.global_rank}")
+        self._file = open(self._part, "w", newline="")  # noqa: SIM115 - closed in on_predict_end
+        self.rows = 0
+        self._picture = []
+
+    def _rows(self, prediction: dict[str, Any], indices: Sequence[int]) -> list[dict[str, Any]]:
+        probs = prediction["probs"].detach().float().cpu()
+        top_p, top_c = probs.topk(min(self.top_k, probs.shape[1]), dim=1)
+        rows = []
+        for i, index in enumerate(indices):
+            row: dict[str, Any] = {"image": prediction["paths"][i] if "paths" in prediction else int(index)}
+            row["index"] = int(index)
+            if "labels" in prediction:
+                row["label"] = int(prediction["labels"][i])
+            row["pred"], row["prob"] = int(top_c[i, 0]), round(float(top_p[i, 0]), 6)
+            row["top"] = [[int(c), round(float(p), 6)] for c, p in zip(top_c[i], top_p[i], strict=True)]
+            if "params" in prediction:
+                params = prediction["params"][i].detach().float().cpu()
+                regions = prediction["regions"][i].detach().float().cpu()
+                row["transformers"] = [
+                    {
+                        "params": [round(v, 6) for v in params[k].tolist()],
+                        "region": regions[k].round(decimals=3).tolist(),
+                    }
+                    for k in range(params.shape[0])
+                ]
+            rows.append(row)
+        return rows
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        if self.path is not None and self.path.suffix == ".jsonl":
+            for row in rows:
+                self._file.write(json.dumps(row) + "\n")
+            return
+        writer = csv.writer(self._file)
+        if self.rows == 0:
+            writer.writerow(["image", "index", "label", "pred", "prob", "top", "transformers"])
+        for row in rows:
+            extra = [json.dumps(row["top"]), json.dumps(row.get("transformers", []))]
+            writer.writerow([row["image"], row["index"], row.get("label", ""), row["pred"], row["prob"], *extra])
+
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._file is None:
+            return
+        n = len(prediction["probs"])
+        indices = list(batch_indices) if batch_indices is not None else list(range(self.rows, self.rows + n))
+        rows = self._rows(prediction, indices)
+        self._write(rows)
+        self.rows += len(rows)
+        have = sum(len(p[0]) for p in self._picture)
+        if trainer.is_global_zero and have < self.num_images and "regions" in prediction:
+            take = self.num_images - have
+            x = batch[0][:take].detach()
+            transformer = getattr(pl_module, "transformer", None)
+            if transformer is not None:
+                with torch.no_grad():
+                    crops = transformer(x).crops
+                captions = [
+                    (f"true {r['label']}, " if "label" in r else "") + f"pred {r['pred']} ({r['prob']:.2f})"
+                    for r in rows[:take]
+                ]
+                self._picture.append((x.cpu(), prediction["regions"][:take].cpu(), crops.cpu(), captions))
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._file is None or self.path is None:
+            return
+        self._file.close()
+        self._file = None
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("PredictionWriter")
+            if trainer.is_global_zero:
+                self.rows = _merge_parts(self.path, trainer.world_size)
+        if trainer.is_global_zero:
+            message = f"predictions: {self.rows} rows in {self.path}"
+            if self._picture:
+                images = torch.cat([p[0] for p in self._picture])
+                regions = torch.cat([p[1] for p in self._picture])
+                crops = torch.cat([p[2] for p in self._picture])
+                captions = [c for p in self._picture for c in p[3]]
+                picture = self.path.with_suffix(".png")
+                fig = draw_attention(images, regions, crops, picture, labels=captions, title="predictions")
+                plt.close(fig)
+                message += f"; picture of the first {len(images)} in {picture}"
+            print(message)
+
+
+def _row_index(line: str, suffix: str) -> int:
+    return int(json.loads(line)["index"]) if suffix == ".jsonl" else int(next(csv.reader([line]))[1])
+
+
+def _merge_parts(path: Path, world: int) -> int:
+    # One part per rank, each in its rank's index order; the merged file is sorted by index, each index once
+    # (DistributedSampler repeats a few samples to give every rank the same count).
+    parts = [path.with_name(f".{path.name}.rank{r}") for r in range(world)]
+    seen: dict[int, str] = {}
+    header = ""
+    for part in parts:
+        lines = part.read_text().splitlines(keepends=True)
+        if path.suffix == ".csv" and lines:
+            header, lines = lines[0], lines[1:]
+        for line in lines:
+            seen.setdefault(_row_index(line, path.suffix), line)
+        part.unlink()
+    with open(path, "w", newline="") as f:
+        f.write(header)
+        f.writelines(seen[i] for i in sorted(seen))
+    return len(seen)

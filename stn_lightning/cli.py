@@ -18,6 +18,7 @@ and ``predict`` work the same way, ``--print_config`` shows the full configurati
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -25,12 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from jsonargparse import namespace_to_dict
 from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from .callbacks import AttentionVisualizer
+from .callbacks import AttentionVisualizer, PredictionWriter
 from .checkpointing import (
     AtomicCheckpointIO,
     NonFiniteError,
@@ -40,6 +42,7 @@ from .checkpointing import (
     read_checkpoint,
     state_dict_differences,
 )
+from .data.files import ImageFilesDataModule
 from .module import STNModule
 
 __all__ = ["STNCLI", "console", "main"]
@@ -47,6 +50,7 @@ __all__ = ["STNCLI", "console", "main"]
 # What only the data knows, read from the instantiated DataModule and passed to the model.
 _LINKED = ("num_classes", "in_chans", "image_size", "background")
 _DEBUG_ENV = "JSONARGPARSE_DEBUG"
+_DATA_KEY = "stn_data_config"  # the data's configuration in a checkpoint (see _DataConfigCallback)
 
 
 def _say(message: str) -> None:
@@ -80,17 +84,27 @@ class STNCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(AttentionVisualizer, "attention")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_argument(
             "--test_after_fit",
             type=bool,
             default=False,
             help="After fit, test the best checkpoint and print a summary.",
         )
+        parser.add_argument(
+            "--images",
+            type=str | list[str] | None,
+            default=None,
+            help="predict: an image file, folder or glob pattern (or a list of them, [a, b]) to predict instead "
+            "of the data's predict set; they are prepared the way the data prepares its images.",
+        )
 
     # ------------------------------------------------------------------------------------------------------------
     # parsing: linked values, checkpoints
     # ------------------------------------------------------------------------------------------------------------
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        if args is None or isinstance(args, list):
+            args = _data_from_checkpoint(list(sys.argv[1:] if args is None else args))
         super().parse_arguments(parser, args)
         self._given_links: dict[str, Any] = {}
         self._checkpoint: dict[str, Any] | None = None
@@ -153,6 +167,9 @@ class STNCLI(LightningCLI):
     # ------------------------------------------------------------------------------------------------------------
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[pl.Callback]) -> pl.Trainer:
         callbacks = [*callbacks, RNGStateCallback()]
+        data = self.config[self.subcommand].get("data") if self.subcommand else None
+        if data is not None:
+            callbacks.append(_DataConfigCallback(namespace_to_dict(data)))
         plugins = config.get("plugins")
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -218,6 +235,17 @@ class STNCLI(LightningCLI):
         with contextlib.suppress(OSError):  # and lightning_logs/ if this run had made it (rmdir: only if empty)
             Path(log_dir).parent.rmdir()
 
+    def before_predict(self) -> None:
+        images = self.config["predict"].get("images")
+        if not images:
+            return
+        images = [images] if isinstance(images, str) else list(images)
+        make = getattr(self.datamodule, "image_transform", None)
+        if make is None:
+            raise ValueError(f"--images: {type(self.datamodule).__name__} has no image_transform() to prepare files")
+        batch_size = int(getattr(self.datamodule, "batch_size", 64))
+        self.datamodule = ImageFilesDataModule(images, make(), batch_size=batch_size)
+
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):
             return
@@ -227,6 +255,46 @@ class STNCLI(LightningCLI):
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
         if self.trainer.is_global_zero:
             _summary(self.trainer, results, log_dir)
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _data_from_checkpoint(argv: list[str]) -> list[str]:
+    """Without ``--config`` or ``--data``, ``--ckpt_path`` alone names the data: the checkpoint stored its config."""
+    if any(a.split("=")[0] in ("-c", "--config", "--data") or a.startswith("--data.") for a in argv):
+        return argv
+    path = _option(argv, "--ckpt_path")
+    if path == "last":
+        root = _option(argv, "--trainer.default_root_dir") or os.getcwd()
+        found = find_last_checkpoint(Path(root) / "lightning_logs")
+        path = str(found) if found is not None else None
+    if path is None or not Path(path).is_file():
+        return argv
+    try:
+        data = read_checkpoint(path).get(_DATA_KEY)
+    except ValueError:
+        return argv  # _parse_ckpt_path reports what is wrong with the file
+    return [*argv, "--data", json.dumps(data)] if isinstance(data, dict) else argv
+
+
+class _DataConfigCallback(pl.Callback):
+    """Stores the data's configuration (class path and arguments, plain data) in every checkpoint, so that
+    ``predict``, ``test`` and ``export`` with ``--ckpt_path`` alone know the data the model was trained on."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[_DATA_KEY] = self.data
 
 
 def _summary(trainer: pl.Trainer, results: list[Any], log_dir: str | None) -> None:

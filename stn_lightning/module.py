@@ -319,9 +319,21 @@ class STNModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_coloc("test")
 
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        """Class probabilities (B, num_classes), and with a transformer its parameters (B, K, P) and the regions it
+        read (B, K, M, 2) in input pixels; ``labels`` (B,) and ``paths`` when the batch has them."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(x).argmax(-1)
+        logits, params = self.model(x)
+        out: dict[str, Any] = {"probs": logits.float().softmax(-1)}
+        if params is not None and self.transformer is not None:
+            out["params"] = params
+            out["regions"] = self.transformer.outline(params, (x.shape[-2], x.shape[-1]), per_side=4)
+        if isinstance(batch, (tuple, list)) and len(batch) > 1:
+            if isinstance(batch[1], Tensor):
+                out["labels"] = batch[1]
+            if isinstance(batch[-1], (list, tuple)) and all(isinstance(p, str) for p in batch[-1]):
+                out["paths"] = list(batch[-1])
+        return out
 
     def setup(self, stage: str) -> None:
         # Each rank compiles Triton kernels into its own cache folder (ranks on one node would otherwise race).

@@ -122,6 +122,6 @@ class SpatialTransformer(nn.Module):
         )
         return crops + shift if shift else crops
 
-    def outline(self, params: Tensor, in_size: tuple[int, int]) -> Tensor:
-        """Polygons (B, K, M, 2) in input pixels of the regions that ``params`` (B, K, P) read."""
-        return self.transform.outline(params, in_size, align_corners=self.align_corners)
+    def outline(self, params: Tensor, in_size: tuple[int, int], per_side: int = 16) -> Tensor:
+        """Polygons (B, K, 4 * per_side + 1, 2) in input pixels of the regions that ``params`` (B, K, P) read."""
+        return self.transform.outline(params, in_size, align_corners=self.align_corners, per_side=per_side)

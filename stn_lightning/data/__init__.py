@@ -1,7 +1,8 @@
 """DataModules, the bundled digits and the distortion generators."""
 
 from .digits import download_digits, load_digits
-from .imagefolder import ImageFolderDataModule, arrange_cub200
+from .files import ImageFilesDataModule, expand_image_paths
+from .imagefolder import BadImageError, ImageFolderDataModule, arrange_cub200
 from .mnist import (
     ClutteredMNIST,
     DigitsDataModule,
@@ -13,6 +14,8 @@ from .mnist import (
 )
 
 __all__ = [
+    "BadImageError",
+    "ImageFilesDataModule",
     "ClutteredMNIST",
     "DigitsDataModule",
     "DigitsDataset",
@@ -23,5 +26,6 @@ __all__ = [
     "MultiMNIST",
     "arrange_cub200",
     "download_digits",
+    "expand_image_paths",
     "load_digits",
 ]

@@ -156,6 +156,11 @@ class ImageFolderDataModule(LightningDataModule):
             **common, is_training=False, crop_pct=config.get("crop_pct"), crop_mode=config.get("crop_mode")
         )
 
+    def image_transform(self) -> Any:
+        """How a user's own image becomes an input: RGB, then timm's evaluation transform."""
+        evaluation = self.transform(train=False)
+        return lambda image: evaluation(image.convert("RGB"))
+
     def _split_folder(self, name: str | None, preferred: str, fallback: str) -> str:
         if name is not None:
             path = os.path.join(self.root, name)

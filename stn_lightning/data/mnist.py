@@ -27,16 +27,19 @@ are ``(x, y, boxes)``: boxes float32 (B, D, 4), each digit's ink as x0, y0, x1, 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
 import torch
+from PIL import Image
 from pytorch_lightning import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from . import distortions as dist
 from .digits import SOURCES, Source, download_digits, load_digits, num_train_digits
+from .files import grey_transform
 
 __all__ = [
     "ClutteredMNIST",
@@ -379,6 +382,15 @@ class DigitsDataModule(LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """The test set."""
         return self._loader(self.test_set, shuffle=False)
+
+    def image_transform(self) -> Callable[[Image.Image], Tensor]:
+        """How a user's own image becomes an input like this DataModule's: grey levels, resized, normalised."""
+        if self.in_chans != 1:
+            raise ValueError(
+                f"{type(self).__name__} builds {self.in_chans}-channel inputs from several digits; "
+                "predicting on image files needs a DataModule of single images"
+            )
+        return grey_transform(self.image_size, self.mean, self.std)
 
 
 class MNISTDataModule(DigitsDataModule):
