@@ -251,6 +251,11 @@ class STNModule(pl.LightningModule):
             metric.reset()
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        trainer = self._trainer
+        if trainer is not None and trainer.optimizers:
+            # The rate of every parameter group (the backbone's and the localisation's), logged each step.
+            for i, group in enumerate(trainer.optimizers[0].param_groups):
+                self.log(f"train/lr_{group.get('name', i)}", float(group["lr"]), on_step=True, on_epoch=False)
         x, y = batch[0], batch[1]
         self._skip_step = False
         bad_pixels = ~torch.isfinite(x)

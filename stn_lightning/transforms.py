@@ -153,7 +153,8 @@ class Transform(nn.Module, ABC):
         Returns:
             ``scale``: mean square root of the area read, relative to the input's (1 = the whole image);
             ``outside``: fraction of sampled points (the pixel centres of an 8 x 8 output) that fall outside the
-            input.
+            input;
+            ``rotation``: mean absolute angle, in degrees, of the output's horizontal axis in the input's pixels.
         """
         with torch.no_grad():
             poly = self.points(params.float(), _square(params.device), in_size)
@@ -163,7 +164,12 @@ class Transform(nn.Module, ABC):
             lattice = torch.stack(torch.meshgrid(r, r, indexing="xy"), -1).reshape(-1, 2)
             inner = self.points(params.float(), lattice, in_size)
             outside = (inner.abs() > 1).any(-1).float().mean()
-            return {"scale": (area / 4).sqrt().nan_to_num(0.0).mean(), "outside": outside}
+            ends = torch.tensor([[-1.0, 0.0], [1.0, 0.0]], device=params.device)  # the output's horizontal axis
+            axis = self.points(params.float(), ends, in_size)
+            h, w = in_size
+            d = (axis[..., 1, :] - axis[..., 0, :]) * torch.tensor([w / 2, h / 2], device=params.device)
+            rotation = torch.rad2deg(torch.atan2(d[..., 1], d[..., 0])).abs().nan_to_num(0.0).mean()
+            return {"scale": (area / 4).sqrt().nan_to_num(0.0).mean(), "outside": outside, "rotation": rotation}
 
 
 def _square(device: torch.device) -> Tensor:

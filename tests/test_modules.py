@@ -296,3 +296,15 @@ def test_pretrained_weights_come_from_a_local_file(tmp_path: Path) -> None:
     fresh = create_timm_model("test_resnet", num_classes=0)
     pairs = zip(source.state_dict().values(), fresh.state_dict().values(), strict=True)
     assert not all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_statistics_report_the_rotation() -> None:
+    import math
+
+    from stn_lightning.transforms import Affine
+
+    family = Affine()
+    a = math.radians(30.0)
+    theta = torch.tensor([math.cos(a), -math.sin(a), 0.0, math.sin(a), math.cos(a), 0.0]).view(1, 1, 6)
+    assert family.statistics(family.identity().view(1, 1, 6), (42, 42))["rotation"].item() == pytest.approx(0.0)
+    assert family.statistics(theta, (42, 42))["rotation"].item() == pytest.approx(30.0, abs=1e-3)

@@ -1,0 +1,61 @@
+"""Attention pictures: outlines where the transformers look, titles and labels, the GIF across epochs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+
+from stn_lightning.callbacks import AttentionVisualizer, draw_attention
+from stn_lightning.data import DistortedMNIST
+from stn_lightning.module import STNModule
+
+
+def _square(x0: float, y0: float, side: float) -> torch.Tensor:
+    pts = [[x0, y0], [x0 + side, y0], [x0 + side, y0 + side], [x0, y0 + side], [x0, y0]]
+    return torch.tensor(pts).view(1, 1, 5, 2)
+
+
+def test_pictures_differ_where_the_outlines_are_drawn(tmp_path: Path) -> None:
+    images = torch.zeros(1, 1, 32, 32)
+    crops = torch.rand(1, 1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    for path, outline in ((a, _square(2, 2, 10)), (b, _square(18, 18, 10))):
+        draw_attention(images, outline, crops, path, labels=["true 3, pred 3"], title="epoch 0, step 10")
+    pa, pb = (np.asarray(Image.open(p).convert("RGB")).astype(int) for p in (a, b))
+    assert pa.shape == pb.shape
+    changed = np.argwhere((pa != pb).any(-1))
+    assert len(changed) > 20
+    # Only the input panel (the left half of a two-panel row) changes; the crop is drawn the same.
+    assert changed[:, 1].max() < pa.shape[1] / 2
+    # The outline is drawn in the first transformer's colour (red).
+    red = (pa[..., 0] > 180) & (pa[..., 1] < 80) & (pa[..., 2] < 110)
+    assert red[: pa.shape[0], : pa.shape[1] // 2].sum() > 20
+
+
+def test_one_gif_frame_per_visualised_epoch(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    data = DistortedMNIST("RTS", batch_size=8, val_size=16)
+    model = STNModule(image_size=42, background=data.background, backbone="resnet10t")
+    visualizer = AttentionVisualizer(num_images=2, gif=True)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=pl.loggers.CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[visualizer],
+    )
+    trainer.fit(model, datamodule=data)
+    assert visualizer.gif_path is not None
+    gif = Image.open(visualizer.gif_path)
+    assert gif.n_frames == 3
+    pngs = sorted(p.name for p in visualizer.gif_path.parent.glob("*.png"))
+    assert pngs == ["epoch_000.png", "epoch_001.png", "epoch_002.png"]
