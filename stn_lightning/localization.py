@@ -9,6 +9,7 @@ the data's channel count (``localizer: Callable[[int], nn.Module]``).
 from __future__ import annotations
 
 import difflib
+import os
 from typing import Any
 
 import timm
@@ -31,20 +32,26 @@ def check_input_size(module: nn.Module, x: Tensor) -> None:
         )
 
 
-def create_timm_model(name: str, *, pretrained: str | None = None, **kwargs: Any) -> Any:
-    """``timm.create_model`` with a friendly error for unknown names and local pretrained weights.
+def create_timm_model(name: str, *, pretrained: bool | str | None = None, **kwargs: Any) -> Any:
+    """``timm.create_model`` with a friendly error for unknown names, and pretrained weights from timm or a file.
 
     Args:
         name: any timm model name.
-        pretrained: path of a local weights file (nothing is downloaded); None for random initialisation.
+        pretrained: True for timm's published weights of ``name`` (downloaded once by timm, from the Hugging Face
+            Hub, into its cache: needs a network connection the first time), a path of a local weights file
+            (nothing is downloaded), or None / False for random initialisation.
         **kwargs: passed to ``timm.create_model`` (num_classes, in_chans, ...).
     """
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
         hint = f"; closest valid names: {', '.join(close)}" if close else "; see timm.list_models()"
         raise ValueError(f"unknown timm model {name!r}{hint}")
-    if pretrained is None:
+    if pretrained is None or pretrained is False:
         return timm.create_model(name, pretrained=False, **kwargs)  # type: ignore[arg-type]
+    if pretrained is True:
+        return timm.create_model(name, pretrained=True, **kwargs)  # type: ignore[arg-type]
+    if not os.path.isfile(pretrained):
+        raise ValueError(f"pretrained weights {pretrained!r}: no such file (use true for timm's published weights)")
     return timm.create_model(
         name,
         pretrained=True,
@@ -101,7 +108,7 @@ class TimmLocalizer(nn.Module):
     Args:
         in_chans: input channels.
         model_name: a timm model whose ``forward_features`` returns a (B, F, h, w) map (CNNs).
-        pretrained: path of a local weights file, or None.
+        pretrained: True for timm's published weights, a path of a local weights file, or None.
         hidden: size of the output feature vector.
         pool: side of the adaptive pooling grid.
     """
@@ -112,7 +119,7 @@ class TimmLocalizer(nn.Module):
         self,
         in_chans: int,
         model_name: str = "resnet18",
-        pretrained: str | None = None,
+        pretrained: bool | str | None = None,
         hidden: int = 128,
         pool: int = 2,
     ) -> None:

@@ -33,7 +33,7 @@ class STNClassifier(nn.Module):
         in_chans: channels of the input images.
         transformer: the SpatialTransformer (required unless fusion is "none").
         fusion: "channels", "features" or "none".
-        pretrained: path of local backbone weights, or None.
+        pretrained: True for timm's published weights, a path of local backbone weights, or None.
         backbone_kwargs: extra arguments for ``timm.create_model`` (drop_rate, ...). ``{"global_pool": ""}``
             keeps the feature map unpooled: the head then sees where features are (flattened), like the
             fully connected classifier of the paper's CNN baselines.
@@ -48,7 +48,7 @@ class STNClassifier(nn.Module):
         in_chans: int,
         transformer: SpatialTransformer | None = None,
         fusion: Fusion = "channels",
-        pretrained: str | None = None,
+        pretrained: bool | str | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
         input_size: tuple[int, int] | None = None,
     ) -> None:

@@ -47,7 +47,8 @@ class STNModule(pl.LightningModule):
         image_size: input (H, W), or an int.
         background: normalised value of an empty pixel; the sampler pads with it.
         backbone: any timm model name.
-        pretrained: path of local backbone weights (nothing is downloaded), or None.
+        pretrained: True for timm's published backbone weights (needs a network connection once), a path of
+            local weights (nothing is downloaded), or None.
         transform: the transformation family; default Affine().
         num_transformers: K, the number of parallel transformers.
         crop_size: size of each crop (Ho, Wo); default the input size.
@@ -85,7 +86,7 @@ class STNModule(pl.LightningModule):
         image_size: int | tuple[int, int] = 28,
         background: float = 0.0,
         backbone: str = "resnet10t",
-        pretrained: str | None = None,
+        pretrained: bool | str | None = None,
         transform: Transform | None = None,
         num_transformers: int = 1,
         crop_size: int | tuple[int, int] | None = None,

@@ -308,3 +308,16 @@ def test_statistics_report_the_rotation() -> None:
     theta = torch.tensor([math.cos(a), -math.sin(a), 0.0, math.sin(a), math.cos(a), 0.0]).view(1, 1, 6)
     assert family.statistics(family.identity().view(1, 1, 6), (42, 42))["rotation"].item() == pytest.approx(0.0)
     assert family.statistics(theta, (42, 42))["rotation"].item() == pytest.approx(30.0, abs=1e-3)
+
+
+def test_pretrained_true_asks_timm_for_its_published_weights(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import timm
+
+    from stn_lightning.localization import create_timm_model
+
+    calls: list[dict] = []
+    monkeypatch.setattr(timm, "create_model", lambda name, **kw: calls.append({"name": name, **kw}) or "model")
+    assert create_timm_model("resnet18", pretrained=True, num_classes=0) == "model"
+    assert calls == [{"name": "resnet18", "pretrained": True, "num_classes": 0}]  # timm downloads, not us
+    with pytest.raises(ValueError, match="no such file"):
+        create_timm_model("resnet18", pretrained=str(tmp_path / "missing.pth"))
