@@ -14,7 +14,7 @@ import torchmetrics
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from kernels import Backend, Padding
+from kernels import Backend, Mode, Padding
 from kernels.reference import normalize_size
 
 from .checkpointing import NonFiniteError
@@ -25,6 +25,32 @@ from .transformer import SpatialTransformer
 from .transforms import Affine, Transform
 
 __all__ = ["STNModule"]
+
+
+# Options that build the SpatialTransformer; a transformer given whole replaces them (see STNModule).
+_TRANSFORMER_OPTIONS = {
+    "transform": None,
+    "num_transformers": 1,
+    "crop_size": None,
+    "localizer": None,
+    "init": "identity",
+    "feature_norm": False,
+    "align_corners": False,
+    "padding_mode": "zeros",
+    "sampler_backend": "auto",
+    "sampler_mode": "bilinear",
+}
+
+
+def _check_no_transformer_options(given: dict[str, Any]) -> None:
+    clash = [k for k, default in _TRANSFORMER_OPTIONS.items() if given.get(k, default) != default]
+    if clash:
+        raise ValueError(
+            f"STNModule got a transformer and also {', '.join(clash)}, which build one; "
+            "set them on the SpatialTransformer instead"
+        )
+    if given.get("fusion") == "none":
+        raise ValueError("STNModule got a transformer with fusion 'none' (the baseline without one)")
 
 
 def _first(names: list[str], limit: int = 5) -> str:
@@ -70,6 +96,12 @@ class STNModule(pl.LightningModule):
             "raise" stops the run with a :class:`~stn_lightning.checkpointing.NonFiniteError` naming the step (and,
             for parameters, which transformer's warps and which weights), "skip" skips the optimiser step and
             counts it (``train/skipped_steps``). Checkpoints are never written with non-finite weights either way.
+        sampler_mode: the sampler's interpolation, "bilinear" or "nearest".
+        transformer: a SpatialTransformer of your own (e.g. from YAML with class_path); it replaces the one built
+            from ``transform``, ``num_transformers``, ``crop_size``, ``localizer``, ``init``, ``feature_norm``,
+            ``align_corners``, ``padding_mode``, ``sampler_backend`` and ``sampler_mode``, so those must keep their
+            defaults. Its background is the data's unless it sets one. Saved in checkpoints as weights; give the
+            same configuration again to load it.
         overlap_weight: weight of :func:`~stn_lightning.metrics.overlap_penalty` (the mean IoU of the K
             transformers' regions) added to the training loss, to keep parallel transformers off the same region;
             0 adds nothing. With K > 1 the penalty is logged as ``<stage>/overlap`` whatever the weight.
@@ -105,9 +137,13 @@ class STNModule(pl.LightningModule):
         backbone_kwargs: dict[str, Any] | None = None,
         nonfinite: Literal["raise", "skip"] = "raise",
         overlap_weight: float = 0.0,
+        sampler_mode: Mode = "bilinear",
+        transformer: SpatialTransformer | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["transform", "localizer", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["transform", "localizer", "optimizer", "lr_scheduler", "transformer"])
+        if transformer is not None:
+            _check_no_transformer_options(locals())
         if num_transformers < 1:
             raise ValueError(f"expected num_transformers >= 1, got {num_transformers}")
         if loc_lr_scale < 0:
@@ -120,8 +156,11 @@ class STNModule(pl.LightningModule):
             raise ValueError(f"expected overlap_weight >= 0, got {overlap_weight}")
         self.image_size = normalize_size(image_size)
         crop = normalize_size(crop_size) if crop_size is not None else self.image_size
-        transformer = None
-        if fusion != "none":
+        if transformer is not None:
+            check_input_size(transformer.localizer, torch.empty(0, in_chans, *self.image_size))
+            if transformer.background == 0.0:
+                transformer.background = float(background)  # the data's empty pixel, unless it set its own
+        elif fusion != "none":
             loc = (localizer or PaperLocalizer)(in_chans)
             check_input_size(loc, torch.empty(0, in_chans, *self.image_size))
             transformer = SpatialTransformer(
@@ -135,6 +174,7 @@ class STNModule(pl.LightningModule):
                 padding_mode=padding_mode,
                 background=background,
                 backend=sampler_backend,
+                mode=sampler_mode,
             )
         self.model = STNClassifier(
             backbone,
@@ -165,7 +205,7 @@ class STNModule(pl.LightningModule):
         self.metrics = nn.ModuleDict(
             {f"{s}_metrics": collection.clone(prefix=f"{s}/") for s in ("train", "val", "test")}
         )
-        k = num_transformers if fusion != "none" else 0
+        k = self.transformer.num_transformers if self.transformer is not None else 0
         self.val_coloc = CoLocalization(k) if k else None
         self.test_coloc = CoLocalization(k) if k else None
 

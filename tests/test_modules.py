@@ -321,3 +321,48 @@ def test_pretrained_true_asks_timm_for_its_published_weights(monkeypatch: pytest
     assert calls == [{"name": "resnet18", "pretrained": True, "num_classes": 0}]  # timm downloads, not us
     with pytest.raises(ValueError, match="no such file"):
         create_timm_model("resnet18", pretrained=str(tmp_path / "missing.pth"))
+
+
+def test_a_spatial_transformer_of_your_own() -> None:
+    from stn_lightning.localization import PaperLocalizer
+    from stn_lightning.transformer import SpatialTransformer
+    from stn_lightning.transforms import Attention
+
+    mine = SpatialTransformer(PaperLocalizer(1), Attention(), 2, 20, mode="nearest")
+    module = STNModule(image_size=42, background=-0.4, fusion="features", transformer=mine)
+    assert module.transformer is mine and mine.background == -0.4 and mine.mode == "nearest"
+    logits = module(torch.randn(3, 1, 42, 42))
+    assert logits.shape == (3, 10)
+    with pytest.raises(ValueError, match="num_transformers"):
+        STNModule(image_size=42, num_transformers=3, transformer=SpatialTransformer(PaperLocalizer(1), Attention()))
+
+
+def test_a_spatial_transformer_from_yaml(tmp_path: Path) -> None:
+    from stn_lightning.cli import main
+
+    config = tmp_path / "mine.yaml"
+    config.write_text(
+        """
+model:
+  backbone: resnet10t
+  fusion: features
+  transformer:
+    class_path: stn_lightning.SpatialTransformer
+    init_args:
+      localizer:
+        class_path: stn_lightning.PaperLocalizer
+        init_args: {in_chans: 1}
+      transform: stn_lightning.transforms.Attention
+      num_transformers: 2
+      output_size: 24
+      mode: nearest
+data:
+  class_path: stn_lightning.data.DistortedMNIST
+  init_args: {variant: RTS, batch_size: 4}
+"""
+    )
+    args = ["fit", "--config", str(config), "--trainer.fast_dev_run", "true", "--trainer.accelerator", "cpu"]
+    cli = main(args + ["--trainer.enable_progress_bar", "false"])
+    transformer = cli.model.transformer
+    assert transformer.num_transformers == 2 and transformer.mode == "nearest" and transformer.output_size == (24, 24)
+    assert cli.trainer.state.finished
