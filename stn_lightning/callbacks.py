@@ -44,6 +44,7 @@ def draw_attention(
     *,
     labels: Sequence[str] | None = None,
     title: str | None = None,
+    grids: Tensor | None = None,
 ) -> Any:
     """Draw each image with the regions its K transformers read (one colour each), followed by the K crops.
 
@@ -54,6 +55,8 @@ def draw_attention(
         path: where to save a PNG, or None.
         labels: a caption per image (e.g. "true 3, pred 8"), shown under it.
         title: the figure's title (e.g. the epoch and step).
+        grids: (N, K, L, Q, 2) polylines drawn thin in each transformer's colour inside its outline (the warped
+            control grid of a thin-plate spline: :meth:`Transform.grid_lines`), or None.
 
     Returns:
         The matplotlib figure.
@@ -66,6 +69,9 @@ def draw_attention(
             colour = _COLOURS[j % len(_COLOURS)]
             poly = outlines[i, j].detach().float().cpu().numpy()
             axes[i, 0].plot(poly[:, 0], poly[:, 1], color=colour, linewidth=1.2)
+            if grids is not None:
+                for line in grids[i, j].detach().float().cpu().numpy():
+                    axes[i, 0].plot(line[:, 0], line[:, 1], color=colour, linewidth=0.5, alpha=0.8)
             _show(axes[i, j + 1], crops[i, j])
             for spine in axes[i, j + 1].spines.values():
                 spine.set_edgecolor(colour)
@@ -153,6 +159,7 @@ class AttentionVisualizer(pl.Callback):
         with torch.no_grad():
             crops, params = transformer(images)
             outlines = transformer.outline(params, (images.shape[-2], images.shape[-1]))
+            grids = _control_grid(transformer, params, (images.shape[-2], images.shape[-1]))
             predicted = pl_module(images).argmax(-1).cpu()
         truth = self._labels.cpu() if self._labels is not None else None
         labels = [
@@ -164,7 +171,7 @@ class AttentionVisualizer(pl.Callback):
         if log_dir is not None:
             path = Path(log_dir) / "attention" / f"epoch_{trainer.current_epoch:03d}.png"
             self.last_path = path
-        fig = draw_attention(images, outlines, crops, path, labels=labels, title=title)
+        fig = draw_attention(images, outlines, crops, path, labels=labels, title=title, grids=grids)
         add_figure = getattr(getattr(trainer.logger, "experiment", None), "add_figure", None)
         if self.gif and path is not None:
             self._frames.append(_figure_image(fig))
@@ -173,6 +180,15 @@ class AttentionVisualizer(pl.Callback):
         if add_figure is not None:
             add_figure("attention", fig, global_step=trainer.global_step)
         plt.close(fig)
+
+
+def _control_grid(transformer: Any, params: Tensor, in_size: tuple[int, int]) -> Tensor | None:
+    # Quadrilaterals say all there is to say about affine and projective warps; a spline bends its control grid.
+    family = transformer.transform
+    lines = getattr(family, "grid_size", None)
+    if lines is None:
+        return None
+    return family.grid_lines(params, in_size, lines=lines, align_corners=transformer.align_corners)
 
 
 def _figure_image(fig: Any) -> Any:

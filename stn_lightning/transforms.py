@@ -142,7 +142,36 @@ class Transform(nn.Module, ABC):
                 torch.tensor([[-1.0, -1.0]], device=params.device),
             ]
         )
-        pts = self.points(params.float(), square, in_size)
+        return self._pixels(self.points(params.float(), square, in_size), in_size, align_corners)
+
+    def grid_lines(
+        self,
+        params: Tensor,
+        in_size: tuple[int, int],
+        *,
+        lines: int = 4,
+        per_line: int = 16,
+        align_corners: bool = False,
+    ) -> Tensor:
+        """The output's ``lines`` x ``lines`` lattice (rows, then columns) mapped into the input, in pixels.
+
+        Drawn for warps that bend straight lines (the thin-plate spline's control grid); the lines run from edge
+        to edge of the output square.
+
+        Returns:
+            (B, K, 2 * lines, per_line, 2) polylines of (x, y) pixel coordinates.
+        """
+        t = torch.linspace(-1.0, 1.0, per_line, device=params.device)
+        at = torch.linspace(-1.0, 1.0, lines, device=params.device)
+        rows = torch.stack([t.expand(lines, -1), at[:, None].expand(-1, per_line)], -1)  # (lines, per_line, 2)
+        cols = rows.flip(-1)
+        xy = torch.cat([rows, cols]).reshape(-1, 2)
+        pts = self.points(params.float(), xy, in_size)
+        return self._pixels(pts, in_size, align_corners).unflatten(-2, (2 * lines, per_line))
+
+    @staticmethod
+    def _pixels(pts: Tensor, in_size: tuple[int, int], align_corners: bool) -> Tensor:
+        # Normalised input coordinates (..., 2) -> pixel coordinates with pixel centres at integers.
         h, w = in_size
         sx, sy = half_extent(w, align_corners), half_extent(h, align_corners)
         return torch.stack([pts[..., 0] * sx + (w - 1) / 2, pts[..., 1] * sy + (h - 1) / 2], dim=-1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import pytorch_lightning as pl
 import torch
 from PIL import Image
@@ -59,3 +60,22 @@ def test_one_gif_frame_per_visualised_epoch(tmp_path: Path) -> None:
     assert gif.n_frames == 3
     pngs = sorted(p.name for p in visualizer.gif_path.parent.glob("*.png"))
     assert pngs == ["epoch_000.png", "epoch_001.png", "epoch_002.png"]
+
+
+def test_the_spline_control_grid_is_drawn(tmp_path: Path) -> None:
+    from stn_lightning.transforms import ThinPlateSpline
+
+    tps = ThinPlateSpline(4)
+    params = tps.identity().view(1, 1, -1).clone()
+    lines = tps.grid_lines(params, (32, 32), lines=4, per_line=9)
+    assert lines.shape == (1, 1, 8, 9, 2)
+    # At the identity the lattice is straight: rows at constant y, from the left edge to the right edge.
+    assert torch.allclose(lines[0, 0, 0, :, 1], torch.full((9,), -0.5), atol=1e-4)
+    assert lines[0, 0, 0, 0, 0].item() == pytest.approx(-0.5, abs=1e-4) and lines[0, 0, 0, -1, 0] == pytest.approx(31.5)
+    bent = params + 0.2 * torch.randn(params.shape, generator=torch.Generator().manual_seed(0))
+    images, crops = torch.zeros(1, 1, 32, 32), torch.zeros(1, 1, 1, 16, 16)
+    outline = tps.outline(bent, (32, 32))
+    plain, gridded = tmp_path / "plain.png", tmp_path / "grid.png"
+    draw_attention(images, outline, crops, plain)
+    draw_attention(images, outline, crops, gridded, grids=tps.grid_lines(bent, (32, 32), lines=4))
+    assert not np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(gridded)))
