@@ -76,8 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------------------------
 def make_inputs(family, b, c, h, w, k, dtype, device):  # type: ignore[no-untyped-def]
     import torch
-
-    from kernels import reference
+    from stn_lightning.kernels import reference
 
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(b, c, h, w, device=device, generator=g).to(dtype)
@@ -99,8 +98,7 @@ def torch_grid(family, params, target, size, in_size):  # type: ignore[no-untype
     """The (B, K, Ho, Wo, 2) normalised grid of the family in plain PyTorch (what F.grid_sample needs)."""
     import torch
     import torch.nn.functional as F
-
-    from kernels import reference
+    from stn_lightning.kernels import reference
 
     b, k = params.shape[:2]
     ho, wo = size
@@ -149,7 +147,7 @@ def sample(impl, family, x, params, target, size, **options):  # type: ignore[no
 
 
 def triton_path(family, x, params, target, size):  # type: ignore[no-untyped-def]
-    from kernels import triton_ops
+    from stn_lightning.kernels import triton_ops
 
     return sample(triton_ops, family, x, params, target, size)
 
@@ -157,8 +155,7 @@ def triton_path(family, x, params, target, size):  # type: ignore[no-untyped-def
 def triton_compiled(family):  # type: ignore[no-untyped-def]
     """torch.compile of the triton path, without graph breaks (fullgraph), one static graph per workload."""
     import torch
-
-    from kernels import triton_ops
+    from stn_lightning.kernels import triton_ops
 
     return torch.compile(functools.partial(sample, triton_ops, family), fullgraph=True, dynamic=False)
 
@@ -296,7 +293,7 @@ def forward_config(family: str) -> str:
     """The configuration the autotuner chose for the family's forward kernel at its last call."""
     import importlib
 
-    tuned = getattr(importlib.import_module(f"kernels.{family}"), f"_{family}_fwd_tuned")
+    tuned = getattr(importlib.import_module(f"stn_lightning.kernels.{family}"), f"_{family}_fwd_tuned")
     return str(getattr(tuned, "best_config", None))
 
 
@@ -363,8 +360,7 @@ def _parity_case(family, dtype, pad, mode, ac, cl, target, g):  # type: ignore[n
     computed along different paths), so its output error is the fraction of elements that differ instead.
     """
     import torch
-
-    from kernels import reference, triton_ops
+    from stn_lightning.kernels import reference, triton_ops
 
     dev = "cuda"
     x = torch.randn(3, 5, 37, 29, device=dev, generator=g).to(dtype)
@@ -406,9 +402,9 @@ def run_checks() -> bool:
     import traceback
 
     import torch
+    from stn_lightning.kernels import reference
 
-    import kernels
-    from kernels import reference
+    from stn_lightning import kernels
 
     ok = True
     dev = "cuda"
@@ -498,8 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     import triton
-
-    from kernels import _common, affine, projective
+    from stn_lightning.kernels import _common, affine, projective
 
     info = {
         "gpu": torch.cuda.get_device_name(),

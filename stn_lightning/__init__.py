@@ -8,10 +8,25 @@ the paper's networks with timm (``stn_lightning.backbones``).
 from __future__ import annotations
 
 import importlib
+import importlib.util
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+
+def _find_kernels_in_the_source_tree() -> None:
+    # Installed (also editable), the repository's kernels/ folder is the subpackage stn_lightning.kernels. Run from a
+    # source tree without installation (PYTHONPATH=<repo>), it sits next to this package: search there too.
+    here = Path(__file__).resolve().parent
+    source = here.parent / "kernels"
+    installed = (here / "kernels").is_dir() or not (source / "reference.py").is_file()
+    if not installed and importlib.util.find_spec(f"{__name__}.kernels") is None:
+        __path__.append(str(here.parent))
+
+
+_find_kernels_in_the_source_tree()
+
 # Registers the paper's networks with timm (torch and timm only), so that any timm model name resolves to them.
-from . import backbones as backbones
+from . import backbones as backbones  # noqa: E402 - after the kernels' path, which backbones does not need
 
 __version__ = "0.1.0"
 
@@ -74,6 +89,7 @@ __all__ = [
     "Transform",
     "Translation",
     "backbones",
+    "kernels",
     "draw_attention",
     "main",
     "overlap_penalty",
@@ -81,6 +97,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name == "kernels":
+        return importlib.import_module(".kernels", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'stn_lightning' has no attribute {name!r}")

@@ -14,8 +14,8 @@ import torchmetrics
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from kernels import Backend, Mode, Padding
-from kernels.reference import normalize_size
+from stn_lightning.kernels import Backend, Mode, Padding
+from stn_lightning.kernels.reference import normalize_size
 
 from .checkpointing import NonFiniteError
 from .localization import PaperLocalizer, check_input_size

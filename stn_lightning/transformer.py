@@ -7,8 +7,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from kernels import Backend, Mode, Padding
-from kernels.reference import normalize_size
+from stn_lightning.kernels import Backend, Mode, Padding
+from stn_lightning.kernels.reference import normalize_size
 
 from .transforms import Transform, tiled_windows
 

@@ -15,9 +15,10 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor, nn
 
-import kernels
-from kernels import Backend, Mode, Padding
-from kernels.reference import half_extent
+from stn_lightning.kernels import Backend, Mode, Padding
+from stn_lightning.kernels.reference import half_extent
+
+from . import kernels
 
 __all__ = [
     "Affine",

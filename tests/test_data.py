@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from stn_lightning.kernels import tps_target_points
 
-from kernels import tps_target_points
 from stn_lightning.data import (
     ClutteredMNIST,
     DistortedMNIST,

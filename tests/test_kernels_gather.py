@@ -20,10 +20,9 @@ import torch
 
 triton = pytest.importorskip("triton")  # after tests/conftest.py has decided on TRITON_INTERPRET
 
+from stn_lightning.kernels import reference  # noqa: E402
 from triton_helpers import ROOT, TOL, force_int64, interpreter_active  # noqa: E402
 from triton_helpers import image as _image  # noqa: E402
-
-from kernels import reference  # noqa: E402
 
 INTERPRETED = interpreter_active()
 DEVICE = "cpu" if INTERPRETED else "cuda"
@@ -41,7 +40,7 @@ def _gathering(monkeypatch, family):
     """kernels.<family> with IMAGE_GRAD = "gather"; ``module.flags`` collects the flags of every gather launch."""
     import importlib
 
-    module = importlib.import_module(f"kernels.{family}")
+    module = importlib.import_module(f"stn_lightning.kernels.{family}")
     monkeypatch.setattr(module, "IMAGE_GRAD", "gather")
     launches = []
     gather = getattr(module, f"_{family}_gather")
@@ -247,9 +246,9 @@ _FRESH = """
 import sys
 sys.path.insert(0, "benchmarks")
 from sass_report import compile_sm90, kernels_to_report, sizes
-import kernels._common as common
-import kernels._gather as _gather
-import kernels.affine as affine
+import stn_lightning.kernels._common as common
+import stn_lightning.kernels._gather as _gather
+import stn_lightning.kernels.affine as affine
 
 print(affine.IMAGE_GRAD, common.VECTOR_ATOMICS)
 # Every kernel with the tiles its launcher picks on a GPU, for an H100 (ptxas ships with triton; no GPU needed):

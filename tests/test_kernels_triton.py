@@ -22,11 +22,11 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
+from stn_lightning.kernels import reference  # noqa: E402
 from triton_helpers import ROOT, TOL, force_int64, interpreter_active  # noqa: E402
 from triton_helpers import image as _image  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import reference  # noqa: E402
+from stn_lightning import kernels  # noqa: E402
 
 INTERPRETED = interpreter_active()
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy warns on NaN/inf inside the interpreter
@@ -45,7 +45,7 @@ def ops():
     """kernels.triton_ops, every kernel running through the interpreter."""
     if not INTERPRETED:
         pytest.skip("triton was imported without TRITON_INTERPRET=1 (see test_rerun_in_fresh_interpreter)")
-    from kernels import triton_ops
+    from stn_lightning.kernels import triton_ops
 
     return triton_ops
 
@@ -300,7 +300,7 @@ def test_expanded_grad_out(ops):
 @pytest.mark.parametrize("family", ["affine", "projective", "tps", "grid"])
 def test_forward_one_channel_at_a_time(ops, family, monkeypatch):
     # The autotuner's SPLIT_C configs (one channel per load, in a loop over the channels) sample the same values.
-    config = importlib.import_module("kernels._common").FWD_CONFIG_INTERPRET
+    config = importlib.import_module("stn_lightning.kernels._common").FWD_CONFIG_INTERPRET
     monkeypatch.setitem(config, "SPLIT_C", True)
     x = _image(2, 3, 7, 6, channels_last=True, seed=8)
     p = _grid(2, 2, 5, 4) if family == "grid" else _params(family, 2, 2, seed=8)
@@ -315,7 +315,10 @@ def test_vector_atomics_buffer(ops, family, monkeypatch):
     # VECTOR_ATOMICS: the scatter backward accumulates the image gradient in a pixel-major buffer (B, H, W, C rounded
     # up to 2 or 4), then copies it into x's layout. C of 2, 3 and 5 (vectors of 2, 4 with one padding channel, and
     # two groups of 4 under the interpreter), both layouts, both sampling modes, the int64 offset code.
-    common, module = importlib.import_module("kernels._common"), importlib.import_module(f"kernels.{family}")
+    common, module = (
+        importlib.import_module("stn_lightning.kernels._common"),
+        importlib.import_module(f"stn_lightning.kernels.{family}"),
+    )
     monkeypatch.setattr(common, "VECTOR_ATOMICS", True)
     buffers = []
 
@@ -324,7 +327,7 @@ def test_vector_atomics_buffer(ops, family, monkeypatch):
         return common.image_grad_buffer(x, dtype, acc_cp)
 
     # affine and projective allocate it through kernels._gather.matrix_backward, tps and grid themselves
-    owner = importlib.import_module("kernels._gather") if family in ("affine", "projective") else module
+    owner = importlib.import_module("stn_lightning.kernels._gather") if family in ("affine", "projective") else module
     monkeypatch.setattr(owner, "image_grad_buffer", buffer)
     cases = [(2, False, "zeros", "bilinear"), (3, True, "border", "nearest"), (5, False, "border", "bilinear")]
     cases.append((4, True, "zeros", "bilinear"))  # the buffer is x's layout: returned without a copy
@@ -343,7 +346,7 @@ def test_vector_atomics_buffer(ops, family, monkeypatch):
 def test_needs_int64():
     # Offsets past 2**31 - 1 through a large stride or a large tensor (meta tensors: no memory); dense tensors of
     # either layout and a small strided view stay int32.
-    needs = importlib.import_module("kernels._common").needs_int64
+    needs = importlib.import_module("stn_lightning.kernels._common").needs_int64
     big_stride = torch.empty_strided((2, 1, 1, 1), (2**31, 1, 1, 1), device="meta")
     big = torch.empty((1, 1, 32769, 65536), device="meta")
     small = torch.empty(2, 3, 8, 8)
@@ -354,7 +357,7 @@ def test_needs_int64():
 def test_launch_reuses_the_autotuners_choice(monkeypatch):
     # On GPUs an autotuned kernel goes through its autotuner once per call signature (options, scalar arguments,
     # tensor dtypes); later calls launch the plain kernel with the configuration the autotuner chose.
-    common = importlib.import_module("kernels._common")
+    common = importlib.import_module("stn_lightning.kernels._common")
     monkeypatch.setattr(common, "interpreting", lambda: False)
     monkeypatch.setattr(common, "_TUNED_CONFIGS", {})
     calls = []
@@ -511,7 +514,7 @@ def test_value_errors(ops, monkeypatch):
         ops.sample_tps_coefficients(x, torch.zeros(1, 1, 7, 2), torch.zeros(4, 3), 3)
     with pytest.raises(ValueError, match="coefficients of shape"):
         ops.sample_tps_coefficients(x, torch.zeros(1, 1, 6, 2), torch.zeros(4, 2), 3)
-    monkeypatch.setattr(importlib.import_module("kernels._common"), "interpreting", lambda: False)
+    monkeypatch.setattr(importlib.import_module("stn_lightning.kernels._common"), "interpreting", lambda: False)
     with pytest.raises(ValueError, match="CUDA"):
         ops.sample_affine(x, theta, 3)
 
@@ -555,8 +558,8 @@ def test_library_ops_cpu_eager(ops):
 
 _COMPILE_CPU = """
 import torch
-import kernels.triton_ops as T
-from kernels import affine, grid, projective, reference, tps
+import stn_lightning.kernels.triton_ops as T
+from stn_lightning.kernels import affine, grid, projective, reference, tps
 
 # Route CPU tensors through the library ops (whose "cpu" kernels are the reference), as CUDA tensors would be.
 for module in (affine, projective, tps, grid):
@@ -615,8 +618,8 @@ def test_library_ops_compile_fullgraph_on_cpu():
 _GPU_SCRIPT = """
 import torch
 from torch.library import opcheck
-import kernels
-from kernels import reference
+from stn_lightning import kernels
+from stn_lightning.kernels import reference
 dev = "cuda"
 x = torch.randn(2, 3, 17, 13, device=dev).to(memory_format=torch.channels_last).requires_grad_()
 theta = (torch.eye(2, 3, device=dev) + 0.2 * torch.randn(2, 3, 2, 3, device=dev)).requires_grad_()
@@ -662,8 +665,8 @@ def test_gpu_compile_opcheck_autocast():
 
 _SECOND_GPU_SCRIPT = """
 import torch
-import kernels
-from kernels import reference
+from stn_lightning import kernels
+from stn_lightning.kernels import reference
 torch.cuda.set_device(0)  # the current device is cuda:0; the tensors live on cuda:1
 dev = torch.device("cuda:1")
 x = torch.rand(2, 3, 17, 13, device=dev, requires_grad=True)

@@ -32,7 +32,7 @@ import math
 import torch
 from torch import Tensor
 
-import kernels
+from .. import kernels
 
 __all__ = [
     "DIGIT_SIZE",
