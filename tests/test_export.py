@@ -119,6 +119,7 @@ def test_onnx_matches_pytorch(name: str, digits: Tensor, tmp_path: Path, monkeyp
     path, seconds = _export(name, module, tmp_path, ".onnx")
 
     model = onnx.load(str(path))
+    onnx.checker.check_model(model)
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch dimension
     outputs = [o.name for o in model.graph.output]
