@@ -248,6 +248,8 @@ class STNCLI(LightningCLI):
         ]
         path = self.config[self.config["subcommand"]].get("ckpt_path")
         detail = "; ".join(differences + (["hyperparameters that differ: " + ", ".join(changed)] if changed else []))
+        if any("transformer.head" in d for d in differences):  # what a checkpoint's hyperparameters cannot say
+            detail += "; model.transform (the family) is not saved in checkpoints: give the run's --config"
         raise ValueError(f"checkpoint {path} was made by a different model: {detail}")
 
     # ------------------------------------------------------------------------------------------------------------

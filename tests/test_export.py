@@ -207,3 +207,14 @@ def test_missing_onnx_exporter_is_named(
     assert exit_info.value.code == 2
     assert "ONNX export needs the packages no_such_onnx_exporter" in capsys.readouterr().err
     assert not (tmp_path / "model.onnx").exists()
+
+
+def test_a_family_missing_from_the_checkpoint_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    ckpt = _save(STNModule(image_size=42, transform=ThinPlateSpline()), tmp_path / "tps.ckpt")
+    with pytest.raises(SystemExit) as exit_info:  # built with the default Affine: the head's shape differs
+        main(["export", "--ckpt_path", str(ckpt), "--output", "model.pt2"])
+    assert exit_info.value.code == 2
+    assert "model.transform (the family) is not saved in checkpoints" in capsys.readouterr().err
