@@ -1,7 +1,9 @@
 """Command line: LightningCLI around STNModule and any DataModule, with the data's shape linked into the model.
 
 ``stn-train fit --config configs/rts_mnist.yaml`` (or ``python train.py ...``) trains; ``validate``, ``test``
-and ``predict`` work the same way, ``--print_config`` shows the full configuration. On top of LightningCLI:
+and ``predict`` work the same way, ``--print_config`` shows the full configuration. ``export --ckpt_path P
+--output model.onnx`` (or ``model.pt2``) writes a trained model for inference (:mod:`stn_lightning.export`); it
+is a method of :class:`STNTrainer`, as the Trainer's own subcommands are. On top of LightningCLI:
 
 * ``--ckpt_path last`` resumes the newest ``last.ckpt`` of the log folder (every run gets a new ``version_N``);
   a checkpoint file is checked before anything starts (empty, truncated, not a checkpoint, another model);
@@ -45,7 +47,7 @@ from .checkpointing import (
 from .data.files import ImageFilesDataModule
 from .module import STNModule
 
-__all__ = ["STNCLI", "console", "main"]
+__all__ = ["STNCLI", "STNTrainer", "console", "main"]
 
 # What only the data knows, read from the instantiated DataModule and passed to the model.
 _LINKED = ("num_classes", "in_chans", "image_size", "background")
@@ -67,8 +69,59 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class STNTrainer(pl.Trainer):
+    """Lightning's Trainer with one more entry point, ``export``, which the CLI offers as a subcommand."""
+
+    def export(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        output: str | None = None,
+    ) -> Path:
+        """Export a trained model: ONNX for an output ending in .onnx, a torch.export program for .pt2.
+
+        Args:
+            model: the model, built as the checkpoint's hyperparameters (and the configuration) say.
+            datamodule: unused; accepted like the other subcommands.
+            ckpt_path: the checkpoint whose weights are exported.
+            output: the file to write (.onnx or .pt2).
+
+        Returns:
+            The path written.
+        """
+        from .export import export_file
+
+        if not ckpt_path or not output:
+            raise ValueError("export needs --ckpt_path (a checkpoint) and --output (a .onnx or .pt2 file)")
+        model.load_state_dict(read_checkpoint(ckpt_path)["state_dict"])
+        fmt = export_file(model, output)
+        _say(f"exported {ckpt_path} to {output} ({fmt})")
+        return Path(output)
+
+
 class STNCLI(LightningCLI):
-    """LightningCLI with data-to-model links, safe checkpointing and resumption, and clear errors."""
+    """LightningCLI with data-to-model links, safe checkpointing and resumption, clear errors, and ``export``."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if add_subcommands:
+            self._data_optional(self._subcommand_parsers["export"])
+
+    @staticmethod
+    def _data_optional(parser: LightningArgumentParser) -> None:
+        # export needs no data: the checkpoint's hyperparameters give the input's shape. jsonargparse has no public
+        # way to make a group optional after it was added: it marks both the action and the parser.
+        for action in parser._actions:
+            if action.dest == "data":
+                action.required = False
+        getattr(parser, "_extra_required_keys", set()).discard("data")
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for name in _LINKED:
@@ -136,6 +189,8 @@ class STNCLI(LightningCLI):
             return
         config = self.config[sub]
         ckpt_path = config.get("ckpt_path")
+        if sub == "export":
+            _check_export_arguments(ckpt_path, config.get("output"))
         if not ckpt_path or ckpt_path in ("best", "hpc") or str(ckpt_path).startswith("registry"):
             return
         if ckpt_path == "last":
@@ -210,6 +265,8 @@ class STNCLI(LightningCLI):
         ]
         path = self.config[self.config["subcommand"]].get("ckpt_path")
         detail = "; ".join(differences + (["hyperparameters that differ: " + ", ".join(changed)] if changed else []))
+        if any("transformer.head" in d for d in differences):  # what a checkpoint's hyperparameters cannot say
+            detail += "; model.transform (the family) is not saved in checkpoints: give the run's --config"
         raise ValueError(f"checkpoint {path} was made by a different model: {detail}")
 
     # ------------------------------------------------------------------------------------------------------------
@@ -297,6 +354,17 @@ class _DataConfigCallback(pl.Callback):
         checkpoint[_DATA_KEY] = self.data
 
 
+def _check_export_arguments(ckpt_path: str | None, output: str | None) -> None:
+    # Before anything is built: both paths given, a known output format, its exporter installed.
+    from .export import check_exporter, format_of
+
+    if not ckpt_path or ckpt_path in ("best", "hpc") or str(ckpt_path).startswith("registry"):
+        raise ValueError(f"export needs --ckpt_path: a checkpoint file, or last (got {ckpt_path!r})")
+    if not output:
+        raise ValueError("export needs --output: a .onnx or .pt2 file")
+    check_exporter(format_of(output))
+
+
 def _summary(trainer: pl.Trainer, results: list[Any], log_dir: str | None) -> None:
     acc = results[0].get("test/acc") if results else None
     pictures = next((cb.last_path for cb in trainer.callbacks if isinstance(cb, AttentionVisualizer)), None)  # type: ignore[attr-defined]
@@ -340,6 +408,7 @@ def main(args: list[str] | None = None, run: bool = True) -> STNCLI:
             STNModule,
             pl.LightningDataModule,
             subclass_mode_data=True,
+            trainer_class=STNTrainer,
             args=argv if args is not None else None,
             run=run,
             seed_everything_default=42,
