@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -16,6 +17,7 @@ from kernels.reference import normalize_size
 
 from .localization import PaperLocalizer, check_input_size
 from .model import Fusion, STNClassifier
+from .recipe import boundary_penalty, decay_factor, identity_penalty, warmup_factor
 from .transformer import SpatialTransformer
 from .transforms import Affine, Transform
 
@@ -44,6 +46,8 @@ class STNModule(pl.LightningModule):
         fusion: "channels", "features" or "none" (no transformer: the baseline).
         localizer: a callable taking in_chans and returning the localisation net; default PaperLocalizer.
         init: "identity" or "tiled" start of the transformers.
+        init_scale: with ``init="identity"``, the scale of the centred window the transformers start at (1.0: the
+            whole image); e.g. the crop/input ratio starts the crops at the input's resolution.
         feature_norm: standardise the localisation features before the transformers' head (see
             ``SpatialTransformer``); pair it with ``loc_grad_clip`` (1.0), or a lower ``loc_lr_scale`` (0.01).
         align_corners, padding_mode: the sampler's conventions.
@@ -53,6 +57,13 @@ class STNModule(pl.LightningModule):
         loc_lr_scale: learning rate of the localisation net and head relative to the rest.
         loc_grad_clip: clip the gradient norm of the localisation net and head (only theirs) to this value before
             each step; None leaves it unclipped. Trainer's ``gradient_clip_val`` still clips every parameter.
+        loc_warmup_steps: linear warm-up of the localisation group's rate over this many optimiser steps
+            (0: none), on top of the default cosine schedule; not combinable with ``lr_scheduler``.
+        boundary_weight: weight of a training-loss penalty on the region each warp reads leaving the image
+            (``recipe.boundary_penalty``: 0 while the warp stays inside); 0 turns it off.
+        identity_weight: weight of a training-loss pull of the warp parameters towards their start
+            (``recipe.identity_penalty``); 0 turns it off.
+        penalty_decay_steps: both penalties decay (cosine) to 0 over this many steps; None keeps them constant.
         label_smoothing: label smoothing of the cross-entropy.
         backbone_kwargs: extra arguments for ``timm.create_model``.
     """
@@ -71,6 +82,7 @@ class STNModule(pl.LightningModule):
         fusion: Fusion = "channels",
         localizer: Callable[[int], nn.Module] | None = None,
         init: Literal["identity", "tiled"] = "identity",
+        init_scale: float = 1.0,
         feature_norm: bool = False,
         align_corners: bool = False,
         padding_mode: Padding = "zeros",
@@ -79,6 +91,10 @@ class STNModule(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         loc_lr_scale: float = 0.1,
         loc_grad_clip: float | None = None,
+        loc_warmup_steps: int = 0,
+        boundary_weight: float = 0.0,
+        identity_weight: float = 0.0,
+        penalty_decay_steps: int | None = None,
         label_smoothing: float = 0.0,
         backbone_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -90,6 +106,13 @@ class STNModule(pl.LightningModule):
             raise ValueError(f"expected loc_lr_scale >= 0, got {loc_lr_scale}")
         if loc_grad_clip is not None and not loc_grad_clip > 0:
             raise ValueError(f"expected loc_grad_clip > 0 or None, got {loc_grad_clip}")
+        if loc_warmup_steps < 0 or boundary_weight < 0 or identity_weight < 0:
+            raise ValueError(
+                "expected loc_warmup_steps, boundary_weight and identity_weight >= 0, got "
+                f"{loc_warmup_steps}, {boundary_weight} and {identity_weight}"
+            )
+        if penalty_decay_steps is not None and penalty_decay_steps < 1:
+            raise ValueError(f"expected penalty_decay_steps >= 1 or None, got {penalty_decay_steps}")
         self.image_size = normalize_size(image_size)
         crop = normalize_size(crop_size) if crop_size is not None else self.image_size
         transformer = None
@@ -102,6 +125,7 @@ class STNModule(pl.LightningModule):
                 num_transformers,
                 crop,
                 init=init,
+                init_scale=init_scale,
                 feature_norm=feature_norm,
                 align_corners=align_corners,
                 padding_mode=padding_mode,
@@ -122,6 +146,16 @@ class STNModule(pl.LightningModule):
         self.scheduler_factory = lr_scheduler
         self.loc_lr_scale = loc_lr_scale
         self.loc_grad_clip = loc_grad_clip
+        self.loc_warmup_steps = loc_warmup_steps
+        self.boundary_weight = boundary_weight
+        self.identity_weight = identity_weight
+        self.penalty_decay_steps = penalty_decay_steps
+        # Where the warps start (K, P): the target of identity_weight's pull.
+        self.start_params = (
+            transformer.transform(transformer.head.bias.detach().view(num_transformers, -1)).detach()
+            if transformer is not None
+            else None
+        )
         self.label_smoothing = label_smoothing
         metrics: dict[str, torchmetrics.Metric | torchmetrics.MetricCollection] = {
             "acc": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
@@ -147,6 +181,8 @@ class STNModule(pl.LightningModule):
         x, y = batch
         logits, params = self.model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        if stage == "train" and params is not None:
+            loss = loss + self.localization_penalty(params, (x.shape[-2], x.shape[-1]))
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y))
         metrics: Any = self.metrics[f"{stage}_metrics"]
@@ -171,6 +207,19 @@ class STNModule(pl.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).argmax(-1)
+
+    def localization_penalty(self, params: Tensor, in_size: tuple[int, int]) -> Tensor:
+        """The recipe's penalties on warp parameters (B, K, P) at the current step: boundary and identity pull,
+        weighted and decayed (0 when both weights are 0)."""
+        weight = decay_factor(self.global_step, self.penalty_decay_steps)
+        penalty = params.new_zeros(())
+        if self.transformer is None or weight == 0.0:
+            return penalty
+        if self.boundary_weight > 0:
+            penalty = penalty + self.boundary_weight * boundary_penalty(self.transformer.transform, params, in_size)
+        if self.identity_weight > 0 and self.start_params is not None:
+            penalty = penalty + self.identity_weight * identity_penalty(params, self.start_params)
+        return weight * penalty
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """The backbone and head first, then the localisation net and its head (at ``loc_lr_scale``)."""
@@ -211,6 +260,20 @@ class STNModule(pl.LightningModule):
                 group["lr"] = group["lr"] * self.loc_lr_scale
         if self.scheduler_factory is None:
             steps = max(1, int(self.trainer.estimated_stepping_batches))
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+            scheduler = self.default_scheduler(optimizer, steps)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        if self.loc_warmup_steps > 0:
+            raise ValueError("loc_warmup_steps works with the default scheduler; drop lr_scheduler or the warm-up")
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+
+    def default_scheduler(self, optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+        """Cosine annealing over ``steps``, with the localisation group warmed up over ``loc_warmup_steps``."""
+
+        def cosine(step: int) -> float:
+            return 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
+
+        def warmed(step: int) -> float:
+            return cosine(step) * warmup_factor(step, self.loc_warmup_steps)
+
+        factors = [warmed if g.get("name") == "localization" else cosine for g in optimizer.param_groups]
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)

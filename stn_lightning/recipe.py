@@ -1,0 +1,69 @@
+"""Helpers of the localisation training recipe: a warm-up of the localisation rate and penalties on the warp.
+
+The localisation head's first updates can throw the warp out of the image, where the sampler reads only padding
+and gives it no gradient back. These pieces keep the warp inside while it starts to learn; ``STNModule`` exposes
+them as options (``loc_warmup_steps``, ``boundary_weight``, ``identity_weight``, ``penalty_decay_steps``) and
+benchmarks/RESULTS-training.md says what each was measured to do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .transforms import Transform
+
+__all__ = ["boundary_penalty", "decay_factor", "identity_penalty", "warmup_factor"]
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warm-up: ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps, then 1.
+
+    Step 0 already takes a small step (1 / warmup_steps of the rate), so the warp starts moving at once.
+    """
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+def decay_factor(step: int, decay_steps: int | None) -> float:
+    """Weight of a decaying penalty: 1 at step 0, cosine down to 0 at ``decay_steps``; None keeps it at 1."""
+    if decay_steps is None:
+        return 1.0
+    if step >= decay_steps:
+        return 0.0
+    return 0.5 * (1.0 + math.cos(math.pi * step / decay_steps))
+
+
+def _lattice(n: int, device: torch.device) -> Tensor:
+    # Pixel centres of an n x n output in normalised coordinates (align_corners=False), (n * n, 2).
+    r = (torch.arange(n, device=device, dtype=torch.float32) * 2 + 1) / n - 1
+    return torch.stack(torch.meshgrid(r, r, indexing="xy"), -1).reshape(-1, 2)
+
+
+def boundary_penalty(transform: Transform, params: Tensor, in_size: tuple[int, int], points: int = 8) -> Tensor:
+    """How far the region a warp reads leaves the image.
+
+    The pixel centres of a ``points`` x ``points`` output are mapped through the warp; each coordinate beyond
+    the input's extent [-1, 1] contributes its squared excess. Zero while every point lies inside (the identity
+    and any window within the image); its gradient pulls outside points back towards the edge.
+
+    Args:
+        transform: the transformation family.
+        params: (B, K, P) warp parameters.
+        in_size: input (H, W).
+        points: side of the lattice of probed output points.
+
+    Returns:
+        A scalar: the excess summed over the two coordinates, averaged over points, transformers and images.
+    """
+    xy = transform.points(params.float(), _lattice(points, params.device), in_size)  # (B, K, M, 2)
+    return (xy.abs() - 1).clamp(min=0).square().sum(-1).mean()
+
+
+def identity_penalty(params: Tensor, target: Tensor) -> Tensor:
+    """Squared distance (B, K, P) -> scalar between warp parameters and their start ``target`` (K, P) or (P,),
+    summed over parameters and averaged over images and transformers."""
+    return (params.float() - target.to(params.device, torch.float32)).square().sum(-1).mean()
