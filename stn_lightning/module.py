@@ -17,7 +17,7 @@ from kernels.reference import normalize_size
 
 from .localization import PaperLocalizer, check_input_size
 from .model import Fusion, STNClassifier
-from .recipe import boundary_penalty, decay_factor, identity_penalty, warmup_factor
+from .recipe import GroupedOptimizer, boundary_penalty, decay_factor, identity_penalty, warmup_factor
 from .transformer import SpatialTransformer
 from .transforms import Affine, Transform
 
@@ -55,6 +55,8 @@ class STNModule(pl.LightningModule):
         optimizer: a callable taking parameter groups; default SGD(lr=0.01, momentum=0.9, weight_decay=5e-4).
         lr_scheduler: a callable taking the optimiser; default cosine annealing over all training steps.
         loc_lr_scale: learning rate of the localisation net and head relative to the rest.
+        loc_optimizer: a callable taking the localisation group and returning its own optimiser (e.g. Adam), stepped
+            together with ``optimizer`` for the rest; ``loc_lr_scale`` then scales its rate. None: one optimiser.
         loc_grad_clip: clip the gradient norm of the localisation net and head (only theirs) to this value before
             each step; None leaves it unclipped. Trainer's ``gradient_clip_val`` still clips every parameter.
         loc_warmup_steps: linear warm-up of the localisation group's rate over this many optimiser steps
@@ -90,6 +92,7 @@ class STNModule(pl.LightningModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         loc_lr_scale: float = 0.1,
+        loc_optimizer: OptimizerCallable | None = None,
         loc_grad_clip: float | None = None,
         loc_warmup_steps: int = 0,
         boundary_weight: float = 0.0,
@@ -99,7 +102,7 @@ class STNModule(pl.LightningModule):
         backbone_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["transform", "localizer", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["transform", "localizer", "optimizer", "lr_scheduler", "loc_optimizer"])
         if num_transformers < 1:
             raise ValueError(f"expected num_transformers >= 1, got {num_transformers}")
         if loc_lr_scale < 0:
@@ -144,6 +147,7 @@ class STNModule(pl.LightningModule):
         )
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
+        self.loc_optimizer_factory = loc_optimizer
         self.loc_lr_scale = loc_lr_scale
         self.loc_grad_clip = loc_grad_clip
         self.loc_warmup_steps = loc_warmup_steps
@@ -250,10 +254,14 @@ class STNModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         groups = self.parameter_groups()
         optimizer: torch.optim.Optimizer
+        loc_groups = [g for g in groups if g["name"] == "localization"] if self.loc_optimizer_factory else []
+        main_groups = [g for g in groups if not any(g is h for h in loc_groups)]
         if self.optimizer_factory is None:
-            optimizer = torch.optim.SGD(groups, lr=0.01, momentum=0.9, weight_decay=5e-4)
+            optimizer = torch.optim.SGD(main_groups, lr=0.01, momentum=0.9, weight_decay=5e-4)
         else:
-            optimizer = self.optimizer_factory(groups)
+            optimizer = self.optimizer_factory(main_groups)
+        if loc_groups and self.loc_optimizer_factory is not None:
+            optimizer = GroupedOptimizer([optimizer, self.loc_optimizer_factory(loc_groups)])
         # The optimiser gave every group the base rate; the localisation group runs at a fraction of it.
         for group in optimizer.param_groups:
             if group.get("name") == "localization":

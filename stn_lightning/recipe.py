@@ -9,13 +9,15 @@ benchmarks/RESULTS-training.md says what each was measured to do.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .transforms import Transform
 
-__all__ = ["boundary_penalty", "decay_factor", "identity_penalty", "warmup_factor"]
+__all__ = ["GroupedOptimizer", "boundary_penalty", "decay_factor", "identity_penalty", "warmup_factor"]
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -67,3 +69,64 @@ def identity_penalty(params: Tensor, target: Tensor) -> Tensor:
     """Squared distance (B, K, P) -> scalar between warp parameters and their start ``target`` (K, P) or (P,),
     summed over parameters and averaged over images and transformers."""
     return (params.float() - target.to(params.device, torch.float32)).square().sum(-1).mean()
+
+
+class GroupedOptimizer(torch.optim.Optimizer):
+    """Several optimisers stepped as one, e.g. SGD for the classifier and Adam for the localisation net.
+
+    Lightning's automatic optimisation and the LR schedulers see one optimiser: ``param_groups`` lists the groups of
+    all parts in order (the same dicts, so a scheduler's rates reach each part), ``step`` runs the closure once and
+    then steps every part, and the state dict holds each part's.
+
+    Args:
+        optimizers: the parts, each over its own parameters.
+    """
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        if not optimizers:
+            raise ValueError("expected at least one optimizer")
+        self.optimizers = list(optimizers)
+        self.defaults = {}
+        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
+        self._optimizer_step_pre_hooks = {}
+        self._optimizer_step_post_hooks = {}
+        self._optimizer_state_dict_pre_hooks = {}
+        self._optimizer_state_dict_post_hooks = {}
+        self._optimizer_load_state_dict_pre_hooks = {}
+        self._optimizer_load_state_dict_post_hooks = {}
+
+    @property
+    def state(self) -> dict:  # type: ignore[override]
+        """The per-parameter state of all parts."""
+        merged: dict = {}
+        for o in self.optimizers:
+            merged.update(o.state)
+        return merged
+
+    @state.setter
+    def state(self, value: dict) -> None:  # Optimizer.__init__ is not called; ignore its assignment
+        pass
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for o in self.optimizers:
+            o.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        for o, s in zip(self.optimizers, state_dict["optimizers"], strict=True):
+            o.load_state_dict(s)
+        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
+
+    def __repr__(self) -> str:
+        return f"GroupedOptimizer({', '.join(type(o).__name__ for o in self.optimizers)})"

@@ -6,11 +6,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from stn_lightning.localization import PaperLocalizer
 from stn_lightning.module import STNModule
-from stn_lightning.recipe import boundary_penalty, decay_factor, identity_penalty, warmup_factor
+from stn_lightning.recipe import GroupedOptimizer, boundary_penalty, decay_factor, identity_penalty, warmup_factor
 from stn_lightning.transformer import SpatialTransformer
 from stn_lightning.transforms import Affine, Attention
 
@@ -106,3 +107,34 @@ def test_init_scale_starts_at_a_centred_zoom(transform: Affine | Attention) -> N
     torch.testing.assert_close(out.crops[:, 0], x[:, :, 5:15, 5:15], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="init_scale"):
         SpatialTransformer(PaperLocalizer(1), transform, 1, 10, init_scale=0.0)
+
+
+def test_loc_optimizer_steps_the_localisation_group_with_its_own_optimiser() -> None:
+    torch.manual_seed(0)
+    module = STNModule(
+        backbone="test_resnet",
+        image_size=32,
+        loc_lr_scale=0.5,
+        loc_warmup_steps=4,
+        optimizer=lambda groups: torch.optim.SGD(groups, lr=0.1),
+        loc_optimizer=lambda groups: torch.optim.Adam(groups, lr=1e-3),
+    )
+    data = torch.utils.data.TensorDataset(torch.randn(16, 1, 32, 32), torch.randint(0, 10, (16,)))
+    trainer = pl.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, GroupedOptimizer)
+    sgd, adam = optimizer.optimizers
+    assert isinstance(sgd, torch.optim.SGD) and isinstance(adam, torch.optim.Adam)
+    assert [g["name"] for g in optimizer.param_groups] == ["model", "localization"]
+    # The scheduler reaches Adam's group: 1e-3 * loc_lr_scale, warmed up 2 of 4 steps, after 2 steps of cosine.
+    cosine = 0.5 * (1 + math.cos(math.pi * 2 / trainer.estimated_stepping_batches))
+    assert adam.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 * cosine * 3 / 4)
+    assert len(adam.state) == sum(1 for p in module.transformer.parameters())  # type: ignore[union-attr]
+    assert all(int(s["step"]) == 2 for s in adam.state.values())
+    # The state dict round-trips.
+    state = optimizer.state_dict()
+    optimizer.load_state_dict(state)
+    assert len(optimizer.state) == len(sgd.state) + len(adam.state)
