@@ -74,10 +74,16 @@ if not timm.is_model("paper_cnn"):
         return PaperCNN(**kwargs)
 
 
+def adam(groups: Any) -> torch.optim.Optimizer:
+    """Adam for the localisation group (``STNModule(loc_optimizer=...)``)."""
+    return torch.optim.Adam(groups, lr=1e-3)
+
+
 def cluttered_variants() -> dict[str, dict[str, Any]]:
     """Keyword arguments of STNModule for each variant of the cluttered-digits study (crop 30 of 60)."""
-    st = {"crop_size": 30, "transform": Affine(), "loc_lr_scale": 0.1}
+    st = {"crop_size": 30, "transform": Affine(), "loc_lr_scale": 0.1, "init_scale": 1.0}
     fn = {"feature_norm": True, "loc_grad_clip": 1.0}
+    resnet = {"backbone": "resnet10t", "backbone_kwargs": {"global_pool": ""}}
     return {
         "baseline": {"fusion": "none"},
         "plain": dict(st),
@@ -95,6 +101,14 @@ def cluttered_variants() -> dict[str, dict[str, Any]]:
         "zoom_fn_clip_boundary": {**st, **fn, "init_scale": 0.5, "boundary_weight": 1.0},
         "zoom_fn_clip_warmup": {**st, **fn, "init_scale": 0.5, "loc_warmup_steps": 60},
         "zoom_fn_clip_boundary_lr1": {**st, **fn, "init_scale": 0.5, "boundary_weight": 1.0, "loc_lr_scale": 1.0},
+        "adam_loc": {**st, "loc_optimizer": adam, "loc_lr_scale": 1.0},
+        "zoom_fn_clip_adam": {**st, **fn, "init_scale": 0.5, "loc_optimizer": adam, "loc_lr_scale": 1.0},
+        "zoom_fn": {**st, "feature_norm": True, "loc_lr_scale": 0.01, "init_scale": 0.5},
+        "zoom_fn_clip_lr1": {**st, **fn, "init_scale": 0.5, "loc_lr_scale": 1.0},
+        "zoom0.7_fn_clip": {**st, **fn, "init_scale": 0.7},
+        # The same with timm's resnet10t, unpooled (a position-sensitive head), for both arms.
+        "baseline_resnet": {"fusion": "none", **resnet},
+        "zoom_fn_clip_resnet": {**st, **fn, "init_scale": 0.5, **resnet},
     }
 
 
@@ -117,6 +131,7 @@ def run(task: str, variant: str, kwargs: dict[str, Any], seed: int, epochs: int,
     )
     kwargs = dict(kwargs)
     fusion = kwargs.pop("fusion", "channels")
+    backbone = kwargs.pop("backbone", backbone)
     model = STNModule(
         num_classes=data.num_classes,
         in_chans=data.in_chans,

@@ -47,7 +47,9 @@ class STNModule(pl.LightningModule):
         localizer: a callable taking in_chans and returning the localisation net; default PaperLocalizer.
         init: "identity" or "tiled" start of the transformers.
         init_scale: with ``init="identity"``, the scale of the centred window the transformers start at (1.0: the
-            whole image); e.g. the crop/input ratio starts the crops at the input's resolution.
+            whole image, the paper's start). None (the default) takes the crop/input ratio, capped at 1: crops
+            smaller than the input start zoomed in, at the input's own resolution (0.5 for 30 x 30 crops of a 60 x 60
+            image), and crops of the input's size start at the identity as before.
         feature_norm: standardise the localisation features before the transformers' head (see
             ``SpatialTransformer``); pair it with ``loc_grad_clip`` (1.0), or a lower ``loc_lr_scale`` (0.01).
         align_corners, padding_mode: the sampler's conventions.
@@ -84,7 +86,7 @@ class STNModule(pl.LightningModule):
         fusion: Fusion = "channels",
         localizer: Callable[[int], nn.Module] | None = None,
         init: Literal["identity", "tiled"] = "identity",
-        init_scale: float = 1.0,
+        init_scale: float | None = None,
         feature_norm: bool = False,
         align_corners: bool = False,
         padding_mode: Padding = "zeros",
@@ -118,6 +120,8 @@ class STNModule(pl.LightningModule):
             raise ValueError(f"expected penalty_decay_steps >= 1 or None, got {penalty_decay_steps}")
         self.image_size = normalize_size(image_size)
         crop = normalize_size(crop_size) if crop_size is not None else self.image_size
+        if init_scale is None:
+            init_scale = min(1.0, max(c / s for c, s in zip(crop, self.image_size, strict=True)))
         transformer = None
         if fusion != "none":
             loc = (localizer or PaperLocalizer)(in_chans)

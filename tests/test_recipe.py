@@ -138,3 +138,14 @@ def test_loc_optimizer_steps_the_localisation_group_with_its_own_optimiser() -> 
     state = optimizer.state_dict()
     optimizer.load_state_dict(state)
     assert len(optimizer.state) == len(sgd.state) + len(adam.state)
+
+
+def test_module_init_scale_defaults_to_the_crop_input_ratio() -> None:
+    def start(module: STNModule) -> float:
+        return module.transformer.transform(module.transformer.head.bias.view(1, -1))[0, 0].item()  # type: ignore[union-attr]
+
+    assert start(STNModule(backbone="test_resnet", image_size=60, crop_size=30)) == pytest.approx(0.5)
+    assert start(STNModule(backbone="test_resnet", image_size=(60, 40), crop_size=(30, 30))) == pytest.approx(0.75)
+    assert start(STNModule(backbone="test_resnet", image_size=42)) == pytest.approx(1.0)  # crop = input: identity
+    assert start(STNModule(backbone="test_resnet", image_size=28, crop_size=40)) == pytest.approx(1.0)  # capped
+    assert start(STNModule(backbone="test_resnet", image_size=60, crop_size=30, init_scale=1.0)) == pytest.approx(1.0)
