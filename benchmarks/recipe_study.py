@@ -109,6 +109,14 @@ def cluttered_variants() -> dict[str, dict[str, Any]]:
         # The same with timm's resnet10t, unpooled (a position-sensitive head), for both arms.
         "baseline_resnet": {"fusion": "none", **resnet},
         "zoom_fn_clip_resnet": {**st, **fn, "init_scale": 0.5, **resnet},
+        "zoom_fn_clip_adam_resnet": {
+            **st,
+            **fn,
+            "init_scale": 0.5,
+            "loc_optimizer": adam,
+            "loc_lr_scale": 1.0,
+            **resnet,
+        },
     }
 
 
@@ -120,7 +128,8 @@ def addition_variants() -> dict[str, dict[str, Any]]:
         "baseline": {"fusion": "none"},
         "plain": dict(st),
         "fn_clip": {**st, **fn},
-        "recipe": {**st, **fn, "init_scale": 0.5, "boundary_weight": 1.0},
+        # 28 x 28 crops: the default init_scale (crop/input) starts them at 2/3 of the canvas, the input's resolution.
+        "fn_clip_crop28": {**st, **fn, "crop_size": 28, "init_scale": None},
     }
 
 
