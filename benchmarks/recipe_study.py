@@ -109,6 +109,17 @@ def cluttered_variants() -> dict[str, dict[str, Any]]:
         # The same with timm's resnet10t, unpooled (a position-sensitive head), for both arms.
         "baseline_resnet": {"fusion": "none", **resnet},
         "zoom_fn_clip_resnet": {**st, **fn, "init_scale": 0.5, **resnet},
+        # 60 x 60 crops of half the canvas (the digit upsampled 2x): resnet10t's stride of 32 leaves a 1 x 1 map on
+        # 30 x 30 crops, 2 x 2 on 60 x 60 ones, like the baseline's on the whole canvas.
+        "zoom_fn_clip_adam_resnet_crop60": {
+            **st,
+            **fn,
+            "crop_size": 60,
+            "init_scale": 0.5,
+            "loc_optimizer": adam,
+            "loc_lr_scale": 1.0,
+            **resnet,
+        },
         "zoom_fn_clip_adam_resnet": {
             **st,
             **fn,
@@ -130,6 +141,14 @@ def addition_variants() -> dict[str, dict[str, Any]]:
         "fn_clip": {**st, **fn},
         # 28 x 28 crops: the default init_scale (crop/input) starts them at 2/3 of the canvas, the input's resolution.
         "fn_clip_crop28": {**st, **fn, "crop_size": 28, "init_scale": None},
+        "fn_clip_crop28_adam": {
+            **st,
+            **fn,
+            "crop_size": 28,
+            "init_scale": None,
+            "loc_optimizer": adam,
+            "loc_lr_scale": 1.0,
+        },
     }
 
 
