@@ -287,5 +287,7 @@ class STNModule(pl.LightningModule):
         def warmed(step: int) -> float:
             return cosine(step) * warmup_factor(step, self.loc_warmup_steps)
 
-        factors = [warmed if g.get("name") == "localization" else cosine for g in optimizer.param_groups]
+        factors: list[Callable[[int], float]] = [
+            warmed if g.get("name") == "localization" else cosine for g in optimizer.param_groups
+        ]
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)

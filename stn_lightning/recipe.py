@@ -9,6 +9,7 @@ benchmarks/RESULTS-training.md says what each was measured to do.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -88,15 +89,15 @@ class GroupedOptimizer(torch.optim.Optimizer):
         self.optimizers = list(optimizers)
         self.defaults = {}
         self.param_groups = [g for o in self.optimizers for g in o.param_groups]
-        self._optimizer_step_pre_hooks = {}
-        self._optimizer_step_post_hooks = {}
-        self._optimizer_state_dict_pre_hooks = {}
-        self._optimizer_state_dict_post_hooks = {}
-        self._optimizer_load_state_dict_pre_hooks = {}
-        self._optimizer_load_state_dict_post_hooks = {}
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
 
-    @property
-    def state(self) -> dict:  # type: ignore[override]
+    @property  # type: ignore[override]
+    def state(self) -> dict:
         """The per-parameter state of all parts."""
         merged: dict = {}
         for o in self.optimizers:
