@@ -108,6 +108,7 @@ def cluttered_variants() -> dict[str, dict[str, Any]]:
         "zoom0.7_fn_clip": {**st, **fn, "init_scale": 0.7},
         # The same with timm's resnet10t, unpooled (a position-sensitive head), for both arms.
         "baseline_resnet": {"fusion": "none", **resnet},
+        "plain_resnet": {**st, **resnet},
         "zoom_fn_clip_resnet": {**st, **fn, "init_scale": 0.5, **resnet},
         # 60 x 60 crops of half the canvas (the digit upsampled 2x): resnet10t's stride of 32 leaves a 1 x 1 map on
         # 30 x 30 crops, 2 x 2 on 60 x 60 ones, like the baseline's on the whole canvas.
