@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -21,6 +22,7 @@ from .checkpointing import NonFiniteError
 from .localization import PaperLocalizer, check_input_size
 from .metrics import CoLocalization, overlap_penalty
 from .model import Fusion, STNClassifier
+from .recipe import GroupedOptimizer, boundary_penalty, decay_factor, identity_penalty, warmup_factor
 from .transformer import SpatialTransformer
 from .transforms import Affine, Transform
 
@@ -39,6 +41,7 @@ _TRANSFORMER_OPTIONS = {
     "padding_mode": "zeros",
     "sampler_backend": "auto",
     "sampler_mode": "bilinear",
+    "init_scale": None,
 }
 
 
@@ -81,6 +84,10 @@ class STNModule(pl.LightningModule):
         fusion: "channels", "features" or "none" (no transformer: the baseline).
         localizer: a callable taking in_chans and returning the localisation net; default PaperLocalizer.
         init: "identity" or "tiled" start of the transformers.
+        init_scale: with ``init="identity"``, the scale of the centred window the transformers start at (1.0: the
+            whole image, the paper's start). None (the default) takes the crop/input ratio, capped at 1: crops
+            smaller than the input start zoomed in, at the input's own resolution (0.5 for 30 x 30 crops of a 60 x 60
+            image), and crops of the input's size start at the identity as before.
         feature_norm: standardise the localisation features before the transformers' head (see
             ``SpatialTransformer``); pair it with ``loc_grad_clip`` (1.0), or a lower ``loc_lr_scale`` (0.01).
         align_corners, padding_mode: the sampler's conventions.
@@ -88,8 +95,17 @@ class STNModule(pl.LightningModule):
         optimizer: a callable taking parameter groups; default SGD(lr=0.01, momentum=0.9, weight_decay=5e-4).
         lr_scheduler: a callable taking the optimiser; default cosine annealing over all training steps.
         loc_lr_scale: learning rate of the localisation net and head relative to the rest.
+        loc_optimizer: a callable taking the localisation group and returning its own optimiser (e.g. Adam), stepped
+            together with ``optimizer`` for the rest; ``loc_lr_scale`` then scales its rate. None: one optimiser.
         loc_grad_clip: clip the gradient norm of the localisation net and head (only theirs) to this value before
             each step; None leaves it unclipped. Trainer's ``gradient_clip_val`` still clips every parameter.
+        loc_warmup_steps: linear warm-up of the localisation group's rate over this many optimiser steps
+            (0: none), on top of the default cosine schedule; not combinable with ``lr_scheduler``.
+        boundary_weight: weight of a training-loss penalty on the region each warp reads leaving the image
+            (``recipe.boundary_penalty``: 0 while the warp stays inside); 0 turns it off.
+        identity_weight: weight of a training-loss pull of the warp parameters towards their start
+            (``recipe.identity_penalty``); 0 turns it off.
+        penalty_decay_steps: both penalties decay (cosine) to 0 over this many steps; None keeps them constant.
         label_smoothing: label smoothing of the cross-entropy.
         backbone_kwargs: extra arguments for ``timm.create_model``.
         nonfinite: what a training batch with NaN or inf pixels, a non-finite loss or a non-finite gradient does:
@@ -99,7 +115,7 @@ class STNModule(pl.LightningModule):
         sampler_mode: the sampler's interpolation, "bilinear" or "nearest".
         transformer: a SpatialTransformer of your own (e.g. from YAML with class_path); it replaces the one built
             from ``transform``, ``num_transformers``, ``crop_size``, ``localizer``, ``init``, ``feature_norm``,
-            ``align_corners``, ``padding_mode``, ``sampler_backend`` and ``sampler_mode``, so those must keep their
+            ``align_corners``, ``padding_mode``, ``sampler_backend``, ``sampler_mode`` and ``init_scale``, so those must keep their
             defaults. Its background is the data's unless it sets one. Saved in checkpoints as weights; give the
             same configuration again to load it.
         overlap_weight: weight of :func:`~stn_lightning.metrics.overlap_penalty` (the mean IoU of the K
@@ -125,6 +141,7 @@ class STNModule(pl.LightningModule):
         fusion: Fusion = "channels",
         localizer: Callable[[int], nn.Module] | None = None,
         init: Literal["identity", "tiled"] = "identity",
+        init_scale: float | None = None,
         feature_norm: bool = False,
         align_corners: bool = False,
         padding_mode: Padding = "zeros",
@@ -132,7 +149,12 @@ class STNModule(pl.LightningModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         loc_lr_scale: float = 0.1,
+        loc_optimizer: OptimizerCallable | None = None,
         loc_grad_clip: float | None = None,
+        loc_warmup_steps: int = 0,
+        boundary_weight: float = 0.0,
+        identity_weight: float = 0.0,
+        penalty_decay_steps: int | None = None,
         label_smoothing: float = 0.0,
         backbone_kwargs: dict[str, Any] | None = None,
         nonfinite: Literal["raise", "skip"] = "raise",
@@ -141,7 +163,9 @@ class STNModule(pl.LightningModule):
         transformer: SpatialTransformer | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["transform", "localizer", "optimizer", "lr_scheduler", "transformer"])
+        self.save_hyperparameters(
+            ignore=["transform", "localizer", "optimizer", "lr_scheduler", "loc_optimizer", "transformer"]
+        )
         if transformer is not None:
             _check_no_transformer_options(locals())
         if num_transformers < 1:
@@ -154,8 +178,17 @@ class STNModule(pl.LightningModule):
             raise ValueError(f"expected loc_grad_clip > 0 or None, got {loc_grad_clip}")
         if not overlap_weight >= 0:
             raise ValueError(f"expected overlap_weight >= 0, got {overlap_weight}")
+        if loc_warmup_steps < 0 or boundary_weight < 0 or identity_weight < 0:
+            raise ValueError(
+                "expected loc_warmup_steps, boundary_weight and identity_weight >= 0, got "
+                f"{loc_warmup_steps}, {boundary_weight} and {identity_weight}"
+            )
+        if penalty_decay_steps is not None and penalty_decay_steps < 1:
+            raise ValueError(f"expected penalty_decay_steps >= 1 or None, got {penalty_decay_steps}")
         self.image_size = normalize_size(image_size)
         crop = normalize_size(crop_size) if crop_size is not None else self.image_size
+        if init_scale is None:
+            init_scale = min(1.0, max(c / s for c, s in zip(crop, self.image_size, strict=True)))
         if transformer is not None:
             check_input_size(transformer.localizer, torch.empty(0, in_chans, *self.image_size))
             if transformer.background == 0.0:
@@ -169,6 +202,7 @@ class STNModule(pl.LightningModule):
                 num_transformers,
                 crop,
                 init=init,
+                init_scale=init_scale,
                 feature_norm=feature_norm,
                 align_corners=align_corners,
                 padding_mode=padding_mode,
@@ -188,8 +222,19 @@ class STNModule(pl.LightningModule):
         )
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
+        self.loc_optimizer_factory = loc_optimizer
         self.loc_lr_scale = loc_lr_scale
         self.loc_grad_clip = loc_grad_clip
+        self.loc_warmup_steps = loc_warmup_steps
+        self.boundary_weight = boundary_weight
+        self.identity_weight = identity_weight
+        self.penalty_decay_steps = penalty_decay_steps
+        # Where the warps start (K, P): the target of identity_weight's pull.
+        self.start_params = (
+            transformer.transform(transformer.head.bias.detach().view(num_transformers, -1)).detach()
+            if transformer is not None
+            else None
+        )
         self.label_smoothing = label_smoothing
         self.nonfinite = nonfinite
         self._skip_step = False  # set by training_step, read after the backward (configure_gradient_clipping)
@@ -309,6 +354,7 @@ class STNModule(pl.LightningModule):
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         if params is not None and self.transformer is not None:
             loss = loss + self._attention_terms(x, params, None, "train")
+            loss = loss + self.localization_penalty(params, (x.shape[-2], x.shape[-1]))
         if not self._skip_step and self._any_rank(~torch.isfinite(loss)):
             self._nonfinite(f"non-finite training loss ({loss.item()}){self._describe_params(params)}")
         if self._skip_step:
@@ -388,6 +434,19 @@ class STNModule(pl.LightningModule):
             base = Path.home() / ".triton" / "cache"
             os.environ["TRITON_CACHE_DIR"] = str(base / f"rank{trainer.global_rank}")
 
+    def localization_penalty(self, params: Tensor, in_size: tuple[int, int]) -> Tensor:
+        """The recipe's penalties on warp parameters (B, K, P) at the current step: boundary and identity pull,
+        weighted and decayed (0 when both weights are 0)."""
+        weight = decay_factor(self.global_step, self.penalty_decay_steps)
+        penalty = params.new_zeros(())
+        if self.transformer is None or weight == 0.0:
+            return penalty
+        if self.boundary_weight > 0:
+            penalty = penalty + self.boundary_weight * boundary_penalty(self.transformer.transform, params, in_size)
+        if self.identity_weight > 0 and self.start_params is not None:
+            penalty = penalty + self.identity_weight * identity_penalty(params, self.start_params)
+        return weight * penalty
+
     def parameter_groups(self) -> list[dict[str, Any]]:
         """The backbone and head first, then the localisation net and its head (at ``loc_lr_scale``)."""
         loc = list(self.transformer.parameters()) if self.transformer is not None else []
@@ -417,16 +476,36 @@ class STNModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         groups = self.parameter_groups()
         optimizer: torch.optim.Optimizer
+        loc_groups = [g for g in groups if g["name"] == "localization"] if self.loc_optimizer_factory else []
+        main_groups = [g for g in groups if not any(g is h for h in loc_groups)]
         if self.optimizer_factory is None:
-            optimizer = torch.optim.SGD(groups, lr=0.01, momentum=0.9, weight_decay=5e-4)
+            optimizer = torch.optim.SGD(main_groups, lr=0.01, momentum=0.9, weight_decay=5e-4)
         else:
-            optimizer = self.optimizer_factory(groups)
+            optimizer = self.optimizer_factory(main_groups)
+        if loc_groups and self.loc_optimizer_factory is not None:
+            optimizer = GroupedOptimizer([optimizer, self.loc_optimizer_factory(loc_groups)])
         # The optimiser gave every group the base rate; the localisation group runs at a fraction of it.
         for group in optimizer.param_groups:
             if group.get("name") == "localization":
                 group["lr"] = group["lr"] * self.loc_lr_scale
         if self.scheduler_factory is None:
             steps = max(1, int(self.trainer.estimated_stepping_batches))
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+            scheduler = self.default_scheduler(optimizer, steps)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        if self.loc_warmup_steps > 0:
+            raise ValueError("loc_warmup_steps works with the default scheduler; drop lr_scheduler or the warm-up")
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+
+    def default_scheduler(self, optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+        """Cosine annealing over ``steps``, with the localisation group warmed up over ``loc_warmup_steps``."""
+
+        def cosine(step: int) -> float:
+            return 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
+
+        def warmed(step: int) -> float:
+            return cosine(step) * warmup_factor(step, self.loc_warmup_steps)
+
+        factors: list[Callable[[int], float]] = [
+            warmed if g.get("name") == "localization" else cosine for g in optimizer.param_groups
+        ]
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)

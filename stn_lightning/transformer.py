@@ -51,6 +51,9 @@ class SpatialTransformer(nn.Module):
         num_transformers: K, the number of parallel transformers.
         output_size: crop size (Ho, Wo), or an int.
         init: "identity" or "tiled".
+        init_scale: with ``init="identity"``, start at a centred window of this isotropic scale instead of the
+            whole image (1.0, the paper's start). Below 1 the first crops zoom in: e.g. the crop/input ratio
+            (0.5 for 30 x 30 crops of a 60 x 60 image) starts the crops at the input's own resolution.
         align_corners, padding_mode, mode: the sampler's conventions (see ``kernels``).
         background: the value that padding takes: the image is sampled as ``x - background`` with zeros padding
             and shifted back, so the padded border matches a normalised background instead of being 0.
@@ -66,6 +69,7 @@ class SpatialTransformer(nn.Module):
         output_size: int | tuple[int, int] = 28,
         *,
         init: Literal["identity", "tiled"] = "identity",
+        init_scale: float = 1.0,
         align_corners: bool = False,
         padding_mode: Padding = "zeros",
         mode: Mode = "bilinear",
@@ -78,6 +82,8 @@ class SpatialTransformer(nn.Module):
             raise ValueError(f"expected num_transformers >= 1, got {num_transformers}")
         if init not in ("identity", "tiled"):
             raise ValueError(f"expected init 'identity' or 'tiled', got {init!r}")
+        if not init_scale > 0:
+            raise ValueError(f"expected init_scale > 0, got {init_scale}")
         features = getattr(localizer, "out_features", None)
         if not isinstance(features, int):
             raise ValueError(f"expected a localizer with an int attribute out_features, got {type(localizer).__name__}")
@@ -90,14 +96,19 @@ class SpatialTransformer(nn.Module):
         self.mode = mode
         self.background = float(background)
         self.backend = backend
+        self.init_scale = float(init_scale)
         self.feature_norm = nn.BatchNorm1d(features, affine=False) if feature_norm else nn.Identity()
         self.head = nn.Linear(features, num_transformers * transform.num_params)
         self.reset_head(init)
 
     def reset_head(self, init: Literal["identity", "tiled"] = "identity") -> None:
-        """Zero the head's weights and set its bias to the identity or to tiled windows."""
+        """Zero the head's weights and set its bias to the identity (a centred window of ``init_scale``) or to
+        tiled windows."""
         k = self.num_transformers
-        params = tiled_windows(self.transform, k) if init == "tiled" else self.transform.identity().expand(k, -1)
+        if init == "tiled":
+            params = tiled_windows(self.transform, k)
+        else:
+            params = self.transform.window(self.init_scale, 0.0, 0.0).expand(k, -1)
         with torch.no_grad():
             self.head.weight.zero_()
             self.head.bias.copy_(self.transform.inverse(params).reshape(-1))
