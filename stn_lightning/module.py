@@ -114,10 +114,10 @@ class STNModule(pl.LightningModule):
             counts it (``train/skipped_steps``). Checkpoints are never written with non-finite weights either way.
         sampler_mode: the sampler's interpolation, "bilinear" or "nearest".
         transformer: a SpatialTransformer of your own (e.g. from YAML with class_path); it replaces the one built
-            from ``transform``, ``num_transformers``, ``crop_size``, ``localizer``, ``init``, ``feature_norm``,
-            ``align_corners``, ``padding_mode``, ``sampler_backend``, ``sampler_mode`` and ``init_scale``, so those must keep their
-            defaults. Its background is the data's unless it sets one. Saved in checkpoints as weights; give the
-            same configuration again to load it.
+            from ``transform``, ``num_transformers``, ``crop_size``, ``localizer``, ``init``, ``init_scale``,
+            ``feature_norm``, ``align_corners``, ``padding_mode``, ``sampler_backend`` and ``sampler_mode``, so those
+            must keep their defaults. Its background is the data's unless it sets one. Saved in checkpoints as
+            weights; give the same configuration again to load it.
         overlap_weight: weight of :func:`~stn_lightning.metrics.overlap_penalty` (the mean IoU of the K
             transformers' regions) added to the training loss, to keep parallel transformers off the same region;
             0 adds nothing. With K > 1 the penalty is logged as ``<stage>/overlap`` whatever the weight.
