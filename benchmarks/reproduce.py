@@ -76,7 +76,8 @@ _VARIANTS = ("R", "RTS", "P", "E")
 
 
 def _model(backbone: str, transform: str | None, **extra: str) -> tuple[str, ...]:
-    args = ["--model.backbone", backbone]
+    # The configs' backbone options (e.g. resnet10t's global_pool) do not apply to the paper's networks.
+    args = ["--model.backbone", backbone, "--model.backbone_kwargs", "{}"]
     if transform is None:
         args += ["--model.fusion", "none"]
     else:
@@ -393,6 +394,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one seed, short schedules, a subset of the cells")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (0 with --quick)")
     parser.add_argument("--only", nargs="+", choices=[t.key for t in tables()], default=None)
+    parser.add_argument("--columns", nargs="+", default=None, help="only these columns (e.g. RTS)")
+    parser.add_argument("--rows", nargs="+", default=None, help="only these rows (e.g. CNN 'ST-CNN Aff')")
     parser.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     parser.add_argument("--root", type=Path, default=ROOT / "reproduce_runs")
     parser.add_argument("--out", type=Path, default=None, help="default docs/RESULTS.md (docs/RESULTS-quick.md)")
@@ -409,6 +412,10 @@ def main() -> None:
         plan_cells = cells(epochs)
     if args.only:
         plan_cells = [c for c in plan_cells if c.table in args.only]
+    if args.columns:
+        plan_cells = [c for c in plan_cells if c.column in args.columns]
+    if args.rows:
+        plan_cells = [c for c in plan_cells if c.row in args.rows]
     plan = [(c, s) for c in plan_cells for s in seeds]
     start = time.perf_counter()
     results = run_all(plan, args.root, args.jobs, args.fresh)

@@ -206,6 +206,7 @@ def test_stn_module_logs_colocalization_and_overlap(tmp_path: Path) -> None:
         crop_size=28,
         fusion="features",
         overlap_weight=0.5,
+        init_scale=1.0,  # start at the whole canvas (the default would start zoomed in at 28 / 64)
     )
     trainer = pl.Trainer(
         fast_dev_run=2,
