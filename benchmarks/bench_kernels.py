@@ -76,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------------------------
 def make_inputs(family, b, c, h, w, k, dtype, device):  # type: ignore[no-untyped-def]
     import torch
+
     from stn_lightning.kernels import reference
 
     g = torch.Generator(device=device).manual_seed(0)
@@ -98,6 +99,7 @@ def torch_grid(family, params, target, size, in_size):  # type: ignore[no-untype
     """The (B, K, Ho, Wo, 2) normalised grid of the family in plain PyTorch (what F.grid_sample needs)."""
     import torch
     import torch.nn.functional as F
+
     from stn_lightning.kernels import reference
 
     b, k = params.shape[:2]
@@ -155,6 +157,7 @@ def triton_path(family, x, params, target, size):  # type: ignore[no-untyped-def
 def triton_compiled(family):  # type: ignore[no-untyped-def]
     """torch.compile of the triton path, without graph breaks (fullgraph), one static graph per workload."""
     import torch
+
     from stn_lightning.kernels import triton_ops
 
     return torch.compile(functools.partial(sample, triton_ops, family), fullgraph=True, dynamic=False)
@@ -360,6 +363,7 @@ def _parity_case(family, dtype, pad, mode, ac, cl, target, g):  # type: ignore[n
     computed along different paths), so its output error is the fraction of elements that differ instead.
     """
     import torch
+
     from stn_lightning.kernels import reference, triton_ops
 
     dev = "cuda"
@@ -402,9 +406,9 @@ def run_checks() -> bool:
     import traceback
 
     import torch
-    from stn_lightning.kernels import reference
 
     from stn_lightning import kernels
+    from stn_lightning.kernels import reference
 
     ok = True
     dev = "cuda"
@@ -494,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     import triton
+
     from stn_lightning.kernels import _common, affine, projective
 
     info = {

@@ -32,6 +32,7 @@ for path in (ROOT, ROOT / "benchmarks"):
 
 import torch  # noqa: E402
 from bench_kernels import eager_stacked, make_inputs, sample  # noqa: E402
+
 from stn_lightning.kernels import _gather, affine, grid, projective, tps, triton_ops  # noqa: E402
 
 # B, C, H, W, K, Ho, Wo: tiny, so that PyTorch's compute is small next to its host work.

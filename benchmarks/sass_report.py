@@ -99,8 +99,9 @@ def sass_stats(compiled: Any) -> dict[str, int]:
 def kernels_to_report(channels: int) -> list[tuple[str, Callable, dict[str, Any], int]]:
     """(label, kernel, constexprs, num_warps) for every kernel, with the tiles its launcher picks on a GPU."""
     import torch
-    from stn_lightning.kernels import _common, _gather, affine, grid, projective, reference, tps
     from stn_lightning.kernels._common import _FWD_CONFIGS, bwd_config, channel_group, fwd_block_c
+
+    from stn_lightning.kernels import _common, _gather, affine, grid, projective, reference, tps
 
     fwd_h, fwd_w, fwd_warps = _FWD_CONFIGS[0]
     fwd = {"BORDER": False, "NEAREST": False, "F64": False, "IDX64": False, "BLOCK_H": fwd_h, "BLOCK_W": fwd_w}

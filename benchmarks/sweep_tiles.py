@@ -43,6 +43,7 @@ def time_step(family, x, params, target, size, rep):  # type: ignore[no-untyped-
 
 def sweep(name: str, rep: int, variants_only: bool = False) -> None:
     import torch
+
     from stn_lightning.kernels import _common, _gather, affine, grid, projective, tps
 
     family, b, c, h, w, k, ho, wo = WORKLOADS[name]

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from stn_lightning.kernels import tps_target_points
 
 from stn_lightning.data import (
     ClutteredMNIST,
@@ -20,6 +19,7 @@ from stn_lightning.data import (
     load_digits,
 )
 from stn_lightning.data import distortions as dist
+from stn_lightning.kernels import tps_target_points
 
 BATCH = 16
 BACKGROUND = -0.1307 / 0.3081

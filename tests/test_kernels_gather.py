@@ -20,9 +20,10 @@ import torch
 
 triton = pytest.importorskip("triton")  # after tests/conftest.py has decided on TRITON_INTERPRET
 
-from stn_lightning.kernels import reference  # noqa: E402
 from triton_helpers import ROOT, TOL, force_int64, interpreter_active  # noqa: E402
 from triton_helpers import image as _image  # noqa: E402
+
+from stn_lightning.kernels import reference  # noqa: E402
 
 INTERPRETED = interpreter_active()
 DEVICE = "cpu" if INTERPRETED else "cuda"

@@ -22,11 +22,11 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from stn_lightning.kernels import reference  # noqa: E402
 from triton_helpers import ROOT, TOL, force_int64, interpreter_active  # noqa: E402
 from triton_helpers import image as _image  # noqa: E402
 
 from stn_lightning import kernels  # noqa: E402
+from stn_lightning.kernels import reference  # noqa: E402
 
 INTERPRETED = interpreter_active()
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy warns on NaN/inf inside the interpreter

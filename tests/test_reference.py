@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from stn_lightning.kernels import reference
 from torch.autograd import gradcheck
 
 from stn_lightning import kernels
+from stn_lightning.kernels import reference
 
 SIZES = [(1, 1), (7, 13), (28, 28), (5, 2)]
 
