@@ -295,8 +295,8 @@ def report(
     lines = [
         "# Reproducing the paper's comparisons on the bundled digits",
         "",
-        f"Written by `python benchmarks/reproduce.py{' --quick' if args.quick else ''}` on {time.strftime('%Y-%m-%d')}"
-        f" at commit {_commit()}.",
+        f"Written by `{' '.join(['python', 'benchmarks/reproduce.py', *sys.argv[1:]])}` on "
+        f"{time.strftime('%Y-%m-%d')} at commit {_commit()}.",
         f"Machine: {_machine()}; {args.jobs} runs at a time, one thread each; {seconds / 60:.1f} min in all.",
         f"Seeds: {', '.join(map(str, seeds))}. Test error in % on the 1,000 bundled test digits with their fixed "
         "distortions (mean ± standard deviation over the seeds), from the checkpoint with the best validation "
