@@ -22,6 +22,7 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -295,7 +296,7 @@ def report(
     lines = [
         "# Reproducing the paper's comparisons on the bundled digits",
         "",
-        f"Written by `{' '.join(['python', 'benchmarks/reproduce.py', *sys.argv[1:]])}` on "
+        f"Written by `{shlex.join(['python', 'benchmarks/reproduce.py', *sys.argv[1:]])}` on "
         f"{time.strftime('%Y-%m-%d')} at commit {_commit()}.",
         f"Machine: {_machine()}; {args.jobs} runs at a time, one thread each; {seconds / 60:.1f} min in all.",
         f"Seeds: {', '.join(map(str, seeds))}. Test error in % on the 1,000 bundled test digits with their fixed "
