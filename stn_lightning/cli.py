@@ -157,7 +157,7 @@ class STNCLI(LightningCLI):
     # ------------------------------------------------------------------------------------------------------------
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         if args is None or isinstance(args, list):
-            args = _data_from_checkpoint(list(sys.argv[1:] if args is None else args))
+            args, self._read = _data_from_checkpoint(list(sys.argv[1:] if args is None else args))
         super().parse_arguments(parser, args)
         self._given_links: dict[str, Any] = {}
         self._checkpoint: dict[str, Any] | None = None
@@ -203,7 +203,9 @@ class STNCLI(LightningCLI):
                     return
                 raise ValueError(f"--ckpt_path last: no last.ckpt under {root}")
             config["ckpt_path"] = ckpt_path = str(found)
-        checkpoint = read_checkpoint(ckpt_path)
+        read = getattr(self, "_read", None)
+        checkpoint = read[1] if read is not None and read[0] == ckpt_path else read_checkpoint(ckpt_path)
+        self._read = None
         self._checkpoint = checkpoint
         what = "resuming" if sub == "fit" else "using"
         _say(f"{what} {ckpt_path} (epoch {checkpoint.get('epoch')}, global step {checkpoint.get('global_step')})")
@@ -323,22 +325,28 @@ def _option(argv: list[str], name: str) -> str | None:
     return None
 
 
-def _data_from_checkpoint(argv: list[str]) -> list[str]:
-    """Without ``--config`` or ``--data``, ``--ckpt_path`` alone names the data: the checkpoint stored its config."""
+def _data_from_checkpoint(argv: list[str]) -> tuple[list[str], tuple[str, dict[str, Any]] | None]:
+    """Without ``--config`` or ``--data``, ``--ckpt_path`` alone names the data: the checkpoint stored its config.
+
+    Returns the arguments (with ``--data`` added when the checkpoint gave it) and the (path, checkpoint) it read,
+    for :meth:`STNCLI._parse_ckpt_path` to use instead of reading the file again. This runs before the
+    configuration is parsed, so ``last`` is looked up in ``<default_root_dir>/lightning_logs`` only.
+    """
     if any(a.split("=")[0] in ("-c", "--config", "--data") or a.startswith("--data.") for a in argv):
-        return argv
+        return argv, None
     path = _option(argv, "--ckpt_path")
     if path == "last":
         root = _option(argv, "--trainer.default_root_dir") or os.getcwd()
         found = find_last_checkpoint(Path(root) / "lightning_logs")
         path = str(found) if found is not None else None
     if path is None or not Path(path).is_file():
-        return argv
+        return argv, None
     try:
-        data = read_checkpoint(path).get(_DATA_KEY)
+        checkpoint = read_checkpoint(path)
     except ValueError:
-        return argv  # _parse_ckpt_path reports what is wrong with the file
-    return [*argv, "--data", json.dumps(data)] if isinstance(data, dict) else argv
+        return argv, None  # _parse_ckpt_path reports what is wrong with the file
+    data = checkpoint.get(_DATA_KEY)
+    return ([*argv, "--data", json.dumps(data)] if isinstance(data, dict) else argv), (path, checkpoint)
 
 
 class _DataConfigCallback(pl.Callback):

@@ -237,7 +237,7 @@ class STNModule(pl.LightningModule):
         )
         self.label_smoothing = label_smoothing
         self.nonfinite = nonfinite
-        self._skip_step = False  # set by training_step, read after the backward (configure_gradient_clipping)
+        self._skip_step = False  # set by training_step, read by on_after_backward and on_before_optimizer_step
         self._skipped = 0
         self.overlap_weight = overlap_weight
         metrics: dict[str, torchmetrics.Metric | torchmetrics.MetricCollection] = {
@@ -263,13 +263,21 @@ class STNModule(pl.LightningModule):
         """Logits (B, num_classes) of images (B, C, H, W)."""
         return self.model(x)[0]
 
-    def _step(self, batch: tuple[Tensor, ...], stage: str) -> Tensor:
-        x, y = batch[0], batch[1]
-        boxes = batch[2] if len(batch) > 2 else None
+    def _forward(self, x: Tensor, y: Tensor, boxes: Tensor | None, stage: str) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Logits, warp parameters and the loss: the cross-entropy, the attention terms and, in training, the
+        recipe's penalties."""
         logits, params = self.model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         if params is not None and self.transformer is not None:
             loss = loss + self._attention_terms(x, params, boxes, stage)
+            if stage == "train":
+                loss = loss + self.localization_penalty(params, (x.shape[-2], x.shape[-1]))
+        return logits, params, loss
+
+    def _step(self, batch: tuple[Tensor, ...], stage: str) -> Tensor:
+        x, y = batch[0], batch[1]
+        boxes = batch[2] if len(batch) > 2 else None
+        logits, params, loss = self._forward(x, y, boxes, stage)
         self._log_step(stage, x, y, logits, params, loss)
         return loss
 
@@ -350,11 +358,7 @@ class STNModule(pl.LightningModule):
             self._nonfinite(f"batch {batch_idx}: {count} NaN or inf pixels in {images} of {len(x)} images")
             # Skipping (the step, not the batch's backward: every DDP rank must run one): a clean copy, no update.
             x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-        logits, params = self.model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        if params is not None and self.transformer is not None:
-            loss = loss + self._attention_terms(x, params, None, "train")
-            loss = loss + self.localization_penalty(params, (x.shape[-2], x.shape[-1]))
+        logits, params, loss = self._forward(x, y, None, "train")
         if not self._skip_step and self._any_rank(~torch.isfinite(loss)):
             self._nonfinite(f"non-finite training loss ({loss.item()}){self._describe_params(params)}")
         if self._skip_step:
