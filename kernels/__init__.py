@@ -3,7 +3,8 @@
 Every public op takes images (B, C, H, W) and K sets of warp parameters per image and returns the samples
 (B, K, C, Ho, Wo), contiguous. ``backend`` picks the implementation:
 
-* ``"torch"``: the pure-PyTorch reference (kernels.reference), on any device;
+* ``"torch"``: the PyTorch path (kernels.torch_path: ``F.grid_sample`` over the stacked grids, with the
+  contract's handling of non-finite points and ``fill``), on any device; kernels.reference is the exact oracle;
 * ``"triton"``: the fused Triton kernels (on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1);
 * ``"auto"`` (default): Triton for CUDA tensors when the Triton kernels are available, else PyTorch.
 """
@@ -14,7 +15,7 @@ from typing import Literal
 
 from torch import Tensor
 
-from . import reference
+from . import reference, torch_path
 from .reference import (
     Mode,
     Padding,
@@ -74,7 +75,12 @@ def _impl(backend: str, x: Tensor):  # type: ignore[no-untyped-def]
         from . import triton_ops
 
         return triton_ops
-    return reference
+    return torch_path
+
+
+def _fill(fill: float) -> dict[str, float]:
+    # Passed on only when set, so that an implementation without the option still serves the default.
+    return {"fill": float(fill)} if fill != 0.0 else {}
 
 
 def sample_affine(
@@ -85,6 +91,7 @@ def sample_affine(
     align_corners: bool = False,
     padding_mode: Padding = "zeros",
     mode: Mode = "bilinear",
+    fill: float = 0.0,
     backend: Backend = "auto",
 ) -> Tensor:
     """Sample K affine warps of each image; see :func:`kernels.reference.sample_affine`.
@@ -94,13 +101,14 @@ def sample_affine(
         theta: (B, K, 2, 3), the ``F.affine_grid`` convention.
         size: output size (Ho, Wo), or an int.
         align_corners, padding_mode, mode: as for ``F.grid_sample``.
+        fill: the value that points outside the image read with zeros padding, and non-finite points in any mode.
         backend: "auto", "torch" or "triton".
 
     Returns:
         (B, K, C, Ho, Wo).
     """
     return _impl(backend, x).sample_affine(
-        x, theta, size, align_corners=align_corners, padding_mode=padding_mode, mode=mode
+        x, theta, size, align_corners=align_corners, padding_mode=padding_mode, mode=mode, **_fill(fill)
     )
 
 
@@ -112,6 +120,7 @@ def sample_projective(
     align_corners: bool = False,
     padding_mode: Padding = "zeros",
     mode: Mode = "bilinear",
+    fill: float = 0.0,
     backend: Backend = "auto",
 ) -> Tensor:
     """Sample K projective warps of each image; see :func:`kernels.reference.sample_projective`.
@@ -121,13 +130,14 @@ def sample_projective(
         h: (B, K, 3, 3) homographies on normalised coordinates.
         size: output size (Ho, Wo), or an int.
         align_corners, padding_mode, mode: as for ``F.grid_sample``.
+        fill: the value that points outside the image read with zeros padding, and non-finite points in any mode.
         backend: "auto", "torch" or "triton".
 
     Returns:
         (B, K, C, Ho, Wo).
     """
     return _impl(backend, x).sample_projective(
-        x, h, size, align_corners=align_corners, padding_mode=padding_mode, mode=mode
+        x, h, size, align_corners=align_corners, padding_mode=padding_mode, mode=mode, **_fill(fill)
     )
 
 
@@ -140,6 +150,7 @@ def sample_tps(
     align_corners: bool = False,
     padding_mode: Padding = "zeros",
     mode: Mode = "bilinear",
+    fill: float = 0.0,
     backend: Backend = "auto",
 ) -> Tensor:
     """Sample K thin-plate-spline warps of each image; see :func:`kernels.reference.sample_tps`.
@@ -153,6 +164,7 @@ def sample_tps(
         size: output size (Ho, Wo), or an int.
         target_points: (N, 2) fixed control points; default a square lattice over [-1, 1]^2.
         align_corners, padding_mode, mode: as for ``F.grid_sample``.
+        fill: the value that points outside the image read with zeros padding, and non-finite points in any mode.
         backend: "auto", "torch" or "triton".
 
     Returns:
@@ -167,6 +179,7 @@ def sample_tps(
         align_corners=align_corners,
         padding_mode=padding_mode,
         mode=mode,
+        **_fill(fill),
     )
 
 
@@ -177,6 +190,7 @@ def sample_grid(
     align_corners: bool = False,
     padding_mode: Padding = "zeros",
     mode: Mode = "bilinear",
+    fill: float = 0.0,
     backend: Backend = "auto",
 ) -> Tensor:
     """Sample K explicit grids from each image; see :func:`kernels.reference.sample_grid`.
@@ -185,9 +199,12 @@ def sample_grid(
         x: images (B, C, H, W).
         grid: (B, K, Ho, Wo, 2) normalised (x, y) sampling points.
         align_corners, padding_mode, mode: as for ``F.grid_sample``.
+        fill: the value that points outside the image read with zeros padding, and non-finite points in any mode.
         backend: "auto", "torch" or "triton".
 
     Returns:
         (B, K, C, Ho, Wo).
     """
-    return _impl(backend, x).sample_grid(x, grid, align_corners=align_corners, padding_mode=padding_mode, mode=mode)
+    return _impl(backend, x).sample_grid(
+        x, grid, align_corners=align_corners, padding_mode=padding_mode, mode=mode, **_fill(fill)
+    )

@@ -1,20 +1,21 @@
-"""Pure-PyTorch implementation of every public sampling op.
+"""Pure-PyTorch implementation of every public sampling op, exact to the contract of DESIGN.md.
 
-This module is three things at once: the CPU path of the framework, the oracle that the Triton kernels are
-tested against, and the baseline of the kernel benchmarks. It follows the conventions of
-``torch.nn.functional.affine_grid`` and ``grid_sample`` (normalised coordinates in [-1, 1], explicit
-``align_corners``) and adds what the kernel contract of DESIGN.md asks for on top of them:
+This module is the oracle that the other paths (kernels/torch_path.py, the PyTorch path that CPU tensors run,
+and the Triton kernels) are tested against. It follows the conventions of ``torch.nn.functional.affine_grid``
+and ``grid_sample`` (normalised coordinates in [-1, 1], explicit ``align_corners``) and adds what the kernel
+contract asks for on top of them:
 
-* K transformers per image without copying the image K times: the K grids are stacked along the output
-  height and sampled by one ``grid_sample`` call, then the (B, C, K, Ho, Wo) result is made
+* K transformers per image without copying the image K times: the B x K x Ho x Wo sampling points of an image
+  read its pixels with gathers (and the backward is a scatter-add), then the (B, C, K, Ho, Wo) result is made
   (B, K, C, Ho, Wo).
 * Parameters and coordinates are computed in float32 (float64 when the image or the parameters are
   float64, so that gradcheck works); the image is sampled in that dtype and the output cast back.
 * Sampling runs in input pixel coordinates, so identity parameters reproduce the input exactly (see the
-  comment above :func:`half_extent`); bilinear reads are gathers, and their backward a scatter-add.
-* Non-finite sampling points read nothing: their output is 0 in every padding mode and they send no
-  gradient to the image or to the parameters. Finite points are clamped to [-2, W + 1] pixels (zeros
-  padding: far enough to read nothing) or to [0, W - 1] (border padding) before any index is formed.
+  comment above :func:`half_extent`).
+* Non-finite sampling points read nothing: their output is ``fill`` (default 0) in every padding mode and they
+  send no gradient to the image or to the parameters. Finite points are clamped to [-2, W + 1] pixels (zeros
+  padding: far enough to read nothing) or to [0, W - 1] (border padding) before any index is formed. With
+  zeros padding, every bilinear corner outside the image reads ``fill``.
 * A projective point whose homogeneous coordinate satisfies |w| < ``PROJECTIVE_EPS`` lies at infinity and
   counts as non-finite.
 """
@@ -36,6 +37,7 @@ __all__ = [
     "base_grid",
     "centred_pixels",
     "check_image",
+    "check_grid",
     "check_options",
     "compute_dtype",
     "default_target_points",
@@ -53,6 +55,7 @@ __all__ = [
     "sample_tps_coefficients",
     "solve_tps",
     "tps_coefficients",
+    "tps_features",
     "tps_kernel",
     "tps_target_points",
 ]
@@ -96,6 +99,15 @@ def check_params(x: Tensor, params: Tensor, name: str, tail: tuple[int, ...]) ->
         raise ValueError(f"expected {name} to be floating point, got {params.dtype}")
     if params.device != x.device:
         raise ValueError(f"expected {name} on the image's device {x.device}, got {params.device}")
+
+
+def check_grid(x: Tensor, grid: Tensor) -> None:
+    """Raise ValueError unless ``x`` is an image and ``grid`` a (B, K, Ho, Wo, 2) grid for it."""
+    check_image(x)
+    if not isinstance(grid, Tensor) or grid.dim() != 5 or grid.shape[-1] != 2 or grid.shape[0] != x.shape[0]:
+        shape = tuple(grid.shape) if isinstance(grid, Tensor) else type(grid).__name__
+        raise ValueError(f"expected a grid of shape (B={x.shape[0]}, K, Ho, Wo, 2), got {shape}")
+    check_params(x, grid, "grid", tuple(grid.shape[2:]))
 
 
 def check_options(padding_mode: str, mode: str) -> None:
@@ -265,9 +277,10 @@ def _clamp(t: Tensor, lo: float, hi: float) -> Tensor:
 
 
 def _bilinear_or_nearest(
-    x: Tensor, ix: Tensor, iy: Tensor, valid: Tensor, padding_mode: str, mode: str, dtype: torch.dtype
+    x: Tensor, ix: Tensor, iy: Tensor, valid: Tensor, padding_mode: str, mode: str, dtype: torch.dtype, fill: float
 ) -> Tensor:
-    # x (B, C, H, W); ix, iy, valid (B, P) -> (B, C, P). Invalid points read nothing and pass no gradient.
+    # x (B, C, H, W); ix, iy, valid (B, P) -> (B, C, P). Invalid points read nothing (they give ``fill``) and pass
+    # no gradient; a corner outside the image reads ``fill``.
     b, c, h, w = x.shape
     flat = x.reshape(b, c, h * w).to(dtype)
     zero = torch.zeros((), device=x.device, dtype=dtype)
@@ -277,35 +290,43 @@ def _bilinear_or_nearest(
     else:
         # Anything beyond one pixel outside reads only zeros; clamping keeps floor() and the indices small.
         ix, iy = _clamp(ix, -2, w + 1), _clamp(iy, -2, h + 1)
+    corners: list[Tensor] = []  # each corner's weight inside the image, (B, P)
 
     def read(cx: Tensor, cy: Tensor, weight: Tensor) -> Tensor:
         inside = valid & (cx >= 0) & (cx <= w - 1) & (cy >= 0) & (cy <= h - 1)
         # Integer arithmetic: in float32, cy * w + cx is inexact beyond 2**24 pixels (a 1 x 1 x 32769 x 65536 image).
         index = cy.clamp(0, h - 1).long() * w + cx.clamp(0, w - 1).long()
         values = flat.gather(2, index.unsqueeze(1).expand(b, c, -1))
-        return values * (weight * inside.to(dtype)).unsqueeze(1)
+        corners.append(weight * inside.to(dtype))
+        return values * corners[-1].unsqueeze(1)
 
     if mode == "nearest":
         # Round half to even, as F.grid_sample does.
-        return read(torch.round(ix), torch.round(iy), torch.ones_like(ix))
-    x0, y0 = torch.floor(ix), torch.floor(iy)
-    wx1, wy1 = ix - x0, iy - y0
-    wx0, wy0 = 1 - wx1, 1 - wy1
-    return (
-        read(x0, y0, wx0 * wy0)
-        + read(x0 + 1, y0, wx1 * wy0)
-        + read(x0, y0 + 1, wx0 * wy1)
-        + read(x0 + 1, y0 + 1, wx1 * wy1)
-    )
+        out = read(torch.round(ix), torch.round(iy), torch.ones_like(ix))
+    else:
+        x0, y0 = torch.floor(ix), torch.floor(iy)
+        wx1, wy1 = ix - x0, iy - y0
+        wx0, wy0 = 1 - wx1, 1 - wy1
+        out = (
+            read(x0, y0, wx0 * wy0)
+            + read(x0 + 1, y0, wx1 * wy0)
+            + read(x0, y0 + 1, wx0 * wy1)
+            + read(x0 + 1, y0 + 1, wx1 * wy1)
+        )
+    if fill != 0.0:  # the weight that no pixel inside took reads fill
+        out = out + fill * (1 - torch.stack(corners).sum(0)).unsqueeze(1)
+    return out
 
 
 def _sample_pixels(
-    x: Tensor, ix: Tensor, iy: Tensor, valid: Tensor, padding_mode: str, mode: str, dtype: torch.dtype
+    x: Tensor, ix: Tensor, iy: Tensor, valid: Tensor, padding_mode: str, mode: str, dtype: torch.dtype, fill: float
 ) -> Tensor:
     # ix, iy, valid (B, K, Ho, Wo) in input pixels -> samples (B, K, C, Ho, Wo) in x's dtype.
     b, k, ho, wo = ix.shape
     valid = valid & torch.isfinite(ix) & torch.isfinite(iy)
-    out = _bilinear_or_nearest(x, ix.reshape(b, -1), iy.reshape(b, -1), valid.reshape(b, -1), padding_mode, mode, dtype)
+    out = _bilinear_or_nearest(
+        x, ix.reshape(b, -1), iy.reshape(b, -1), valid.reshape(b, -1), padding_mode, mode, dtype, float(fill)
+    )
     return out.view(b, x.shape[1], k, ho, wo).transpose(1, 2).contiguous().to(x.dtype)
 
 
@@ -319,6 +340,7 @@ def sample_grid(
     align_corners: bool = False,
     padding_mode: Padding = "zeros",
     mode: Mode = "bilinear",
+    fill: float = 0.0,
 ) -> Tensor:
     """Sample K grids from each image.
 
@@ -328,23 +350,21 @@ def sample_grid(
         align_corners: whether -1 and 1 are the centres (True) or the outer edges (False) of the corner pixels.
         padding_mode: "zeros" or "border".
         mode: "bilinear" or "nearest".
+        fill: the value read outside the image with zeros padding (each bilinear corner outside reads it), and
+            the output at non-finite points in every padding mode.
 
     Returns:
         The samples (B, K, C, Ho, Wo), contiguous, in ``x``'s dtype.
     """
-    check_image(x)
+    check_grid(x, grid)
     check_options(padding_mode, mode)
-    if not isinstance(grid, Tensor) or grid.dim() != 5 or grid.shape[-1] != 2 or grid.shape[0] != x.shape[0]:
-        shape = tuple(grid.shape) if isinstance(grid, Tensor) else type(grid).__name__
-        raise ValueError(f"expected a grid of shape (B={x.shape[0]}, K, Ho, Wo, 2), got {shape}")
-    check_params(x, grid, "grid", tuple(grid.shape[2:]))
     h, w = x.shape[-2:]
     dtype = compute_dtype(x, grid)
     sx, sy, _, _ = pixel_scales((h, w), (h, w), align_corners)
     g = grid.to(dtype)
     ix = g[..., 0] * sx + (w - 1) / 2
     iy = g[..., 1] * sy + (h - 1) / 2
-    return _sample_pixels(x, ix, iy, torch.ones_like(ix, dtype=torch.bool), padding_mode, mode, dtype)
+    return _sample_pixels(x, ix, iy, torch.ones_like(ix, dtype=torch.bool), padding_mode, mode, dtype, fill)
 
 
 def sample_affine(
@@ -355,6 +375,7 @@ def sample_affine(
     align_corners: bool = False,
     padding_mode: Padding = "zeros",
     mode: Mode = "bilinear",
+    fill: float = 0.0,
 ) -> Tensor:
     """Sample K affine warps of each image.
 
@@ -363,7 +384,7 @@ def sample_affine(
         theta: (B, K, 2, 3) matrices mapping output to input normalised coordinates, the ``F.affine_grid``
             convention: [x_s, y_s] = theta @ [x_t, y_t, 1].
         size: output size (Ho, Wo), or an int for a square output.
-        align_corners, padding_mode, mode: as for :func:`sample_grid`.
+        align_corners, padding_mode, mode, fill: as for :func:`sample_grid`.
 
     Returns:
         The samples (B, K, C, Ho, Wo).
@@ -379,7 +400,7 @@ def sample_affine(
     u, v = u.view(1, 1, 1, -1), v.view(1, 1, -1, 1)
     ix = m[:, :, 0, 0] * u + m[:, :, 0, 1] * v + m[:, :, 0, 2] + (w - 1) / 2
     iy = m[:, :, 1, 0] * u + m[:, :, 1, 1] * v + m[:, :, 1, 2] + (h - 1) / 2
-    return _sample_pixels(x, ix, iy, torch.ones_like(ix, dtype=torch.bool), padding_mode, mode, dtype)
+    return _sample_pixels(x, ix, iy, torch.ones_like(ix, dtype=torch.bool), padding_mode, mode, dtype, fill)
 
 
 def sample_projective(
@@ -390,6 +411,7 @@ def sample_projective(
     align_corners: bool = False,
     padding_mode: Padding = "zeros",
     mode: Mode = "bilinear",
+    fill: float = 0.0,
 ) -> Tensor:
     """Sample K projective warps of each image.
 
@@ -398,7 +420,7 @@ def sample_projective(
         h: (B, K, 3, 3) homographies on normalised coordinates: [u, v, w] = h @ [x_t, y_t, 1] and the source
             point is (u / w, v / w). Points with |w| < ``PROJECTIVE_EPS`` read nothing.
         size: output size (Ho, Wo), or an int.
-        align_corners, padding_mode, mode: as for :func:`sample_grid`.
+        align_corners, padding_mode, mode, fill: as for :func:`sample_grid`.
 
     Returns:
         The samples (B, K, C, Ho, Wo).
@@ -421,7 +443,7 @@ def sample_projective(
     wh = torch.where(ok, wh, one)
     ix = torch.where(ok, a, 0 * one) / wh + (width - 1) / 2
     iy = torch.where(ok, b, 0 * one) / wh + (height - 1) / 2
-    return _sample_pixels(x, ix, iy, ok, padding_mode, mode, dtype)
+    return _sample_pixels(x, ix, iy, ok, padding_mode, mode, dtype, fill)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -482,6 +504,15 @@ def _tps_system_inverse(target: Tensor) -> Tensor:
     return torch.linalg.inv(system)[:, :n]
 
 
+def tps_features(points: Tensor, target_points: Tensor) -> Tensor:
+    """The spline's features at points (..., 2): (..., N + 3), the N radial terms U(|p - t_i|^2), then 1, x, y.
+
+    The spline's offset at the points is ``features @ coefficients`` (see :func:`tps_coefficients`).
+    """
+    radial = tps_kernel(((points[..., None, :] - target_points) ** 2).sum(-1))
+    return torch.cat([radial, torch.ones_like(points[..., :1]), points], dim=-1)
+
+
 def tps_coefficients(control_points: Tensor, target_points: Tensor) -> Tensor:
     """Solve for the spline that moves every target control point onto its control point.
 
@@ -515,6 +546,7 @@ def sample_tps_coefficients(
     align_corners: bool = False,
     padding_mode: Padding = "zeros",
     mode: Mode = "bilinear",
+    fill: float = 0.0,
 ) -> Tensor:
     """Sample K thin-plate-spline warps given their solved coefficients (see :func:`tps_coefficients`).
 
@@ -525,7 +557,7 @@ def sample_tps_coefficients(
         x: images (B, C, H, W).
         coefficients: (B, K, N + 3, 2).
         target_points: (N, 2).
-        size, align_corners, padding_mode, mode: as for :func:`sample_affine`.
+        size, align_corners, padding_mode, mode, fill: as for :func:`sample_affine`.
 
     Returns:
         The samples (B, K, C, Ho, Wo).
@@ -541,13 +573,11 @@ def sample_tps_coefficients(
     u, v = centred_pixels(size, x.device, dtype)
     pu, pv = torch.meshgrid(u, v, indexing="xy")  # (Ho, Wo) each
     base = torch.stack([pu * _ratio(1.0, ox), pv * _ratio(1.0, oy)], dim=-1)  # (Ho, Wo, 2) normalised
-    t = target_points.to(device=x.device, dtype=dtype)
-    radial = tps_kernel(((base[:, :, None, :] - t) ** 2).sum(-1))  # (Ho, Wo, N)
-    features = torch.cat([radial, torch.ones_like(base[..., :1]), base], dim=-1)  # (Ho, Wo, N + 3)
-    offset = features @ coefficients.to(dtype).unsqueeze(2)  # (B, K, Ho, Wo, 2)
+    features = tps_features(base, target_points.to(device=x.device, dtype=dtype))  # (Ho, Wo, N + 3)
+    offset = (features.view(-1, n + 3) @ coefficients.to(dtype)).view(*coefficients.shape[:2], *size, 2)
     ix = _ratio(sx, ox) * pu + sx * offset[..., 0] + (w - 1) / 2
     iy = _ratio(sy, oy) * pv + sy * offset[..., 1] + (h - 1) / 2
-    return _sample_pixels(x, ix, iy, torch.ones_like(ix, dtype=torch.bool), padding_mode, mode, dtype)
+    return _sample_pixels(x, ix, iy, torch.ones_like(ix, dtype=torch.bool), padding_mode, mode, dtype, fill)
 
 
 def sample_tps(
@@ -559,6 +589,7 @@ def sample_tps(
     align_corners: bool = False,
     padding_mode: Padding = "zeros",
     mode: Mode = "bilinear",
+    fill: float = 0.0,
 ) -> Tensor:
     """Sample K thin-plate-spline warps of each image.
 
@@ -568,14 +599,21 @@ def sample_tps(
         size: output size (Ho, Wo), or an int.
         target_points: (N, 2) fixed control points in output coordinates; default a regular sqrt(N) x sqrt(N)
             lattice over [-1, 1]^2 (see :func:`tps_target_points`).
-        align_corners, padding_mode, mode: as for :func:`sample_grid`.
+        align_corners, padding_mode, mode, fill: as for :func:`sample_grid`.
 
     Returns:
         The samples (B, K, C, Ho, Wo).
     """
     coefficients, target_points = solve_tps(x, control_points, target_points)
     return sample_tps_coefficients(
-        x, coefficients, target_points, size, align_corners=align_corners, padding_mode=padding_mode, mode=mode
+        x,
+        coefficients,
+        target_points,
+        size,
+        align_corners=align_corners,
+        padding_mode=padding_mode,
+        mode=mode,
+        fill=fill,
     )
 
 

@@ -55,8 +55,8 @@ class SpatialTransformer(nn.Module):
             whole image (1.0, the paper's start). Below 1 the first crops zoom in: e.g. the crop/input ratio
             (0.5 for 30 x 30 crops of a 60 x 60 image) starts the crops at the input's own resolution.
         align_corners, padding_mode, mode: the sampler's conventions (see ``kernels``).
-        background: the value that padding takes: the image is sampled as ``x - background`` with zeros padding
-            and shifted back, so the padded border matches a normalised background instead of being 0.
+        background: the value that padding reads (the sampler's ``fill``), so that the padded border matches a
+            normalised background instead of being 0; no copy of the image is made for it.
         backend: the sampler's backend ("auto", "torch" or "triton").
         feature_norm: standardise the localisation features before the head (see above).
     """
@@ -121,17 +121,16 @@ class SpatialTransformer(nn.Module):
 
     def sample(self, x: Tensor, params: Tensor) -> Tensor:
         """Warp images (B, C, H, W) with given parameters (B, K, P) into crops (B, K, C, Ho, Wo)."""
-        shift = self.background if self.padding_mode == "zeros" and self.background != 0.0 else 0.0
-        crops = self.transform.sample(
-            x - shift if shift else x,
+        return self.transform.sample(
+            x,
             params,
             self.output_size,
             align_corners=self.align_corners,
             padding_mode=self.padding_mode,
             mode=self.mode,
+            fill=self.background,
             backend=self.backend,
         )
-        return crops + shift if shift else crops
 
     def outline(self, params: Tensor, in_size: tuple[int, int], per_side: int = 16) -> Tensor:
         """Polygons (B, K, 4 * per_side + 1, 2) in input pixels of the regions that ``params`` (B, K, P) read."""

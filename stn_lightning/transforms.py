@@ -110,9 +110,11 @@ class Transform(nn.Module, ABC):
         align_corners: bool = False,
         padding_mode: Padding = "zeros",
         mode: Mode = "bilinear",
+        fill: float = 0.0,
         backend: Backend = "auto",
     ) -> Tensor:
-        """Warp ``x`` (B, C, H, W) by ``params`` (B, K, P) into crops (B, K, C, Ho, Wo) of ``size``."""
+        """Warp ``x`` (B, C, H, W) by ``params`` (B, K, P) into crops (B, K, C, Ho, Wo) of ``size``; with zeros
+        padding, points outside read ``fill``."""
 
     @abstractmethod
     def points(self, params: Tensor, xy: Tensor, in_size: tuple[int, int]) -> Tensor:
@@ -223,11 +225,19 @@ class AffineFamily(Transform):
         align_corners: bool = False,
         padding_mode: Padding = "zeros",
         mode: Mode = "bilinear",
+        fill: float = 0.0,
         backend: Backend = "auto",
     ) -> Tensor:
         theta = self.theta(params.float(), (x.shape[-2], x.shape[-1]))
         return kernels.sample_affine(
-            x, theta, size, align_corners=align_corners, padding_mode=padding_mode, mode=mode, backend=backend
+            x,
+            theta,
+            size,
+            align_corners=align_corners,
+            padding_mode=padding_mode,
+            mode=mode,
+            fill=fill,
+            backend=backend,
         )
 
     def points(self, params: Tensor, xy: Tensor, in_size: tuple[int, int]) -> Tensor:
@@ -380,6 +390,7 @@ class Projective(Transform):
         align_corners: bool = False,
         padding_mode: Padding = "zeros",
         mode: Mode = "bilinear",
+        fill: float = 0.0,
         backend: Backend = "auto",
     ) -> Tensor:
         return kernels.sample_projective(
@@ -389,6 +400,7 @@ class Projective(Transform):
             align_corners=align_corners,
             padding_mode=padding_mode,
             mode=mode,
+            fill=fill,
             backend=backend,
         )
 
@@ -434,6 +446,7 @@ class ThinPlateSpline(Transform):
         align_corners: bool = False,
         padding_mode: Padding = "zeros",
         mode: Mode = "bilinear",
+        fill: float = 0.0,
         backend: Backend = "auto",
     ) -> Tensor:
         return kernels.sample_tps(
@@ -444,6 +457,7 @@ class ThinPlateSpline(Transform):
             align_corners=align_corners,
             padding_mode=padding_mode,
             mode=mode,
+            fill=fill,
             backend=backend,
         )
 

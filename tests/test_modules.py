@@ -38,7 +38,9 @@ def test_identity_parameters_reproduce_the_input(transform: Transform, align_cor
     params = transform(raw)
     torch.testing.assert_close(params[0, 0], transform.identity(), atol=1e-6, rtol=0)
     crops = transform.sample(x, transform.identity().expand(2, 2, -1), (13, 10), align_corners=align_corners)
-    assert torch.equal(crops[:, 0], x) and torch.equal(crops[:, 1], x)
+    # To float32 rounding: CPU tensors run kernels.torch_path (F.grid_sample), exact only to the rounding of the
+    # normalised coordinates; kernels.reference is bit exact (tests/test_reference.py).
+    torch.testing.assert_close(crops, x.unsqueeze(1).expand_as(crops), atol=5e-5, rtol=0)
 
 
 @pytest.mark.parametrize("transform", FAMILIES, ids=IDS)
