@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--reference", action="store_true", help="also time kernels/reference.py")
     parser.add_argument("--families", action="store_true", help="also projective and thin-plate-spline warps")
+    parser.add_argument("--steps", type=int, default=0, help="also time this many training steps of --configs")
+    parser.add_argument("--configs", nargs="+", default=["configs/demo.yaml"], help="configs for --steps")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -118,7 +120,44 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {b}, {c}, {n} -> {k} x {m} | " + " | ".join(cells) + " |")
     if args.families:
         family_rows(args)
+    for config in args.configs if args.steps else []:
+        training_steps(config, args.steps)
     return 0
+
+
+def training_steps(config: str, steps: int) -> None:
+    """Training steps of a config (on-device distortions, transformers, backbone, backward, SGD step) with the
+    sampler of CPU tensors (kernels/torch_path.py) and with kernels/reference.py in its place, in turn."""
+    from stn_lightning.cli import main as cli_main
+
+    cli = cli_main(["--config", config, "--trainer.accelerator", "cpu"], run=False)
+    model, data = cli.model, cli.datamodule
+    data.setup("fit")
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    batch = next(iter(data.train_dataloader()))
+
+    def step() -> None:
+        x, y = data.make_batch(batch, train=True)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def with_reference() -> None:
+        original = kernels._impl
+        kernels._impl = lambda backend, x: reference  # type: ignore[assignment]
+        try:
+            step()
+        finally:
+            kernels._impl = original
+
+    times = time_ms({"torch path": step, "reference": with_reference}, steps)
+    saved = 1 - times["torch path"] / times["reference"]
+    print(
+        f"\n{config}, batch {data.batch_size}, one training step (median of {steps}): torch path "
+        f"{times['torch path']:.1f} ms, reference {times['reference']:.1f} ms: {100 * saved:.0f} % of the step saved"
+    )
 
 
 def pytorch_grid(grid: Callable) -> Callable:
