@@ -143,3 +143,25 @@ def test_local_pretrained_weights_load_through_create_timm_model(tmp_path: Path)
     # timm adapts the first convolution (the cfg's first_conv) to more channels, keeping its sum over channels.
     wider = create_timm_model("stn_paper_cnn", pretrained=str(path), num_classes=0, in_chans=2)
     torch.testing.assert_close(wider.conv1.weight.sum(1, keepdim=True), source.conv1.weight)
+
+
+@pytest.mark.parametrize("in_chans, kernel", [(1, 9), (2, 5)])
+def test_first_convolution_gradients_equal_pytorchs(in_chans: int, kernel: int) -> None:
+    # The paper CNN's first convolution computes its image gradient by fold on CPUs (a speed-up behind a
+    # transformer); every gradient must equal nn.Conv2d's.
+    from stn_lightning.backbones import _Conv2dFoldGrad
+
+    torch.manual_seed(0)
+    mine = _Conv2dFoldGrad(in_chans, 5, kernel).double()
+    plain = torch.nn.Conv2d(in_chans, 5, kernel).double()
+    plain.load_state_dict(mine.state_dict())
+    x = torch.randn(3, in_chans, 13, 16, dtype=torch.float64, requires_grad=True)
+    out = mine(x)
+    assert out.grad_fn is not None and "ConvFoldGrad" in type(out.grad_fn).__name__  # the fold path ran
+    weights = torch.randn_like(out)
+    ours = torch.autograd.grad((out * weights).sum(), (x, mine.weight, mine.bias))
+    theirs = torch.autograd.grad((plain(x) * weights).sum(), (x, plain.weight, plain.bias))
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    mine.eval()  # evaluation (and export) uses nn.Conv2d's own forward
+    assert "ConvFoldGrad" not in type(mine(x).grad_fn).__name__
