@@ -10,10 +10,10 @@ from torch import Tensor, nn
 from .localization import create_timm_model
 from .transformer import SpatialTransformer
 
-__all__ = ["Fusion", "STNClassifier"]
+__all__ = ["Fusion", "STNClassifier", "log_probability_of_sum"]
 
-Fusion = Literal["channels", "features", "none"]
-_FUSIONS = ("channels", "features", "none")
+Fusion = Literal["channels", "features", "sum", "none"]
+_FUSIONS = ("channels", "features", "sum", "none")
 
 
 class STNClassifier(nn.Module):
@@ -25,6 +25,11 @@ class STNClassifier(nn.Module):
       addition, where each transformer picks one digit);
     * ``"features"``: one shared backbone runs over the B*K crops and their pooled features are concatenated
       (the paper's CUB part networks);
+    * ``"sum"``: for labels that are the sum of one label per object (MultiMNIST, MNIST addition): one shared
+      backbone and head classify each of the K crops into c = (num_classes - 1) / K + 1 classes, and the logits
+      are the log-probabilities of the sum of the K labels, log P(s) = log sum over a_1 + ... + a_K = s of
+      prod_k p_k(a_k). A crop scores only if it shows an object, and two crops on the same object predict twice
+      its label, so the loss itself asks the K transformers for K different objects;
     * ``"none"``: no transformer; the same backbone sees the whole image (the baseline of every experiment).
 
     Args:
@@ -76,7 +81,16 @@ class STNClassifier(nn.Module):
             with torch.no_grad():
                 width = self.features(torch.zeros(1, backbone_chans, *size)).shape[1]
             net.train(was_training)
-        self.head = nn.Linear(width * (k if fusion == "features" else 1), num_classes)
+        if fusion == "sum":
+            per_crop, remainder = divmod(num_classes - 1, k)
+            if remainder or per_crop < 1:
+                raise ValueError(
+                    f"fusion 'sum' needs num_classes = K (c - 1) + 1 for c classes per object; got num_classes "
+                    f"{num_classes} with K = {k}"
+                )
+            self.head = nn.Linear(width, per_crop + 1)
+        else:
+            self.head = nn.Linear(width * (k if fusion == "features" else 1), num_classes)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Logits (B, num_classes) and warp parameters (B, K, P) (None without transformer) of images (B, C, H, W)."""
@@ -88,6 +102,9 @@ class STNClassifier(nn.Module):
         b = crops.shape[0]
         if self.fusion == "channels":
             feats = self.features(crops.flatten(1, 2))
+        elif self.fusion == "sum":
+            per_crop = self.head(self.features(crops.flatten(0, 1))).view(b, crops.shape[1], -1)
+            return log_probability_of_sum(per_crop), params
         else:
             feats = self.features(crops.flatten(0, 1)).view(b, -1)
         return self.head(feats), params
@@ -95,3 +112,26 @@ class STNClassifier(nn.Module):
     def features(self, x: Tensor) -> Tensor:
         """Backbone features (N, F) of a batch (N, C', H, W): pooled, or the flattened map without pooling."""
         return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True).flatten(1)
+
+
+def log_probability_of_sum(logits: Tensor) -> Tensor:
+    """log P(a_1 + ... + a_K = s) of K independent labels, each with its own logits over 0 .. c - 1.
+
+    Args:
+        logits: (B, K, c) unnormalised log-probabilities of each label.
+
+    Returns:
+        (B, K (c - 1) + 1) log-probabilities of the sum 0 .. K (c - 1); they are logits whose softmax is
+        themselves, so ``cross_entropy`` and ``argmax`` apply as to any logits.
+    """
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    total = log_p[:, 0]
+    for k in range(1, log_p.shape[1]):
+        # pairs[b, i, j] = log P(total = i) + log P(a_k = j); the new total i + j collects its anti-diagonal
+        pairs = total[:, :, None] + log_p[:, k, None, :]
+        n, c = pairs.shape[1], pairs.shape[2]
+        sums = torch.arange(n, device=logits.device)[:, None] + torch.arange(c, device=logits.device)
+        onto = sums.flatten() == torch.arange(n + c - 1, device=logits.device)[:, None]  # (n + c - 1, n c)
+        masked = pairs.flatten(1)[:, None, :].masked_fill(~onto, float("-inf"))
+        total = torch.logsumexp(masked, dim=-1)
+    return total

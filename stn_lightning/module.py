@@ -81,7 +81,8 @@ class STNModule(pl.LightningModule):
         transform: the transformation family; default Affine().
         num_transformers: K, the number of parallel transformers.
         crop_size: size of each crop (Ho, Wo); default the input size.
-        fusion: "channels", "features" or "none" (no transformer: the baseline).
+        fusion: "channels", "features", "sum" (labels that are sums of per-object labels; see STNClassifier) or
+            "none" (no transformer: the baseline).
         localizer: a callable taking in_chans and returning the localisation net; default PaperLocalizer.
         init: "identity" or "tiled" start of the transformers.
         init_scale: with ``init="identity"``, the scale of the centred window the transformers start at (1.0: the

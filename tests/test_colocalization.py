@@ -226,3 +226,53 @@ def test_stn_module_logs_colocalization_and_overlap(tmp_path: Path) -> None:
     assert trainer.global_step == 2 and logged["train/loss"].isfinite()
     trainer.test(module, dm, verbose=False)
     assert "test/coloc" in trainer.callback_metrics
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_sum_fusion_is_the_distribution_of_the_sum(k: int) -> None:
+    # log P(a_1 + ... + a_K = s) against the enumeration of every tuple of labels.
+    import itertools
+
+    from stn_lightning.model import log_probability_of_sum
+
+    logits = torch.randn(5, k, 4, generator=torch.Generator().manual_seed(k))
+    p = torch.softmax(logits, -1)
+    expected = torch.zeros(5, k * 3 + 1)
+    for labels in itertools.product(range(4), repeat=k):
+        expected[:, sum(labels)] += torch.stack([p[:, i, a] for i, a in enumerate(labels)]).prod(0)
+    torch.testing.assert_close(log_probability_of_sum(logits).exp(), expected, atol=1e-6, rtol=1e-5)
+    # Two digits 3 and 5 held with certainty give the sum 8 with certainty.
+    sure = torch.full((1, 2, 10), -1e4)
+    sure[0, 0, 3] = sure[0, 1, 5] = 0.0
+    assert log_probability_of_sum(sure).argmax(-1).item() == 8
+
+
+def test_sum_fusion_model_shapes_and_errors() -> None:
+    from stn_lightning.module import STNModule
+
+    module = STNModule(
+        num_classes=19,
+        image_size=64,
+        backbone="stn_paper_cnn_st",
+        backbone_kwargs={},
+        transform=Attention(),
+        num_transformers=2,
+        crop_size=28,
+        fusion="sum",
+        init="tiled",
+    )
+    logits, params = module.model(torch.randn(3, 1, 64, 64))
+    assert logits.shape == (3, 19) and params is not None and params.shape[:2] == (3, 2)
+    torch.testing.assert_close(logits.exp().sum(-1), torch.ones(3))
+    assert module.model.head.out_features == 10  # one digit per crop
+    with pytest.raises(ValueError, match="num_classes = K"):  # 18 is not a multiple of 4
+        STNModule(
+            num_classes=19,
+            image_size=64,
+            backbone="stn_paper_cnn_st",
+            backbone_kwargs={},
+            transform=Attention(),
+            num_transformers=4,
+            crop_size=28,
+            fusion="sum",
+        )
