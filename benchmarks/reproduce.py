@@ -9,7 +9,8 @@ each, ``--jobs`` at a time. The tables give the test error (mean and spread over
     python benchmarks/reproduce.py --quick    # one seed, short schedules, a subset: a few minutes
     python benchmarks/reproduce.py --only distorted --columns RTS --seeds 0
 
-Results of each run are cached in ``--root`` (``reproduce_runs/``, ignored by git) by the run's arguments, so an
+Results of each run are cached in ``--root`` (``reproduce_runs/``, ignored by git) by the run's arguments and its config's
+settings (comments aside), so an
 interrupted reproduction continues where it stopped; ``--fresh`` ignores the cache.
 """
 
@@ -30,6 +31,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -189,8 +192,10 @@ def _run_args(cell: Cell, seed: int, root: Path) -> list[str]:
 
 
 def _key(args: list[str]) -> str:
+    # The run's arguments and the settings of its config (parsed, so that editing a comment keeps the cache).
     relative = [a.replace(str(ROOT), "<root>") for a in args]
-    return hashlib.sha1(json.dumps(relative).encode()).hexdigest()[:16]
+    config = yaml.safe_load(Path(args[args.index("--config") + 1]).read_text())
+    return hashlib.sha1(json.dumps([relative, config], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _train(job: tuple[list[str], str]) -> dict[str, Any]:
@@ -391,6 +396,17 @@ def _colocalization(results: dict[tuple[Cell, int], dict[str, Any]], cells_here:
     return [*lines, ""]
 
 
+#: Everything after this line of an existing report is written by hand and kept when the tables are written again.
+DISCUSSION = "<!-- discussion: written by hand, kept by reproduce.py -->"
+
+
+def _kept_discussion(out: Path) -> str:
+    if not out.is_file():
+        return ""
+    text = out.read_text()
+    return "\n" + text[text.index(DISCUSSION) :] if DISCUSSION in text else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one seed, short schedules, a subset of the cells")
@@ -426,7 +442,7 @@ def main() -> None:
     text = report(results, plan_cells, args, time.perf_counter() - start)
     out = args.out or ROOT / "docs" / ("RESULTS-quick.md" if args.quick else "RESULTS.md")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    out.write_text(text + _kept_discussion(out))
     print(text)
     print(f"written to {out}")
 
