@@ -9,9 +9,9 @@ each, ``--jobs`` at a time. The tables give the test error (mean and spread over
     python benchmarks/reproduce.py --quick    # one seed, short schedules, a subset: a few minutes
     python benchmarks/reproduce.py --only distorted --columns RTS --seeds 0
 
-Results of each run are cached in ``--root`` (``reproduce_runs/``, ignored by git) by the run's arguments and its config's
-settings (comments aside), so an
-interrupted reproduction continues where it stopped; ``--fresh`` ignores the cache.
+Results of each run are cached in ``--root`` (``reproduce_runs/``, ignored by git) by the run's arguments and its
+config's settings (comments aside), so an interrupted reproduction continues where it stopped; ``--fresh`` ignores
+the cache.
 """
 
 from __future__ import annotations
