@@ -43,8 +43,8 @@ def compile_sm90(
     fn: Any, ints: dict[str, int], consts: dict[str, Any], num_warps: int, pointers: dict[str, str] | None = None
 ) -> Any:
     """Compile ``fn`` for sm_90: arguments named ``*_ptr`` are pointers, 16-byte aligned, of the type ``pointers``
-    gives (default float32, ``flag_ptr`` int32); the others are int32 taken from ``ints`` with Triton's run-time
-    specialisations; ``consts`` the constexprs."""
+    gives (default float32, ``flag_ptr`` int32); ``fill`` is a float32 scalar; the others are int32 taken from
+    ``ints`` with Triton's run-time specialisations; ``consts`` the constexprs."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -57,6 +57,8 @@ def compile_sm90(
         if name in consts or value == 1:
             signature[name] = "constexpr"
             constexprs[(index,)] = value
+        elif name == "fill":
+            signature[name] = "fp32"
         elif name.endswith("_ptr"):
             signature[name] = (pointers or {}).get(name, "*i32" if name == "flag_ptr" else "*fp32")
             attrs[(index,)] = [["tt.divisibility", 16]]
@@ -96,64 +98,56 @@ def sass_stats(compiled: Any) -> dict[str, int]:
     return stats
 
 
-def kernels_to_report(channels: int) -> list[tuple[str, Callable, dict[str, Any], int]]:
-    """(label, kernel, constexprs, num_warps) for every kernel, with the tiles its launcher picks on a GPU."""
-    import torch
-    from stn_lightning.kernels._common import _FWD_CONFIGS, bwd_config, channel_group, fwd_block_c
-
-    from stn_lightning.kernels import _common, _gather, affine, grid, projective, reference, tps
+def kernels_to_report(channels: int) -> list[tuple[str, Callable, dict[str, Any], int, dict[str, int]]]:
+    """(label, kernel, constexprs, num_warps, integer arguments that differ from ``sizes``) for every kernel, with
+    the tiles its launcher picks on a GPU. The sampler's two kernels are reported once per family (``COORDS``)."""
+    from stn_lightning.kernels import _gather, affine, grid, projective, reference, sampler, tps
+    from stn_lightning.kernels._launch import _FWD_CONFIGS, bwd_config, channel_group, fwd_block_c
 
     fwd_h, fwd_w, fwd_warps = _FWD_CONFIGS[0]
-    fwd = {"BORDER": False, "NEAREST": False, "F64": False, "IDX64": False, "BLOCK_H": fwd_h, "BLOCK_W": fwd_w}
-    fwd["SPLIT_C"] = False
-    fwd |= {"BLOCK_C": fwd_block_c(channels), "CGROUP": channel_group(channels)}
+    fwd = {"HAS_FILL": False, "BORDER": False, "NEAREST": False, "F64": False, "IDX64": False}
+    fwd |= {"BLOCK_H": fwd_h, "BLOCK_W": fwd_w}
+    fwd |= {"SPLIT_C": False, "BLOCK_C": fwd_block_c(channels), "CGROUP": channel_group(channels)}
     bwd_cfg = bwd_config(channels)
     bwd_warps = bwd_cfg.pop("num_warps")
-    bwd = {"BORDER": False, "NEAREST": False, "NEED_X_GRAD": True, "NEED_PARAM_GRAD": True, "F64": False}
-    bwd |= {"IDX64": False, **bwd_cfg}
-    # the pixel-major image gradient buffer (kernels._common.VECTOR_ATOMICS)
-    default_vector, _common.VECTOR_ATOMICS = _common.VECTOR_ATOMICS, True
-    vec = {**bwd, **bwd_config(channels, torch.float32)}
-    _common.VECTOR_ATOMICS = default_vector
-    vec.pop("num_warps")
+    bwd = {"HAS_FILL": False, "BORDER": False, "NEAREST": False, "NEED_X_GRAD": True, "NEED_PARAM_GRAD": True}
+    bwd |= {"F64": False}
+    bwd |= {"IDX64": False, "SKIP_GATHERED": False, **bwd_cfg}
     gather_cfg = _gather.gather_config(channels)
     gather_warps = gather_cfg.pop("num_warps")
-    gather = {"NEAREST": False, "NEED_PARAM_GRAD": True, "CAP": _gather.WINDOW_CAP, "EPS": reference.PROJECTIVE_EPS}
+    gather = {"HAS_FILL": False, "NEAREST": False, "NEED_PARAM_GRAD": True, "CAP": _gather.WINDOW_CAP}
+    gather |= {"EPS": reference.PROJECTIVE_EPS}
     gather |= {"F64": False, "IDX64": False}
     pgather_cfg = _gather.gather_config(channels, projective=True)
     pgather_warps = pgather_cfg.pop("num_warps")
     pgather = {**gather, **pgather_cfg}
     gather |= gather_cfg
-    eps = reference.PROJECTIVE_EPS
-    return [
-        ("affine fwd", affine._affine_fwd_kernel, fwd, fwd_warps),
-        ("affine fwd (SPLIT_C)", affine._affine_fwd_kernel, {**fwd, "SPLIT_C": True}, fwd_warps),
-        ("affine bwd (scatter)", affine._affine_bwd_kernel, {**bwd, "SKIP_GATHERED": False}, bwd_warps),
-        ("affine bwd (after gather)", affine._affine_bwd_kernel, {**bwd, "SKIP_GATHERED": True}, bwd_warps),
-        ("affine bwd (vector atomics)", affine._affine_bwd_kernel, {**vec, "SKIP_GATHERED": False}, bwd_warps),
-        ("affine gather", _gather._gather_kernel, {**gather, "PROJ": False}, gather_warps),
-        ("projective gather", _gather._gather_kernel, {**pgather, "PROJ": True}, pgather_warps),
-        ("projective fwd", projective._projective_fwd_kernel, {**fwd, "EPS": eps}, fwd_warps),
-        ("projective bwd", projective._projective_bwd_kernel, {**bwd, "EPS": eps, "SKIP_GATHERED": False}, bwd_warps),
-        (
-            "projective bwd (after gather)",
-            projective._projective_bwd_kernel,
-            {**bwd, "EPS": eps, "SKIP_GATHERED": True},
-            bwd_warps,
-        ),
-        (
-            "projective bwd (vector atomics)",
-            projective._projective_bwd_kernel,
-            {**vec, "EPS": eps, "SKIP_GATHERED": False},
-            bwd_warps,
-        ),
-        ("tps fwd", tps._tps_fwd_kernel, fwd, fwd_warps),
-        ("tps bwd", tps._tps_bwd_kernel, {**bwd, "BLOCK_N": tps._TPS_BLOCK_N}, bwd_warps),
-        ("tps bwd (vector atomics)", tps._tps_bwd_kernel, {**vec, "BLOCK_N": tps._TPS_BLOCK_N}, bwd_warps),
-        ("grid fwd", grid._grid_fwd_kernel, fwd, fwd_warps),
-        ("grid bwd", grid._grid_bwd_kernel, bwd, bwd_warps),
-        ("grid bwd (vector atomics)", grid._grid_bwd_kernel, vec, bwd_warps),
-    ]
+    fwd_k, bwd_k = sampler._sample_fwd_kernel, sampler._sample_bwd_kernel
+    rows: list[tuple[str, Callable, dict[str, Any], int, dict[str, int]]] = []
+    # N: rows of the auxiliary tensor (the scale matrix, the spline's 16 control points, the grid's 2 scalars);
+    # the parameters' strides are the grid's, zeros for the others (see sampler._param_strides)
+    no_strides = {"spb": 0, "spk": 0, "sph": 0, "spw": 0, "spd": 0}
+    for name, family, n, strides in (
+        ("affine", affine.AFFINE, 2, no_strides),
+        ("projective", projective.PROJECTIVE, 3, no_strides),
+        ("tps", tps.TPS, 16, no_strides),
+        ("grid", grid.GRID, 2, {}),
+    ):
+        ints = {"N": n, **strides}
+        coords = {"COORDS": family.coords}
+        rows.append((f"{name} fwd", fwd_k, {**fwd, **coords}, fwd_warps, ints))
+        if name == "affine":
+            rows.append((f"{name} fwd (SPLIT_C)", fwd_k, {**fwd, **coords, "SPLIT_C": True}, fwd_warps, ints))
+        both = {**bwd, **coords, "PARAM_GRAD": family.param_grad}
+        rows.append((f"{name} bwd" + (" (scatter)" if name == "affine" else ""), bwd_k, both, bwd_warps, ints))
+        if family.gather is not None:
+            rows.append((f"{name} bwd (after gather)", bwd_k, {**both, "SKIP_GATHERED": True}, bwd_warps, ints))
+        # a padding value other than 0 (HAS_FILL): the masked loads read it from a register
+        rows.append((f"{name} fwd (fill)", fwd_k, {**fwd, **coords, "HAS_FILL": True}, fwd_warps, ints))
+        rows.append((f"{name} bwd (fill)", bwd_k, {**both, "HAS_FILL": True}, bwd_warps, ints))
+    rows.append(("affine gather", _gather._gather_kernel, {**gather, "PROJ": False}, gather_warps, {}))
+    rows.append(("projective gather", _gather._gather_kernel, {**pgather, "PROJ": True}, pgather_warps, {}))
+    return rows
 
 
 def sizes(channels: int) -> dict[str, int]:
@@ -163,7 +157,7 @@ def sizes(channels: int) -> dict[str, int]:
     for prefix in ("sx", "sgx"):  # the image and its gradient, (B, C, H, W)
         values |= {prefix + "b": c * h * w, prefix + "c": h * w, prefix + "h": w, prefix + "w": 1}
     values |= {"sgb": k * c * ho * wo, "sgk": c * ho * wo, "sgc": ho * wo, "sgh": wo, "sgw": 1}  # grad_out
-    values |= {"sgrb": k * ho * wo * 2, "sgrk": ho * wo * 2, "sgrh": wo * 2, "sgrw": 2, "sgrd": 1}  # the grid
+    values |= {"spb": k * ho * wo * 2, "spk": ho * wo * 2, "sph": wo * 2, "spw": 2, "spd": 1}  # the grid
     return values
 
 
@@ -180,10 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     header = ["kernel", "regs", "stack", "SASS", *COLUMNS]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    for label, fn, consts, warps in kernels_to_report(args.channels):
+    for label, fn, consts, warps, own in kernels_to_report(args.channels):
         if args.only and not any(s in label for s in args.only):
             continue
-        stats = sass_stats(compile_sm90(fn, ints, consts, warps))
+        stats = sass_stats(compile_sm90(fn, {**ints, **own}, consts, warps))
         print("| " + " | ".join([label, *(str(stats[h]) for h in header[1:])]) + " |", flush=True)
     return 0
 

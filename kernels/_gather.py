@@ -6,15 +6,16 @@ forward + backward on an H100 for B 64, C 3, 448 x 448 -> K 4 x 224 x 224). An a
 inverse, so each input pixel q can instead find the few output pixels that read it and sum their contributions in
 registers, then write its gradient with one plain store: no atomics, no zeroed buffer, and a deterministic sum.
 
-The families' backward launchers call :func:`matrix_backward`, which runs :func:`gather` when their ``IMAGE_GRAD``
-is "gather" (zeros padding), then their scatter kernel, with ``SKIP_GATHERED`` for the (b, k) the gather flagged as
-not well conditioned, and adds up both kernels' partial sums of the parameter gradient.
+The sampler's backward (kernels/sampler.py) runs :func:`gather` for affine and projective warps with zeros padding
+when the image gradient is to be gathered (``image_grad="gather"``, or torch.use_deterministic_algorithms), then its
+scatter kernel with ``SKIP_GATHERED`` for the (b, k) the gather flagged as not well conditioned, and adds up both
+kernels' partial sums of the parameter gradient. With a padding value ``fill``, a corner outside the image reads
+``fill``; its term in the coordinate gradient is ``fill`` times the corner weight's derivative, and the four
+derivatives sum to zero, so the outside corners add -fill times the inside ones': the gather's pairs (candidate,
+pixel inside) use x - fill.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from typing import Any
 
 import torch
 import triton
@@ -22,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference
-from ._common import (
+from ._device import (
     _affine_map,
     _affine_matrix,
     _clamp_coords,
@@ -32,30 +33,10 @@ from ._common import (
     _projective_map,
     _projective_matrix,
     _round_half_even,
-    block_c,
-    bwd_config,
-    cdiv,
-    device_context,
-    finish_image_grad,
-    image_grad_buffer,
-    interpreting,
-    launch,
-    needs_int64,
-    num_tiles,
-    programs_per_plane,
 )
+from ._launch import block_c, cdiv, device_context, interpreting, launch, needs_int64, num_tiles
 
-__all__ = [
-    "IMAGE_GRADS",
-    "WINDOW_CAP",
-    "gather",
-    "gather_config",
-    "gathers",
-    "matrix_backward",
-]
-
-#: The values of the families' IMAGE_GRAD switches.
-IMAGE_GRADS = ("gather", "scatter")
+__all__ = ["WINDOW_CAP", "gather", "gather_config"]
 
 #: Widest window, in output pixels per axis, that the gather kernel handles (zoom-in up to about 4x); a wider or
 #: undefined window (see _affine_window, _projective_window) leaves its (b, k) to the scatter kernel.
@@ -240,8 +221,11 @@ def _gather_kernel(
     sgc,
     sgh,
     sgw,
+    # the padding value (its share of the matrix gradient: see the module docstring)
+    fill,
     # options and tile sizes
     PROJ: tl.constexpr,
+    HAS_FILL: tl.constexpr,
     NEAREST: tl.constexpr,
     NEED_PARAM_GRAD: tl.constexpr,
     CAP: tl.constexpr,
@@ -293,10 +277,12 @@ def _gather_kernel(
     acc = tl.zeros((BLOCK_C, BLOCK_H * BLOCK_W), dtype=CDT)
     if NEED_PARAM_GRAD:
         # The tile's image values: each (candidate p, pixel q) pair adds sum_c g_c(p) x_c(q) d w / d (ix, iy) to
-        # the coordinate gradient of p, the same terms as the scatter's corner differences (x is 0 outside the
-        # image with zeros padding, and every q inside is visited).
+        # the coordinate gradient of p, the same terms as the scatter's corner differences (with x - fill: the
+        # outside corners' fill terms are -fill times the inside ones', and every q inside is visited).
         xq_off = _offsets(cs, sxc, IDX64)[:, None] + (_offsets(qy, sxh, IDX64) + _offsets(qx, sxw, IDX64))[None, :]
         xq = tl.load(x_ptr + b64 * sxb + xq_off, mask=cm & qmask[None, :], other=0.0).to(CDT)
+        if HAS_FILL:
+            xq -= fill
         part_tile = part_ptr + ((b * K * tiles + tile) * cblocks + cb).to(tl.int64) * E
         r = tl.arange(0, 16 if PROJ else 8)
     for k in range(0, K):
@@ -429,17 +415,6 @@ def _gather_kernel(
     tl.store(gx_b + gq[None, :], acc, mask=cm & qmask[None, :])
 
 
-@triton.jit
-def _gathered(flag_ptr, bk, SKIP_GATHERED: tl.constexpr):
-    # For the families' scatter kernels: whether the gather kernel took (b, k) (its flag, read only with
-    # SKIP_GATHERED). Its programs then only zero their partial sums; the others scatter their image gradient on
-    # top of the gather's plain stores (same stream, so ordered after them).
-    gathered = bk < 0  # a false scalar of the flag's type
-    if SKIP_GATHERED:
-        gathered = tl.load(flag_ptr + bk) != 0
-    return gathered
-
-
 # --------------------------------------------------------------------------------------------------------------
 # launcher
 # --------------------------------------------------------------------------------------------------------------
@@ -456,16 +431,6 @@ GATHER_TILES = {8: (8, 16, 4), 4: (8, 16, 4), 2: (8, 16, 4), 1: (16, 16, 8)}
 GATHER_MAX_BLOCK_C = 4
 
 
-def gathers(image_grad: str, padding_mode: str, switch: str) -> bool:
-    """Whether a family's backward gathers its image gradient: its switch ``image_grad`` is "gather" and the
-    padding is zeros. ``switch`` names the switch for the error message."""
-    if image_grad not in IMAGE_GRADS:
-        raise ValueError(f"expected {switch} in {IMAGE_GRADS}, got {image_grad!r}")
-    # Border padding clamps every outside point onto an edge pixel, which then receives the gradient of
-    # unboundedly many output pixels: no window bounds them, so border padding always scatters.
-    return image_grad == "gather" and padding_mode == "zeros"
-
-
 def gather_config(channels: int, projective: bool = False) -> dict[str, int]:
     """Tile of the gather kernel: from ``GATHER_TILES`` on GPUs; under the interpreter 8 x 8 pixels and at most 4
     channels, so that the tests' tiny images still span several tiles and channel blocks."""
@@ -477,11 +442,19 @@ def gather_config(channels: int, projective: bool = False) -> dict[str, int]:
 
 
 def gather(
-    grad: Tensor, x: Tensor, m: Tensor, gx: Tensor, size: tuple[int, int], mode: str, need_m: bool, wrap: bool
+    grad: Tensor,
+    x: Tensor,
+    m: Tensor,
+    gx: Tensor,
+    size: tuple[int, int],
+    mode: str,
+    need_m: bool,
+    fill: float,
+    wrap: bool,
 ) -> tuple[Tensor, Tensor]:
     """Write the image gradient of every well-conditioned (b, k) into all of ``gx`` (B, C, H, W) with plain stores,
     and with ``need_m`` (bilinear) the partial sums of their matrix gradients, for pixel matrices ``m`` (B, K, 2, 3)
-    (affine) or (B, K, 3, 3) (projective).
+    (affine) or (B, K, 3, 3) (projective) and the padding value ``fill``.
 
     Returns the (B * K,) int32 flags, 1 where the (b, k) was gathered and 0 where it is left to the scatter kernel
     (the conditioning rules of ``_affine_window`` and ``_projective_window``), and the partial sums
@@ -495,9 +468,10 @@ def gather(
     cfg = gather_config(c, rows == 3)
     tiles = num_tiles(h, w, cfg["BLOCK_H"], cfg["BLOCK_W"]) * cdiv(c, cfg["BLOCK_C"])
     part = m.new_empty((b, k, tiles, rows, 3) if need_m else (0,))
-    args = (gx, part, flags, x, grad, m, k, c, h, w, ho, wo, *x.stride(), *gx.stride(), *grad.stride())
+    args = (gx, part, flags, x, grad, m, k, c, h, w, ho, wo, *x.stride(), *gx.stride(), *grad.stride(), fill)
     meta = {
         "PROJ": rows == 3,
+        "HAS_FILL": fill != 0.0,
         "NEAREST": mode == "nearest",
         "NEED_PARAM_GRAD": need_m,
         "CAP": WINDOW_CAP,
@@ -509,76 +483,3 @@ def gather(
     with device_context(gx):
         launch(_gather_kernel, None, (b * tiles,), args, meta, wrap)
     return flags, part
-
-
-def matrix_backward(
-    kernel: Any,
-    grad: Tensor,
-    x: Tensor,
-    m: Tensor,
-    s: Tensor,
-    size: tuple[int, int],
-    padding_mode: str,
-    mode: str,
-    need_x: bool,
-    need_m: bool,
-    wrap: bool,
-    *,
-    image_grad: str,
-    switch: str,
-    gather_fn: Callable[..., tuple[Tensor, Tensor]],
-    meta: dict[str, Any],
-) -> tuple[Tensor | None, Tensor | None]:
-    """The backward of an affine or projective sample: (d loss / d x, d loss / d m) for grad (B, K, C, Ho, Wo),
-    parameters ``m`` (B, K, 2 or 3, 3) and their pixel scales ``s`` (``_common.warp_params``); None where not needed.
-
-    When the family's switch ``image_grad`` says "gather" (zeros padding), :func:`gather` (``gather_fn``: the
-    family's name for it) writes both gradients of the well-conditioned (b, k); then the family's scatter ``kernel``
-    (its extra constants in ``meta``) handles the others (``SKIP_GATHERED``), or every (b, k) without a gather.
-    ``switch`` names the switch for the error message of an unknown value.
-    """
-    b, c, h, w = x.shape
-    k, rows = m.shape[1], m.shape[2]
-    ho, wo = size
-    need_coord = need_m and mode != "nearest"  # nearest has no coordinate gradient
-    gathered = need_x and grad.numel() > 0 and gathers(image_grad, padding_mode, switch)
-    # The scatter kernel accumulates in a buffer of its own (pixel-major with VECTOR_ATOMICS) unless gathering.
-    cfg = bwd_config(c, m.dtype if need_x and not gathered else None)
-    flags, gathered_part = m.new_empty(0, dtype=torch.int32), None
-    if gathered:
-        # The gather kernel stores every pixel of gx (no zeroing) and the matrix gradients of the (b, k) it takes;
-        # the scatter kernel adds the ill-conditioned rest. It reads pixel matrices (scaling the parameters in its
-        # loop over k cost it 17 registers per thread and spills under triton 3.6), so the product is formed here,
-        # and its partial sums are of d loss / d (m * s).
-        gx = torch.empty_like(x, dtype=m.dtype)
-        flags, gathered_part = gather_fn(grad, x, m * s, gx, size, mode, need_coord, wrap)
-    else:
-        gx = image_grad_buffer(x, m.dtype, cfg["ACC_CP"]) if need_x else x.new_empty(0, dtype=m.dtype)
-    programs = programs_per_plane(c, ho, wo, cfg)
-    part = m.new_empty((b, k, programs, rows, 3) if need_coord else (0,))
-    if (need_x or need_coord) and grad.numel() > 0:
-        gx_strides = gx.stride() if need_x else (0, 0, 0, 0)
-        args = (gx, part, x, grad, m, s, flags, k, c, h, w, ho, wo, *x.stride(), *gx_strides, *grad.stride())
-        options = {
-            "BORDER": padding_mode == "border",
-            "NEAREST": mode == "nearest",
-            "NEED_X_GRAD": need_x,
-            "NEED_PARAM_GRAD": need_coord,
-            "SKIP_GATHERED": gathered,
-            "F64": m.dtype == torch.float64,
-            "IDX64": needs_int64(x, grad, gx),
-            **meta,
-            **cfg,
-        }
-        with device_context(x):
-            launch(kernel, None, (b * k * programs,), args, options, wrap)
-    grad_x = finish_image_grad(gx, x, cfg["ACC_CP"]) if need_x else None
-    if not need_m:
-        return grad_x, None
-    if not (need_coord and part.numel()):
-        return grad_x, torch.zeros_like(m)
-    # Each kernel's partial sums are zero for the (b, k) that the other owns.
-    grad_m = part.sum(2)  # (B, K, programs, rows, 3) -> the shape of m
-    if gathered_part is not None and gathered_part.numel():
-        grad_m = grad_m + gathered_part.sum(2) * s
-    return grad_x, grad_m

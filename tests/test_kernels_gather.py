@@ -1,4 +1,4 @@
-"""The gather backward of sample_affine and sample_projective (their IMAGE_GRAD = "gather") against the reference.
+"""The gather backward of sample_affine and sample_projective (image_grad="gather") against the reference.
 
 The gather kernel inverts each warp and lets every input pixel sum the output pixels that read it; warps it cannot
 bound (singular, non-finite, zoomed in beyond WINDOW_CAP, a horizon near the output) are flagged and left to the
@@ -38,20 +38,23 @@ pytestmark = [
 
 
 def _gathering(monkeypatch, family):
-    """kernels.<family> with IMAGE_GRAD = "gather"; ``module.flags`` collects the flags of every gather launch."""
+    """kernels.<family> with options.image_grad = "gather"; ``module.flags`` collects the flags of every gather."""
     import importlib
 
     module = importlib.import_module(f"stn_lightning.kernels.{family}")
-    monkeypatch.setattr(module, "IMAGE_GRAD", "gather")
+    sampler = importlib.import_module("stn_lightning.kernels.sampler")
+    options = importlib.import_module("stn_lightning.kernels._autograd").options
+    monkeypatch.setattr(options, "_image_grad", options.image_grad)  # restored after the test
+    options.set_image_grad("gather")
     launches = []
-    gather = getattr(module, f"_{family}_gather")
+    gather = sampler.gather
 
     def recording(*args, **kwargs):
         flags, part = gather(*args, **kwargs)
         launches.append(flags)
         return flags, part
 
-    monkeypatch.setattr(module, f"_{family}_gather", recording)
+    monkeypatch.setattr(sampler, "gather", recording)
     monkeypatch.setattr(module, "flags", launches, raising=False)
     return module
 
@@ -203,13 +206,11 @@ def test_parameter_gradient_matches_the_scatter_kernel(family, monkeypatch):
     grad = torch.randn(2, 2, 3, 5, 4, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     gx, gt = _grads(module, x, params, (5, 4), grad, family=family)
     assert torch.equal(module.flags[0].cpu(), torch.ones(4, dtype=torch.int32))
-    monkeypatch.setattr(module, "IMAGE_GRAD", "scatter")
-    sx, st = _grads(module, x, params, (5, 4), grad, family=family)
+    sx, st = _grads(module, x, params, (5, 4), grad, family=family, image_grad="scatter")
     assert len(module.flags) == 1  # the scatter setting does not gather
     # float32 sums of some 50 terms of size ~1 in two orders
     torch.testing.assert_close(gt, st, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gx, sx, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(module, "IMAGE_GRAD", "gather")
     ox, none = _grads(module, x, params, (5, 4), grad, need=(True, False), family=family)
     assert none is None and torch.equal(ox, gx)
     none, ot = _grads(module, x, params, (5, 4), grad, need=(False, True), family=family)
@@ -234,28 +235,34 @@ def test_int64_offsets(affine, monkeypatch):
     _check(affine, _image(1, 3, 5, 7, channels_last=True), _theta(SHEAR, ZOOM_IN), (6, 5), align_corners=True)
 
 
-def test_invalid_switch(affine, monkeypatch):
-    x = _image(1, 1, 3, 3).to(DEVICE).requires_grad_()
-    theta = _theta(IDENTITY).float().to(DEVICE)
-    monkeypatch.setattr(affine, "IMAGE_GRAD", "atomics")
-    out = affine.sample_affine(x, theta, (2, 2))
-    with pytest.raises(ValueError, match="IMAGE_GRAD"):
-        out.sum().backward()
+@pytest.mark.parametrize("family", ["affine", "projective"])
+def test_fill(family, monkeypatch):
+    # With a padding value, an outside corner reads fill: the gather's parameter gradient uses x - fill (the outside
+    # corners' terms), its image gradient is unchanged; reference(x - fill) + fill is the definition.
+    module = _gathering(monkeypatch, family)
+    x = _image(2, 3, 6, 7, seed=4).to(DEVICE)
+    rows = _theta(OUTSIDE, ZOOM_OUT) if family == "affine" else _homography(H_TILT, H_ZOOM_OUT)
+    params = rows.expand(2, -1, -1, -1).float().to(DEVICE)
+    grad = torch.randn(2, 2, 3, 5, 4, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    gx, gt = _grads(module, x, params, (5, 4), grad, family=family, fill=-1.5)
+    rgx, rgt = _grads(reference, x - (-1.5), params, (5, 4), grad, family=family)
+    torch.testing.assert_close(gx, rgx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gt, rgt, rtol=1e-4, atol=1e-4)
+    assert len(module.flags) == 1 and bool(module.flags[0].all())
 
 
 _FRESH = """
 import sys
 sys.path.insert(0, "benchmarks")
 from sass_report import compile_sm90, kernels_to_report, sizes
-import stn_lightning.kernels._common as common
 import stn_lightning.kernels._gather as _gather
-import stn_lightning.kernels.affine as affine
+import stn_lightning.kernels.triton_ops as T
 
-print(affine.IMAGE_GRAD, common.VECTOR_ATOMICS)
+print(T.options.image_grad)
 # Every kernel with the tiles its launcher picks on a GPU, for an H100 (ptxas ships with triton; no GPU needed):
 # catches what only the interpreter accepts.
-for label, fn, consts, warps in kernels_to_report(3):
-    compile_sm90(fn, sizes(3), consts, warps)
+for label, fn, consts, warps, own in kernels_to_report(3):
+    compile_sm90(fn, {**sizes(3), **own}, consts, warps)
 # The gather's other variants (affine and projective), on the feature-map tile: nearest and bilinear with the
 # parameter gradient, float64 compute with bfloat16 images and int64 offsets.
 tile = _gather.gather_config(128)
@@ -263,19 +270,21 @@ warps = tile.pop("num_warps")
 pointers = {"gx_ptr": "*fp64", "part_ptr": "*fp64", "m_ptr": "*fp64", "x_ptr": "*bf16", "go_ptr": "*bf16"}
 for proj, nearest in ((False, True), (False, False), (True, True), (True, False)):
     consts = dict(NEAREST=nearest, NEED_PARAM_GRAD=not nearest, CAP=_gather.WINDOW_CAP, F64=True, IDX64=True, **tile)
+    consts["HAS_FILL"] = not nearest
     compile_sm90(_gather._gather_kernel, sizes(128), {**consts, "PROJ": proj, "EPS": 1e-8}, warps, pointers)
 print("COMPILED")
 """
 
 
-def test_env_switch_and_sm90_compile():
-    # One fresh process (triton without the interpreter): STN_AFFINE_IMAGE_GRAD and STN_VECTOR_ATOMICS set
-    # IMAGE_GRAD and VECTOR_ATOMICS at import, and every kernel (benchmarks/sass_report.py's list, the vector
-    # atomics' variants included) compiles for an H100.
+def test_no_env_switch_and_sm90_compile():
+    # One fresh process (triton without the interpreter): the environment variables that used to set the image
+    # gradient change nothing (options are arguments or kernels._autograd.options), and every kernel
+    # (benchmarks/sass_report.py's list: each family's forward and backward, with and without fill) compiles for an
+    # H100.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env |= {"STN_AFFINE_IMAGE_GRAD": "gather", "STN_VECTOR_ATOMICS": "1"}  # not the defaults
+    env |= {"STN_AFFINE_IMAGE_GRAD": "gather", "STN_VECTOR_ATOMICS": "1"}  # no longer read
     run = subprocess.run([sys.executable, "-c", _FRESH], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert run.returncode == 0 and run.stdout.split() == ["gather", "True", "COMPILED"], run.stderr[-4000:]
+    assert run.returncode == 0 and run.stdout.split() == ["scatter", "COMPILED"], run.stderr[-4000:]
 
 
 def test_random_warps_float64(affine):

@@ -300,7 +300,7 @@ def test_expanded_grad_out(ops):
 @pytest.mark.parametrize("family", ["affine", "projective", "tps", "grid"])
 def test_forward_one_channel_at_a_time(ops, family, monkeypatch):
     # The autotuner's SPLIT_C configs (one channel per load, in a loop over the channels) sample the same values.
-    config = importlib.import_module("stn_lightning.kernels._common").FWD_CONFIG_INTERPRET
+    config = importlib.import_module("stn_lightning.kernels._launch").FWD_CONFIG_INTERPRET
     monkeypatch.setitem(config, "SPLIT_C", True)
     x = _image(2, 3, 7, 6, channels_last=True, seed=8)
     p = _grid(2, 2, 5, 4) if family == "grid" else _params(family, 2, 2, seed=8)
@@ -310,43 +310,54 @@ def test_forward_one_channel_at_a_time(ops, family, monkeypatch):
     assert torch.equal(split, _call(ops, family, x, p, size, _target(family, p), padding_mode="border"))
 
 
+def _check_fill(ops, family, x, p, size, fill, **options):
+    """The op with ``fill`` against its definition, reference(x - fill) + fill (zeros padding: an outside corner
+    reads fill; an invalid point outputs fill), output and both gradients (fill is a constant: no gradient)."""
+    out, gx, gp, grad = _run(ops, family, x, p, size, fill=fill, **options)
+    shifted = (x - fill).detach()
+    ref, rgx, rgp, _ = _run(reference, family, shifted, p, size, grad=grad, **options)
+    (ro, ao), (rx, ax), (rp, ap) = TOL[x.dtype]
+    torch.testing.assert_close(out, (ref + fill).to(out.dtype), rtol=ro, atol=ao)
+    torch.testing.assert_close(gx, rgx, rtol=rx, atol=ax)
+    torch.testing.assert_close(gp, rgp, rtol=rp, atol=ap)
+    return out, gx, gp
+
+
 @pytest.mark.parametrize("family", ["affine", "projective", "tps", "grid"])
-def test_vector_atomics_buffer(ops, family, monkeypatch):
-    # VECTOR_ATOMICS: the scatter backward accumulates the image gradient in a pixel-major buffer (B, H, W, C rounded
-    # up to 2 or 4), then copies it into x's layout. C of 2, 3 and 5 (vectors of 2, 4 with one padding channel, and
-    # two groups of 4 under the interpreter), both layouts, both sampling modes, the int64 offset code.
-    common, module = (
-        importlib.import_module("stn_lightning.kernels._common"),
-        importlib.import_module(f"stn_lightning.kernels.{family}"),
-    )
-    monkeypatch.setattr(common, "VECTOR_ATOMICS", True)
-    buffers = []
+def test_fill(ops, family):
+    # Points outside the image read fill, with both sampling modes, both layouts, align_corners, several tiles and
+    # channel blocks, float32 and float64 (a fill that float32 holds exactly); border padding reads no fill.
+    cases = [
+        (3, False, "bilinear", False, torch.float32, -1.25),
+        (5, True, "bilinear", True, torch.float32, 0.7),
+        (2, False, "nearest", True, torch.float64, 2.5),
+    ]
+    for c, cl, mode, ac, dtype, fill in cases:
+        x = _image(2, c, 7, 9, dtype=dtype, channels_last=cl, seed=c)
+        p = _grid(2, 2, 9, 11, seed=c, spread=1.6) if family == "grid" else _params(family, 2, 2, seed=c, spread=0.6)
+        size = None if family == "grid" else (9, 11)
+        _check_fill(ops, family, x, p.to(reference.compute_dtype(x)), size, fill, mode=mode, align_corners=ac)
+    x = _image(1, 2, 5, 6, seed=1)
+    p = _grid(1, 2, 4, 5) if family == "grid" else _params(family, 1, 2, seed=1, spread=0.6)
+    size = None if family == "grid" else (4, 5)
+    border = _call(ops, family, x, p, size, _target(family, p), padding_mode="border", fill=3.0)
+    assert torch.equal(border, _call(ops, family, x, p, size, _target(family, p), padding_mode="border"))
 
-    def buffer(x, dtype, acc_cp):
-        buffers.append(acc_cp)
-        return common.image_grad_buffer(x, dtype, acc_cp)
 
-    # affine and projective allocate it through kernels._gather.matrix_backward, tps and grid themselves
-    owner = importlib.import_module("stn_lightning.kernels._gather") if family in ("affine", "projective") else module
-    monkeypatch.setattr(owner, "image_grad_buffer", buffer)
-    cases = [(2, False, "zeros", "bilinear"), (3, True, "border", "nearest"), (5, False, "border", "bilinear")]
-    cases.append((4, True, "zeros", "bilinear"))  # the buffer is x's layout: returned without a copy
-    for c, cl, pad, mode in cases:
-        x = _image(2, c, 7, 6, channels_last=cl, seed=c)
-        p = _grid(2, 2, 5, 4, seed=c) if family == "grid" else _params(family, 2, 2, seed=c)
-        size = None if family == "grid" else (5, 4)
-        _check_parity(ops, family, x, p, size, padding_mode=pad, mode=mode)  # gx in x's layout and dtype too
-    force_int64(monkeypatch)
-    _check_parity(ops, family, _image(1, 3, 5, 7), p[:1], size, align_corners=True)
-    assert buffers == [2, 4, 8, 4, 4]
-    # float64 accumulates in x's layout: no vector atomics exist for it (and triton 3.6 fails to compile that kernel)
-    assert common.acc_channels(3, torch.float64) == 0 and common.acc_channels(1, torch.float32) == 0
+@pytest.mark.parametrize("family", ["affine", "projective", "tps", "grid"])
+def test_fill_non_finite(ops, family):
+    # A non-finite transformer outputs fill everywhere and sends no gradient; the others are unchanged.
+    x = _image(1, 2, 5, 6, seed=6)
+    p = _grid(1, 3, 4, 5) if family == "grid" else _params(family, 1, 3, seed=6)
+    p[:, 1] = float("nan")
+    out, gx, gp = _check_fill(ops, family, x, p, (4, 5), -0.5)
+    assert torch.all(out[:, 1] == -0.5) and torch.all(gp[:, 1] == 0) and torch.isfinite(gx).all()
 
 
 def test_needs_int64():
     # Offsets past 2**31 - 1 through a large stride or a large tensor (meta tensors: no memory); dense tensors of
     # either layout and a small strided view stay int32.
-    needs = importlib.import_module("stn_lightning.kernels._common").needs_int64
+    needs = importlib.import_module("stn_lightning.kernels._launch").needs_int64
     big_stride = torch.empty_strided((2, 1, 1, 1), (2**31, 1, 1, 1), device="meta")
     big = torch.empty((1, 1, 32769, 65536), device="meta")
     small = torch.empty(2, 3, 8, 8)
@@ -357,7 +368,7 @@ def test_needs_int64():
 def test_launch_reuses_the_autotuners_choice(monkeypatch):
     # On GPUs an autotuned kernel goes through its autotuner once per call signature (options, scalar arguments,
     # tensor dtypes); later calls launch the plain kernel with the configuration the autotuner chose.
-    common = importlib.import_module("stn_lightning.kernels._common")
+    common = importlib.import_module("stn_lightning.kernels._launch")
     monkeypatch.setattr(common, "interpreting", lambda: False)
     monkeypatch.setattr(common, "_TUNED_CONFIGS", {})
     calls = []
@@ -471,20 +482,71 @@ def test_gradcheck_float64(ops):
     assert torch.autograd.gradcheck(lambda a, t: ops.sample_projective(a, t, (2, 3), align_corners=True), (x, hom))
 
 
-def test_deterministic_algorithms_raise(ops):
-    x = _image(1, 2, 4, 4).requires_grad_()
-    theta = _params("affine", 1, 2).requires_grad_()
-    previous = torch.are_deterministic_algorithms_enabled()
+@pytest.fixture
+def deterministic():
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True)
-    try:
-        out = ops.sample_affine(x, theta, (3, 3))
-        with pytest.raises(RuntimeError, match="sample_affine_backward"):
-            out.sum().backward()
-        # Without an image gradient no atomics are used: parameter gradients are deterministic.
-        ops.sample_affine(x.detach(), theta, (3, 3)).sum().backward()
-        assert theta.grad is not None
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    yield
+    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def _bwd_launches(monkeypatch):
+    """The meta of every launch of the sampler's backward kernel, and the flags of every gather, as they happen."""
+    sampler = importlib.import_module("stn_lightning.kernels.sampler")
+    launches, flags = [], []
+    launch, gather = sampler.launch, sampler.gather
+
+    def spy_launch(kernel, tuned, grid, args, meta, wrap):
+        if kernel is sampler._sample_bwd_kernel:
+            launches.append(meta)
+        return launch(kernel, tuned, grid, args, meta, wrap)
+
+    def spy_gather(*args, **kwargs):
+        result = gather(*args, **kwargs)
+        flags.append(result[0].clone())
+        return result
+
+    monkeypatch.setattr(sampler, "launch", spy_launch)
+    monkeypatch.setattr(sampler, "gather", spy_gather)
+    return launches, flags
+
+
+@pytest.mark.parametrize("family", ["affine", "projective"])
+def test_deterministic_algorithms_gather(ops, family, deterministic, monkeypatch):
+    # torch.use_deterministic_algorithms(True): the image gradient is gathered (no atomics), the warps the gather
+    # cannot take (here p = 0, singular) get theirs from the reference, the scatter kernel adds no image gradient,
+    # and two runs give the same bits; the gradients match the reference.
+    launches, flags = _bwd_launches(monkeypatch)
+    x = _image(2, 3, 7, 6, channels_last=True, seed=2)
+    p = _params(family, 2, 3, seed=3, spread=0.05)
+    p[1, 2] = 0.0
+    runs = [_check_parity(ops, family, x, p, (5, 8)) for _ in range(2)]
+    for first, second in zip(*runs, strict=True):
+        assert torch.equal(first, second)
+    assert len(flags) == 2 and torch.equal(flags[0], flags[1]) and flags[0][-1] == 0 and flags[0].sum() >= 3
+    assert launches and not any(meta["NEED_X_GRAD"] for meta in launches)
+    assert all(meta["SKIP_GATHERED"] for meta in launches)
+
+
+@pytest.mark.parametrize("family", ["tps", "grid", "affine-border"])
+def test_deterministic_algorithms_raise(ops, family, deterministic):
+    # Families without a gather (and border padding) raise like PyTorch's nondeterministic ops, naming the op,
+    # when the image gradient is needed; parameter-only gradients use no atomics and are fine; warn_only warns.
+    name, _, padding = family.partition("-")
+    padding_mode = padding or "zeros"
+    x = _image(1, 2, 4, 4)
+    p = _grid(1, 2, 3, 3) if name == "grid" else _params(name, 1, 2)
+    size = None if name == "grid" else (3, 3)
+    op = {"tps": "sample_tps_coefficients", "grid": "sample_grid", "affine": "sample_affine"}[name]
+    out = _call(ops, name, x.requires_grad_(), p.requires_grad_(), size, _target(name, p), padding_mode=padding_mode)
+    with pytest.raises(RuntimeError, match=rf"{op} \(Triton\) backward does not have a deterministic"):
+        out.sum().backward()
+    _call(ops, name, x.detach(), p, size, _target(name, p), padding_mode=padding_mode).sum().backward()
+    assert p.grad is not None
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    out = _call(ops, name, x, p, size, _target(name, p), padding_mode=padding_mode)
+    with pytest.warns(UserWarning, match="does not have a deterministic"):
+        out.sum().backward()
 
 
 def test_value_errors(ops, monkeypatch):
@@ -514,7 +576,11 @@ def test_value_errors(ops, monkeypatch):
         ops.sample_tps_coefficients(x, torch.zeros(1, 1, 7, 2), torch.zeros(4, 3), 3)
     with pytest.raises(ValueError, match="coefficients of shape"):
         ops.sample_tps_coefficients(x, torch.zeros(1, 1, 6, 2), torch.zeros(4, 2), 3)
-    monkeypatch.setattr(importlib.import_module("stn_lightning.kernels._common"), "interpreting", lambda: False)
+    with pytest.raises(ValueError, match="image_grad"):
+        ops.sample_affine(x, theta, 3, image_grad="atomics")
+    with pytest.raises(ValueError, match="image_grad"):
+        ops.options.set_image_grad("atomics")
+    monkeypatch.setattr(importlib.import_module("stn_lightning.kernels._autograd"), "interpreting", lambda: False)
     with pytest.raises(ValueError, match="CUDA"):
         ops.sample_affine(x, theta, 3)
 
@@ -544,7 +610,8 @@ def test_library_ops_cpu_eager(ops):
     # On CPU tensors the registered ops run their "cpu" kernels: the reference and its vjp.
     x = _image(1, 2, 5, 6).requires_grad_()
     theta = _params("affine", 1, 2).requires_grad_()
-    out = torch.ops.stn_lightning.sample_affine(x, theta, 3, 4, False, "border", "bilinear")
+    empty = torch.empty(0)
+    out = torch.ops.stn_lightning.sample(x, theta, empty, "affine", 3, 4, False, "border", "bilinear", 0.0, "scatter")
     out.square().sum().backward()
     xr, tr = x.detach().clone().requires_grad_(), theta.detach().clone().requires_grad_()
     ref = reference.sample_affine(xr, tr, (3, 4), padding_mode="border")
@@ -552,19 +619,22 @@ def test_library_ops_cpu_eager(ops):
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(x.grad, xr.grad)
     torch.testing.assert_close(theta.grad, tr.grad)
-    for name in ("sample_projective", "sample_tps_coefficients", "sample_grid"):
-        assert hasattr(torch.ops.stn_lightning, name) and hasattr(torch.ops.stn_lightning, name + "_backward")
+    # one op (and its backward) for every family: the "cpu" kernel of each is its reference, with fill
+    assert hasattr(torch.ops.stn_lightning, "sample_backward")
+    assert not hasattr(torch.ops.stn_lightning, "sample_affine")
+    grid = _grid(1, 2, 3, 4)
+    out = torch.ops.stn_lightning.sample(x, grid, empty, "grid", 3, 4, False, "zeros", "bilinear", -0.5, "scatter")
+    torch.testing.assert_close(out, reference.sample_grid(x - -0.5, grid) + -0.5)
 
 
 _COMPILE_CPU = """
 import torch
 import stn_lightning.kernels.triton_ops as T
-from stn_lightning.kernels import affine, grid, projective, reference, tps
+from stn_lightning.kernels import _autograd, reference
 
-# Route CPU tensors through the library ops (whose "cpu" kernels are the reference), as CUDA tensors would be.
-for module in (affine, projective, tps, grid):
-    module.check_device = lambda x: None
-    module.use_library_op = lambda x: True
+# Route CPU tensors through the library op (whose "cpu" kernel is the reference), as CUDA tensors would be.
+_autograd.check_device = lambda x: None
+_autograd.use_library_op = lambda x: True
 x = torch.randn(2, 3, 6, 5)
 theta = torch.eye(2, 3) + 0.2 * torch.randn(2, 2, 2, 3)
 target = reference.tps_target_points(2)
@@ -573,9 +643,16 @@ grid_ = torch.rand(2, 2, 3, 3, 2)
 hom = torch.eye(3) + 0.1 * torch.randn(2, 2, 3, 3)
 
 
+def filled(impl, x, theta):
+    if impl is T:
+        return T.sample_affine(x, theta, (4, 3), fill=0.5)
+    return reference.sample_affine(x - 0.5, theta, (4, 3)) + 0.5
+
+
 def loss(impl, x, theta, coef, grid_, hom):
     return (
         impl.sample_affine(x, theta, (4, 3)).square().sum()
+        + filled(impl, x, theta).square().sum()
         + impl.sample_tps_coefficients(x, coef, target, 4).square().sum()
         + impl.sample_grid(x, grid_, padding_mode="border").square().sum()
         + impl.sample_projective(x, hom, 5, align_corners=True).square().sum()
@@ -592,13 +669,14 @@ for a, b in zip(*results):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 # opcheck's checks that need no GPU (the aot_dispatch ones run the Triton kernels on the inputs' device).
-ops = torch.ops.stn_lightning
+op = torch.ops.stn_lightning.sample.default
 needs = [t.clone().requires_grad_() for t in (x, theta, coef, grid_, hom)]
-for op, args in [
-    (ops.sample_affine.default, (needs[0], needs[1], 4, 3, False, "zeros", "bilinear")),
-    (ops.sample_tps_coefficients.default, (needs[0], needs[2], target, 4, 4, True, "zeros", "nearest")),
-    (ops.sample_grid.default, (needs[0], needs[3], False, "border", "bilinear")),
-    (ops.sample_projective.default, (needs[0], needs[4], 5, 5, True, "zeros", "bilinear")),
+empty = torch.empty(0)
+for args in [
+    (needs[0], needs[1], empty, "affine", 4, 3, False, "zeros", "bilinear", 0.0, "scatter"),
+    (needs[0], needs[2], target, "tps", 4, 4, True, "zeros", "nearest", 0.0, "scatter"),
+    (needs[0], needs[3], empty, "grid", 3, 3, False, "border", "bilinear", 0.0, "scatter"),
+    (needs[0], needs[4], empty, "projective", 5, 5, True, "zeros", "bilinear", 1.5, "gather"),
 ]:
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 print("OK")
@@ -637,14 +715,17 @@ torch.testing.assert_close(gt, theta.grad, rtol=1e-3, atol=1e-3)
 # Under AOT dispatch the parameter gradient's sum over tiles is compiled by inductor, which adds in another order
 # than eager torch.sum: float32 differences of ~1e-5 relative (measured on an H100: 8e-5 on entries of ~3).
 tol = dict(atol=1e-4, rtol=1e-4)
-opcheck(torch.ops.stn_lightning.sample_affine.default, (x, theta, 9, 11, False, "zeros", "bilinear"), **tol)
+op = torch.ops.stn_lightning.sample.default
+e = torch.empty(0, device=dev)
+opcheck(op, (x, theta, e, "affine", 9, 11, False, "zeros", "bilinear", 0.0, "scatter"), **tol)
+opcheck(op, (x, theta, e, "affine", 9, 11, False, "zeros", "bilinear", -0.5, "gather"), **tol)
 h = torch.eye(3, device=dev).repeat(2, 3, 1, 1).requires_grad_()
-opcheck(torch.ops.stn_lightning.sample_projective.default, (x, h, 5, 4, True, "border", "bilinear"), **tol)
+opcheck(op, (x, h, e, "projective", 5, 4, True, "border", "bilinear", 0.0, "scatter"), **tol)
 grid = (torch.rand(2, 3, 5, 4, 2, device=dev) * 2 - 1).requires_grad_()
-opcheck(torch.ops.stn_lightning.sample_grid.default, (x, grid, False, "zeros", "bilinear"), **tol)
+opcheck(op, (x, grid, e, "grid", 5, 4, False, "zeros", "bilinear", 0.0, "scatter"), **tol)
 t = reference.tps_target_points(2, device=dev)
 c = torch.zeros(2, 3, 7, 2, device=dev).requires_grad_()
-opcheck(torch.ops.stn_lightning.sample_tps_coefficients.default, (x, c, t, 5, 4, False, "zeros", "bilinear"), **tol)
+opcheck(op, (x, c, t, "tps", 5, 4, False, "zeros", "bilinear", 0.0, "scatter"), **tol)
 with torch.autocast("cuda", dtype=torch.bfloat16):
     out = kernels.sample_affine(x, theta, (9, 11), backend="triton")
 assert out.dtype == torch.bfloat16, out.dtype
