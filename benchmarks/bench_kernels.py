@@ -68,6 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "tens of seconds per workload)",
     )
     parser.add_argument("--rep", type=int, default=100, help="milliseconds of repetitions per timing (do_bench)")
+    parser.add_argument(
+        "--image-grad",
+        choices=("scatter", "gather"),
+        default="scatter",
+        help="the image gradient of affine and projective warps with zeros padding (kernels.triton_ops.options)",
+    )
     return parser.parse_args(argv)
 
 
@@ -296,15 +302,14 @@ def forward_config(family: str) -> str:
     """The configuration the autotuner chose for the family's forward kernel at its last call."""
     import importlib
 
-    tuned = getattr(importlib.import_module(f"stn_lightning.kernels.{family}"), f"_{family}_fwd_tuned")
+    tuned = importlib.import_module("stn_lightning.kernels.sampler")._sample_fwd_tuned  # one for every family
     return str(getattr(tuned, "best_config", None))
 
 
 def print_header(info: dict) -> None:
     print(
         f"# {info['gpu']} | torch {info['torch']} | triton {info['triton']}"
-        f" | image gradient: affine {info['affine_image_grad']}, projective {info['projective_image_grad']}"
-        f" | vector atomics: {info['vector_atomics']} | channels per program: {info['channel_group']}"
+        f" | image gradient (affine, projective): {info['image_grad']} | channels per program: {info['channel_group']}"
     )
     print(
         f"{'workload':<22} {'dtype':<9} {'impl':<15} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak MiB':>10}"
@@ -499,23 +504,22 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(ROOT))
     import triton
 
-    from stn_lightning.kernels import _common, affine, projective
+    from stn_lightning.kernels import _launch
+    from stn_lightning.kernels.triton_ops import options
 
+    options.set_image_grad(args.image_grad)
     info = {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "affine_image_grad": affine.IMAGE_GRAD,  # STN_AFFINE_IMAGE_GRAD: "gather" or "scatter"
-        "projective_image_grad": projective.IMAGE_GRAD,  # STN_PROJECTIVE_IMAGE_GRAD
-        "vector_atomics": _common.VECTOR_ATOMICS,  # STN_VECTOR_ATOMICS=1: pixel-major image gradient buffer
-        "channel_group": _common.CHANNEL_GROUP,
+        "image_grad": options.image_grad,  # affine and projective with zeros padding: "scatter" or "gather"
+        "channel_group": _launch.CHANNEL_GROUP,
     }
     passed = True
     if args.check or args.check_only:
         print(
             f"# checks on {info['gpu']} | torch {info['torch']} | triton {info['triton']}"
-            f" | image gradient: affine {info['affine_image_grad']}, projective {info['projective_image_grad']}"
-            f" | vector atomics: {info['vector_atomics']}"
+            f" | image gradient (affine, projective): {info['image_grad']}"
         )
         passed = run_checks()
         print("ALL CHECKS PASS" if passed else "SOME CHECKS FAILED")

@@ -5,13 +5,10 @@
 #            2**31-element int64 case, NaN isolation
 #   quick    the headline workloads' timings without the torch.compile baseline (fast)
 #   gather   parity, then the same timings with the affine and projective backward gathered per input pixel
-#            (STN_AFFINE_IMAGE_GRAD=gather STN_PROJECTIVE_IMAGE_GRAD=gather, no atomics) instead of the default
-#            scatter by atomics, on the same card
-#   vector   parity, then the same timings with the scatter backward's image gradient accumulated pixel-major
-#            with vector atomics (STN_VECTOR_ATOMICS=1: 4 channels per atomic instruction on sm_90)
-#   variants the cheap way to compare the backward variants: parity with the opt-in variants on (the affine and
-#            projective gathers, and vector atomics for every scatter), then forward + backward of the scatter, the
-#            vector atomics and the gather side by side in one process, float32 (sweep_tiles.py --variants-only)
+#            (bench_kernels.py --image-grad gather, no atomics) instead of the default scatter by atomics, on the
+#            same card
+#   variants the cheap way to compare the backward variants: parity with the gather on, then forward + backward
+#            of the scatter and the gather side by side in one process, float32 (sweep_tiles.py --variants-only)
 #   bench    the headline workloads (cub448x4, feat56x2, mnist2) with torch.compile (of the PyTorch and the
 #            Triton paths) in float32
 #   more     projective and spline on cub448x4, without torch.compile
@@ -62,13 +59,10 @@ for name in $STAGES; do
     case $name in
     checks) stage checks "${CHECK_LIMIT:-150}" python3 benchmarks/bench_kernels.py --check-only ;;
     quick) stage quick 90 python3 benchmarks/bench_kernels.py "${HEADLINE[@]}" --skip-compile --json "$OUT/quick.json" ;;
-    gather) stage gather 180 env STN_AFFINE_IMAGE_GRAD=gather STN_PROJECTIVE_IMAGE_GRAD=gather \
-        STN_CHECK_FAMILIES="affine projective" bash -c 'python3 benchmarks/bench_kernels.py --check-only \
-        && python3 benchmarks/bench_kernels.py "$@"' _ "${HEADLINE[@]}" --skip-compile --json "$OUT/gather.json" ;;
-    vector) stage vector 180 env STN_VECTOR_ATOMICS=1 bash -c 'python3 benchmarks/bench_kernels.py --check-only \
-        && python3 benchmarks/bench_kernels.py "$@"' _ "${HEADLINE[@]}" --skip-compile --json "$OUT/vector.json" ;;
-    variants) stage variants 200 bash -c 'STN_VECTOR_ATOMICS=1 STN_AFFINE_IMAGE_GRAD=gather \
-        STN_PROJECTIVE_IMAGE_GRAD=gather python3 benchmarks/bench_kernels.py --check-only; \
+    gather) stage gather 180 env STN_CHECK_FAMILIES="affine projective" bash -c 'python3 benchmarks/bench_kernels.py \
+        --check-only --image-grad gather && python3 benchmarks/bench_kernels.py "$@"' _ "${HEADLINE[@]}" \
+        --image-grad gather --skip-compile --json "$OUT/gather.json" ;;
+    variants) stage variants 200 bash -c 'python3 benchmarks/bench_kernels.py --check-only --image-grad gather; \
         python3 benchmarks/sweep_tiles.py --variants-only \
         --workloads cub448x4 feat56x2 cub448x4-projective cub448x4-tps16' ;;
     bench) stage bench 240 python3 benchmarks/bench_kernels.py "${HEADLINE[@]}" --compile-dtypes float32 \

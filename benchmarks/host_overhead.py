@@ -33,7 +33,7 @@ for path in (ROOT, ROOT / "benchmarks"):
 import torch  # noqa: E402
 from bench_kernels import eager_stacked, make_inputs, sample  # noqa: E402
 
-from stn_lightning.kernels import _gather, affine, grid, projective, tps, triton_ops  # noqa: E402
+from stn_lightning.kernels import _gather, sampler, triton_ops  # noqa: E402
 
 # B, C, H, W, K, Ho, Wo: tiny, so that PyTorch's compute is small next to its host work.
 SHAPE = (2, 1, 8, 8, 2, 4, 4)
@@ -42,7 +42,7 @@ FAMILIES = ("affine", "projective", "tps", "grid")
 
 def stub_launches() -> None:
     """Replace every kernel launch of the Triton ops by a no-op (the outputs are then uninitialised)."""
-    for module in (affine, projective, tps, grid, _gather):
+    for module in (sampler, _gather):
         module.launch = lambda *args, **kwargs: None  # type: ignore[attr-defined]
 
 

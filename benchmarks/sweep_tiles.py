@@ -2,13 +2,13 @@
 
     python benchmarks/sweep_tiles.py                          # cub448x4, feat56x2, mnist2 and the spline, float32
     python benchmarks/sweep_tiles.py --workloads cub448x4 --rep 50
-    python benchmarks/sweep_tiles.py --variants-only       # scatter, vector atomics and gather only
+    python benchmarks/sweep_tiles.py --variants-only       # scatter and gather only
 
-The forward kernels are autotuned; the backward kernels are not (the parameter gradient's partial sums need the
-tile count before the launch), so their tiles are fixed in ``kernels._common.bwd_config`` and, for the affine
-gather, ``kernels._gather.GATHER_TILES``. This script swaps in each candidate tile (and, for inputs of many
-channels, each number of channels per program, ``kernels._common.CHANNEL_GROUP``, and the vector atomics,
-``kernels._common.VECTOR_ATOMICS``), times forward + backward with
+The forward kernel is autotuned; the backward kernel is not (the parameter gradient's partial sums need the
+tile count before the launch), so its tiles are fixed in ``kernels._launch.bwd_config`` and, for the affine and
+projective gather, ``kernels._gather.GATHER_TILES``. This script swaps in each candidate tile (and, for inputs of
+many channels, each number of channels per program, ``kernels._launch.CHANNEL_GROUP``, and the gather, through
+``kernels.triton_ops.options``), times forward + backward with
 CUDA events (median, triton.testing.do_bench) and prints one table per workload, fastest first, next to the
 launchers' own choice measured in the same run. Parity is not checked here (bench_kernels.py --check does that);
 the candidates only change how the same work is divided.
@@ -32,7 +32,7 @@ from bench_kernels import WORKLOADS, make_inputs, measure, triton_path  # noqa: 
 BWD_TILES = [(16, 16, 1, 8), (8, 16, 1, 4), (8, 32, 1, 4), (16, 32, 1, 8), (8, 16, 4, 8), (16, 16, 2, 8)]
 #: Gather candidates, by channel block: (BLOCK_H, BLOCK_W, num_warps) for the launcher's BLOCK_C.
 GATHER_TILES = [(8, 16, 4), (16, 16, 8), (8, 32, 4), (16, 32, 8), (4, 32, 4)]
-#: Channels per program (kernels._common.CHANNEL_GROUP, forward and scatter backward) tried where C is larger.
+#: Channels per program (kernels._launch.CHANNEL_GROUP, forward and scatter backward) tried where C is larger.
 CHANNEL_GROUPS = [4, 8, 32, 64, 128]
 
 
@@ -44,15 +44,14 @@ def time_step(family, x, params, target, size, rep):  # type: ignore[no-untyped-
 def sweep(name: str, rep: int, variants_only: bool = False) -> None:
     import torch
 
-    from stn_lightning.kernels import _common, _gather, affine, grid, projective, tps
+    from stn_lightning.kernels import _gather, _launch, sampler
+    from stn_lightning.kernels.triton_ops import options
 
     family, b, c, h, w, k, ho, wo = WORKLOADS[name]
     x, params, target = make_inputs(family, b, c, h, w, k, torch.float32, "cuda")
     size = (ho, wo)
-    modules = (_gather, tps, grid)  # the modules whose launchers call bwd_config (affine, projective: via _gather)
-    default_bwd = _common.bwd_config
-    default_group, default_vector = _common.CHANNEL_GROUP, _common.VECTOR_ATOMICS
-    default_image_grad = affine.IMAGE_GRAD, projective.IMAGE_GRAD
+    default_bwd = sampler.bwd_config  # the backward launcher's tile choice
+    default_group, default_image_grad = _launch.CHANNEL_GROUP, options.image_grad
     rows: list[tuple[float, str]] = []
 
     def run(label: str) -> None:
@@ -63,30 +62,20 @@ def sweep(name: str, rep: int, variants_only: bool = False) -> None:
         torch.cuda.empty_cache()
 
     try:
-        affine.IMAGE_GRAD = projective.IMAGE_GRAD = "scatter"
+        options.set_image_grad("scatter")
         run(f"scatter, launcher's {default_bwd(c)}")
         for bh, bw, bc, warps in [] if variants_only else BWD_TILES:
-            config = {"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_C": min(bc, _common.block_c(c, 8)), "num_warps": warps}
-            config["CGROUP"] = max(_common.channel_group(c), config["BLOCK_C"])
-            for module in modules:
-                module.bwd_config = lambda channels, acc_dtype=None, config=config: {
-                    **config,
-                    "ACC_CP": _common.acc_channels(channels, acc_dtype),
-                }
+            config = {"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_C": min(bc, _launch.block_c(c, 8)), "num_warps": warps}
+            config["CGROUP"] = max(_launch.channel_group(c), config["BLOCK_C"])
+            sampler.bwd_config = lambda channels, config=config: dict(config)
             run(f"scatter, {config}")
-        for module in modules:
-            module.bwd_config = default_bwd
+        sampler.bwd_config = default_bwd
         for group in (g for g in CHANNEL_GROUPS if g < c and not variants_only):
-            _common.CHANNEL_GROUP = group
+            _launch.CHANNEL_GROUP = group
             run(f"scatter, launcher's tiles, {group} channels per program")
-        _common.CHANNEL_GROUP = default_group
-        if c > 1:
-            _common.VECTOR_ATOMICS = True
-            run(f"scatter, vector atomics, launcher's {default_bwd(c, torch.float32)}")
-            _common.VECTOR_ATOMICS = default_vector
+        _launch.CHANNEL_GROUP = default_group
         if family in ("affine", "projective"):
-            module = affine if family == "affine" else projective
-            module.IMAGE_GRAD = "gather"
+            options.set_image_grad("gather")
             proj = family == "projective"
             default_gather = dict(_gather.GATHER_TILES)
             run(f"gather, launcher's {_gather.gather_config(c, proj)}")
@@ -100,12 +89,10 @@ def sweep(name: str, rep: int, variants_only: bool = False) -> None:
                     _gather.GATHER_MAX_BLOCK_C = cap
                     run(f"gather, {_gather.gather_config(c, proj)}")
                 _gather.GATHER_MAX_BLOCK_C = default_block
-            module.IMAGE_GRAD = "scatter"
     finally:
-        for module in modules:
-            module.bwd_config = default_bwd
-        _common.CHANNEL_GROUP, _common.VECTOR_ATOMICS = default_group, default_vector
-        affine.IMAGE_GRAD, projective.IMAGE_GRAD = default_image_grad
+        sampler.bwd_config = default_bwd
+        _launch.CHANNEL_GROUP = default_group
+        options.set_image_grad(default_image_grad)
     print(f"\n## {name} float32, forward + backward ms (fastest first)")
     for ms, label in sorted(rows):
         print(f"  {ms:8.3f}  {label}")
@@ -118,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variants-only",
         action="store_true",
-        help="only the backward variants at the launchers' tiles: scatter, vector atomics, gather (affine)",
+        help="only the backward variants at the launchers' tiles: scatter and gather (affine, projective)",
     )
     args = parser.parse_args(argv)
     import torch

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -233,10 +233,10 @@ class Family:
     per_group: bool = False
 
 
-@dataclass(frozen=True)
-class Spec:
+class Spec(NamedTuple):
     """One call's options, recorded at the forward for the backward: the output size (Ho, Wo), align_corners,
-    padding_mode, mode, the padding value ``fill`` and the image gradient's implementation (``IMAGE_GRADS``)."""
+    padding_mode, mode, the padding value ``fill`` and the image gradient's implementation (``IMAGE_GRADS``). A
+    named tuple: made on every call, and a frozen dataclass takes twice as long to make."""
 
     family: Family
     size: tuple[int, int]
@@ -322,7 +322,9 @@ def backward(
     cfg = bwd_config(c)
     programs = programs_per_plane(c, ho, wo, cfg)
     slots = cdiv(c, cfg["CGROUP"]) if spec.family.per_group else programs
-    shape = (b, k, slots, *p.shape[2:]) if need_coord else (0,)
+    # (B, K, slots, ...) contiguous, allocated without the slots axis when there is one slot (the same layout): the
+    # gradient is then the buffer itself, which autograd can take as it is
+    shape = ((b, k, slots) if slots > 1 else (b, k)) + tuple(p.shape[2:]) if need_coord else (0,)
     part = (
         torch.zeros(shape, device=x.device, dtype=cdt) if gathered else torch.empty(shape, device=x.device, dtype=cdt)
     )
@@ -353,7 +355,7 @@ def backward(
         return grad_x, None
     if not (need_coord and part.numel()):
         return grad_x, torch.zeros_like(p)
-    grad_p = part[:, :, 0] if part.shape[2] == 1 else part.sum(2)  # (B, K, slots, ...) -> the shape of p
+    grad_p = part.sum(2) if slots > 1 else part  # (B, K, slots, ...) -> the shape of p
     if gathered_part is not None and gathered_part.numel():
         grad_p = grad_p + gathered_part.sum(2) * s  # each kernel's partial sums are zero where the other owns (b, k)
     return grad_x, grad_p.to(p.dtype)
