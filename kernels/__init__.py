@@ -6,13 +6,15 @@ Every public op takes images (B, C, H, W) and K sets of warp parameters per imag
 * ``"torch"``: the PyTorch path (kernels.torch_path: ``F.grid_sample`` over the stacked grids, with the
   contract's handling of non-finite points and ``fill``), on any device; kernels.reference is the exact oracle;
 * ``"triton"``: the fused Triton kernels (on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1);
-* ``"auto"`` (default): Triton for CUDA tensors when the Triton kernels are available, else PyTorch.
+* ``"auto"`` (default): on CUDA tensors, Triton for the ops and passes where the last GPU run recorded in
+  benchmarks/RESULTS-kernels.md shows it faster than the PyTorch path (``_AUTO_TRITON``), else PyTorch.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from . import reference, torch_path
@@ -52,8 +54,23 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, x: Tensor) -> Literal["torch", "triton"]:
-    """The implementation that ``backend`` selects for the image ``x``.
+#: The (op, pass) pairs for which backend="auto" takes Triton on CUDA tensors. The rule: Triton only where the last GPU
+#: run recorded in benchmarks/RESULTS-kernels.md (2026-11-27, H100, triton 3.6) measured it faster than the PyTorch
+#: path (its eager-stacked column, F.grid_sample over the stacked grids) for every workload and dtype it measured
+#: for that op; "forward" is a call without a gradient to track, "backward" one with (timed as forward + backward).
+#: Measured there: tps forward 0.77 / 0.84 ms against 2.14 / 2.15 (float32 / bfloat16): Triton. Every other pair
+#: lost somewhere or was not measured: tps forward + backward 7.70 against 4.05 ms, projective forward 0.92 against
+#: 0.68 and forward + backward 3.77 against 3.09 (float32), affine forward and forward + backward on feat56x2 and
+#: mnist2 (e.g. 1.28-1.50 against 0.68-0.84 ms), grid never timed. A new GPU run (benchmarks/gpu_session.sh) is what
+#: may move a pair in.
+_AUTO_TRITON = frozenset({("sample_tps_coefficients", "forward")})
+
+
+def resolve_backend(
+    backend: str, x: Tensor, op: str | None = None, needs_grad: bool = False
+) -> Literal["torch", "triton"]:
+    """The implementation that ``backend`` selects for the image ``x``, for the op named ``op`` (e.g.
+    "sample_affine") and a call that needs gradients (``needs_grad``) or not. "auto" without an op: PyTorch.
 
     Raises:
         ValueError: for an unknown backend name.
@@ -67,10 +84,32 @@ def resolve_backend(backend: str, x: Tensor) -> Literal["torch", "triton"]:
         if not triton_available():
             raise RuntimeError("backend='triton' was asked for, but the Triton kernels cannot be imported here")
         return "triton"
-    return "triton" if x.is_cuda and triton_available() else "torch"
+    if not x.is_cuda or (op, "backward" if needs_grad else "forward") not in _AUTO_TRITON:
+        return "torch"
+    return "triton" if triton_available() else "torch"
+
+
+class _Auto:
+    """backend="auto" on CUDA: each op picks its implementation per call, from ``_AUTO_TRITON``."""
+
+    def __getattr__(self, op: str):  # type: ignore[no-untyped-def]
+        def call(x: Tensor, params: Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+            needs_grad = torch.is_grad_enabled() and (x.requires_grad or params.requires_grad)
+            if resolve_backend("auto", x, op, needs_grad) == "triton":
+                from . import triton_ops
+
+                return getattr(triton_ops, op)(x, params, *args, **kwargs)
+            return getattr(torch_path, op)(x, params, *args, **kwargs)
+
+        return call
+
+
+_AUTO = _Auto()
 
 
 def _impl(backend: str, x: Tensor):  # type: ignore[no-untyped-def]
+    if backend == "auto" and x.is_cuda:
+        return _AUTO
     if resolve_backend(backend, x) == "triton":
         from . import triton_ops
 

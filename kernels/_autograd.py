@@ -122,14 +122,6 @@ def amp_backward(backward: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def reference_sample(family: Family, x: Tensor, params: Tensor, aux: Tensor, spec: Spec) -> Tensor:
-    """The PyTorch reference of one call: reference(x - fill) + fill, which is what ``fill`` means."""
-    size, ac, pad, mode = spec.size, spec.align_corners, spec.padding_mode, spec.mode
-    if spec.fill == 0.0:
-        return family.reference(x, params, aux, size, ac, pad, mode)
-    return family.reference(x - spec.fill, params, aux, size, ac, pad, mode) + spec.fill
-
-
 # --------------------------------------------------------------------------------------------------------------
 # autograd.Function (eager calls) and torch.library op (torch.compile)
 # --------------------------------------------------------------------------------------------------------------
@@ -186,7 +178,7 @@ if HAS_LIBRARY_OPS and _library_op() is None:
     @_sample_op.register_kernel("cpu")
     def _sample_cpu(x, params, aux, family, height, width, align_corners, padding_mode, mode, fill, image_grad):  # type: ignore[no-untyped-def]
         spec = _spec(family, height, width, align_corners, padding_mode, mode, fill, image_grad)
-        return reference_sample(spec.family, x, params, aux, spec)
+        return spec.reference(x, params, aux)
 
     @torch.library.triton_op("stn_lightning::sample_backward", mutates_args=())
     def _sample_bwd_op(
@@ -217,7 +209,7 @@ if HAS_LIBRARY_OPS and _library_op() is None:
         need_params,
     ):  # fmt: skip
         spec = _spec(family, height, width, align_corners, padding_mode, mode, fill, image_grad)
-        call = lambda xx, pp: reference_sample(spec.family, xx, pp, aux.detach(), spec)
+        call = lambda xx, pp: spec.reference(xx, pp, aux.detach())
         gx, gp = reference_vjp(call, grad, (x, params), (need_x, need_params))
         return gx, gp
 

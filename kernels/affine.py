@@ -83,8 +83,9 @@ def matrix_inputs(
     return params.to(dtype).contiguous(), scale, scale
 
 
-def _reference(x, theta, aux, size, align_corners, padding_mode, mode):  # type: ignore[no-untyped-def]
-    return reference.sample_affine(x, theta, size, align_corners=align_corners, padding_mode=padding_mode, mode=mode)
+def _reference(x, theta, aux, size, align_corners, padding_mode, mode, fill):  # type: ignore[no-untyped-def]
+    options = {"align_corners": align_corners, "padding_mode": padding_mode, "mode": mode, "fill": fill}
+    return reference.sample_affine(x, theta, size, **options)
 
 
 AFFINE = register(

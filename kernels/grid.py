@@ -61,8 +61,8 @@ def _grid_inputs(
     return grid, scalars, scalars
 
 
-def _reference(x, grid, aux, size, align_corners, padding_mode, mode):  # type: ignore[no-untyped-def]
-    return reference.sample_grid(x, grid, align_corners=align_corners, padding_mode=padding_mode, mode=mode)
+def _reference(x, grid, aux, size, align_corners, padding_mode, mode, fill):  # type: ignore[no-untyped-def]
+    return reference.sample_grid(x, grid, align_corners=align_corners, padding_mode=padding_mode, mode=mode, fill=fill)
 
 
 GRID = register(

@@ -78,8 +78,9 @@ def _projective_param_grad(
     tl.store(part_ptr + slot.to(tl.int64) * 9 + r, part, mask=r < 9)
 
 
-def _reference(x, h, aux, size, align_corners, padding_mode, mode):  # type: ignore[no-untyped-def]
-    return reference.sample_projective(x, h, size, align_corners=align_corners, padding_mode=padding_mode, mode=mode)
+def _reference(x, h, aux, size, align_corners, padding_mode, mode, fill):  # type: ignore[no-untyped-def]
+    options = {"align_corners": align_corners, "padding_mode": padding_mode, "mode": mode, "fill": fill}
+    return reference.sample_projective(x, h, size, **options)
 
 
 PROJECTIVE = register(

@@ -215,7 +215,8 @@ class Family:
         coords: the @triton.jit coordinate map (``COORDS``, see the module docstring).
         param_grad: the @triton.jit parameter-gradient epilogue (``PARAM_GRAD``).
         prepare: (x, params, aux, size, align_corners) -> (p, a, s), the kernels' tensor inputs.
-        reference: (x, params, aux, size, align_corners, padding_mode, mode) -> samples, the PyTorch reference.
+        reference: (x, params, aux, size, align_corners, padding_mode, mode, fill) -> samples, the PyTorch
+            reference (kernels.reference).
         gather: whether the gather backward (kernels/_gather.py) handles it ("affine" or "projective"), else None.
         strided: whether the kernels read p with its own strides (the grid), else p is contiguous.
         per_group: whether the epilogue writes one partial sum per channel group (the grid: d loss / d grid has
@@ -245,6 +246,12 @@ class Spec(NamedTuple):
     mode: str
     fill: float
     image_grad: str
+
+    def reference(self, x: Tensor, params: Tensor, aux: Tensor) -> Tensor:
+        """The same call of the family's PyTorch reference."""
+        return self.family.reference(
+            x, params, aux, self.size, self.align_corners, self.padding_mode, self.mode, self.fill
+        )
 
 
 def _param_strides(p: Tensor, family: Family) -> tuple[int, ...]:
@@ -388,7 +395,7 @@ def _reference_leftovers(
         return gx
     left = (flags == 0).view(*p.shape[:2], 1, 1, 1).to(grad.dtype)
     (gx_left,) = reference_vjp(
-        lambda xx: spec.family.reference(xx, p, a, spec.size, spec.align_corners, spec.padding_mode, spec.mode),
+        lambda xx: spec.reference(xx, p, a),
         grad * left,
         (x,),
         (True,),

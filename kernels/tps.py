@@ -110,10 +110,9 @@ def _tps_inputs(
     return coefficients.to(dtype).contiguous(), target, scalars
 
 
-def _reference(x, coefficients, target, size, align_corners, padding_mode, mode):  # type: ignore[no-untyped-def]
-    return reference.sample_tps_coefficients(
-        x, coefficients, target.detach(), size, align_corners=align_corners, padding_mode=padding_mode, mode=mode
-    )
+def _reference(x, coefficients, target, size, align_corners, padding_mode, mode, fill):  # type: ignore[no-untyped-def]
+    options = {"align_corners": align_corners, "padding_mode": padding_mode, "mode": mode, "fill": fill}
+    return reference.sample_tps_coefficients(x, coefficients, target.detach(), size, **options)
 
 
 TPS = register(Family("tps", "sample_tps_coefficients", _tps_coords, _tps_param_grad, _tps_inputs, _reference))

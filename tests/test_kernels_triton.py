@@ -16,6 +16,7 @@ import importlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
+import types  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -311,15 +312,17 @@ def test_forward_one_channel_at_a_time(ops, family, monkeypatch):
 
 
 def _check_fill(ops, family, x, p, size, fill, **options):
-    """The op with ``fill`` against its definition, reference(x - fill) + fill (zeros padding: an outside corner
-    reads fill; an invalid point outputs fill), output and both gradients (fill is a constant: no gradient)."""
+    """The op with ``fill`` against the reference with ``fill`` and against its definition, reference(x - fill) +
+    fill (zeros padding: an outside corner reads fill; an invalid point outputs fill), output and both gradients
+    (fill is a constant: no gradient of its own)."""
     out, gx, gp, grad = _run(ops, family, x, p, size, fill=fill, **options)
-    shifted = (x - fill).detach()
-    ref, rgx, rgp, _ = _run(reference, family, shifted, p, size, grad=grad, **options)
+    ref, rgx, rgp, _ = _run(reference, family, x, p, size, grad=grad, fill=fill, **options)
+    shifted, sgx, sgp, _ = _run(reference, family, (x - fill).detach(), p, size, grad=grad, **options)
     (ro, ao), (rx, ax), (rp, ap) = TOL[x.dtype]
-    torch.testing.assert_close(out, (ref + fill).to(out.dtype), rtol=ro, atol=ao)
-    torch.testing.assert_close(gx, rgx, rtol=rx, atol=ax)
-    torch.testing.assert_close(gp, rgp, rtol=rp, atol=ap)
+    for expected, egx, egp in ((ref, rgx, rgp), ((shifted + fill).to(out.dtype), sgx, sgp)):
+        torch.testing.assert_close(out, expected, rtol=ro, atol=ao)
+        torch.testing.assert_close(gx, egx, rtol=rx, atol=ax)
+        torch.testing.assert_close(gp, egp, rtol=rp, atol=ap)
     return out, gx, gp
 
 
@@ -590,6 +593,14 @@ def test_dispatcher(ops):
     theta = _params("affine", 1, 2)
     assert kernels.triton_available()
     assert kernels.resolve_backend("auto", x) == "torch"
+    # auto on CUDA: Triton only where the recorded GPU run measured it faster (benchmarks/RESULTS-kernels.md)
+    cuda = types.SimpleNamespace(is_cuda=True)
+    assert kernels.resolve_backend("auto", cuda, "sample_tps_coefficients", needs_grad=False) == "triton"
+    for op in ("sample_affine", "sample_projective", "sample_grid", "sample_tps_coefficients"):
+        assert kernels.resolve_backend("auto", cuda, op, needs_grad=True) == "torch"
+    for op in ("sample_affine", "sample_projective", "sample_grid", None):
+        assert kernels.resolve_backend("auto", cuda, op) == "torch"
+    assert kernels.resolve_backend("auto", x, "sample_tps_coefficients") == "torch"  # CPU tensors
     assert kernels.resolve_backend("triton", x) == "triton"
     with pytest.raises(ValueError, match="backend"):
         kernels.resolve_backend("cuda", x)
@@ -599,6 +610,26 @@ def test_dispatcher(ops):
     torch.testing.assert_close(
         kernels.sample_grid(x, grid, backend="triton"), reference.sample_grid(x, grid), rtol=1e-5, atol=1e-6
     )
+
+
+def test_auto_picks_per_call(ops, monkeypatch):
+    # backend="auto" on CUDA asks resolve_backend per call with the op and whether a gradient is needed (here on CPU
+    # tensors, with resolve_backend answering "triton" so that the interpreted kernels run).
+    asked = []
+
+    def resolve(backend, x, op=None, needs_grad=False):
+        asked.append((op, needs_grad))
+        return "triton"
+
+    monkeypatch.setattr(kernels, "resolve_backend", resolve)
+    x = _image(1, 2, 5, 5)
+    theta = _params("affine", 1, 2)
+    out = kernels._AUTO.sample_affine(x, theta, (4, 3))
+    torch.testing.assert_close(out, reference.sample_affine(x, theta, (4, 3)), rtol=1e-5, atol=1e-6)
+    kernels._AUTO.sample_affine(x, theta.requires_grad_(), (4, 3))
+    with torch.no_grad():
+        kernels._AUTO.sample_grid(x, _grid(1, 2, 3, 3))
+    assert asked == [("sample_affine", False), ("sample_affine", True), ("sample_grid", False)]
 
 
 def _library_ops_available():
