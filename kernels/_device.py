@@ -93,21 +93,40 @@ def _matrix_partials(ga, gb, gw, u, v, R: tl.constexpr):
 
 
 @triton.jit
-def _param_grads(part, s_ptr, R: tl.constexpr, E: tl.constexpr):
-    # d loss / d params from R entries of d loss / d M (the first E real, the rest junk the caller masks), where
-    # M = params * s entry by entry (see _affine_pixel_matrix, _projective_pixel_matrix).
+def _matrix_param_grad(part_ptr, slot, ga, gb, gw, u, v, s_ptr, ROWS: tl.constexpr):
+    # The program's partial sum of d loss / d params (3 ROWS entries at slot) of an affine (ROWS 2) or projective
+    # (ROWS 3) family, from d loss / d (a, b, w) per pixel: d loss / d M (_matrix_partials) times the pixel scales s,
+    # since M = params * s entry by entry (_pixel_matrix).
+    R: tl.constexpr = 8 if ROWS == 2 else 16
     r = tl.arange(0, R)
-    return part * tl.load(s_ptr + r, mask=r < E, other=0.0)
+    part = _matrix_partials(ga, gb, gw, u, v, R) * tl.load(s_ptr + r, mask=r < 3 * ROWS, other=0.0)
+    tl.store(part_ptr + slot.to(tl.int64) * (3 * ROWS) + r, part, mask=r < 3 * ROWS)
 
 
 # The affine and projective maps (shared by their families' coordinate maps and the gather kernel) ---------
 @triton.jit
-def _affine_matrix(m_ptr, bk, CDT: tl.constexpr):
-    # The six entries at m_ptr of (b, k), (B, K, 2, 3), as scalars in the compute dtype.
-    mk = m_ptr + bk.to(tl.int64) * 6
+def _matrix(mk, ROWS: tl.constexpr, CDT: tl.constexpr):
+    # The entries of the (ROWS, 3) matrix at mk as nine scalars in the compute dtype; an affine matrix (ROWS 2) gets
+    # the last row (0, 0, 1), which its users ignore.
     m00, m01, m02 = _load_row3(mk, CDT)
     m10, m11, m12 = _load_row3(mk + 3, CDT)
-    return m00, m01, m02, m10, m11, m12
+    m20, m21, m22 = 0.0, 0.0, 1.0
+    if ROWS == 3:
+        m20, m21, m22 = _load_row3(mk + 6, CDT)
+    return m00, m01, m02, m10, m11, m12, m20, m21, m22
+
+
+@triton.jit
+def _pixel_matrix(t_ptr, s_ptr, bk, ROWS: tl.constexpr, CDT: tl.constexpr):
+    # The pixel matrix of (b, k): the parameters (B, K, ROWS, 3) times the pixel scales s (ROWS, 3) entry by entry,
+    # one rounding each, as reference.affine_to_pixels / projective_to_pixels compute it.
+    t00, t01, t02, t10, t11, t12, t20, t21, t22 = _matrix(t_ptr + bk.to(tl.int64) * (3 * ROWS), ROWS, CDT)
+    s00, s01, s02, s10, s11, s12, s20, s21, s22 = _matrix(s_ptr, ROWS, CDT)
+    m00, m01, m02 = t00 * s00, t01 * s01, t02 * s02
+    m10, m11, m12 = t10 * s10, t11 * s11, t12 * s12
+    if ROWS == 3:
+        t20, t21, t22 = t20 * s20, t21 * s21, t22 * s22
+    return m00, m01, m02, m10, m11, m12, t20, t21, t22
 
 
 @triton.jit
@@ -120,16 +139,6 @@ def _affine_map(m00, m01, m02, m10, m11, m12, i, j, H, W, Ho, Wo, CDT: tl.conste
     ix = m00 * u + m01 * v + m02 + (W - 1) * 0.5
     iy = m10 * u + m11 * v + m12 + (H - 1) * 0.5
     return ix, iy, u, v
-
-
-@triton.jit
-def _projective_matrix(m_ptr, bk, CDT: tl.constexpr):
-    # The nine entries at m_ptr of (b, k), (B, K, 3, 3), as scalars in the compute dtype.
-    mk = m_ptr + bk.to(tl.int64) * 9
-    m00, m01, m02 = _load_row3(mk, CDT)
-    m10, m11, m12 = _load_row3(mk + 3, CDT)
-    m20, m21, m22 = _load_row3(mk + 6, CDT)
-    return m00, m01, m02, m10, m11, m12, m20, m21, m22
 
 
 @triton.jit
@@ -193,30 +202,33 @@ def _clamp_coords(ix, iy, valid, H, W, BORDER: tl.constexpr, FMAX: tl.constexpr)
 
 
 @triton.jit
+def _corners(ix, iy, valid, H, W):
+    # The bilinear corners of clamped points (ix, iy): x0 = floor(ix) as int32 (likewise y0), the weights formed
+    # exactly as in the reference (w1 = t - floor(t), w0 = 1 - w1) and, as [1, pixels] masks, which of the corners
+    # (x0, y0), (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1) are inside the image (none for an invalid point).
+    x0 = tl.floor(ix)
+    y0 = tl.floor(iy)
+    wx1 = ix - x0
+    wy1 = iy - y0
+    xi = x0.to(tl.int32)
+    yi = y0.to(tl.int32)
+    mx0 = (xi >= 0) & (xi < W)
+    mx1 = (xi >= -1) & (xi < W - 1)
+    my0 = valid & (yi >= 0) & (yi < H)
+    my1 = valid & (yi >= -1) & (yi < H - 1)
+    m00 = (my0 & mx0)[None, :]
+    m10 = (my0 & mx1)[None, :]
+    m01 = (my1 & mx0)[None, :]
+    m11 = (my1 & mx1)[None, :]
+    return xi, yi, 1.0 - wx1, wx1, 1.0 - wy1, wy1, m00, m10, m01, m11
+
+
+@triton.jit
 def _sample_tile(
-    out_ptr,
-    x_ptr,
-    ix,
-    iy,
-    valid,
-    out_pix,
-    pmask,
-    c_lo,
-    c_hi,
-    H,
-    W,
-    sxc,
-    sxh,
-    sxw,
-    soc,
-    fill,
-    BORDER: tl.constexpr,
-    NEAREST: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    CDT: tl.constexpr,
-    IDX64: tl.constexpr,
+    out_ptr, x_ptr, ix, iy, valid, out_pix, pmask, c_lo, c_hi, H, W, sxc, sxh, sxw, soc, fill,
+    BORDER: tl.constexpr, NEAREST: tl.constexpr, BLOCK_C: tl.constexpr, CDT: tl.constexpr, IDX64: tl.constexpr,
     FMAX: tl.constexpr,
-):
+):  # fmt: skip
     """Write the samples of one tile for channels [c_lo, c_hi): out_ptr and x_ptr point at (b, k) and b; out_pix is
     i * Wo + j. A corner outside the image, and an invalid point, read ``fill``."""
     ix, iy, valid, _, _ = _clamp_coords(ix, iy, valid, H, W, BORDER, FMAX)
@@ -233,27 +245,11 @@ def _sample_tile(
             oc = _offsets(cs, soc, IDX64)[:, None]
             tl.store(out_ptr + oc + out_pix[None, :], v, mask=cm[:, None] & pmask[None, :])
     else:
-        x0 = tl.floor(ix)
-        y0 = tl.floor(iy)
-        # Weights formed exactly as in the reference: w1 = t - floor(t), w0 = 1 - w1.
-        wx1 = ix - x0
-        wy1 = iy - y0
-        wx0 = 1.0 - wx1
-        wy0 = 1.0 - wy1
+        xi, yi, wx0, wx1, wy0, wy1, m00, m10, m01, m11 = _corners(ix, iy, valid, H, W)
         w00 = (wx0 * wy0)[None, :]
         w10 = (wx1 * wy0)[None, :]
         w01 = (wx0 * wy1)[None, :]
         w11 = (wx1 * wy1)[None, :]
-        xi = x0.to(tl.int32)
-        yi = y0.to(tl.int32)
-        mx0 = (xi >= 0) & (xi < W)
-        mx1 = (xi >= -1) & (xi < W - 1)
-        my0 = valid & (yi >= 0) & (yi < H)
-        my1 = valid & (yi >= -1) & (yi < H - 1)
-        m00 = (my0 & mx0)[None, :]
-        m10 = (my0 & mx1)[None, :]
-        m01 = (my1 & mx0)[None, :]
-        m11 = (my1 & mx1)[None, :]
         ox = _offsets(xi, sxw, IDX64)
         oy = _offsets(yi, sxh, IDX64)
         o00 = (oy + ox)[None, :]
@@ -276,43 +272,11 @@ def _sample_tile(
 
 @triton.jit
 def _scatter_tile(
-    gx_ptr,
-    x_ptr,
-    go_ptr,
-    bk,
-    K,
-    i,
-    j,
-    ix,
-    iy,
-    valid,
-    c_lo,
-    c_hi,
-    H,
-    W,
-    sxb,
-    sxc,
-    sxh,
-    sxw,
-    sgxb,
-    sgxc,
-    sgxh,
-    sgxw,
-    sgb,
-    sgk,
-    sgc,
-    sgh,
-    sgw,
-    fill,
-    BORDER: tl.constexpr,
-    NEAREST: tl.constexpr,
-    NEED_X_GRAD: tl.constexpr,
-    NEED_COORD_GRAD: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    CDT: tl.constexpr,
-    IDX64: tl.constexpr,
-    FMAX: tl.constexpr,
-):
+    gx_ptr, x_ptr, go_ptr, bk, K, i, j, ix, iy, valid, c_lo, c_hi, H, W,
+    sxb, sxc, sxh, sxw, sgxb, sgxc, sgxh, sgxw, sgb, sgk, sgc, sgh, sgw, fill,
+    BORDER: tl.constexpr, NEAREST: tl.constexpr, NEED_X_GRAD: tl.constexpr, NEED_COORD_GRAD: tl.constexpr,
+    BLOCK_C: tl.constexpr, CDT: tl.constexpr, IDX64: tl.constexpr, FMAX: tl.constexpr,
+):  # fmt: skip
     """Backward of one tile for channels [c_lo, c_hi): scatter grad_out into the image gradient, return the
     channels' share of d loss / d (ix, iy) per pixel.
 
@@ -345,22 +309,7 @@ def _scatter_tile(
                 gc = gx_ptr + _offsets(cs, sgxc, IDX64)[:, None]
                 tl.atomic_add(gc + gq, g.to(CDT), mask=cm & m, sem="relaxed")
     else:
-        x0 = tl.floor(ix)
-        y0 = tl.floor(iy)
-        wx1 = ix - x0
-        wy1 = iy - y0
-        wx0 = 1.0 - wx1
-        wy0 = 1.0 - wy1
-        xi = x0.to(tl.int32)
-        yi = y0.to(tl.int32)
-        mx0 = (xi >= 0) & (xi < W)
-        mx1 = (xi >= -1) & (xi < W - 1)
-        my0 = valid & (yi >= 0) & (yi < H)
-        my1 = valid & (yi >= -1) & (yi < H - 1)
-        m00 = (my0 & mx0)[None, :]
-        m10 = (my0 & mx1)[None, :]
-        m01 = (my1 & mx0)[None, :]
-        m11 = (my1 & mx1)[None, :]
+        xi, yi, wx0, wx1, wy0, wy1, m00, m10, m01, m11 = _corners(ix, iy, valid, H, W)
         for c0 in range(c_lo, c_hi, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)
             cm = (cs < c_hi)[:, None]

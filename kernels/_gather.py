@@ -25,13 +25,12 @@ from torch import Tensor
 from . import reference
 from ._device import (
     _affine_map,
-    _affine_matrix,
     _clamp_coords,
     _div,
     _finite,
+    _matrix,
     _offsets,
     _projective_map,
-    _projective_matrix,
     _round_half_even,
 )
 from ._launch import block_c, cdiv, device_context, interpreting, launch, needs_int64, num_tiles
@@ -192,50 +191,17 @@ def _row_sums(s0, s1, s2, s3, s4, s5, s6, s7, s8, R: tl.constexpr):
 
 @triton.jit
 def _gather_kernel(
-    # outputs
-    gx_ptr,
-    part_ptr,
-    flag_ptr,
-    # inputs
-    x_ptr,
-    go_ptr,
-    m_ptr,
-    # sizes
-    K,
-    C,
-    H,
-    W,
-    Ho,
-    Wo,
-    # strides of x, of the image gradient buffer and of grad_out
-    sxb,
-    sxc,
-    sxh,
-    sxw,
-    sgxb,
-    sgxc,
-    sgxh,
-    sgxw,
-    sgb,
-    sgk,
-    sgc,
-    sgh,
-    sgw,
-    # the padding value (its share of the matrix gradient: see the module docstring)
-    fill,
-    # options and tile sizes
-    PROJ: tl.constexpr,
-    HAS_FILL: tl.constexpr,
-    NEAREST: tl.constexpr,
-    NEED_PARAM_GRAD: tl.constexpr,
-    CAP: tl.constexpr,
-    EPS: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    F64: tl.constexpr,
-    IDX64: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-):
+    gx_ptr, part_ptr, flag_ptr,  # outputs
+    x_ptr, go_ptr, m_ptr,  # inputs
+    K, C, H, W, Ho, Wo,  # sizes
+    sxb, sxc, sxh, sxw,  # strides of x
+    sgxb, sgxc, sgxh, sgxw,  # strides of the image gradient buffer
+    sgb, sgk, sgc, sgh, sgw,  # strides of grad_out
+    fill,  # the padding value (its share of the matrix gradient: see the module docstring)
+    PROJ: tl.constexpr, HAS_FILL: tl.constexpr, NEAREST: tl.constexpr, NEED_PARAM_GRAD: tl.constexpr,  # options
+    CAP: tl.constexpr, EPS: tl.constexpr, BLOCK_C: tl.constexpr, F64: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,  # tile
+):  # fmt: skip
     # One program = one BLOCK_H x BLOCK_W tile of input pixels (qy, qx) of image b and one block of channels; it
     # loops over the K transformers and writes the tile's image gradient (zeros padding only) with plain stores,
     # and with NEED_PARAM_GRAD (bilinear) the tile's share of each well-conditioned (b, k)'s matrix gradient.
@@ -288,12 +254,12 @@ def _gather_kernel(
     for k in range(0, K):
         bk = b * K + k
         if PROJ:
-            m00, m01, m02, m10, m11, m12, m20, m21, m22 = _projective_matrix(m_ptr, bk, CDT)
+            m00, m01, m02, m10, m11, m12, m20, m21, m22 = _matrix(m_ptr + bk.to(tl.int64) * 9, 3, CDT)
             well, c00, c01, c02, c10, c11, c12, c20, c21, c22, hu, hv, su, sv = _projective_window(
                 m00, m01, m02, m10, m11, m12, m20, m21, m22, H, W, Ho, Wo, CAP, F64
             )
         else:
-            m00, m01, m02, m10, m11, m12 = _affine_matrix(m_ptr, bk, CDT)
+            m00, m01, m02, m10, m11, m12, _, _, _ = _matrix(m_ptr + bk.to(tl.int64) * 6, 2, CDT)
             well, a00, a01, a10, a11, hu, hv, su, sv = _affine_window(
                 m00, m01, m02, m10, m11, m12, H, W, Ho, Wo, CAP, F64
             )

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import reference
 from ._autograd import register, sample
-from ._device import _affine_map, _affine_matrix, _load_row3, _matrix_partials, _param_grads
+from ._device import _affine_map, _matrix_param_grad, _pixel_matrix
 from .reference import Mode, Padding
 from .sampler import Family
 
@@ -25,33 +25,11 @@ __all__ = ["AFFINE", "matrix_inputs", "sample_affine"]
 
 @triton.jit
 def _affine_coords(
-    m_ptr,
-    a_ptr,
-    s_ptr,
-    bk,
-    K,
-    N,
-    i,
-    j,
-    pmask,
-    H,
-    W,
-    Ho,
-    Wo,
-    spb,
-    spk,
-    sph,
-    spw,
-    spd,
-    CDT: tl.constexpr,
-    FMAX: tl.constexpr,
-):
-    # The pixel matrix of (b, k): theta (B, K, 2, 3) times the pixel scales s (2, 3) entry by entry, one rounding
-    # each, as reference.affine_to_pixels computes it; then the coordinates of _affine_map. Every point is valid.
-    t00, t01, t02, t10, t11, t12 = _affine_matrix(m_ptr, bk, CDT)
-    s00, s01, s02 = _load_row3(s_ptr, CDT)
-    s10, s11, s12 = _load_row3(s_ptr + 3, CDT)
-    m00, m01, m02, m10, m11, m12 = t00 * s00, t01 * s01, t02 * s02, t10 * s10, t11 * s11, t12 * s12
+    m_ptr, a_ptr, s_ptr, bk, K, N, i, j, pmask, H, W, Ho, Wo, spb, spk, sph, spw, spd,
+    CDT: tl.constexpr, FMAX: tl.constexpr,
+):  # fmt: skip
+    # The coordinates of _affine_map under the pixel matrix of (b, k). Every point is valid.
+    m00, m01, m02, m10, m11, m12, _, _, _ = _pixel_matrix(m_ptr, s_ptr, bk, 2, CDT)
     ix, iy, u, v = _affine_map(m00, m01, m02, m10, m11, m12, i, j, H, W, Ho, Wo, CDT)
     return ix, iy, pmask, u, v, u, u, u
 
@@ -61,10 +39,8 @@ def _affine_param_grad(
     part_ptr, slot, bk, c_lo, i, j, pmask, gix, giy, u, v, e2, e3, e4, a_ptr, s_ptr, N, C, Ho, Wo,
     CGROUP: tl.constexpr, CDT: tl.constexpr,
 ):  # fmt: skip
-    # The program's partial sum of d loss / d theta (6 entries at slot): d loss / d M scaled by the pixel scales.
-    r = tl.arange(0, 8)
-    part = _param_grads(_matrix_partials(gix, giy, giy, u, v, 8), s_ptr, 8, 6)
-    tl.store(part_ptr + slot.to(tl.int64) * 6 + r, part, mask=r < 6)
+    # d loss / d (a, b) = (gix, giy) with ix = a + cx, iy = b + cy: the partial sum of d loss / d theta at slot.
+    _matrix_param_grad(part_ptr, slot, gix, giy, giy, u, v, s_ptr, 2)
 
 
 def matrix_inputs(

@@ -93,11 +93,7 @@ def sample_grid(
     Returns:
         (B, K, C, Ho, Wo), contiguous, in x's dtype.
     """
-    reference.check_image(x)
+    reference.check_grid(x, grid)
     reference.check_options(padding_mode, mode)
-    if not isinstance(grid, Tensor) or grid.dim() != 5 or grid.shape[-1] != 2 or grid.shape[0] != x.shape[0]:
-        shape = tuple(grid.shape) if isinstance(grid, Tensor) else type(grid).__name__
-        raise ValueError(f"expected a grid of shape (B={x.shape[0]}, K, Ho, Wo, 2), got {shape}")
-    reference.check_params(x, grid, "grid", tuple(grid.shape[2:]))
     size = (grid.shape[2], grid.shape[3])
     return sample(GRID, x, grid, None, size, align_corners, padding_mode, mode, fill, image_grad)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import reference
 from ._autograd import register, sample
-from ._device import _div, _load_row3, _matrix_partials, _param_grads, _projective_map, _projective_matrix
+from ._device import _div, _matrix_param_grad, _pixel_matrix, _projective_map
 from .affine import matrix_inputs
 from .reference import Mode, Padding
 from .sampler import Family
@@ -48,15 +48,8 @@ def _projective_coords(
     CDT: tl.constexpr,
     FMAX: tl.constexpr,
 ):
-    # The pixel homography of (b, k): h (B, K, 3, 3) times the pixel scales s (3, 3) entry by entry, one rounding
-    # each, as reference.projective_to_pixels computes it; then the coordinates of _projective_map.
-    t00, t01, t02, t10, t11, t12, t20, t21, t22 = _projective_matrix(m_ptr, bk, CDT)
-    s00, s01, s02 = _load_row3(s_ptr, CDT)
-    s10, s11, s12 = _load_row3(s_ptr + 3, CDT)
-    s20, s21, s22 = _load_row3(s_ptr + 6, CDT)
-    m00, m01, m02 = t00 * s00, t01 * s01, t02 * s02
-    m10, m11, m12 = t10 * s10, t11 * s11, t12 * s12
-    m20, m21, m22 = t20 * s20, t21 * s21, t22 * s22
+    # The coordinates of _projective_map under the pixel homography of (b, k).
+    m00, m01, m02, m10, m11, m12, m20, m21, m22 = _pixel_matrix(m_ptr, s_ptr, bk, 3, CDT)
     ix, iy, ok, u, v, a, b, w = _projective_map(
         m00, m01, m02, m10, m11, m12, m20, m21, m22, i, j, H, W, Ho, Wo, CDT, FMAX, _EPS
     )
@@ -73,9 +66,7 @@ def _projective_param_grad(
     ga = _div(gix, w)
     gb = _div(giy, w)
     gw = -_div(gix * a, w * w) - _div(giy * b, w * w)
-    r = tl.arange(0, 16)
-    part = _param_grads(_matrix_partials(ga, gb, gw, u, v, 16), s_ptr, 16, 9)
-    tl.store(part_ptr + slot.to(tl.int64) * 9 + r, part, mask=r < 9)
+    _matrix_param_grad(part_ptr, slot, ga, gb, gw, u, v, s_ptr, 3)
 
 
 def _reference(x, h, aux, size, align_corners, padding_mode, mode, fill):  # type: ignore[no-untyped-def]

@@ -53,46 +53,17 @@ IMAGE_GRADS = ("scatter", "gather")
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _sample_fwd_kernel(
-    # outputs
-    out_ptr,
-    # inputs
-    x_ptr,
-    p_ptr,
-    a_ptr,
-    s_ptr,
-    # sizes
-    K,
-    N,
-    C,
-    H,
-    W,
-    Ho,
-    Wo,
-    # strides of x and of the parameters (read by the grid family only)
-    sxb,
-    sxc,
-    sxh,
-    sxw,
-    spb,
-    spk,
-    sph,
-    spw,
-    spd,
-    # the value that points outside the image (zeros padding) and invalid points read
-    fill,
-    # the family, options and tile sizes
-    COORDS: tl.constexpr,
-    HAS_FILL: tl.constexpr,
-    BORDER: tl.constexpr,
-    NEAREST: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    CGROUP: tl.constexpr,
-    F64: tl.constexpr,
-    IDX64: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-    SPLIT_C: tl.constexpr,
-):
+    out_ptr,  # output
+    x_ptr, p_ptr, a_ptr, s_ptr,  # inputs
+    K, N, C, H, W, Ho, Wo,  # sizes
+    sxb, sxc, sxh, sxw,  # strides of x
+    spb, spk, sph, spw, spd,  # strides of the parameters (read by the grid family only)
+    fill,  # the value that points outside the image (zeros padding) and invalid points read
+    COORDS: tl.constexpr, HAS_FILL: tl.constexpr,  # the family's coordinate map, fill != 0
+    BORDER: tl.constexpr, NEAREST: tl.constexpr, BLOCK_C: tl.constexpr, CGROUP: tl.constexpr,  # options
+    F64: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_C: tl.constexpr,  # tile (autotuned)
+):  # fmt: skip
     # compute dtype (float64 when the image or the parameters are float64) and its largest finite value
     CDT = tl.float64 if F64 else tl.float32
     FMAX = 1.7976931348623157e308 if F64 else 3.4028234663852886e38
@@ -119,61 +90,19 @@ _sample_fwd_tuned = fwd_autotune(_sample_fwd_kernel)
 
 @triton.jit
 def _sample_bwd_kernel(
-    # outputs
-    gx_ptr,
-    part_ptr,
-    # inputs
-    x_ptr,
-    go_ptr,
-    p_ptr,
-    a_ptr,
-    s_ptr,
-    flag_ptr,
-    # sizes
-    K,
-    N,
-    C,
-    H,
-    W,
-    Ho,
-    Wo,
-    # strides of x, of the image gradient buffer, of grad_out and of the parameters (the grid family's)
-    sxb,
-    sxc,
-    sxh,
-    sxw,
-    sgxb,
-    sgxc,
-    sgxh,
-    sgxw,
-    sgb,
-    sgk,
-    sgc,
-    sgh,
-    sgw,
-    spb,
-    spk,
-    sph,
-    spw,
-    spd,
-    # the value that points outside the image read (a constant: it enters the coordinate gradient only)
-    fill,
-    # the family, options and tile sizes
-    COORDS: tl.constexpr,
-    PARAM_GRAD: tl.constexpr,
-    HAS_FILL: tl.constexpr,
-    BORDER: tl.constexpr,
-    NEAREST: tl.constexpr,
-    NEED_X_GRAD: tl.constexpr,
-    NEED_PARAM_GRAD: tl.constexpr,
-    SKIP_GATHERED: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    CGROUP: tl.constexpr,
-    F64: tl.constexpr,
-    IDX64: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-):
+    gx_ptr, part_ptr,  # outputs: the image gradient buffer, the parameter gradient's partial sums
+    x_ptr, go_ptr, p_ptr, a_ptr, s_ptr, flag_ptr,  # inputs (flag_ptr: the gather's flags, with SKIP_GATHERED)
+    K, N, C, H, W, Ho, Wo,  # sizes
+    sxb, sxc, sxh, sxw,  # strides of x
+    sgxb, sgxc, sgxh, sgxw,  # strides of the image gradient buffer
+    sgb, sgk, sgc, sgh, sgw,  # strides of grad_out
+    spb, spk, sph, spw, spd,  # strides of the parameters (read by the grid family only)
+    fill,  # the value that points outside the image read (a constant: it enters the coordinate gradient only)
+    COORDS: tl.constexpr, PARAM_GRAD: tl.constexpr, HAS_FILL: tl.constexpr,  # the family's functions, fill != 0
+    BORDER: tl.constexpr, NEAREST: tl.constexpr, NEED_X_GRAD: tl.constexpr, NEED_PARAM_GRAD: tl.constexpr,
+    SKIP_GATHERED: tl.constexpr, BLOCK_C: tl.constexpr, CGROUP: tl.constexpr, F64: tl.constexpr,
+    IDX64: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
     # compute dtype (float64 when the image or the parameters are float64) and its largest finite value
     CDT = tl.float64 if F64 else tl.float32
     FMAX = 1.7976931348623157e308 if F64 else 3.4028234663852886e38
