@@ -251,6 +251,32 @@ def test_fill(family, monkeypatch):
     assert len(module.flags) == 1 and bool(module.flags[0].all())
 
 
+@pytest.mark.parametrize("family", ["affine", "projective"])
+def test_deterministic_algorithms_bitwise(family):
+    # torch.use_deterministic_algorithms(True) gathers the image gradient whatever options.image_grad says: the
+    # same bits on every run (on a GPU the scatter's atomics add in a different order on every run), the warps the
+    # gather leaves (here one singular warp) from the reference.
+    import importlib
+
+    ops = importlib.import_module("stn_lightning.kernels.triton_ops")
+    h, w = (9, 7) if INTERPRETED else (96, 80)
+    x = _image(2, 3, h, w, seed=8).to(DEVICE)
+    rows = _theta(_rotation(20, 0.9), ZOOM_OUT, (0,) * 6) if family == "affine" else _homography(H_TILT, H_ZOOM_OUT)
+    params = rows.expand(2, -1, -1, -1).float().to(DEVICE)
+    grad = torch.randn(2, params.shape[1], 3, h - 2, w + 3, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [_grads(ops, x, params, (h - 2, w + 3), grad, family=family) for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for gx, gt in runs[1:]:
+        assert torch.equal(gx, runs[0][0]) and torch.equal(gt, runs[0][1])
+    rgx, rgt = _grads(reference, x, params, (h - 2, w + 3), grad, family=family)
+    torch.testing.assert_close(runs[0][0], rgx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(runs[0][1], rgt, rtol=1e-4, atol=1e-4)
+
+
 _FRESH = """
 import sys
 sys.path.insert(0, "benchmarks")
