@@ -358,7 +358,7 @@ def _mismatch_fraction(a, b) -> float:  # type: ignore[no-untyped-def]
     return float(((a - b).abs() > 1e-2 * (1 + b.abs())).double().mean())
 
 
-def _parity_case(family, dtype, pad, mode, ac, cl, target, g):  # type: ignore[no-untyped-def]
+def _parity_case(family, dtype, pad, mode, ac, cl, target, g, fill=0.0):  # type: ignore[no-untyped-def]
     """Errors (output, image gradient, parameter gradient) of the Triton ops against the float32 reference.
 
     The reference runs on the same (rounded) half-precision values upcast to float32, with the same rounded
@@ -388,7 +388,7 @@ def _parity_case(family, dtype, pad, mode, ac, cl, target, g):  # type: ignore[n
     results = []
     for impl, xin in ((triton_ops, x), (reference, x.float())):
         xa, pa = xin.detach().clone().requires_grad_(), p.detach().clone().requires_grad_()
-        out = sample(impl, family, xa, pa, target, size, align_corners=ac, padding_mode=pad, mode=mode)
+        out = sample(impl, family, xa, pa, target, size, align_corners=ac, padding_mode=pad, mode=mode, fill=fill)
         if grad is None:
             assert out.dtype == dtype and xa.is_contiguous(memory_format=torch.channels_last) == cl
             grad = torch.randn(out.shape, device=dev, generator=torch.Generator(device=dev).manual_seed(1)).to(dtype)
@@ -398,9 +398,9 @@ def _parity_case(family, dtype, pad, mode, ac, cl, target, g):  # type: ignore[n
     (o, gx, gp), (ro, rgx, rgp) = results
     assert gx.dtype == dtype and gx.stride() == x.stride(), (gx.dtype, gx.stride(), x.stride())
     # The first call went through the forward's autotuner; a second with the same signature launches the kernel
-    # with the autotuner's choice directly (kernels._common.launch): the same kernel, so the same output bit for bit.
+    # with the autotuner's choice directly (kernels._launch.launch): the same kernel, so the same output bit for bit.
     with torch.no_grad():
-        again = sample(triton_ops, family, x, p, target, size, align_corners=ac, padding_mode=pad, mode=mode)
+        again = sample(triton_ops, family, x, p, target, size, align_corners=ac, padding_mode=pad, mode=mode, fill=fill)
     assert torch.equal(again, o), "a second call (the autotuner's cached choice) changed the output"
     err = _mismatch_fraction if mode == "nearest" else _mixed_err
     out_err, gx_err = err(o, ro), err(gx, rgx)
@@ -433,14 +433,15 @@ def run_checks() -> bool:
         if only and str(dtype)[6:] not in only:
             continue
         for family in families:
-            for pad, mode, ac, cl in (
-                ("zeros", "bilinear", False, False),
-                ("border", "bilinear", True, True),
-                ("zeros", "nearest", True, False),
+            for pad, mode, ac, cl, fill in (
+                ("zeros", "bilinear", False, False, 0.0),
+                ("border", "bilinear", True, True, 0.0),
+                ("zeros", "nearest", True, False, 0.0),
+                ("zeros", "bilinear", False, True, -0.75),  # a padding value: outside corners read it
             ):
-                name = f"parity {family} {str(dtype)[6:]} {pad} {mode} ac={ac} cl={cl}"
+                name = f"parity {family} {str(dtype)[6:]} {pad} {mode} ac={ac} cl={cl} fill={fill}"
                 try:
-                    errs = _parity_case(family, dtype, pad, mode, ac, cl, target, g)
+                    errs = _parity_case(family, dtype, pad, mode, ac, cl, target, g, fill)
                 except Exception:  # report and go on: one broken variant must not hide the others
                     ok &= _report(name, False, traceback.format_exc(limit=-3).replace("\n", " | ")[-1500:])
                     continue

@@ -57,7 +57,7 @@ STAGES=${*:-checks variants quick compile more bench train}
 HEADLINE=(--workloads ${BENCH_WORKLOADS:-cub448x4 feat56x2 mnist2} --dtypes ${BENCH_DTYPES:-float32 bfloat16} --rep 50)
 for name in $STAGES; do
     case $name in
-    checks) stage checks "${CHECK_LIMIT:-150}" python3 benchmarks/bench_kernels.py --check-only ;;
+    checks) stage checks "${CHECK_LIMIT:-200}" python3 benchmarks/bench_kernels.py --check-only ;;
     quick) stage quick 90 python3 benchmarks/bench_kernels.py "${HEADLINE[@]}" --skip-compile --json "$OUT/quick.json" ;;
     gather) stage gather 180 env STN_CHECK_FAMILIES="affine projective" bash -c 'python3 benchmarks/bench_kernels.py \
         --check-only --image-grad gather && python3 benchmarks/bench_kernels.py "$@"' _ "${HEADLINE[@]}" \

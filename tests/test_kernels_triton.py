@@ -250,7 +250,7 @@ def test_forward_without_autograd(ops, family):
 @pytest.mark.parametrize("family", ["affine", "projective", "tps", "grid"])
 def test_backward_while_recording(ops, family):
     # The backward skips custom_bwd's and once_differentiable's contexts unless grad mode is on (create_graph) or
-    # autocast is (kernels._common.amp_backward): with create_graph the gradients are the same bit for bit, and
+    # autocast is (kernels._autograd.amp_backward): with create_graph the gradients are the same bit for bit, and
     # differentiating them again raises once_differentiable's error instead of giving a wrong second derivative.
     x = _image(1, 2, 6, 5, seed=4)
     p = _grid(1, 2, 4, 3) if family == "grid" else _params(family, 1, 2, seed=6)
