@@ -98,9 +98,10 @@ def sass_stats(compiled: Any) -> dict[str, int]:
     return stats
 
 
-def kernels_to_report(channels: int) -> list[tuple[str, Callable, dict[str, Any], int, dict[str, int]]]:
-    """(label, kernel, constexprs, num_warps, integer arguments that differ from ``sizes``) for every kernel, with
-    the tiles its launcher picks on a GPU. The sampler's two kernels are reported once per family (``COORDS``)."""
+def kernels_to_report(channels: int) -> list[tuple[str, Callable, dict[str, Any], int, dict[str, Any]]]:
+    """(label, kernel, constexprs, num_warps, integer arguments that differ from ``sizes`` and, under "pointers",
+    pointer types other than float32) for every kernel, with the tiles its launcher picks on a GPU. The sampler's
+    two kernels are reported once per family (``COORDS``)."""
     from stn_lightning.kernels import _gather, affine, grid, projective, reference, sampler, tps
     from stn_lightning.kernels._launch import _FWD_CONFIGS, bwd_config, channel_group, fwd_block_c
 
@@ -123,7 +124,7 @@ def kernels_to_report(channels: int) -> list[tuple[str, Callable, dict[str, Any]
     pgather = {**gather, **pgather_cfg}
     gather |= gather_cfg
     fwd_k, bwd_k = sampler._sample_fwd_kernel, sampler._sample_bwd_kernel
-    rows: list[tuple[str, Callable, dict[str, Any], int, dict[str, int]]] = []
+    rows: list[tuple[str, Callable, dict[str, Any], int, dict[str, Any]]] = []
     # N: rows of the auxiliary tensor (the scale matrix, the spline's 16 control points, the grid's 2 scalars);
     # the parameters' strides are the grid's, zeros for the others (see sampler._param_strides)
     no_strides = {"spb": 0, "spk": 0, "sph": 0, "spw": 0, "spd": 0}
@@ -142,9 +143,13 @@ def kernels_to_report(channels: int) -> list[tuple[str, Callable, dict[str, Any]
         rows.append((f"{name} bwd" + (" (scatter)" if name == "affine" else ""), bwd_k, both, bwd_warps, ints))
         if family.gather is not None:
             rows.append((f"{name} bwd (after gather)", bwd_k, {**both, "SKIP_GATHERED": True}, bwd_warps, ints))
-        # a padding value other than 0 (HAS_FILL): the masked loads read it from a register
+        # a padding value other than 0 (HAS_FILL): the masked loads read it from a register; with a bfloat16 image,
+        # a select after each load (the load's other would round fill to bfloat16)
         rows.append((f"{name} fwd (fill)", fwd_k, {**fwd, **coords, "HAS_FILL": True}, fwd_warps, ints))
         rows.append((f"{name} bwd (fill)", bwd_k, {**both, "HAS_FILL": True}, bwd_warps, ints))
+        half = {**ints, "pointers": {"x_ptr": "*bf16", "out_ptr": "*bf16", "go_ptr": "*bf16"}}
+        rows.append((f"{name} fwd (fill, bfloat16)", fwd_k, {**fwd, **coords, "HAS_FILL": True}, fwd_warps, half))
+        rows.append((f"{name} bwd (fill, bfloat16)", bwd_k, {**both, "HAS_FILL": True}, bwd_warps, half))
     rows.append(("affine gather", _gather._gather_kernel, {**gather, "PROJ": False}, gather_warps, {}))
     rows.append(("projective gather", _gather._gather_kernel, {**pgather, "PROJ": True}, pgather_warps, {}))
     return rows
@@ -177,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     for label, fn, consts, warps, own in kernels_to_report(args.channels):
         if args.only and not any(s in label for s in args.only):
             continue
-        stats = sass_stats(compile_sm90(fn, {**ints, **own}, consts, warps))
+        own = dict(own)
+        pointers = own.pop("pointers", None)
+        stats = sass_stats(compile_sm90(fn, {**ints, **own}, consts, warps, pointers))
         print("| " + " | ".join([label, *(str(stats[h]) for h in header[1:])]) + " |", flush=True)
     return 0
 

@@ -224,8 +224,17 @@ def _corners(ix, iy, valid, H, W):
 
 
 @triton.jit
+def _read_fill(ptr, mask, fill, CDT: tl.constexpr):
+    # Image values in the compute dtype where mask holds, else fill, for the coordinate gradient of half-precision
+    # images: as the load's other, fill would be rounded to the image's dtype, an error that the gradient's float32
+    # sums over many pixels keep (0.4 % of an affine theta's gradient in bfloat16). Images in the compute dtype take
+    # fill as the load's other (written out at the call site: through a function ptxas took more registers).
+    return tl.where(mask, tl.load(ptr, mask=mask, other=0.0).to(CDT), fill)
+
+
+@triton.jit
 def _sample_tile(
-    out_ptr, x_ptr, ix, iy, valid, out_pix, pmask, c_lo, c_hi, H, W, sxc, sxh, sxw, soc, fill,
+    out_ptr, x_ptr, ix, iy, valid, out_pix, pmask, c_lo, c_hi, H, W, sxc, sxh, sxw, soc, fill, HAS_FILL: tl.constexpr,
     BORDER: tl.constexpr, NEAREST: tl.constexpr, BLOCK_C: tl.constexpr, CDT: tl.constexpr, IDX64: tl.constexpr,
     FMAX: tl.constexpr,
 ):  # fmt: skip
@@ -260,6 +269,8 @@ def _sample_tile(
             cs = c0 + tl.arange(0, BLOCK_C)
             cm = (cs < c_hi)[:, None]
             xc = x_ptr + _offsets(cs, sxc, IDX64)[:, None]
+            # In a half-precision image fill is rounded to its dtype by the loads: at most half an ulp of fill in
+            # the sample, which is rounded to that dtype anyway (a select in float32 cost 24 to 55 registers).
             v00 = tl.load(xc + o00, mask=cm & m00, other=fill).to(CDT)
             v10 = tl.load(xc + o10, mask=cm & m10, other=fill).to(CDT)
             v01 = tl.load(xc + o01, mask=cm & m01, other=fill).to(CDT)
@@ -273,7 +284,7 @@ def _sample_tile(
 @triton.jit
 def _scatter_tile(
     gx_ptr, x_ptr, go_ptr, bk, K, i, j, ix, iy, valid, c_lo, c_hi, H, W,
-    sxb, sxc, sxh, sxw, sgxb, sgxc, sgxh, sgxw, sgb, sgk, sgc, sgh, sgw, fill,
+    sxb, sxc, sxh, sxw, sgxb, sgxc, sgxh, sgxw, sgb, sgk, sgc, sgh, sgw, fill, HAS_FILL: tl.constexpr,
     BORDER: tl.constexpr, NEAREST: tl.constexpr, NEED_X_GRAD: tl.constexpr, NEED_COORD_GRAD: tl.constexpr,
     BLOCK_C: tl.constexpr, CDT: tl.constexpr, IDX64: tl.constexpr, FMAX: tl.constexpr,
 ):  # fmt: skip
@@ -329,10 +340,16 @@ def _scatter_tile(
                 ox = _offsets(xi, sxw, IDX64)
                 oy = _offsets(yi, sxh, IDX64)
                 xc = x_ptr + _offsets(cs, sxc, IDX64)[:, None]
-                v00 = tl.load(xc + (oy + ox)[None, :], mask=cm & m00, other=fill).to(CDT)
-                v10 = tl.load(xc + (oy + ox + sxw)[None, :], mask=cm & m10, other=fill).to(CDT)
-                v01 = tl.load(xc + (oy + sxh + ox)[None, :], mask=cm & m01, other=fill).to(CDT)
-                v11 = tl.load(xc + (oy + sxh + ox + sxw)[None, :], mask=cm & m11, other=fill).to(CDT)
+                if HAS_FILL and x_ptr.dtype.element_ty != CDT:
+                    v00 = _read_fill(xc + (oy + ox)[None, :], cm & m00, fill, CDT)
+                    v10 = _read_fill(xc + (oy + ox + sxw)[None, :], cm & m10, fill, CDT)
+                    v01 = _read_fill(xc + (oy + sxh + ox)[None, :], cm & m01, fill, CDT)
+                    v11 = _read_fill(xc + (oy + sxh + ox + sxw)[None, :], cm & m11, fill, CDT)
+                else:
+                    v00 = tl.load(xc + (oy + ox)[None, :], mask=cm & m00, other=fill).to(CDT)
+                    v10 = tl.load(xc + (oy + ox + sxw)[None, :], mask=cm & m10, other=fill).to(CDT)
+                    v01 = tl.load(xc + (oy + sxh + ox)[None, :], mask=cm & m01, other=fill).to(CDT)
+                    v11 = tl.load(xc + (oy + sxh + ox + sxw)[None, :], mask=cm & m11, other=fill).to(CDT)
                 # d out / d ix = sum_y w_y (v(x0 + 1, y) - v(x0, y)), likewise for iy.
                 gix2 += g * ((v10 - v00) * wy0[None, :] + (v11 - v01) * wy1[None, :])
                 giy2 += g * ((v01 - v00) * wx0[None, :] + (v11 - v10) * wx1[None, :])

@@ -80,7 +80,7 @@ def _sample_fwd_kernel(
     if IDX64:
         out_pix = i.to(tl.int64) * Wo + j
     _sample_tile(
-        out_bk, x_b, ix, iy, pmask & valid, out_pix, pmask, c_lo, c_hi, H, W, sxc, sxh, sxw, Ho * Wo, fill,
+        out_bk, x_b, ix, iy, pmask & valid, out_pix, pmask, c_lo, c_hi, H, W, sxc, sxh, sxw, Ho * Wo, fill, HAS_FILL,
         BORDER, NEAREST, 1 if SPLIT_C else BLOCK_C, CDT, IDX64, FMAX,
     )  # fmt: skip
 
@@ -121,7 +121,7 @@ def _sample_bwd_kernel(
         )
         gix, giy = _scatter_tile(
             gx_ptr, x_ptr, go_ptr, bk, K, i, j, ix, iy, pmask & valid, c_lo, c_hi, H, W,
-            sxb, sxc, sxh, sxw, sgxb, sgxc, sgxh, sgxw, sgb, sgk, sgc, sgh, sgw, fill,
+            sxb, sxc, sxh, sxw, sgxb, sgxc, sgxh, sgxw, sgb, sgk, sgc, sgh, sgw, fill, HAS_FILL,
             BORDER, NEAREST, NEED_X_GRAD, NEED_PARAM_GRAD, BLOCK_C, CDT, IDX64, FMAX,
         )  # fmt: skip
         if NEED_PARAM_GRAD:

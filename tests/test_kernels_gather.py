@@ -288,7 +288,9 @@ print(T.options.image_grad)
 # Every kernel with the tiles its launcher picks on a GPU, for an H100 (ptxas ships with triton; no GPU needed):
 # catches what only the interpreter accepts.
 for label, fn, consts, warps, own in kernels_to_report(3):
-    compile_sm90(fn, {**sizes(3), **own}, consts, warps)
+    own = dict(own)
+    pointers = own.pop("pointers", None)
+    compile_sm90(fn, {**sizes(3), **own}, consts, warps, pointers)
 # The gather's other variants (affine and projective), on the feature-map tile: nearest and bilinear with the
 # parameter gradient, float64 compute with bfloat16 images and int64 offsets.
 tile = _gather.gather_config(128)
