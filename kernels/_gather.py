@@ -1,6 +1,6 @@
 """The gather backward of the image gradient for affine and projective warps: kernel and launcher.
 
-Why gathers: the scatter backward (affine.py, projective.py) sends every output pixel's gradient to its four input
+Why gathers: the scatter backward (kernels/sampler.py) sends every output pixel's gradient to its four input
 corners with atomic adds; for crops of a large image most of its time goes to those atomics (1.39 ms of a 2.55 ms
 forward + backward on an H100 for B 64, C 3, 448 x 448 -> K 4 x 224 x 224). An affine or projective map has a known
 inverse, so each input pixel q can instead find the few output pixels that read it and sum their contributions in
