@@ -8,8 +8,9 @@ backward is a scatter-add (benchmarks/bench_cpu.py). Around that call it keeps t
 * Non-finite sampling points read nothing (they give ``fill``) and send no gradient, in every padding mode;
   ``F.grid_sample`` alone returns NaN there. Finite points are clamped to [-LIMIT, LIMIT] in normalised
   coordinates before sampling, far enough outside to read nothing, so that huge coordinates never reach
-  PyTorch's index arithmetic. For affine warps whose parameters bound every point inside that range (the usual
-  case) the clamp is skipped; the bound is checked on the parameters, B x K x 6 numbers.
+  PyTorch's index arithmetic. When every point is finite and inside that range (the usual case) the clamp is
+  skipped: affine warps check a bound on their B x K x 6 parameters, the others one ``aminmax`` pass over the
+  points. On CUDA tensors and while torch.compile or torch.export trace, the clamp always runs.
 * ``fill``: with zeros padding, the value that a corner outside the image reads; its share is added from the
   grid (one pass over B x K x Ho x Wo points, only when ``fill`` is not 0), so the image is never shifted.
 * Coordinates are computed in float32 (float64 for float64 inputs); half-precision images are sampled in float32
@@ -69,13 +70,19 @@ def _stacked_sample(
 
 
 def _safe(grid: Tensor) -> tuple[Tensor, Tensor | None]:
-    # :func:`_finite` unless one pass (aminmax; NaN fails the test) finds every point inside the clamp range. On a
-    # GPU the test would wait for the device, so there the clamp always runs.
-    if not grid.is_cuda:
+    # :func:`_finite` unless one pass (aminmax; NaN fails the test) finds every point inside the clamp range (where
+    # :func:`_may_check` allows the test).
+    if _may_check(grid):
         lo, hi = torch.aminmax(grid.detach())
         if bool(lo >= -LIMIT) and bool(hi <= LIMIT):
             return grid, None
     return _finite(grid)
+
+
+def _may_check(t: Tensor) -> bool:
+    # Whether a test of the values may choose the code path: not on a GPU (it would wait for the device), and not
+    # while torch.compile or torch.export trace (their tensors have no values: they take the always-safe path).
+    return not t.is_cuda and type(t) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
 
 
 def _finite(grid: Tensor) -> tuple[Tensor, Tensor]:
@@ -148,7 +155,7 @@ class _ProjectiveGrid(torch.autograd.Function):
         t = h[:, :, None]  # (B, K, 1, 3, 3)
         p = torch.addcmul(torch.addcmul(t[..., 2], t[..., 0], hom[:, :1]), t[..., 1], hom[:, 1:2])  # (B, K, P, 3)
         ab, wh = p[..., :2], p[..., 2:]
-        if not p.is_cuda and bool(wh.amin() >= reference.PROJECTIVE_EPS):  # the usual case: w > 0 everywhere
+        if _may_check(p) and bool(wh.amin() >= reference.PROJECTIVE_EPS):  # the usual case: w > 0 everywhere
             grid = ab / wh
             lo, hi = torch.aminmax(grid)
             if bool(lo >= -LIMIT) and bool(hi <= LIMIT):  # every point valid and inside: no masks, no clamp
@@ -216,9 +223,9 @@ def sample_affine(
     base = reference.base_grid((ho, wo), align_corners, x.device, dtype)  # (Ho, Wo, 2)
     grid = _AffineGrid.apply(theta, base)  # (B, K, Ho, Wo, 2)
     # Every grid point is theta @ (x_t, y_t, 1) with |x_t|, |y_t| <= 1, so |row| . 1 bounds it: when that bound is
-    # finite and inside the clamp range, no point needs the clamp (a check on B x K x 6 numbers; on a GPU it would
-    # wait for the device, so there the clamp always runs).
-    inside = not x.is_cuda and bool((theta.detach().abs().sum(-1) <= LIMIT).all())
+    # finite and inside the clamp range, no point needs the clamp (a check on B x K x 6 numbers, where
+    # :func:`_may_check` allows it).
+    inside = _may_check(theta) and bool((theta.detach().abs().sum(-1) <= LIMIT).all())
     safe: tuple[Tensor, Tensor | None] = (grid, None) if inside else _finite(grid)
     return _stacked_sample(x, *safe, align_corners, padding_mode, mode, fill)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from jsonargparse import namespace_to_dict
 from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
@@ -438,5 +439,13 @@ def main(args: list[str] | None = None, run: bool = True) -> STNCLI:
 
 
 def console() -> None:
-    """Entry point of the ``stn-train`` console script (``main`` without a return value for sys.exit)."""
+    """Entry point of ``stn-train`` and ``train.py``: :func:`main`, then the process group's end.
+
+    A process that leaves with its Gloo process group alive can abort at exit ("terminate called without an active
+    exception", status -6) after a run that succeeded: Gloo's worker threads outlive the interpreter. So after a
+    run that returned normally every rank destroys the group (all ranks get there together); after an error it is
+    left alone, since destroying it while another rank still communicates could hang.
+    """
     main()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
