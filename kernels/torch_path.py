@@ -60,29 +60,35 @@ def _stacked_sample(
     out = out.view(b, x.shape[1], k, ho, wo).transpose(1, 2)
     # A point outside still reads the border pixel under border padding, and every point reads the single pixel
     # of an axis of one pixel with align_corners (it has no extent): there, invalid points are masked afterwards.
-    masked = valid is not None and (padding_mode == "border" or (align_corners and min(h, w) == 1))
-    if masked and valid is not None:
-        out = out * valid.unsqueeze(2).to(out.dtype)
+    masked = valid if padding_mode == "border" or (align_corners and min(h, w) == 1) else None
+    if masked is not None:
+        out = out * masked.unsqueeze(2).to(out.dtype)
     if fill != 0.0:
-        mass = _inside_mass(grid, valid if masked else None, (h, w), align_corners, padding_mode, mode)
-        out = out + float(fill) * (1 - mass)
+        out = out + float(fill) * (1 - _inside_mass(grid, masked, (h, w), align_corners, padding_mode, mode))
     return out.contiguous().to(x.dtype)
 
 
 def _safe(grid: Tensor) -> tuple[Tensor, Tensor | None]:
     # :func:`_finite` unless one pass (aminmax; NaN fails the test) finds every point inside the clamp range (where
     # :func:`_may_check` allows the test).
-    if _may_check(grid):
-        lo, hi = torch.aminmax(grid.detach())
-        if bool(lo >= -LIMIT) and bool(hi <= LIMIT):
-            return grid, None
-    return _finite(grid)
+    return (grid, None) if _may_check(grid) and _within_limit(grid) else _finite(grid)
 
 
 def _may_check(t: Tensor) -> bool:
     # Whether a test of the values may choose the code path: not on a GPU (it would wait for the device), and not
     # while torch.compile or torch.export trace (their tensors have no values: they take the always-safe path).
-    return not t.is_cuda and type(t) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
+    return not t.is_cuda and reference._cacheable(t)
+
+
+def _within_limit(t: Tensor) -> bool:
+    # Every value in [-LIMIT, LIMIT], in one pass (NaN fails the test).
+    lo, hi = torch.aminmax(t.detach())
+    return bool(lo >= -LIMIT) and bool(hi <= LIMIT)
+
+
+def _homogeneous(base: Tensor) -> Tensor:
+    # The base grid (Ho, Wo, 2) as homogeneous points (Ho Wo, 3): (x_t, y_t, 1).
+    return torch.cat([base, torch.ones_like(base[..., :1])], dim=-1).view(-1, 3)
 
 
 def _finite(grid: Tensor) -> tuple[Tensor, Tensor]:
@@ -135,9 +141,8 @@ class _AffineGrid(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         (base,) = ctx.saved_tensors
-        b, k, ho, wo, _ = grad.shape
-        hom = torch.cat([base, torch.ones_like(base[..., :1])], dim=-1).view(ho * wo, 3)
-        return (grad.reshape(b, k, ho * wo, 2).transpose(-1, -2) @ hom), None
+        b, k = grad.shape[:2]
+        return (grad.reshape(b, k, -1, 2).transpose(-1, -2) @ _homogeneous(base)), None
 
 
 class _ProjectiveGrid(torch.autograd.Function):
@@ -157,8 +162,7 @@ class _ProjectiveGrid(torch.autograd.Function):
         ab, wh = p[..., :2], p[..., 2:]
         if _may_check(p) and bool(wh.amin() >= reference.PROJECTIVE_EPS):  # the usual case: w > 0 everywhere
             grid = ab / wh
-            lo, hi = torch.aminmax(grid)
-            if bool(lo >= -LIMIT) and bool(hi <= LIMIT):  # every point valid and inside: no masks, no clamp
+            if _within_limit(grid):  # every point valid and inside: no masks, no clamp
                 ctx.save_for_backward(hom, grid, wh)
                 ok = torch.ones((), dtype=torch.bool, device=p.device).expand(wh.shape)
                 ctx.mark_non_differentiable(ok)
@@ -247,8 +251,7 @@ def sample_projective(
     size = reference.normalize_size(size)
     dtype = reference.compute_dtype(x, h)
     base = reference.base_grid(size, align_corners, x.device, dtype)  # (Ho, Wo, 2)
-    hom = torch.cat([base, torch.ones_like(base[..., :1])], dim=-1).view(-1, 3)  # (Ho Wo, 3)
-    grid, ok = _ProjectiveGrid.apply(h.to(dtype), hom)
+    grid, ok = _ProjectiveGrid.apply(h.to(dtype), _homogeneous(base))
     b, k = h.shape[:2]
     return _stacked_sample(x, grid.view(b, k, *size, 2), ok.view(b, k, *size), align_corners, padding_mode, mode, fill)
 

@@ -29,7 +29,8 @@ class STNClassifier(nn.Module):
       backbone and head classify each of the K crops into c = (num_classes - 1) / K + 1 classes, and the logits
       are the log-probabilities of the sum of the K labels, log P(s) = log sum over a_1 + ... + a_K = s of
       prod_k p_k(a_k). A crop scores only if it shows an object, and two crops on the same object predict twice
-      its label, so the loss itself asks the K transformers for K different objects;
+      its label, so the loss rewards K transformers on K different objects (whether they learn to get there at a
+      given budget is measured in docs/RESULTS.md: not yet on MultiMNIST);
     * ``"none"``: no transformer; the same backbone sees the whole image (the baseline of every experiment).
 
     Args:

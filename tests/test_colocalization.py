@@ -250,29 +250,11 @@ def test_sum_fusion_is_the_distribution_of_the_sum(k: int) -> None:
 def test_sum_fusion_model_shapes_and_errors() -> None:
     from stn_lightning.module import STNModule
 
-    module = STNModule(
-        num_classes=19,
-        image_size=64,
-        backbone="stn_paper_cnn_st",
-        backbone_kwargs={},
-        transform=Attention(),
-        num_transformers=2,
-        crop_size=28,
-        fusion="sum",
-        init="tiled",
-    )
+    options = dict(num_classes=19, image_size=64, backbone="stn_paper_cnn_st", backbone_kwargs={}, crop_size=28)
+    module = STNModule(**options, transform=Attention(), num_transformers=2, fusion="sum", init="tiled")
     logits, params = module.model(torch.randn(3, 1, 64, 64))
     assert logits.shape == (3, 19) and params is not None and params.shape[:2] == (3, 2)
     torch.testing.assert_close(logits.exp().sum(-1), torch.ones(3))
     assert module.model.head.out_features == 10  # one digit per crop
     with pytest.raises(ValueError, match="num_classes = K"):  # 18 is not a multiple of 4
-        STNModule(
-            num_classes=19,
-            image_size=64,
-            backbone="stn_paper_cnn_st",
-            backbone_kwargs={},
-            transform=Attention(),
-            num_transformers=4,
-            crop_size=28,
-            fusion="sum",
-        )
+        STNModule(**options, transform=Attention(), num_transformers=4, fusion="sum")
