@@ -20,7 +20,7 @@ from stn_lightning.kernels.reference import normalize_size
 
 from .checkpointing import NonFiniteError
 from .localization import PaperLocalizer, check_input_size
-from .metrics import CoLocalization, overlap_penalty
+from .metrics import CoLocalization, content_coverage, overlap_penalty
 from .model import Fusion, STNClassifier
 from .recipe import GroupedOptimizer, boundary_penalty, decay_factor, identity_penalty, warmup_factor
 from .transformer import SpatialTransformer
@@ -122,6 +122,11 @@ class STNModule(pl.LightningModule):
         overlap_weight: weight of :func:`~stn_lightning.metrics.overlap_penalty` (the mean IoU of the K
             transformers' regions) added to the training loss, to keep parallel transformers off the same region;
             0 adds nothing. With K > 1 the penalty is logged as ``<stage>/overlap`` whatever the weight.
+        coverage_weight: weight of a training-loss term ``1 - coverage``, where coverage is
+            :func:`~stn_lightning.metrics.content_coverage` (the share of the image's content, ``|x - background|``,
+            inside the union of the K regions): a localisation signal that does not wait for the classifier, for
+            objects on a plain background; pair it with a bounded scale. It decays with ``penalty_decay_steps``.
+            0 adds nothing; above 0 the coverage is logged as ``<stage>/coverage``.
 
     Batches are ``(x, y)`` or ``(x, y, boxes)``; with boxes (B, D, 4) of the objects in input pixels (MultiMNIST's
     validation and test batches) and a transformer, :class:`~stn_lightning.metrics.CoLocalization` is logged as
@@ -160,6 +165,7 @@ class STNModule(pl.LightningModule):
         backbone_kwargs: dict[str, Any] | None = None,
         nonfinite: Literal["raise", "skip"] = "raise",
         overlap_weight: float = 0.0,
+        coverage_weight: float = 0.0,
         sampler_mode: Mode = "bilinear",
         transformer: SpatialTransformer | None = None,
     ) -> None:
@@ -177,8 +183,10 @@ class STNModule(pl.LightningModule):
             raise ValueError(f"expected nonfinite 'raise' or 'skip', got {nonfinite!r}")
         if loc_grad_clip is not None and not loc_grad_clip > 0:
             raise ValueError(f"expected loc_grad_clip > 0 or None, got {loc_grad_clip}")
-        if not overlap_weight >= 0:
-            raise ValueError(f"expected overlap_weight >= 0, got {overlap_weight}")
+        if not overlap_weight >= 0 or not coverage_weight >= 0:
+            raise ValueError(
+                f"expected overlap_weight and coverage_weight >= 0, got {overlap_weight} and {coverage_weight}"
+            )
         if loc_warmup_steps < 0 or boundary_weight < 0 or identity_weight < 0:
             raise ValueError(
                 "expected loc_warmup_steps, boundary_weight and identity_weight >= 0, got "
@@ -241,6 +249,8 @@ class STNModule(pl.LightningModule):
         self._skip_step = False  # set by training_step, read by on_after_backward and on_before_optimizer_step
         self._skipped = 0
         self.overlap_weight = overlap_weight
+        self.coverage_weight = coverage_weight
+        self.background = float(background)
         metrics: dict[str, torchmetrics.Metric | torchmetrics.MetricCollection] = {
             "acc": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
         }
@@ -323,9 +333,15 @@ class STNModule(pl.LightningModule):
         transformer = self.transformer
         assert transformer is not None
         extra = x.new_zeros(())
-        if transformer.num_transformers < 2 and boxes is None:
+        if transformer.num_transformers < 2 and boxes is None and self.coverage_weight == 0:
             return extra
         regions = transformer.outline(params, (x.shape[-2], x.shape[-1]))  # (B, K, M, 2) in input pixels
+        if self.coverage_weight > 0:
+            coverage = content_coverage(regions, x, self.background).mean()
+            self.log(f"{stage}/coverage", coverage, on_step=False, on_epoch=True, batch_size=len(x), sync_dist=True)
+            if stage == "train":
+                weight = self.coverage_weight * decay_factor(self.global_step, self.penalty_decay_steps)
+                extra = extra + weight * (1 - coverage)
         if transformer.num_transformers > 1:
             penalty = overlap_penalty(regions)
             self.log(f"{stage}/overlap", penalty, on_step=False, on_epoch=True, batch_size=len(x), sync_dist=True)

@@ -1,4 +1,5 @@
-"""Digit boxes in MultiMNIST batches, the co-localisation metric and the overlap penalty, on known answers."""
+"""Digit boxes in MultiMNIST batches, the co-localisation metric, the overlap penalty and the content coverage,
+on known answers."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from stn_lightning.data import ClutteredMNIST, MultiMNIST
 from stn_lightning.metrics import (
     CoLocalization,
     colocalized,
+    content_coverage,
     overlap_penalty,
     points_in_polygons,
     region_centres,
@@ -206,6 +208,7 @@ def test_stn_module_logs_colocalization_and_overlap(tmp_path: Path) -> None:
         crop_size=28,
         fusion="features",
         overlap_weight=0.5,
+        coverage_weight=1.0,
         init_scale=1.0,  # start at the whole canvas (the default would start zoomed in at 28 / 64)
     )
     trainer = pl.Trainer(
@@ -219,13 +222,58 @@ def test_stn_module_logs_colocalization_and_overlap(tmp_path: Path) -> None:
     )
     trainer.fit(module, dm)
     logged = trainer.callback_metrics
-    for key in ["train/overlap", "val/overlap", "val/coloc", "val/hit_0", "val/contains_0", "val/contains_1"]:
+    for key in [
+        "train/overlap",
+        "val/overlap",
+        "train/coverage",
+        "val/coverage",
+        "val/coloc",
+        "val/hit_0",
+        "val/contains_0",
+        "val/contains_1",
+    ]:
         assert key in logged and logged[key].isfinite(), key
     # Identity start: both regions are the whole canvas, which holds both digits.
     assert logged["val/contains_0"].item() == 1.0 and logged["val/coloc"].item() == 0.0
+    assert logged["val/coverage"].item() > 0.95  # ... and all the ink
     assert trainer.global_step == 2 and logged["train/loss"].isfinite()
     trainer.test(module, dm, verbose=False)
     assert "test/coloc" in trainer.callback_metrics
+
+
+def _two_digit_image(background: float = 0.0) -> torch.Tensor:
+    # Ink (1 above the background) filling each of BOXES, nothing elsewhere.
+    img = torch.full((1, 1, *SIZE), background)
+    for x0, y0, x1, y1 in BOXES.int().tolist():
+        img[..., y0:y1, x0:x1] = background + 1.0
+    return img
+
+
+@pytest.mark.parametrize("background", [0.0, -0.42])
+def test_content_coverage_values(background: float) -> None:
+    img = _two_digit_image(background)
+    cover = lambda windows: content_coverage(_regions([windows]), img, background).item()  # noqa: E731
+    assert cover([ON_A, ON_B]) > 0.75  # each digit in its own region (soft edges keep it below 1)
+    assert 0.4 < cover([ON_A, ON_A]) < 0.6  # a second region on the same digit adds nothing
+    assert 0.4 < cover([ON_A]) < 0.6
+    assert cover([EMPTY]) < 0.05
+    assert cover([SMALL_A]) < cover([ON_A])
+    # An image without content: 0, not NaN.
+    assert content_coverage(_regions([[ON_A]]), torch.full((1, 1, *SIZE), background), background).item() == 0.0
+
+
+def test_content_coverage_gradient_pulls_a_region_onto_uncovered_content() -> None:
+    # Region 1 starts just right of digit A, which region 0 does not cover either; region 0 sits on B.
+    params = torch.tensor([[ON_B, _window(32, 16, 13)]], requires_grad=True)
+    img = _two_digit_image()
+    coverage = content_coverage(Attention().outline(params, SIZE), img)
+    coverage.sum().backward()
+    assert params.grad is not None
+    with torch.no_grad():
+        stepped = params + 0.05 * params.grad / params.grad.abs().max()
+        moved = region_centres(Attention().outline(stepped, SIZE))[0, 1, 0] - 32
+    assert moved < -0.5  # towards digit A (x < 32)
+    assert content_coverage(Attention().outline(stepped, SIZE), img) > coverage
 
 
 @pytest.mark.parametrize("k", [2, 3])
