@@ -5,7 +5,7 @@ with the overrides listed below), tested with the checkpoint that validated best
 use the paper's networks of the same size (stn_lightning.backbones). Runs go to separate processes, one thread
 each, ``--jobs`` at a time. The tables give the test error (mean and spread over the seeds) next to the paper's.
 
-    python benchmarks/reproduce.py            # every table, 3 seeds (about an hour on 2 cores)
+    python benchmarks/reproduce.py            # every table, 3 seeds (about 80 minutes on 2 cores)
     python benchmarks/reproduce.py --quick    # one seed, short schedules, a subset: a few minutes
     python benchmarks/reproduce.py --only distorted --columns RTS --seeds 0
 
@@ -457,7 +457,7 @@ def main() -> None:
         keep |= {("multi", "K = 2"), ("multi", "CNN")}
         plan_cells = [c for c in cells(epochs) if (c.table, c.row) in keep and c.column in ("RTS", "error", "2 digits")]
     else:
-        # Sized so that the 135 runs take about an hour on 2 cores (2 runs at a time, one thread each).
+        # The 135 runs take about 80 minutes on 2 cores (2 runs at a time, one thread each); MultiMNIST needs 10 epochs.
         epochs = {"distorted": 5, "cluttered": 20, "addition": 5, "multi": 10}
         plan_cells = cells(epochs)
     if args.only:
