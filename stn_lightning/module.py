@@ -106,7 +106,8 @@ class STNModule(pl.LightningModule):
             (``recipe.boundary_penalty``: 0 while the warp stays inside); 0 turns it off.
         identity_weight: weight of a training-loss pull of the warp parameters towards their start
             (``recipe.identity_penalty``); 0 turns it off.
-        penalty_decay_steps: both penalties decay (cosine) to 0 over this many steps; None keeps them constant.
+        penalty_decay_steps: both penalties and the coverage term decay (cosine) to 0 over this many steps; None keeps
+            them constant.
         label_smoothing: label smoothing of the cross-entropy.
         backbone_kwargs: extra arguments for ``timm.create_model``.
         nonfinite: what a training batch with NaN or inf pixels, a non-finite loss or a non-finite gradient does:
@@ -250,7 +251,6 @@ class STNModule(pl.LightningModule):
         self._skipped = 0
         self.overlap_weight = overlap_weight
         self.coverage_weight = coverage_weight
-        self.background = float(background)
         metrics: dict[str, torchmetrics.Metric | torchmetrics.MetricCollection] = {
             "acc": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
         }
@@ -337,7 +337,7 @@ class STNModule(pl.LightningModule):
             return extra
         regions = transformer.outline(params, (x.shape[-2], x.shape[-1]))  # (B, K, M, 2) in input pixels
         if self.coverage_weight > 0:
-            coverage = content_coverage(regions, x, self.background).mean()
+            coverage = content_coverage(regions, x, transformer.background).mean()
             self.log(f"{stage}/coverage", coverage, on_step=False, on_epoch=True, batch_size=len(x), sync_dist=True)
             if stage == "train":
                 weight = self.coverage_weight * decay_factor(self.global_step, self.penalty_decay_steps)
