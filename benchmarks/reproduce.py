@@ -244,8 +244,8 @@ def run_all(
         else:
             folder.mkdir(parents=True, exist_ok=True)
             todo.append(((cell, seed), (_run_args(cell, seed, folder), str(result))))
-    # The longest runs first, so that the last minutes do not leave a worker waiting on one long run.
-    todo.sort(key=lambda item: -_epochs(item[0][0]))
+    # The runs with the most epochs (the longest) first, so that no worker ends up waiting on one long run.
+    todo.sort(key=lambda job: _epochs(job[0][0]), reverse=True)
     print(f"{len(plan)} runs: {len(done)} cached, {len(todo)} to train, {jobs} at a time", flush=True)
     os.environ.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
     ctx = mp.get_context("spawn")
