@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
@@ -205,14 +207,17 @@ def _epochs(cell: Cell) -> int:
 
 
 def _key(args: list[str]) -> str:
-    # The run's arguments only: after changing a setting inside a config, run with --fresh (or --root elsewhere).
+    # The run's arguments and the settings of its config (parsed, so a comment does not count): changing either
+    # trains the run again. A change to the library's code does not: run with --fresh after one.
     relative = [a.replace(str(ROOT), "<root>") for a in args]
-    return hashlib.sha1(json.dumps(relative).encode()).hexdigest()[:16]
+    config = Path(args[args.index("--config") + 1])
+    settings = yaml.safe_load(config.read_text()) if config.is_file() else None
+    return hashlib.sha1(json.dumps([relative, settings], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _train(job: tuple[list[str], str]) -> dict[str, Any]:
+def _train(job: tuple[list[str], str, str]) -> dict[str, Any]:
     """One run in this worker process: fit, then test the checkpoint that validated best."""
-    args, out_file = job
+    args, out_file, commit = job
     import torch
 
     torch.set_num_threads(1)
@@ -224,13 +229,13 @@ def _train(job: tuple[list[str], str]) -> dict[str, Any]:
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""  # type: ignore[union-attr]
     results = trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None, verbose=False)[0]
     record = {k: float(v) for k, v in results.items()}
-    record.update(seconds=time.perf_counter() - start, steps=trainer.global_step, best=str(best))
+    record.update(seconds=time.perf_counter() - start, steps=trainer.global_step, best=str(best), commit=commit)
     Path(out_file).write_text(json.dumps(record))
     return record
 
 
 def run_all(
-    plan: list[tuple[Cell, int]], root: Path, jobs: int, fresh: bool
+    plan: list[tuple[Cell, int]], root: Path, jobs: int, fresh: bool, commit: str
 ) -> tuple[dict[tuple[Cell, int], dict[str, Any]], int]:
     """Every run's result (trained now or found cached) and how many were trained now."""
     root.mkdir(parents=True, exist_ok=True)
@@ -243,7 +248,7 @@ def run_all(
             done[(cell, seed)] = json.loads(result.read_text())
         else:
             folder.mkdir(parents=True, exist_ok=True)
-            todo.append(((cell, seed), (_run_args(cell, seed, folder), str(result))))
+            todo.append(((cell, seed), (_run_args(cell, seed, folder), str(result), commit)))
     # The runs with the most epochs (the longest) first, so that no worker ends up waiting on one long run.
     todo.sort(key=lambda job: _epochs(job[0][0]), reverse=True)
     print(f"{len(plan)} runs: {len(done)} cached, {len(todo)} to train, {jobs} at a time", flush=True)
@@ -312,6 +317,19 @@ def _commit() -> str:
         return "unknown"
 
 
+def _provenance(results: dict[tuple[Cell, int], dict[str, Any]]) -> str:
+    # Cached runs may come from an earlier commit (their config's settings and arguments are the same).
+    counts: dict[str, dict[str, int]] = {}
+    for (cell, _), record in results.items():
+        per_table = counts.setdefault(str(record.get("commit", "unrecorded")), {})
+        per_table[cell.table] = per_table.get(cell.table, 0) + 1
+    parts = [
+        f"{sum(t.values())} at {commit} ({', '.join(f'{table} {n}' for table, n in t.items())})"
+        for commit, t in counts.items()
+    ]
+    return "Runs by the commit they were trained at: " + "; ".join(parts) + "."
+
+
 def report(
     results: dict[tuple[Cell, int], dict[str, Any]], plan_cells: list[Cell], args: argparse.Namespace, seconds: float
 ) -> str:
@@ -323,7 +341,7 @@ def report(
         f"{time.strftime('%Y-%m-%d')} at commit {args.commit}.",
         f"Machine: {_machine()}; {args.jobs} runs at a time, one thread each; this invocation trained "
         f"{args.trained} of the {len(results)} runs in {seconds / 60:.1f} min and found the others cached (the runs' "
-        "own times are summed at the end).",
+        f"own times are summed at the end). {_provenance(results)}",
         f"Seeds: {', '.join(map(str, seeds))}. Test error in % on the 1,000 bundled test digits with their fixed "
         "distortions (mean ± standard deviation over the seeds), from the checkpoint with the best validation "
         "accuracy; the paper's number beside it (150,000 steps of 256 images on 60,000 digits; here 27 steps of "
@@ -476,7 +494,7 @@ def main() -> None:
     plan = [(c, s) for c in plan_cells for s in seeds]
     args.commit = _commit()  # the code the runs start from, whatever changes while they train
     start = time.perf_counter()
-    results, args.trained = run_all(plan, args.root, args.jobs, args.fresh)
+    results, args.trained = run_all(plan, args.root, args.jobs, args.fresh, args.commit)
     text = report(results, plan_cells, args, time.perf_counter() - start)
     out = args.out or ROOT / "docs" / ("RESULTS-quick.md" if args.quick else "RESULTS.md")
     out.parent.mkdir(parents=True, exist_ok=True)
