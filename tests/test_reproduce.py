@@ -1,0 +1,45 @@
+"""benchmarks/reproduce.py's cache: a run is trained again when its config's settings change, not its comments."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("reproduce", None)
+
+
+def _args(config: Path, seed: int = 0) -> list[str]:
+    return ["fit", "--config", str(config), "--seed_everything", str(seed)]
+
+
+def test_cache_key_follows_settings_not_comments(reproduce, tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  loc_lr_scale: 0.1\n")
+    first = reproduce._key(_args(config))
+    config.write_text("# a new header\nmodel:\n  loc_lr_scale: 0.1  # same value\n")
+    assert reproduce._key(_args(config)) == first
+    config.write_text("model:\n  loc_lr_scale: 1.0\n")
+    assert reproduce._key(_args(config)) != first
+    assert reproduce._key(_args(config, seed=1)) != reproduce._key(_args(config))
+
+
+def test_provenance_counts_runs_per_commit(reproduce) -> None:
+    a = reproduce.Cell("distorted", "CNN", "R", "rts_mnist.yaml", ())
+    b = reproduce.Cell("multi", "CNN", "2 digits", "multi_mnist.yaml", ())
+    results = {(a, 0): {"commit": "new"}, (a, 1): {"commit": "new"}, (b, 0): {"commit": "old"}, (b, 1): {}}
+    text = reproduce._provenance(results)
+    assert "2 at new (distorted 2)" in text
+    assert "1 at old (multi 1)" in text
+    assert "1 at unrecorded (multi 1)" in text
