@@ -9,9 +9,10 @@ each, ``--jobs`` at a time. The tables give the test error (mean and spread over
     python benchmarks/reproduce.py --quick    # one seed, short schedules, a subset: a few minutes
     python benchmarks/reproduce.py --only distorted --columns RTS --seeds 0
 
-Results of each run are cached in ``--root`` (``reproduce_runs/``, ignored by git) by the run's arguments, so an
-interrupted reproduction continues where it stopped; ``--fresh`` ignores the cache (needed after changing a setting
-inside a config: the overrides below set the networks and schedules, the configs the rest).
+Results of each run are cached in ``--root`` (``reproduce_runs/``, ignored by git) by the run's arguments and its
+config's settings, so an interrupted reproduction continues where it stopped and a changed config trains its runs
+again; each result records the commit it was trained at, and the report counts the runs per commit. ``--fresh``
+ignores the cache (needed after changing the library's code, which the key does not see).
 """
 
 from __future__ import annotations
