@@ -322,7 +322,8 @@ def _provenance(results: dict[tuple[Cell, int], dict[str, Any]]) -> str:
     # Cached runs may come from an earlier commit (their config's settings and arguments are the same).
     counts: dict[str, dict[str, int]] = {}
     for (cell, _), record in results.items():
-        per_table = counts.setdefault(str(record.get("commit", "unrecorded")), {})
+        commit = "no commit (failed)" if "failed" in record else str(record.get("commit", "unrecorded"))
+        per_table = counts.setdefault(commit, {})
         per_table[cell.table] = per_table.get(cell.table, 0) + 1
     parts = [
         f"{sum(t.values())} at {commit} ({', '.join(f'{table} {n}' for table, n in t.items())})"

@@ -38,8 +38,15 @@ def test_cache_key_follows_settings_not_comments(reproduce, tmp_path: Path) -> N
 def test_provenance_counts_runs_per_commit(reproduce) -> None:
     a = reproduce.Cell("distorted", "CNN", "R", "rts_mnist.yaml", ())
     b = reproduce.Cell("multi", "CNN", "2 digits", "multi_mnist.yaml", ())
-    results = {(a, 0): {"commit": "new"}, (a, 1): {"commit": "new"}, (b, 0): {"commit": "old"}, (b, 1): {}}
+    results = {
+        (a, 0): {"commit": "new"},
+        (a, 1): {"commit": "new"},
+        (b, 0): {"commit": "old"},
+        (b, 1): {},
+        (b, 2): {"failed": "x"},
+    }
     text = reproduce._provenance(results)
     assert "2 at new (distorted 2)" in text
     assert "1 at old (multi 1)" in text
     assert "1 at unrecorded (multi 1)" in text
+    assert "1 at no commit (failed) (multi 1)" in text
