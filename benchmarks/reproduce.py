@@ -484,7 +484,7 @@ def main() -> None:
         plan_cells = [c for c in cells(epochs) if (c.table, c.row) in keep and c.column in ("RTS", "error", "2 digits")]
     else:
         # MultiMNIST needs 10 epochs for the windows to leave their start, cluttered digits 40 for the transformer's
-        # gain to show (docs/RESULTS.md); the 135 runs take 67 minutes on 2 cores (2 at a time, one thread each).
+        # gain to show (docs/RESULTS.md); the 135 runs take 68 minutes on 2 cores (2 at a time, one thread each).
         epochs = {"distorted": 5, "cluttered": 40, "addition": 5, "multi": 10}
         plan_cells = cells(epochs)
     if args.only:
