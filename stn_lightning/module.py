@@ -36,7 +36,7 @@ _TRANSFORMER_OPTIONS = {
     "crop_size": None,
     "localizer": None,
     "init": "identity",
-    "feature_norm": False,
+    "feature_norm": True,
     "align_corners": False,
     "padding_mode": "zeros",
     "sampler_backend": "auto",
@@ -90,16 +90,21 @@ class STNModule(pl.LightningModule):
             smaller than the input start zoomed in, at the input's own resolution (0.5 for 30 x 30 crops of a 60 x 60
             image), and crops of the input's size start at the identity as before.
         feature_norm: standardise the localisation features before the transformers' head (see
-            ``SpatialTransformer``); pair it with ``loc_grad_clip`` (1.0), or a lower ``loc_lr_scale`` (0.01).
+            ``SpatialTransformer``). On by default: with ``loc_grad_clip`` and ``loc_optimizer`` it is the
+            localisation recipe measured on the paper's digits (benchmarks/RESULTS-training.md); training batches
+            then need at least two images.
         align_corners, padding_mode: the sampler's conventions.
         sampler_backend: "auto", "torch" or "triton".
         optimizer: a callable taking parameter groups; default SGD(lr=0.01, momentum=0.9, weight_decay=5e-4).
         lr_scheduler: a callable taking the optimiser; default cosine annealing over all training steps.
-        loc_lr_scale: learning rate of the localisation net and head relative to the rest.
-        loc_optimizer: a callable taking the localisation group and returning its own optimiser (e.g. Adam), stepped
-            together with ``optimizer`` for the rest; ``loc_lr_scale`` then scales its rate. None: one optimiser.
+        loc_lr_scale: multiplies the localisation group's learning rate: that of ``loc_optimizer``, or with
+            ``loc_optimizer=None`` that of ``optimizer`` (the paper's setting is then a low scale, e.g. 0.1).
+        loc_optimizer: a callable taking the localisation group and returning its own optimiser, stepped together
+            with ``optimizer`` for the rest; default Adam at its own default rate (1e-3), whatever trains the rest.
+            None: one optimiser for everything, the localisation group at ``loc_lr_scale`` times its rate.
         loc_grad_clip: clip the gradient norm of the localisation net and head (only theirs) to this value before
-            each step; None leaves it unclipped. Trainer's ``gradient_clip_val`` still clips every parameter.
+            each step (default 1.0); None leaves it unclipped. Trainer's ``gradient_clip_val`` still clips every
+            parameter.
         loc_warmup_steps: linear warm-up of the localisation group's rate over this many optimiser steps
             (0: none), on top of the default cosine schedule; not combinable with ``lr_scheduler``.
         boundary_weight: weight of a training-loss penalty on the region each warp reads leaving the image
@@ -149,15 +154,15 @@ class STNModule(pl.LightningModule):
         localizer: Callable[[int], nn.Module] | None = None,
         init: Literal["identity", "tiled"] = "identity",
         init_scale: float | None = None,
-        feature_norm: bool = False,
+        feature_norm: bool = True,
         align_corners: bool = False,
         padding_mode: Padding = "zeros",
         sampler_backend: Backend = "auto",
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
-        loc_lr_scale: float = 0.1,
-        loc_optimizer: OptimizerCallable | None = None,
-        loc_grad_clip: float | None = None,
+        loc_lr_scale: float = 1.0,
+        loc_optimizer: OptimizerCallable | None = torch.optim.Adam,
+        loc_grad_clip: float | None = 1.0,
         loc_warmup_steps: int = 0,
         boundary_weight: float = 0.0,
         identity_weight: float = 0.0,

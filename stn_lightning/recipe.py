@@ -5,8 +5,9 @@ The localisation head's first updates can throw the warp out of the image, where
 and gives it no gradient back. ``STNModule`` exposes these pieces as options (``loc_warmup_steps``,
 ``boundary_weight``, ``identity_weight``, ``penalty_decay_steps``, ``loc_optimizer``); benchmarks/RESULTS-training.md
 ("Localisation recipe") says what each was measured to do. What helped on cluttered digits was the zoomed-in start
-(``init_scale``), standardised features with a clipped localisation gradient, and Adam for the localiser; the
-warm-up and the penalties did not, and are off by default.
+(``init_scale``), standardised features with a clipped localisation gradient, and Adam for the localiser: these are
+STNModule's defaults (``init_scale=None``, ``feature_norm=True``, ``loc_grad_clip=1.0``,
+``loc_optimizer=torch.optim.Adam``). The warm-up and the penalties did not help, and are off by default.
 """
 
 from __future__ import annotations

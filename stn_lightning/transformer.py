@@ -43,7 +43,8 @@ class SpatialTransformer(nn.Module):
     unit of shared movement about ten times larger. It also makes the head's steps larger: alone, at the usual
     localisation rate, it threw the warp out of the image; with the localisation gradient clipped
     (``STNModule(loc_grad_clip=1.0)``) it trains stably and is what makes the demo's transformer beat the
-    baseline (benchmarks/RESULTS-training.md). Off by default here, to keep the paper's plain head.
+    baseline (benchmarks/RESULTS-training.md). Off by default in this building block, which keeps the paper's
+    plain head; ``STNModule`` turns it on, with the clipped gradient and an Adam localiser, by default.
 
     Args:
         localizer: an ``nn.Module`` mapping (B, C, H, W) to features (B, F), with an ``out_features`` attribute.

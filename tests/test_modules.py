@@ -227,6 +227,7 @@ def test_localisation_learning_rate_is_scaled() -> None:
     module = STNModule(
         backbone="test_resnet",
         loc_lr_scale=0.1,
+        loc_optimizer=None,  # one optimiser: the localisation group at a tenth of its rate
         optimizer=lambda params: torch.optim.SGD(params, lr=0.05),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10),
     )
@@ -237,6 +238,22 @@ def test_localisation_learning_rate_is_scaled() -> None:
     assert sum(p.numel() for p in groups[1]["params"]) == sum(p.numel() for p in module.transformer.parameters())  # type: ignore[union-attr]
     total = sum(p.numel() for g in groups for p in g["params"])
     assert total == sum(p.numel() for p in module.parameters())
+
+
+def test_the_default_recipe_trains_the_localiser_with_adam_and_clips_its_gradient() -> None:
+    module = STNModule(
+        backbone="test_resnet",
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10),
+    )
+    assert module.loc_grad_clip == 1.0
+    assert isinstance(module.transformer.feature_norm, torch.nn.BatchNorm1d)  # type: ignore[union-attr]
+    optimizer = module.configure_optimizers()["optimizer"]
+    (sgd,), (adam,) = ([g for g in optimizer.param_groups if g["name"] == name] for name in ("model", "localization"))
+    assert sgd["lr"] == 0.05 and "momentum" in sgd
+    assert adam["lr"] == pytest.approx(1e-3) and "betas" in adam  # Adam's own rate, whatever trains the rest
+    loc = {id(p) for p in module.transformer.parameters()}  # type: ignore[union-attr]
+    assert {id(p) for p in adam["params"]} == loc and not loc & {id(p) for p in sgd["params"]}
 
 
 class _RecordingSGD(torch.optim.SGD):
@@ -267,7 +284,9 @@ def test_loc_grad_clip_clips_only_the_localisation_group(clip: float | None) -> 
         optimizers.append(_RecordingSGD(params, lr=0.01))
         return optimizers[-1]
 
-    module = STNModule(backbone="test_resnet", image_size=32, loc_grad_clip=clip, optimizer=make_optimizer)
+    module = STNModule(
+        backbone="test_resnet", image_size=32, loc_grad_clip=clip, optimizer=make_optimizer, loc_optimizer=None
+    )
     data = torch.utils.data.TensorDataset(torch.randn(16, 1, 32, 32), torch.randint(0, 10, (16,)))
     trainer = pl.Trainer(
         max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False

@@ -28,8 +28,7 @@ def test_short_rts_run_lowers_the_loss(tmp_path: Path) -> None:
         backbone="resnet10t",
         optimizer=lambda params: torch.optim.Adam(params, lr=2e-3),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1000),
-        loc_lr_scale=0.1,
-    )
+    )  # the localiser trains with the default recipe
     val_x, val_y = data.make_batch(next(iter(data.val_dataloader())), train=False)
 
     def val_loss() -> float:
@@ -87,11 +86,7 @@ def test_coverage_term_moves_two_transformers_onto_the_ink() -> None:
         crop_size=28,
         fusion="sum",
         init="tiled",
-        coverage_weight=1000.0,
-        feature_norm=True,
-        loc_grad_clip=1.0,
-        loc_optimizer=lambda params: torch.optim.Adam(params, lr=1e-3),
-        loc_lr_scale=1.0,
+        coverage_weight=1000.0,  # the localisation recipe (Adam, clipped gradient, standardised features): defaults
     )
     x, _, _ = data.make_batch(next(iter(data.val_dataloader())), train=False, boxes=True)
 
