@@ -165,3 +165,12 @@ def test_first_convolution_gradients_equal_pytorchs(in_chans: int, kernel: int) 
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     mine.eval()  # evaluation (and export) uses nn.Conv2d's own forward
     assert "ConvFoldGrad" not in type(mine(x).grad_fn).__name__
+
+
+def test_first_convolution_keeps_pytorchs_gradient_on_many_channels() -> None:
+    # Fold's product grows with the channels; above FOLD_MAX_CHANNELS PyTorch's backward is the faster one.
+    from stn_lightning.backbones import _Conv2dFoldGrad
+
+    wide = _Conv2dFoldGrad(_Conv2dFoldGrad.FOLD_MAX_CHANNELS + 1, 5, 3)
+    out = wide(torch.randn(2, wide.in_channels, 8, 8, requires_grad=True))
+    assert out.grad_fn is not None and "ConvFoldGrad" not in type(out.grad_fn).__name__
