@@ -65,9 +65,10 @@ def test_short_rts_run_lowers_the_loss(tmp_path: Path) -> None:
     after = val_loss()
     assert after < 0.7 * before, f"validation loss went from {before:.3f} to {after:.3f}"
     shift = warp_shift()
-    # The head starts at the identity (zero weights), so any movement is learnt; 0.0063 here (a frozen or
-    # disconnected localisation net stays at 0).
-    assert shift_before < 1e-6 and shift > 2e-3, f"the warps moved {shift:.4f} from the identity"
+    # The head starts at the identity (zero weights), so any movement is learnt; 0.115 here with the default
+    # recipe (0.0063 with the localiser in the main optimiser at a tenth of its rate; a frozen or disconnected
+    # localisation net stays at 0).
+    assert shift_before < 1e-6 and shift > 0.02, f"the warps moved {shift:.4f} from the identity"
     assert visualizer.last_path is not None and visualizer.last_path.is_file()
     assert visualizer.last_path.stat().st_size > 1000
 
