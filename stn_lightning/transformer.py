@@ -116,6 +116,12 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: Tensor) -> STOutput:
         """Crops (B, K, C, Ho, Wo) and parameters (B, K, P) of images (B, C, H, W)."""
+        if self.training and x.shape[0] == 1 and isinstance(self.feature_norm, nn.BatchNorm1d):
+            raise ValueError(
+                "feature_norm standardises the localisation features over the batch, and a training batch of one "
+                "image has no spread; train with batches of 2 or more, or with feature_norm=False "
+                "(--model.feature_norm false)"
+            )
         raw = self.head(self.feature_norm(self.localizer(x))).float()
         params = self.transform(raw.view(x.shape[0], self.num_transformers, -1))
         return STOutput(self.sample(x, params), params)

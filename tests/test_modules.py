@@ -223,6 +223,14 @@ def test_unpooled_backbone_gives_a_position_sensitive_head(fusion: str) -> None:
     assert module(torch.randn(3, 1, 80, 72)).shape == (3, 10)
 
 
+def test_feature_norm_refuses_a_training_batch_of_one_image_with_a_clear_error() -> None:
+    st = SpatialTransformer(PaperLocalizer(1), Affine(), 1, 28, feature_norm=True)
+    with pytest.raises(ValueError, match="batch of one image"):
+        st(torch.randn(1, 1, 28, 28))
+    st.eval()  # evaluation uses the running statistics: one image is fine
+    assert st(torch.randn(1, 1, 28, 28)).crops.shape == (1, 1, 1, 28, 28)
+
+
 def test_localisation_learning_rate_is_scaled() -> None:
     module = STNModule(
         backbone="test_resnet",
