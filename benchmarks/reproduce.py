@@ -501,7 +501,7 @@ def main() -> None:
         ]
     else:
         # MultiMNIST needs 10 epochs for the windows to leave their start, cluttered digits 40 for the transformer's
-        # gain to show (docs/RESULTS.md); the 141 runs take about 70 minutes on 2 cores (2 at a time, one thread each).
+        # gain to show (docs/RESULTS.md); the 141 runs take 67 minutes on 2 cores (2 at a time, one thread each).
         epochs = {"distorted": 5, "cluttered": 40, "addition": 5, "multi": 10}
         plan_cells = cells(epochs)
     if args.only:
