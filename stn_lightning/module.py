@@ -499,6 +499,25 @@ class STNModule(pl.LightningModule):
                 self.log("train/loc_grad_norm", norm, on_step=True, on_epoch=False)
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint saved with one optimiser (loc_optimizer=None) holds one state, one saved with a localiser of its
+        # own a GroupedOptimizer's ("optimizers"); resuming across the two would fail deep inside load_state_dict.
+        # Only fitting restores the optimiser; testing, predicting and load_from_checkpoint read the weights alone.
+        fitting = self._trainer is not None and self._trainer.state.fn == "fit"
+        states = checkpoint.get("optimizer_states") or []
+        if not fitting or not states or self.transformer is None:
+            return
+        saved_grouped = "optimizers" in states[0]
+        grouped_now = self.loc_optimizer_factory is not None
+        if saved_grouped != grouped_now:
+            how = "its own optimiser for the localiser" if saved_grouped else "one optimiser for everything"
+            now = "a localisation optimiser (the default, Adam)" if grouped_now else "one optimiser"
+            fix = "set loc_optimizer to null (--model.loc_optimizer null)" if grouped_now else "set loc_optimizer"
+            raise ValueError(
+                f"this checkpoint was trained with {how} and this run is set up with {now}; to resume it, {fix}, "
+                "or load only its weights (STNModule.load_from_checkpoint)"
+            )
+
     def configure_optimizers(self) -> Any:
         groups = self.parameter_groups()
         optimizer: torch.optim.Optimizer

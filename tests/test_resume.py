@@ -176,3 +176,25 @@ def test_last_checkpoint_every_n_steps_and_at_every_epoch_end(tmp_path: Path) ->
     assert written == [3, 6, 7, 9, 12, 14]  # every 3 steps and each epoch's end (7 steps an epoch)
     assert read_checkpoint(tmp_path / "last.ckpt")["global_step"] == 14
     assert sorted(p.name for p in tmp_path.glob("epoch=*.ckpt")) == ["epoch=1-step=14.ckpt"]  # top-k still saved
+
+
+def test_resuming_across_a_changed_localisation_optimiser_names_the_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A checkpoint of one optimiser (loc_optimizer null) resumed under the default (an Adam localiser) would fail
+    # deep in load_state_dict; the module says what to set instead. Testing from it needs no optimiser and works.
+    from stn_lightning.cli import main
+
+    args = [
+        "--config", str(ROOT / "configs" / "rts_mnist.yaml"), "--trainer.accelerator", "cpu",
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+        "--attention.every_n_epochs", "1000", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+        "--trainer.limit_test_batches", "1",
+    ]  # fmt: skip
+    main(["fit", *args, "--trainer.max_epochs", "1", "--model.loc_optimizer", "null"])
+    last = next(tmp_path.rglob("last.ckpt"))
+    with pytest.raises(SystemExit) as exit_info:  # the CLI prints the error and exits with 2
+        main(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", str(last)])
+    assert exit_info.value.code == 2
+    assert "set loc_optimizer to null (--model.loc_optimizer null)" in capsys.readouterr().err
+    main(["test", *args, "--ckpt_path", str(last)])
