@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -30,23 +31,25 @@ __all__ = ["STNModule"]
 
 
 # Options that build the SpatialTransformer; a transformer given whole replaces them (see STNModule).
-_TRANSFORMER_OPTIONS = {
-    "transform": None,
-    "num_transformers": 1,
-    "crop_size": None,
-    "localizer": None,
-    "init": "identity",
-    "feature_norm": True,
-    "align_corners": False,
-    "padding_mode": "zeros",
-    "sampler_backend": "auto",
-    "sampler_mode": "bilinear",
-    "init_scale": None,
-}
+_TRANSFORMER_OPTIONS = (
+    "transform",
+    "num_transformers",
+    "crop_size",
+    "localizer",
+    "init",
+    "feature_norm",
+    "align_corners",
+    "padding_mode",
+    "sampler_backend",
+    "sampler_mode",
+    "init_scale",
+)
 
 
 def _check_no_transformer_options(given: dict[str, Any]) -> None:
-    clash = [k for k, default in _TRANSFORMER_OPTIONS.items() if given.get(k, default) != default]
+    # The defaults are STNModule's own, read from its signature so that they cannot drift from it.
+    defaults = inspect.signature(STNModule.__init__).parameters
+    clash = [k for k in _TRANSFORMER_OPTIONS if given[k] != defaults[k].default]
     if clash:
         raise ValueError(
             f"STNModule got a transformer and also {', '.join(clash)}, which build one; "
