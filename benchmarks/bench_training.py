@@ -28,6 +28,8 @@ def _throughput(model: torch.nn.Module, data: object, device: torch.device, step
     data.setup("fit")  # type: ignore[attr-defined]
     loader = data.train_dataloader()  # type: ignore[attr-defined]
     model.to(device).train()
+    if model.uses_channels_last(device):  # type: ignore[operator]
+        model.to(memory_format=torch.channels_last)  # as STNModule.setup does under a Trainer
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     rates: list[float] = []
     batches = iter(loader)

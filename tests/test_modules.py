@@ -395,3 +395,53 @@ data:
     transformer = cli.model.transformer
     assert transformer.num_transformers == 2 and transformer.mode == "nearest" and transformer.output_size == (24, 24)
     assert cli.trainer.state.finished
+
+
+@pytest.mark.parametrize(("channels_last", "expected"), [(None, True), (True, True), (False, False)])
+def test_training_on_cpus_keeps_the_convolution_weights_channels_last_unless_told_not_to(
+    channels_last: bool | None, expected: bool
+) -> None:
+    torch.manual_seed(0)
+    module = STNModule(backbone="stn_paper_cnn_st", image_size=28, channels_last=channels_last)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,)))
+    trainer = pl.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    # Weights of one input channel have the same strides in both formats; the others tell them apart.
+    weights = [m.weight for m in module.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1]
+    assert len(weights) == 2  # the second convolutions of the localiser and of the classifier
+    assert all(w.is_contiguous(memory_format=torch.channels_last) == expected for w in weights)
+    assert all(w.is_contiguous() != expected for w in weights)
+    assert module.uses_channels_last(torch.device("cuda")) is bool(channels_last)  # not on accelerators unless told
+
+
+def test_channels_last_weights_compute_the_same_outputs_and_gradients() -> None:
+    torch.manual_seed(0)
+    # Without the localiser's batch standardisation, which amplifies float rounding at a random start (1e-3 here).
+    kwargs: dict[str, Any] = {"transform": Projective(), "feature_norm": False, "channels_last": False}
+    plain = STNModule(backbone="stn_paper_cnn_st", image_size=42, **kwargs)
+    for p in plain.parameters():  # away from the identity start, so that the warps and crops differ per image
+        p.data.add_(0.05 * torch.randn_like(p))
+    last = STNModule(backbone="stn_paper_cnn_st", image_size=42, **kwargs)
+    last.load_state_dict(plain.state_dict())
+    last.to(memory_format=torch.channels_last)
+    x, y = torch.randn(8, 1, 42, 42), torch.randint(0, 10, (8,))
+    outputs = []
+    for module in (plain, last):
+        module.train()
+        xi = x.clone().requires_grad_()
+        logits = module(xi)
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        outputs.append((logits, xi.grad, {n: p.grad for n, p in module.named_parameters()}))
+    (la, ga, pa), (lb, gb, pb) = outputs
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+        # Float rounding only (a different summation order: 1e-5 relative here); a layout mistake, such as features
+        # flattened in the wrong order, is off by the values' own size.
+        return bool((a - b).norm() <= 1e-4 * a.norm()) and a.norm() > 0
+
+    assert close(la, lb)
+    assert close(ga, gb)
+    assert all(close(pa[name], pb[name]) for name in pa)
+    assert len(pa) > 10
