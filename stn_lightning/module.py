@@ -139,9 +139,9 @@ class STNModule(pl.LightningModule):
         channels_last: keep the convolution weights in channels-last memory format once a Trainer sets the module
             up, so that the convolutions of the localiser and the backbone run in oneDNN's channels-last kernels
             (the values and the results are those of the default format up to float rounding). None (the
-            default): on when the Trainer runs on CPUs, where it is measured faster for every network of the
-            configs (benchmarks/bench_memory_format.py: up to 40 % shorter training steps), off on accelerators,
-            where it is not measured; True or False forces it.
+            default): on when the Trainer runs on CPUs, where the configs' networks train as fast or faster with it
+            (benchmarks/bench_memory_format.py: up to 40 % shorter training steps), off on accelerators, where it
+            is not measured; True or False forces it.
 
     Batches are ``(x, y)`` or ``(x, y, boxes)``; with boxes (B, D, 4) of the objects in input pixels (MultiMNIST's
     validation and test batches) and a transformer, :class:`~stn_lightning.metrics.CoLocalization` is logged as
