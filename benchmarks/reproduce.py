@@ -8,6 +8,8 @@ each, ``--jobs`` at a time. The tables give the test error (mean and spread over
     python benchmarks/reproduce.py            # every table, 3 seeds (about 40 minutes on 2 cores)
     python benchmarks/reproduce.py --quick    # one seed, short schedules, a subset: a few minutes
     python benchmarks/reproduce.py --only distorted --columns RTS --seeds 0
+    python benchmarks/reproduce.py --only cluttered --seeds 0 1 2 3 4 --set model.boundary_weight=1 \
+        --out /tmp/ablation.md                # an ablation: one more setting for every run
 
 Results of each run are cached in ``--root`` (``reproduce_runs/``, ignored by git) by the run's arguments and its
 config's settings, so an interrupted reproduction continues where it stopped and a changed config trains its runs
@@ -18,6 +20,7 @@ ignores the cache (needed after changing the library's code, which the key does 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -193,6 +196,18 @@ def cells(epochs: dict[str, int]) -> list[Cell]:
 # --------------------------------------------------------------------------------------------------------------
 # running
 # --------------------------------------------------------------------------------------------------------------
+def with_settings(plan_cells: list[Cell], settings: list[str]) -> list[Cell]:
+    """The cells with ``--KEY VALUE`` added to each one's overrides for every ``KEY=VALUE`` of ``settings`` (the
+    later setting wins where a cell already sets the key, as on jsonargparse's command line)."""
+    extra: list[str] = []
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep or not key or key.startswith("-"):
+            raise ValueError(f"expected KEY=VALUE (e.g. model.boundary_weight=1), got {setting!r}")
+        extra += [f"--{key}", value]
+    return [dataclasses.replace(c, overrides=c.overrides + tuple(extra)) for c in plan_cells]
+
+
 def _run_args(cell: Cell, seed: int, root: Path) -> list[str]:
     return [
         "fit",
@@ -217,7 +232,9 @@ def _run_args(cell: Cell, seed: int, root: Path) -> list[str]:
 
 
 def _epochs(cell: Cell) -> int:
-    return int(cell.overrides[cell.overrides.index("--trainer.max_epochs") + 1])
+    # The last one given wins on the command line (``--set trainer.max_epochs=N`` comes after the cell's own).
+    args = list(cell.overrides)
+    return int(args[len(args) - 1 - args[::-1].index("--trainer.max_epochs") + 1])
 
 
 def _key(args: list[str]) -> str:
@@ -488,6 +505,14 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=ROOT / "reproduce_runs")
     parser.add_argument("--out", type=Path, default=None, help="default docs/RESULTS.md (docs/RESULTS-quick.md)")
     parser.add_argument("--fresh", action="store_true", help="train every run again, ignoring cached results")
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="add --KEY VALUE to every run (an ablation; repeatable; part of each run's cache key)",
+    )
     args = parser.parse_args()
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     if args.quick:
@@ -510,6 +535,10 @@ def main() -> None:
         plan_cells = [c for c in plan_cells if c.column in args.columns]
     if args.rows:
         plan_cells = [c for c in plan_cells if c.row in args.rows]
+    try:
+        plan_cells = with_settings(plan_cells, args.settings)
+    except ValueError as exc:
+        parser.error(str(exc))
     plan = [(c, s) for c in plan_cells for s in seeds]
     args.commit = _commit()  # the code the runs start from, whatever changes while they train
     start = time.perf_counter()

@@ -50,3 +50,26 @@ def test_provenance_counts_runs_per_commit(reproduce) -> None:
     assert "1 at old (multi 1)" in text
     assert "1 at unrecorded (multi 1)" in text
     assert "1 at no commit (failed) (multi 1)" in text
+
+
+def test_settings_reach_every_run_and_its_cache_key(reproduce, tmp_path: Path) -> None:
+    cells = [
+        c for c in reproduce.cells({"distorted": 5, "cluttered": 40, "addition": 5, "multi": 10}) if c.column == "RTS"
+    ]
+    changed = reproduce.with_settings(cells, ["model.boundary_weight=1", "trainer.max_epochs=7"])
+    assert len(changed) == len(cells)
+    for before, after in zip(cells, changed):
+        assert after.overrides[: len(before.overrides)] == before.overrides
+        assert after.overrides[len(before.overrides) :] == (
+            "--model.boundary_weight",
+            "1",
+            "--trainer.max_epochs",
+            "7",
+        )
+        assert reproduce._epochs(after) == 7  # the later setting wins, as on the command line
+        key = reproduce._key(reproduce._run_args(before, 0, tmp_path))
+        assert reproduce._key(reproduce._run_args(after, 0, tmp_path)) != key
+    assert reproduce.with_settings(cells, []) == cells
+    for bad in ("model.boundary_weight", "=1", "--model.boundary_weight=1"):
+        with pytest.raises(ValueError, match="KEY=VALUE"):
+            reproduce.with_settings(cells, [bad])
