@@ -58,7 +58,7 @@ def test_settings_reach_every_run_and_its_cache_key(reproduce, tmp_path: Path) -
     ]
     changed = reproduce.with_settings(cells, ["model.boundary_weight=1", "trainer.max_epochs=7"])
     assert len(changed) == len(cells)
-    for before, after in zip(cells, changed):
+    for before, after in zip(cells, changed, strict=True):
         assert after.overrides[: len(before.overrides)] == before.overrides
         assert after.overrides[len(before.overrides) :] == (
             "--model.boundary_weight",
