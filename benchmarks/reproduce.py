@@ -5,7 +5,7 @@ with the overrides listed below), tested with the checkpoint that validated best
 use the paper's networks of the same size (stn_lightning.backbones). Runs go to separate processes, one thread
 each, ``--jobs`` at a time. The tables give the test error (mean and spread over the seeds) next to the paper's.
 
-    python benchmarks/reproduce.py            # every table, 3 seeds (about 40 minutes on 2 cores)
+    python benchmarks/reproduce.py            # every table, 3 seeds (40-46 minutes on 2 cores)
     python benchmarks/reproduce.py --quick    # one seed, short schedules, a subset: a few minutes
     python benchmarks/reproduce.py --only distorted --columns RTS --seeds 0
     python benchmarks/reproduce.py --only cluttered --seeds 0 1 2 3 4 --set model.boundary_weight=1 \
@@ -526,7 +526,7 @@ def main() -> None:
         ]
     else:
         # MultiMNIST needs 10 epochs for the windows to leave their start, cluttered digits 40 for the transformer's
-        # gain to show (docs/RESULTS.md); the 141 runs take 40 minutes on 2 cores (2 at a time, one thread each).
+        # gain to show (docs/RESULTS.md); the 141 runs take 40-46 minutes on 2 cores (2 at a time, one thread each).
         epochs = {"distorted": 5, "cluttered": 40, "addition": 5, "multi": 10}
         plan_cells = cells(epochs)
     if args.only:
