@@ -233,8 +233,8 @@ def _run_args(cell: Cell, seed: int, root: Path) -> list[str]:
 
 def _epochs(cell: Cell) -> int:
     # The last one given wins on the command line (``--set trainer.max_epochs=N`` comes after the cell's own).
-    args = list(cell.overrides)
-    return int(args[len(args) - 1 - args[::-1].index("--trainer.max_epochs") + 1])
+    args = cell.overrides
+    return int([value for flag, value in zip(args[:-1], args[1:], strict=True) if flag == "--trainer.max_epochs"][-1])
 
 
 def _key(args: list[str]) -> str:
