@@ -174,3 +174,17 @@ def test_first_convolution_keeps_pytorchs_gradient_on_many_channels() -> None:
     wide = _Conv2dFoldGrad(_Conv2dFoldGrad.FOLD_MAX_CHANNELS + 1, 5, 3)
     out = wide(torch.randn(2, wide.in_channels, 8, 8, requires_grad=True))
     assert out.grad_fn is not None and "ConvFoldGrad" not in type(out.grad_fn).__name__
+
+
+@pytest.mark.parametrize("size", [(11, 11), (12, 16), (5, 7), (4, 9)])
+def test_pooling_written_out_for_export_equals_pytorchs(size: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under export the CNN's adaptive max-pooling is written out as windowed maxima (ONNX cannot translate
+    # PyTorch's); the windows must be PyTorch's, overlapping ones (11 -> 4) and exact divisions (12 -> 4) alike.
+    from stn_lightning.backbones import _ExportableAdaptiveMaxPool2d
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *size)
+    pool = _ExportableAdaptiveMaxPool2d(4)
+    expected = torch.nn.functional.adaptive_max_pool2d(x, 4)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert torch.equal(pool(x), expected)
