@@ -33,18 +33,25 @@ class STNClassifier(nn.Module):
       given budget is measured in docs/RESULTS.md: not yet on MultiMNIST);
     * ``"none"``: no transformer; the same backbone sees the whole image (the baseline of every experiment).
 
+    With ``object_channels``, each of the input's C channels holds one object (MNIST addition: one digit per
+    channel) and labels are sums of per-object labels. With fusion ``"sum"`` (and K = C transformers), every
+    transformer's localiser sees all channels but crop k keeps only channel k, so transformer k looks for the
+    object of channel k and the shared backbone and head classify C one-channel crops. With fusion ``"none"`` the
+    backbone classifies each whole channel under the same sum head: the baseline with the same prior.
+
     Args:
         backbone: any timm model name.
         num_classes: classes of the linear head.
         in_chans: channels of the input images.
         transformer: the SpatialTransformer (required unless fusion is "none").
-        fusion: "channels", "features" or "none".
+        fusion: "channels", "features", "sum" or "none".
         pretrained: True for timm's published weights, a path of local backbone weights, or None.
         backbone_kwargs: extra arguments for ``timm.create_model`` (drop_rate, ...). ``{"global_pool": ""}``
             keeps the feature map unpooled: the head then sees where features are (flattened), like the
             fully connected classifier of the paper's CNN baselines.
         input_size: (H, W) of the images; with it the head's width is measured by one forward pass, which
             unpooled feature maps need.
+        object_channels: one object per input channel (see above); needs fusion "sum" or "none".
     """
 
     def __init__(
@@ -57,6 +64,7 @@ class STNClassifier(nn.Module):
         pretrained: bool | str | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
         input_size: tuple[int, int] | None = None,
+        object_channels: bool = False,
     ) -> None:
         super().__init__()
         if fusion not in _FUSIONS:
@@ -67,9 +75,16 @@ class STNClassifier(nn.Module):
             raise ValueError(f"fusion {fusion!r} needs a transformer; use fusion='none' for the plain backbone")
         self.fusion = fusion
         self.in_chans = in_chans
+        self.object_channels = object_channels
         self.transformer = transformer if fusion != "none" else None
         k = self.transformer.num_transformers if self.transformer is not None else 1
-        backbone_chans = k * in_chans if fusion == "channels" else in_chans
+        if object_channels:
+            if fusion not in ("sum", "none"):
+                raise ValueError(f"object_channels needs fusion 'sum' or 'none', got {fusion!r}")
+            if self.transformer is not None and k != in_chans:
+                raise ValueError(f"object_channels needs one transformer per channel: K = {k}, in_chans = {in_chans}")
+            k = in_chans  # objects per image
+        backbone_chans = k * in_chans if fusion == "channels" else (1 if object_channels else in_chans)
         net = create_timm_model(
             backbone, pretrained=pretrained, num_classes=0, in_chans=backbone_chans, **(backbone_kwargs or {})
         )
@@ -82,7 +97,7 @@ class STNClassifier(nn.Module):
             with torch.no_grad():
                 width = self.features(torch.zeros(1, backbone_chans, *size)).shape[1]
             net.train(was_training)
-        if fusion == "sum":
+        if fusion == "sum" or object_channels:
             per_crop, remainder = divmod(num_classes - 1, k)
             if remainder or per_crop < 1:
                 raise ValueError(
@@ -98,17 +113,25 @@ class STNClassifier(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected images (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
         if self.transformer is None:
+            if self.object_channels:
+                return self._sum_of_objects(x[:, :, None]), None
             return self.head(self.features(x)), None
         crops, params = self.transformer(x)
         b = crops.shape[0]
         if self.fusion == "channels":
             feats = self.features(crops.flatten(1, 2))
         elif self.fusion == "sum":
-            per_crop = self.head(self.features(crops.flatten(0, 1))).view(b, crops.shape[1], -1)
-            return log_probability_of_sum(per_crop), params
+            if self.object_channels:  # (B, K, C, h, w) -> channel k of crop k, (B, K, 1, h, w)
+                crops = crops.diagonal(dim1=1, dim2=2).movedim(-1, 1)[:, :, None]
+            return self._sum_of_objects(crops), params
         else:
             feats = self.features(crops.flatten(0, 1)).view(b, -1)
         return self.head(feats), params
+
+    def _sum_of_objects(self, crops: Tensor) -> Tensor:
+        """Log-probabilities of the sum of the labels of crops (B, K, C', h, w), one object each."""
+        per_crop = self.head(self.features(crops.flatten(0, 1))).view(crops.shape[0], crops.shape[1], -1)
+        return log_probability_of_sum(per_crop)
 
     def features(self, x: Tensor) -> Tensor:
         """Backbone features (N, F) of a batch (N, C', H, W): pooled, or the flattened map without pooling."""

@@ -86,6 +86,9 @@ class STNModule(pl.LightningModule):
         crop_size: size of each crop (Ho, Wo); default the input size.
         fusion: "channels", "features", "sum" (labels that are sums of per-object labels; see STNClassifier) or
             "none" (no transformer: the baseline).
+        object_channels: each input channel holds one object whose labels sum to the label (MNIST addition):
+            with fusion "sum" and one transformer per channel, crop k keeps only channel k; with fusion "none",
+            the backbone classifies each channel under the same sum head (see STNClassifier).
         localizer: a callable taking in_chans and returning the localisation net; default PaperLocalizer.
         init: "identity" or "tiled" start of the transformers.
         init_scale: with ``init="identity"``, the scale of the centred window the transformers start at (1.0: the
@@ -160,6 +163,7 @@ class STNModule(pl.LightningModule):
         num_transformers: int = 1,
         crop_size: int | tuple[int, int] | None = None,
         fusion: Fusion = "channels",
+        object_channels: bool = False,
         localizer: Callable[[int], nn.Module] | None = None,
         init: Literal["identity", "tiled"] = "identity",
         init_scale: float | None = None,
@@ -244,6 +248,7 @@ class STNModule(pl.LightningModule):
             pretrained=pretrained,
             backbone_kwargs=backbone_kwargs,
             input_size=self.image_size,
+            object_channels=object_channels,
         )
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler

@@ -445,3 +445,56 @@ def test_channels_last_weights_compute_the_same_outputs_and_gradients() -> None:
     assert close(ga, gb)
     assert all(close(pa[name], pb[name]) for name in pa)
     assert len(pa) > 10
+
+
+def _backbone_input(model: STNClassifier, x: torch.Tensor) -> torch.Tensor:
+    """What the backbone of ``model`` is given for images ``x``."""
+    seen: list[torch.Tensor] = []
+    net: Any = model.backbone
+    features = net.forward_features
+    net.forward_features = lambda images: seen.append(images) or features(images)
+    try:
+        model(x)
+    finally:
+        del net.forward_features  # the class's method again
+    return seen[0]
+
+
+def test_object_channels_give_crop_k_channel_k_only() -> None:
+    # MNIST addition's prior: digit k is in channel k. Transformer k's localiser sees both channels, but its crop
+    # keeps channel k only, and the one-channel backbone classifies K crops under the sum head.
+    torch.manual_seed(0)
+    module = STNModule(
+        num_classes=19, in_chans=2, image_size=24, backbone="test_resnet", num_transformers=2, fusion="sum",
+        object_channels=True, init="tiled", transform=Attention(),
+    )  # fmt: skip
+    model = module.model
+    x = torch.randn(3, 2, 24, 24)
+    crops, _ = model.transformer(x)  # type: ignore[misc]
+    expected = torch.stack([crops[:, 0, 0], crops[:, 1, 1]], dim=1).flatten(0, 1)[:, None]
+    torch.testing.assert_close(_backbone_input(model, x), expected)
+    logits, params = model(x)
+    assert logits.shape == (3, 19) and params is not None and params.shape == (3, 2, 3)
+    torch.testing.assert_close(logits.exp().sum(-1), torch.ones(3))
+
+
+def test_object_channels_baseline_classifies_each_channel() -> None:
+    module = STNModule(
+        num_classes=19, in_chans=2, image_size=24, backbone="test_resnet", fusion="none", object_channels=True
+    )
+    x = torch.randn(3, 2, 24, 24)
+    torch.testing.assert_close(_backbone_input(module.model, x), x.reshape(6, 1, 24, 24))
+    logits, params = module.model(x)
+    assert logits.shape == (3, 19) and params is None
+    assert module.model.head.out_features == 10  # one digit per channel
+
+
+@pytest.mark.parametrize(
+    ("fusion", "k", "match"), [("channels", 2, "fusion 'sum' or 'none'"), ("sum", 3, "one transformer per channel")]
+)
+def test_object_channels_reject_what_they_cannot_do(fusion: str, k: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        STNModule(
+            num_classes=19, in_chans=2, image_size=24, backbone="test_resnet", num_transformers=k,
+            fusion=fusion, object_channels=True,  # type: ignore[arg-type]
+        )  # fmt: skip
