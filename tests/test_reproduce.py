@@ -1,5 +1,6 @@
 """benchmarks/reproduce.py's cache: a run is trained again when its config's settings change, not its comments."""
 
+import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -54,7 +55,7 @@ def test_provenance_counts_runs_per_commit(reproduce) -> None:
 
 def test_settings_reach_every_run_and_its_cache_key(reproduce, tmp_path: Path) -> None:
     cells = [
-        c for c in reproduce.cells({"distorted": 5, "cluttered": 40, "addition": 5, "multi": 10}) if c.column == "RTS"
+        c for c in reproduce.cells({"distorted": 5, "cluttered": 40, "addition": 5, "addition per channel": 20, "multi": 10}) if c.column == "RTS"
     ]
     changed = reproduce.with_settings(cells, ["model.boundary_weight=1", "trainer.max_epochs=7"])
     assert len(changed) == len(cells)
@@ -73,3 +74,23 @@ def test_settings_reach_every_run_and_its_cache_key(reproduce, tmp_path: Path) -
     for bad in ("model.boundary_weight", "=1", "--model.boundary_weight=1"):
         with pytest.raises(ValueError, match="KEY=VALUE"):
             reproduce.with_settings(cells, [bad])
+
+
+def test_a_difference_inside_the_seeds_spread_is_called_so(reproduce) -> None:
+    epochs = ("--trainer.max_epochs", "20")
+    base = reproduce.Cell("addition", "CNN per channel", "error", "mnist_addition.yaml", epochs)
+    st = reproduce.Cell("addition", "2 x ST-CNN per channel", "error", "mnist_addition.yaml", epochs)
+    args = argparse.Namespace(commit="abc", jobs=2, trained=6)
+
+    def table(st_errors: list[float]) -> str:
+        results = {(base, s): {"test/acc": 1 - e / 100} for s, e in enumerate([80.0, 78.0, 70.0])}
+        results |= {(st, s): {"test/acc": 1 - e / 100} for s, e in enumerate(st_errors)}
+        text = reproduce.report(results, [base, st], args, 60.0)
+        return next(line for line in text.splitlines() if line.startswith("| error: CNN per channel vs"))
+
+    # 76.0 -> 72.7 with one seed far off: a spread of 25 points covers the difference.
+    assert "within the seeds' spread" in table([44.0, 87.0, 87.0])
+    assert "lower error with the transformer (the difference, 3.33" in table([44.0, 87.0, 87.0])
+    # 76.0 -> 20.0 with a spread of 2: a difference the seeds agree on.
+    line = table([18.0, 20.0, 22.0])
+    assert "lower error with the transformer" in line and "spread" not in line
