@@ -65,11 +65,15 @@ def _data(name: str, **kwargs: Any) -> pl.LightningDataModule:
 @pytest.fixture(scope="module")
 def batches() -> dict[str, Tensor]:
     """Validation images (8, C, 42, 42) of each model's bundled digits, with their stored distortions."""
+    by_data: dict[Any, Tensor] = {}  # the RTS models share one data module: load each kind once
     found = {}
     for name in MODELS:
-        data = _data(name, batch_size=max(BATCH_SIZES))
-        data.setup("validate")
-        found[name], _ = data.make_batch(next(iter(data.val_dataloader())), train=False)
+        kind = MODELS[name].get("data", DistortedMNIST)
+        if kind not in by_data:
+            data = _data(name, batch_size=max(BATCH_SIZES))
+            data.setup("validate")
+            by_data[kind], _ = data.make_batch(next(iter(data.val_dataloader())), train=False)
+        found[name] = by_data[kind]
     return found
 
 
