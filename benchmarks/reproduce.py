@@ -149,6 +149,10 @@ def tables() -> list[Table]:
     ]
 
 
+# The full run's epochs per table (main() says why each).
+EPOCHS = {"distorted": 5, "cluttered": 40, "addition": 5, "addition per channel": 20, "multi": 10}
+
+
 def cells(epochs: dict[str, int]) -> list[Cell]:
     """Every run of every table; ``epochs`` per table key."""
     out: list[Cell] = []
@@ -557,7 +561,7 @@ def main() -> None:
         # gain to show, the per-channel addition 20 for its three seeds to learn the sum (docs/RESULTS.md); the
         # paper's addition networks are at chance after 20 epochs too, and stay at 5. The 147 runs take about
         # 118 run-minutes, an hour on 2 cores (2 at a time, one thread each).
-        epochs = {"distorted": 5, "cluttered": 40, "addition": 5, "addition per channel": 20, "multi": 10}
+        epochs = EPOCHS
         plan_cells = cells(epochs)
     if args.only:
         plan_cells = [c for c in plan_cells if c.table in args.only]

@@ -54,8 +54,7 @@ def test_provenance_counts_runs_per_commit(reproduce) -> None:
 
 
 def test_settings_reach_every_run_and_its_cache_key(reproduce, tmp_path: Path) -> None:
-    epochs = {"distorted": 5, "cluttered": 40, "addition": 5, "addition per channel": 20, "multi": 10}
-    cells = [c for c in reproduce.cells(epochs) if c.column == "RTS"]
+    cells = [c for c in reproduce.cells(reproduce.EPOCHS) if c.column == "RTS"]
     changed = reproduce.with_settings(cells, ["model.boundary_weight=1", "trainer.max_epochs=7"])
     assert len(changed) == len(cells)
     for before, after in zip(cells, changed, strict=True):
