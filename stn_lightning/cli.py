@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -157,9 +158,15 @@ class STNCLI(LightningCLI):
     # parsing: linked values, checkpoints
     # ------------------------------------------------------------------------------------------------------------
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        from_command_line = args is None
         if args is None or isinstance(args, list):
             args, self._read = _data_from_checkpoint(list(sys.argv[1:] if args is None else args))
-        super().parse_arguments(parser, args)
+        with warnings.catch_warnings():
+            if from_command_line:
+                # The list is the command line itself (with --data added from a checkpoint), not a second set of
+                # arguments next to it, which is what LightningCLI warns about.
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            super().parse_arguments(parser, args)
         self._given_links: dict[str, Any] = {}
         self._checkpoint: dict[str, Any] | None = None
         sub = self.config.get("subcommand")

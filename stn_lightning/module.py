@@ -379,7 +379,9 @@ class STNModule(pl.LightningModule):
     def _log_coloc(self, stage: str) -> None:
         metric = self._coloc(stage)
         if metric is not None and metric.update_count > 0:
-            self.log_dict({f"{stage}/{k}": v for k, v in metric.compute().items()})
+            # compute() has already summed the counts over the ranks, so every rank holds the same values and
+            # sync_dist's mean leaves them as they are; without it Lightning warns once per key under DDP.
+            self.log_dict({f"{stage}/{k}": v for k, v in metric.compute().items()}, sync_dist=True)
             metric.reset()
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:

@@ -51,6 +51,8 @@ def test_two_ranks_through_the_cli(tmp_path: Path) -> None:
     ]
     code, out = run(train_cmd(*args), tmp_path, timeout=300)
     assert code == 0, out[-4000:]
+    # Every epoch-level value is reduced over the ranks, and the command line is not taken for extra arguments.
+    assert "sync_dist=True" not in out and "args parameter" not in out, out[-4000:]
     runs = sorted((tmp_path / "lightning_logs").iterdir())
     assert [r.name for r in runs] == ["version_0"], runs
     run_dir = runs[0]
