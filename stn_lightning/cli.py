@@ -54,7 +54,9 @@ __all__ = ["STNCLI", "STNTrainer", "console", "main"]
 # What only the data knows, read from the instantiated DataModule and passed to the model.
 _LINKED = ("num_classes", "in_chans", "image_size", "background")
 _DEBUG_ENV = "JSONARGPARSE_DEBUG"
-_DATA_KEY = "stn_data_config"  # the data's configuration in a checkpoint (see _DataConfigCallback)
+_DATA_KEY = "stn_data_config"  # the data's configuration in a checkpoint (see _RunConfigCallback)
+_MODEL_KEY = "stn_model_config"  # the model's options that its saved hyperparameters leave out
+_MODEL_OBJECTS = ("transform", "localizer")  # those options: objects, which STNModule does not save
 
 
 def _say(message: str) -> None:
@@ -232,9 +234,10 @@ class STNCLI(LightningCLI):
     # ------------------------------------------------------------------------------------------------------------
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[pl.Callback]) -> pl.Trainer:
         callbacks = [*callbacks, RNGStateCallback()]
-        data = self.config[self.subcommand].get("data") if self.subcommand else None
-        if data is not None:
-            callbacks.append(_DataConfigCallback(namespace_to_dict(data)))
+        config_now = self.config[self.subcommand] if self.subcommand else {}
+        data, model = config_now.get("data"), config_now.get("model") or {}
+        objects = {k: _plain_config(model.get(k)) for k in _MODEL_OBJECTS if model.get(k) is not None}
+        callbacks.append(_RunConfigCallback(None if data is None else _plain_config(data), objects))
         plugins = config.get("plugins")
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -276,7 +279,7 @@ class STNCLI(LightningCLI):
         path = self.config[self.config["subcommand"]].get("ckpt_path")
         detail = "; ".join(differences + (["hyperparameters that differ: " + ", ".join(changed)] if changed else []))
         if any("transformer.head" in d for d in differences):  # what a checkpoint's hyperparameters cannot say
-            detail += "; model.transform (the family) is not saved in checkpoints: give the run's --config"
+            detail += "; the transformation family (model.transform) is not the checkpoint's: give the run's --config"
         raise ValueError(f"checkpoint {path} was made by a different model: {detail}")
 
     # ------------------------------------------------------------------------------------------------------------
@@ -334,13 +337,19 @@ def _option(argv: list[str], name: str) -> str | None:
 
 
 def _data_from_checkpoint(argv: list[str]) -> tuple[list[str], tuple[str, dict[str, Any]] | None]:
-    """Without ``--config`` or ``--data``, ``--ckpt_path`` alone names the data: the checkpoint stored its config.
+    """Without ``--config``, ``--ckpt_path`` alone names the data and the transformation family: the checkpoint
+    stored them (``--data``, ``--model.transform`` and ``--model.localizer``, each unless given whole; options
+    inside them, ``--data.init_args.batch_size`` and the like, apply on top).
 
-    Returns the arguments (with ``--data`` added when the checkpoint gave it) and the (path, checkpoint) it read,
-    for :meth:`STNCLI._parse_ckpt_path` to use instead of reading the file again. This runs before the
-    configuration is parsed, so ``last`` is looked up in ``<default_root_dir>/lightning_logs`` only.
+    Returns the arguments (with what the checkpoint gave added) and the (path, checkpoint) it read, for
+    :meth:`STNCLI._parse_ckpt_path` to use instead of reading the file again. This runs before the configuration
+    is parsed, so ``last`` is looked up in ``<default_root_dir>/lightning_logs`` only.
     """
-    if any(a.split("=")[0] in ("-c", "--config", "--data") or a.startswith("--data.") for a in argv):
+
+    def given(option: str) -> bool:
+        return any(a.split("=")[0] == option for a in argv)
+
+    if given("--config") or given("-c"):
         return argv, None
     path = _option(argv, "--ckpt_path")
     if path == "last":
@@ -353,21 +362,40 @@ def _data_from_checkpoint(argv: list[str]) -> tuple[list[str], tuple[str, dict[s
         checkpoint = read_checkpoint(path)
     except ValueError:
         return argv, None  # _parse_ckpt_path reports what is wrong with the file
+    extra: list[str] = []
     data = checkpoint.get(_DATA_KEY)
-    return ([*argv, "--data", json.dumps(data)] if isinstance(data, dict) else argv), (path, checkpoint)
+    if isinstance(data, dict) and not given("--data"):
+        extra += ["--data", json.dumps(data)]
+    objects = checkpoint.get(_MODEL_KEY)
+    for name, value in (objects if isinstance(objects, dict) else {}).items():
+        if name in _MODEL_OBJECTS and not given(f"--model.{name}"):
+            extra += [f"--model.{name}", json.dumps(value)]
+    # Right after the subcommand, so that options given on the command line (--data.init_args.batch_size ...) apply
+    # on top of the checkpoint's.
+    at = next((i + 1 for i, a in enumerate(argv) if not a.startswith("-")), 0)
+    return [*argv[:at], *extra, *argv[at:]], (path, checkpoint)
 
 
-class _DataConfigCallback(pl.Callback):
-    """Stores the data's configuration (class path and arguments, plain data) in every checkpoint, so that
-    ``predict``, ``test`` and ``export`` with ``--ckpt_path`` alone know the data the model was trained on."""
+def _plain_config(value: Any) -> Any:
+    """A parsed option (a jsonargparse Namespace, or plain data) as plain data that JSON can hold."""
+    return namespace_to_dict(value) if hasattr(value, "as_dict") else value
 
-    def __init__(self, data: dict[str, Any]) -> None:
-        self.data = data
+
+class _RunConfigCallback(pl.Callback):
+    """Stores the data's configuration and the model's object options (the transformation family, the
+    localiser; class paths and arguments, plain data) in every checkpoint, so that ``predict``, ``test`` and
+    ``export`` with ``--ckpt_path`` alone rebuild the model and the data it was trained with."""
+
+    def __init__(self, data: dict[str, Any] | None, objects: dict[str, Any]) -> None:
+        self.data, self.objects = data, objects
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        checkpoint[_DATA_KEY] = self.data
+        if self.data is not None:
+            checkpoint[_DATA_KEY] = self.data
+        if self.objects:
+            checkpoint[_MODEL_KEY] = self.objects
 
 
 def _check_export_arguments(ckpt_path: str | None, output: str | None) -> None:

@@ -100,3 +100,24 @@ def test_predict_under_ddp_merges_one_row_per_image(checkpoint: Path, tmp_path: 
         indices = [int(r["index"]) for r in csv.DictReader(f)]
     assert indices == list(range(20))  # 2 ranks x 2 batches x 5, each image once, in order
     assert not list(tmp_path.glob(".rows.csv.rank*"))
+
+
+def test_the_checkpoint_alone_rebuilds_a_non_default_transformation_family(tmp_path: Path) -> None:
+    # STNModule's hyperparameters leave its object options out; the checkpoint stores them next to the data's.
+    args = ["fit", "--config", str(DEMO), *COMMON, "--trainer.default_root_dir", str(tmp_path / "fit")]
+    args += ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "1", "--data.init_args.batch_size", "4"]
+    args += ["--model.transform", "stn_lightning.transforms.Attention"]
+    main(args)
+    ckpt = tmp_path / "fit" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    stored = torch.load(ckpt, weights_only=True)["stn_model_config"]
+    assert stored["transform"]["class_path"] == "stn_lightning.transforms.Attention"
+    out = tmp_path / "rows.jsonl"
+    args = ["predict", "--ckpt_path", str(ckpt), *COMMON, "--trainer.default_root_dir", str(tmp_path)]
+    args += ["--trainer.limit_predict_batches", "1", "--data.init_args.batch_size", "2"]
+    args += ["--predictions.output", str(out)]
+    cli = main(args)
+    assert type(cli.model.model.transformer.transform).__name__ == "Attention"
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        _check_row(row, params=3)  # scale and translation
