@@ -162,10 +162,10 @@ class STNCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         from_command_line = args is None
         if args is None or isinstance(args, list):
-            args, self._read = _data_from_checkpoint(list(sys.argv[1:] if args is None else args))
+            args, self._read = _options_from_checkpoint(list(sys.argv[1:] if args is None else args))
         with warnings.catch_warnings():
             if from_command_line:
-                # The list is the command line itself (with --data added from a checkpoint), not a second set of
+                # The list is the command line itself (with what a checkpoint adds), not a second set of
                 # arguments next to it, which is what LightningCLI warns about.
                 warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
             super().parse_arguments(parser, args)
@@ -336,7 +336,7 @@ def _option(argv: list[str], name: str) -> str | None:
     return None
 
 
-def _data_from_checkpoint(argv: list[str]) -> tuple[list[str], tuple[str, dict[str, Any]] | None]:
+def _options_from_checkpoint(argv: list[str]) -> tuple[list[str], tuple[str, dict[str, Any]] | None]:
     """Without ``--config``, ``--ckpt_path`` alone names the data and the transformation family: the checkpoint
     stored them (``--data``, ``--model.transform`` and ``--model.localizer``, each unless given whole; options
     inside them, ``--data.init_args.batch_size`` and the like, apply on top).
@@ -345,11 +345,7 @@ def _data_from_checkpoint(argv: list[str]) -> tuple[list[str], tuple[str, dict[s
     :meth:`STNCLI._parse_ckpt_path` to use instead of reading the file again. This runs before the configuration
     is parsed, so ``last`` is looked up in ``<default_root_dir>/lightning_logs`` only.
     """
-
-    def given(option: str) -> bool:
-        return any(a.split("=")[0] == option for a in argv)
-
-    if given("--config") or given("-c"):
+    if _option(argv, "--config") is not None or _option(argv, "-c") is not None:
         return argv, None
     path = _option(argv, "--ckpt_path")
     if path == "last":
@@ -364,11 +360,11 @@ def _data_from_checkpoint(argv: list[str]) -> tuple[list[str], tuple[str, dict[s
         return argv, None  # _parse_ckpt_path reports what is wrong with the file
     extra: list[str] = []
     data = checkpoint.get(_DATA_KEY)
-    if isinstance(data, dict) and not given("--data"):
+    if isinstance(data, dict) and _option(argv, "--data") is None:
         extra += ["--data", json.dumps(data)]
     objects = checkpoint.get(_MODEL_KEY)
     for name, value in (objects if isinstance(objects, dict) else {}).items():
-        if name in _MODEL_OBJECTS and not given(f"--model.{name}"):
+        if name in _MODEL_OBJECTS and _option(argv, f"--model.{name}") is None:
             extra += [f"--model.{name}", json.dumps(value)]
     # Right after the subcommand, so that options given on the command line (--data.init_args.batch_size ...) apply
     # on top of the checkpoint's.
