@@ -38,10 +38,11 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--num_nodes", type=int, default=1)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--val_size", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(1)
     pl.seed_everything(0)
-    data = DistortedMNIST("RTS", batch_size=16, val_size=64)
+    data = DistortedMNIST("RTS", batch_size=16, val_size=args.val_size)
     model = STNModule(
         num_classes=data.num_classes,
         in_chans=data.in_chans,
@@ -74,19 +75,26 @@ def main() -> None:
     state["triton_cache"] = os.environ.get("TRITON_CACHE_DIR", "")
     torch.save(state, out / f"rank{rank}.pt")
 
-    # The metric: rank 0's weights (BatchNorm statistics included) on every rank, then validation under DDP
-    # (torchmetrics reduces its counts over the ranks) against the same computation in this process alone.
+    # The metrics: rank 0's weights (BatchNorm statistics included) on every rank, then validation under DDP (the
+    # metrics reduce their states over the ranks; with an odd --val_size the ranks hold different counts) against
+    # the same computation in this process alone.
     model.load_state_dict(trainer.strategy.broadcast(model.state_dict(), src=0))
-    ddp_acc = trainer.validate(model, datamodule=data, verbose=False)[0]["val/acc"]
+    ddp = trainer.validate(model, datamodule=data, verbose=False)[0]
     if rank == 0:
         model.eval()
         correct = seen = 0
+        loss = 0.0
         with torch.no_grad():
-            for raw in data.val_dataloader():
+            # Every validation sample once, in this process alone (the DataModule's own loader, attached to the
+            # distributed trainer, would give this rank's share).
+            for raw in torch.utils.data.DataLoader(data.val_set, batch_size=16):
                 x, y = data.make_batch(raw, train=False)
-                correct += int((model(x).argmax(-1) == y).sum())
+                logits = model(x)
+                correct += int((logits.argmax(-1) == y).sum())
+                loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
                 seen += len(y)
-        result = {"ddp_acc": ddp_acc, "single_acc": correct / seen, "images": seen, "world_size": trainer.world_size}
+        result = {"ddp_acc": ddp["val/acc"], "single_acc": correct / seen, "images": seen}
+        result.update(ddp_loss=ddp["val/loss"], single_loss=loss / seen, world_size=trainer.world_size)
         (out / "metrics.json").write_text(json.dumps(result))
 
 

@@ -369,3 +369,26 @@ def test_image_folder_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
         missing.setup("fit")
     with pytest.raises(ValueError, match=r"expected a timm model name"):
         ImageFolderDataModule(str(tmp_path), num_classes=3, backbone="no_such_net")
+
+
+def test_evaluation_sampler_gives_each_sample_to_one_rank() -> None:
+    from types import SimpleNamespace
+
+    from stn_lightning.data.sampling import evaluation_sampler
+
+    data = list(range(10))
+
+    def trainer(replicas: int, rank: int, wanted: bool = True) -> SimpleNamespace:
+        kwargs = {"num_replicas": replicas, "rank": rank} if replicas > 1 else None
+        return SimpleNamespace(
+            distributed_sampler_kwargs=kwargs, _accelerator_connector=SimpleNamespace(use_distributed_sampler=wanted)
+        )
+
+    # One process, no trainer, or the user's use_distributed_sampler=False: the DataLoader's own order.
+    assert evaluation_sampler(data, None) is None
+    assert evaluation_sampler(data, trainer(1, 0)) is None
+    assert evaluation_sampler(data, trainer(3, 0, wanted=False)) is None
+    # 10 samples on 3 ranks: 4 + 3 + 3, every index once (DistributedSampler would give 4 + 4 + 4, two repeated).
+    shards = [list(evaluation_sampler(data, trainer(3, r)) or []) for r in range(3)]
+    assert [len(s) for s in shards] == [4, 3, 3]
+    assert sorted(i for s in shards for i in s) == data

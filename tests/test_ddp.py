@@ -77,7 +77,10 @@ def _check_ranks(out: Path, ranks: int) -> list[dict]:
 
 
 def test_two_ranks_hold_identical_weights_and_metrics_match_one_process(tmp_path: Path) -> None:
-    code, log = run([sys.executable, str(SCRIPT), str(tmp_path), "--devices", "2"], ROOT, timeout=300)
+    # 61 validation digits: 31 on one rank and 30 on the other, none counted twice (DistributedSampler's padding
+    # would make them 62, one digit on both ranks).
+    cmd = [sys.executable, str(SCRIPT), str(tmp_path), "--devices", "2", "--val_size", "61"]
+    code, log = run(cmd, ROOT, timeout=300)
     assert code == 0, log[-4000:]
     states = _check_ranks(tmp_path, 2)
     # Each rank draws its own share of the digits and its own distortions, and has its own Triton cache.
@@ -88,8 +91,10 @@ def test_two_ranks_hold_identical_weights_and_metrics_match_one_process(tmp_path
     moved = max((states[0]["params"][n] - p.detach()).abs().max().item() for n, p in fresh.named_parameters())
     assert moved > 0, "training did not change the weights"
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["images"] == 64
+    assert metrics["world_size"] == 2 and metrics["images"] == 61
     assert metrics["ddp_acc"] == pytest.approx(metrics["single_acc"], abs=1e-6), metrics
+    # The mean loss over 31 + 30 images (Lightning's own mean over the ranks would divide by 30, not 30.5).
+    assert metrics["ddp_loss"] == pytest.approx(metrics["single_loss"], rel=1e-5), metrics
     print(f"two ranks: parameters equal after 4 steps, validation accuracy {metrics}")
 
 

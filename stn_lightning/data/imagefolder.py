@@ -22,6 +22,8 @@ from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
+from .sampling import evaluation_sampler
+
 __all__ = ["BadImageError", "ImageFolderDataModule", "arrange_cub200", "load_rgb"]
 
 
@@ -223,6 +225,8 @@ class ImageFolderDataModule(LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            # Under DDP each evaluation sample on one rank only, without DistributedSampler's padding.
+            sampler=None if shuffle else evaluation_sampler(dataset, self.trainer),
             num_workers=self.num_workers,
             pin_memory=pin,
             persistent_workers=self.num_workers > 0,

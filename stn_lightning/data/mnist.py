@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import distortions as dist
 from .digits import SOURCES, Source, download_digits, load_digits, num_train_digits
 from .files import grey_transform
+from .sampling import evaluation_sampler
 
 __all__ = [
     "ClutteredMNIST",
@@ -359,6 +360,8 @@ class DigitsDataModule(LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            # Under DDP each evaluation sample on one rank only, without DistributedSampler's padding.
+            sampler=None if shuffle else evaluation_sampler(dataset, self.trainer),
             num_workers=self.num_workers,
             pin_memory=pin,
             persistent_workers=self.num_workers > 0,
