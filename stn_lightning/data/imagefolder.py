@@ -22,7 +22,7 @@ from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from .sampling import evaluation_sampler
+from .sampling import make_loader
 
 __all__ = ["BadImageError", "ImageFolderDataModule", "arrange_cub200", "load_rgb"]
 
@@ -218,20 +218,7 @@ class ImageFolderDataModule(LightningDataModule):
             self.test_set = self._eval_set(self._split_folder(self.test_split, "test", "val"), classes)
 
     def _loader(self, dataset: ImageFolder | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("call setup() with the matching stage before asking for a DataLoader")
-        pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            # Under DDP each evaluation sample on one rank only, without DistributedSampler's padding.
-            sampler=None if shuffle else evaluation_sampler(dataset, self.trainer),
-            num_workers=self.num_workers,
-            pin_memory=pin,
-            persistent_workers=self.num_workers > 0,
-            drop_last=shuffle and len(dataset) > self.batch_size,
-        )
+        return make_loader(dataset, self.trainer, self.batch_size, self.num_workers, shuffle)
 
     def train_dataloader(self) -> DataLoader:
         """Training images, shuffled, with augmentation."""

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import distortions as dist
 from .digits import SOURCES, Source, download_digits, load_digits, num_train_digits
 from .files import grey_transform
-from .sampling import evaluation_sampler
+from .sampling import make_loader
 
 __all__ = [
     "ClutteredMNIST",
@@ -353,22 +353,7 @@ class DigitsDataModule(LightningDataModule):
             self.test_set = self._eval_set(images, labels, self.seed + 2)
 
     def _loader(self, dataset: DigitsDataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("call setup() with the matching stage before asking for a DataLoader")
-        pin = self.trainer.strategy.root_device.type == "cuda" if self.trainer is not None else False
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            # Under DDP each evaluation sample on one rank only, without DistributedSampler's padding.
-            sampler=None if shuffle else evaluation_sampler(dataset, self.trainer),
-            num_workers=self.num_workers,
-            pin_memory=pin,
-            persistent_workers=self.num_workers > 0,
-            # A last training batch of one image would make batch statistics (the transformers' feature norm,
-            # BatchNorm in the backbone) undefined; shuffling spreads the dropped remainder over epochs.
-            drop_last=shuffle and len(dataset) > self.batch_size,
-        )
+        return make_loader(dataset, self.trainer, self.batch_size, self.num_workers, shuffle)
 
     def train_dataloader(self) -> DataLoader:
         """Single raw training digits, shuffled; distorted on the device."""
