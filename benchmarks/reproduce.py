@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -474,6 +475,7 @@ def report(
                 name = f"{column}: {base} vs {st}"
                 lines.append(f"| {name} | {mb:.2f} -> {ms:.2f}, {red:.0f} % | {paper_txt} | {verdict} |")
             lines.append("")
+        lines += _ordering(results, table, rows, columns, paper)
         if table.key == "multi":
             lines += _colocalization(results, cells_here)
     if failed:
@@ -495,6 +497,58 @@ def report(
         "found them cached (it took the time in the header).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _ordering(
+    results: dict[tuple[Cell, int], dict[str, Any]],
+    table: Table,
+    rows: list[str],
+    columns: list[str],
+    paper: dict[tuple[str, str], float | None],
+) -> list[str]:
+    """Whether each column ranks the rows as the paper does: every pair of rows with a paper number each, where
+    the paper's two errors differ, counted as in the paper's order, reversed within the seeds' spread (one seed's
+    luck could turn it), or reversed beyond it; the last are named. Pairs where both of our rows are within 2
+    points of chance say nothing about the order and are counted apart."""
+    out: list[str] = []
+    for column in columns:
+        kept, unsure, at_chance, reversed_ = 0, 0, 0, []
+        for a, b in itertools.combinations(rows, 2):
+            pa, pb = paper.get((a, column)), paper.get((b, column))
+            ea, eb = _errors(results, table.key, a, column), _errors(results, table.key, b, column)
+            if pa is None or pb is None or pa == pb or not ea or not eb:
+                continue
+            ma, mb = statistics.fmean(ea), statistics.fmean(eb)
+            chance = table.chance.get(column)
+            if chance is not None and min(ma, mb) >= chance - 2:
+                at_chance += 1
+            elif (ma < mb) == (pa < pb):
+                kept += 1
+            elif abs(ma - mb) < max(_stdev(ea), _stdev(eb)):
+                unsure += 1
+            else:
+                (lo, mlo), (hi, mhi) = sorted([(a, ma), (b, mb)], key=lambda row: row[1])
+                reversed_.append(
+                    f"{lo} {mlo:.2f} < {hi} {mhi:.2f} (paper {paper[(lo, column)]} > {paper[(hi, column)]})"
+                )
+        total = kept + unsure + at_chance + len(reversed_)
+        if total == 0:
+            continue
+        out.append(
+            f"| {column} | {total} | {kept} | {unsure} | {at_chance} | {len(reversed_)} | {'; '.join(reversed_)} |"
+        )
+    if not out:
+        return []
+    head = [
+        "The paper's ordering: every pair of rows that the paper ranks apart, in its order here, reversed by less "
+        "than the seeds' spread (the larger standard deviation of the two), both rows at chance, or reversed beyond "
+        "the spread:",
+        "",
+        "| column | pairs | in the paper's order | reversed within the spread | both at chance | reversed beyond | "
+        "which |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    return [*head, *out, ""]
 
 
 def _colocalization(results: dict[tuple[Cell, int], dict[str, Any]], cells_here: list[Cell]) -> list[str]:

@@ -92,3 +92,32 @@ def test_a_difference_inside_the_seeds_spread_is_called_so(reproduce) -> None:
     # 76.0 -> 20.0 with a spread of 2: a difference the seeds agree on.
     line = table([18.0, 20.0, 22.0])
     assert "lower error with the transformer" in line and "spread" not in line
+
+
+def test_ordering_counts_the_pairs_the_paper_ranks_apart(reproduce) -> None:
+    # Paper R column: FCN 2.1, CNN 1.2, ST-CNN Aff 0.7, ST-FCN Aff 1.2 (tied with the CNN: not a pair).
+    rows = ("FCN", "CNN", "ST-FCN Aff", "ST-CNN Aff")
+    cells = {
+        row: next(c for c in reproduce.cells(reproduce.EPOCHS) if c.row == row and c.column == "R") for row in rows
+    }
+    ours = {
+        "FCN": [20.0, 21.0, 22.0],  # worst, as in the paper
+        "CNN": [10.0, 10.5, 11.0],
+        "ST-FCN Aff": [5.0, 6.0, 7.0],  # below the ST-CNN, which the paper ranks lower: reversed beyond the spread
+        "ST-CNN Aff": [9.0, 10.0, 11.5],  # below the CNN by less than its spread: in the paper's order all the same
+    }
+    results = {(cells[row], s): {"test/acc": 1 - e / 100} for row, errs in ours.items() for s, e in enumerate(errs)}
+    args = argparse.Namespace(commit="abc", jobs=2, trained=12)
+    text = reproduce.report(results, list(cells.values()), args, 60.0)
+    line = next(line for line in text.splitlines() if line.startswith("| R | "))
+    # Pairs with different paper errors: FCN-CNN, FCN-STFCN, FCN-STCNN, CNN-STCNN, STFCN-STCNN (CNN-STFCN tied).
+    assert line.startswith("| R | 5 | 4 | 0 | 0 | 1 | ST-FCN Aff 6.00 < ST-CNN Aff 10.17 (paper 1.2 > 0.7) |")
+
+    # The ST-CNN 0.5 points above the CNN with a spread of 1.25: reversed, but within the spread.
+    ours["ST-CNN Aff"] = [10.0, 11.0, 12.5]
+    ours["ST-FCN Aff"] = [15.0, 16.0, 17.0]
+    results = {(cells[row], s): {"test/acc": 1 - e / 100} for row, errs in ours.items() for s, e in enumerate(errs)}
+    line = next(
+        ln for ln in reproduce.report(results, list(cells.values()), args, 60.0).splitlines() if ln.startswith("| R | ")
+    )
+    assert line.startswith("| R | 5 | 4 | 1 | 0 | 0 |  |")
