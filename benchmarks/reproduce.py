@@ -5,7 +5,7 @@ with the overrides listed below), tested with the checkpoint that validated best
 use the paper's networks of the same size (stn_lightning.backbones). Runs go to separate processes, one thread
 each, ``--jobs`` at a time. The tables give the test error (mean and spread over the seeds) next to the paper's.
 
-    python benchmarks/reproduce.py            # every table, 3 seeds (about 75 minutes on 2 cores)
+    python benchmarks/reproduce.py            # every table, 3 seeds (52 minutes on 2 cores)
     python benchmarks/reproduce.py --quick    # one seed, short schedules, a subset: a few minutes
     python benchmarks/reproduce.py --only distorted --columns RTS --seeds 0
     python benchmarks/reproduce.py --only cluttered --seeds 0 1 2 3 4 --set model.boundary_weight=1 \
@@ -622,8 +622,8 @@ def main() -> None:
         # MultiMNIST needs 10 epochs for the windows to leave their start (three digits 15, for the digit classifier
         # to learn through a sum of three), cluttered digits 40 for the transformer's gain to show, the per-channel
         # addition 20 for its three seeds to learn the sum (docs/RESULTS.md); the paper's addition networks are at
-        # chance after 20 epochs too, and stay at 5. The 147 runs take about 148 run-minutes, 75 minutes on 2 cores
-        # (2 at a time, one thread each).
+        # chance after 20 epochs too, and stay at 5. The 147 runs take 104 run-minutes, 52 minutes on a 2-core AMD
+        # EPYC (2 at a time, one thread each; docs/RESULTS.md).
         epochs = EPOCHS
         plan_cells = cells(epochs)
     if args.only:
