@@ -357,6 +357,12 @@ def _fmt(values: list[float]) -> str:
     return f"{mean:.2f}{spread}"
 
 
+def _at_chance(table: Table, column: str, *means: float) -> bool:
+    """Whether every one of ``means`` is within 2 points of always answering the likeliest label (nothing learnt)."""
+    chance = table.chance.get(column)
+    return chance is not None and min(means) >= chance - 2
+
+
 def _stdev(values: list[float]) -> float:
     """The sample standard deviation; 0 for a single seed."""
     return statistics.stdev(values) if len(values) > 1 else 0.0
@@ -454,7 +460,7 @@ def report(
                 mb, ms = statistics.fmean(ours_b), statistics.fmean(ours_s)
                 red = 100 * (mb - ms) / mb if mb > 0 else math.nan
                 chance = table.chance.get(column)
-                if chance is not None and min(mb, ms) >= chance - 2:
+                if _at_chance(table, column, mb, ms):
                     # Predicting the most frequent label gives `chance`: neither side has learned the task.
                     paper_txt = f"{pb} -> {ps}, {100 * (pb - ps) / pb:.0f} %" if pb and ps else ""
                     verdict = f"neither learns: both within 2 points of chance ({chance} %, always the likeliest sum)"
@@ -468,7 +474,7 @@ def report(
                 else:
                     paper_txt = ""
                     verdict = "lower error with the transformer" if ms < mb else "no lower error with the transformer"
-                if chance is None or min(mb, ms) < chance - 2:
+                if not _at_chance(table, column, mb, ms):
                     spread = max(_stdev(ours_b), _stdev(ours_s))
                     if abs(mb - ms) < spread:  # one seed's luck could reverse it
                         verdict += f" (the difference, {abs(mb - ms):.2f}, is within the seeds' spread, {spread:.2f})"
@@ -519,8 +525,7 @@ def _ordering(
             if pa is None or pb is None or pa == pb or not ea or not eb:
                 continue
             ma, mb = statistics.fmean(ea), statistics.fmean(eb)
-            chance = table.chance.get(column)
-            if chance is not None and min(ma, mb) >= chance - 2:
+            if _at_chance(table, column, ma, mb):
                 at_chance += 1
             elif (ma < mb) == (pa < pb):
                 kept += 1
