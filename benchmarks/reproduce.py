@@ -368,6 +368,11 @@ def _stdev(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _spread(a: list[float], b: list[float]) -> float:
+    """The larger seed spread of two rows: a difference of means below it, one seed's luck could reverse."""
+    return max(_stdev(a), _stdev(b))
+
+
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -475,8 +480,8 @@ def report(
                     paper_txt = ""
                     verdict = "lower error with the transformer" if ms < mb else "no lower error with the transformer"
                 if not _at_chance(table, column, mb, ms):
-                    spread = max(_stdev(ours_b), _stdev(ours_s))
-                    if abs(mb - ms) < spread:  # one seed's luck could reverse it
+                    spread = _spread(ours_b, ours_s)
+                    if abs(mb - ms) < spread:
                         verdict += f" (the difference, {abs(mb - ms):.2f}, is within the seeds' spread, {spread:.2f})"
                 name = f"{column}: {base} vs {st}"
                 lines.append(f"| {name} | {mb:.2f} -> {ms:.2f}, {red:.0f} % | {paper_txt} | {verdict} |")
@@ -519,9 +524,10 @@ def _ordering(
     out: list[str] = []
     for column in columns:
         kept, unsure, at_chance, reversed_ = 0, 0, 0, []
+        errors = {row: _errors(results, table.key, row, column) for row in rows}
         for a, b in itertools.combinations(rows, 2):
             pa, pb = paper.get((a, column)), paper.get((b, column))
-            ea, eb = _errors(results, table.key, a, column), _errors(results, table.key, b, column)
+            ea, eb = errors[a], errors[b]
             if pa is None or pb is None or pa == pb or not ea or not eb:
                 continue
             ma, mb = statistics.fmean(ea), statistics.fmean(eb)
@@ -529,7 +535,7 @@ def _ordering(
                 at_chance += 1
             elif (ma < mb) == (pa < pb):
                 kept += 1
-            elif abs(ma - mb) < max(_stdev(ea), _stdev(eb)):
+            elif abs(ma - mb) < _spread(ea, eb):
                 unsure += 1
             else:
                 (lo, mlo), (hi, mhi) = sorted([(a, ma), (b, mb)], key=lambda row: row[1])

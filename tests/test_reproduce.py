@@ -106,18 +106,19 @@ def test_ordering_counts_the_pairs_the_paper_ranks_apart(reproduce) -> None:
         "ST-FCN Aff": [5.0, 6.0, 7.0],  # below the ST-CNN, which the paper ranks lower: reversed beyond the spread
         "ST-CNN Aff": [9.0, 10.0, 11.5],  # below the CNN by less than its spread: in the paper's order all the same
     }
-    results = {(cells[row], s): {"test/acc": 1 - e / 100} for row, errs in ours.items() for s, e in enumerate(errs)}
     args = argparse.Namespace(commit="abc", jobs=2, trained=12)
-    text = reproduce.report(results, list(cells.values()), args, 60.0)
-    line = next(line for line in text.splitlines() if line.startswith("| R | "))
+
+    def r_line() -> str:
+        results = {(cells[row], s): {"test/acc": 1 - e / 100} for row, errs in ours.items() for s, e in enumerate(errs)}
+        text = reproduce.report(results, list(cells.values()), args, 60.0)
+        return next(line for line in text.splitlines() if line.startswith("| R | "))
+
+    line = r_line()
     # Pairs with different paper errors: FCN-CNN, FCN-STFCN, FCN-STCNN, CNN-STCNN, STFCN-STCNN (CNN-STFCN tied).
     assert line.startswith("| R | 5 | 4 | 0 | 0 | 1 | ST-FCN Aff 6.00 < ST-CNN Aff 10.17 (paper 1.2 > 0.7) |")
 
     # The ST-CNN 0.5 points above the CNN with a spread of 1.25: reversed, but within the spread.
     ours["ST-CNN Aff"] = [10.0, 11.0, 12.5]
     ours["ST-FCN Aff"] = [15.0, 16.0, 17.0]
-    results = {(cells[row], s): {"test/acc": 1 - e / 100} for row, errs in ours.items() for s, e in enumerate(errs)}
-    line = next(
-        ln for ln in reproduce.report(results, list(cells.values()), args, 60.0).splitlines() if ln.startswith("| R | ")
-    )
+    line = r_line()
     assert line.startswith("| R | 5 | 4 | 1 | 0 | 0 |  |")
