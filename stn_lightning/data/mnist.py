@@ -19,9 +19,10 @@ Raw batches (what the DataLoaders yield) are dicts:
 * validation and test only: the stored distortion parameters of the DataModule (e.g. ``"theta"``).
 
 Processed batches are ``(x, y)``: x float32 (B, in_chans, H, W), normalised with ``mean`` and ``std`` (an empty
-pixel equals ``background``), y int64 (B,) in ``range(num_classes)``, the sum of the D digit labels. Validation and
-test batches of the DataModules that know where they put the digits (:class:`MultiMNIST`, :class:`ClutteredMNIST`)
-are ``(x, y, boxes)``: boxes float32 (B, D, 4), each digit's ink as x0, y0, x1, y1 in pixels of x.
+pixel equals ``background``), y int64 (B,) in ``range(num_classes)``, the sum of the D digit labels (what
+:meth:`DigitsDataModule.target` answers unless a subclass overrides it). Validation and test batches of the
+DataModules that know where they put the digits (:class:`MultiMNIST`, :class:`ClutteredMNIST`) are
+``(x, y, boxes)``: boxes float32 (B, D, 4), each digit's ink as x0, y0, x1, y1 in pixels of x.
 """
 
 from __future__ import annotations
@@ -210,6 +211,18 @@ class DigitsDataModule(LightningDataModule):
         """
         return None
 
+    def target(self, labels: Tensor, params: dict[str, Tensor]) -> Tensor:
+        """The label y of each sample from its digits' labels: their sum here; subclasses may answer otherwise.
+
+        Args:
+            labels: (B, D) int64, the digit classes.
+            params: what :meth:`draw` returns (or the stored evaluation parameters).
+
+        Returns:
+            y int64 with leading dimension B: (B,) here.
+        """
+        return labels.sum(dim=1).long()
+
     # ----------------------------------------------------------------------------------------------------------
     # batches
     # ----------------------------------------------------------------------------------------------------------
@@ -293,8 +306,9 @@ class DigitsDataModule(LightningDataModule):
             boxes: also return the digits' boxes (see :meth:`boxes`) when the DataModule knows them.
 
         Returns:
-            x float32 (B, in_chans, H, W), normalised; y int64 (B,), the sum of the digit labels; with ``boxes``
-            and a DataModule that knows them, boxes float32 (B, D, 4) as a third element.
+            x float32 (B, in_chans, H, W), normalised; y int64 from :meth:`target` ((B,), the sum of the digit labels,
+            unless a subclass says otherwise); with ``boxes`` and a DataModule that knows them, boxes float32
+            (B, D, 4) as a third element.
         """
         digits, labels = batch["digits"], batch["labels"]
         if digits.dim() != 4 or digits.shape[-2:] != (dist.DIGIT_SIZE, dist.DIGIT_SIZE):
@@ -312,7 +326,7 @@ class DigitsDataModule(LightningDataModule):
         x = self.render(digits, params)
         mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        out = ((x - mean) / std).float().contiguous(), labels.sum(dim=1).long()
+        out = ((x - mean) / std).float().contiguous(), self.target(labels, params)
         where = self.boxes(digits, params) if boxes else None
         return out if where is None else (*out, where)
 
