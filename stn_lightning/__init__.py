@@ -56,6 +56,7 @@ _EXPORTS = {
     "ClutteredMNIST": "data",
     "MNISTAddition": "data",
     "MultiMNIST": "data",
+    "DigitSequences": "data",
     "MNISTDataModule": "data",
     "ImageFolderDataModule": "data",
     "ImageFilesDataModule": "data",
@@ -68,6 +69,7 @@ __all__ = [
     "AttentionVisualizer",
     "ClutteredMNIST",
     "CoLocalization",
+    "DigitSequences",
     "DistortedMNIST",
     "ImageFilesDataModule",
     "ImageFolderDataModule",
@@ -117,6 +119,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .cli import main
     from .data import (
         ClutteredMNIST,
+        DigitSequences,
         DistortedMNIST,
         ImageFilesDataModule,
         ImageFolderDataModule,

@@ -12,11 +12,13 @@ from .mnist import (
     MNISTDataModule,
     MultiMNIST,
 )
+from .sequences import DigitSequences
 
 __all__ = [
     "BadImageError",
     "ImageFilesDataModule",
     "ClutteredMNIST",
+    "DigitSequences",
     "DigitsDataModule",
     "DigitsDataset",
     "DistortedMNIST",

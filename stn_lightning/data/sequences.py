@@ -1,0 +1,353 @@
+"""House-number-like digit strings, the paper's SVHN multi-digit task built from MNIST digits.
+
+Jaderberg et al. (2015, section 4.2) read house numbers of up to 5 digits from 64x64 (and 128x128) crops of SVHN
+with one classifier per digit position and one for the length. :class:`DigitSequences` builds the same task from
+the MNIST digits of :mod:`stn_lightning.data.mnist`: a string of L digits (L uniform in ``min_length`` ..
+``max_length``) is laid out left to right, each digit with its own small vertical offset and scale, then the whole
+string is rotated, scaled and moved inside a square canvas.
+
+Layout of a sample, in canvas pixels (``h`` = ``digit_size``, the side the 28x28 digit box is drawn at):
+
+* digit i is drawn at side ``h * s_i``, s_i uniform in [1 - scale_jitter, 1 + scale_jitter];
+* the centres of neighbouring digits are ``f * h * (s_i + s_(i+1)) / 2`` apart horizontally, with one advance
+  fraction f per string, uniform in ``spacing`` (MNIST's ink fills about 20 of the 28 pixels of the box, so an
+  advance of 0.55 box lets the inks of two neighbours touch at most, 0.75 leaves a gap);
+* digit i is moved vertically by ``h * e_i``, e_i Gaussian of std ``jitter``, truncated at 2 std;
+* the string is rotated by an angle uniform in [-max_angle, max_angle] degrees and scaled by a factor uniform in
+  ``scale_range``; each digit's own placement is composed with this transform, so every digit is warped once;
+* the string is then moved so that the box around its digits' ink lies uniformly anywhere inside the canvas (or
+  centred, in the rare case that the box is larger than the canvas).
+
+The default ``digit_size`` makes the longest, widest string fit in the canvas at the largest scale and angle: it is
+``0.95 * canvas / (scale_range[1] * e)``, where e (in units of h) is the largest extent over the angles in
+[-max_angle, max_angle] of the worst-case ink box of a ``max_length`` string: width
+``(1 + scale_jitter) * ((max_length - 1) * spacing[1] + 20 / 28)``, height ``(1 + scale_jitter) * 20 / 28 + 4 *
+jitter``. With the defaults (5 digits, spacing (0.55, 0.75), jitter 0.08, scale jitter 0.1, 15 degrees, scale up to
+1.15) that is 12.5 pixels at a 64-pixel canvas and 25 at 128: digit ink about 9 and 18 pixels tall.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import distortions as dist
+from .digits import Source
+from .mnist import DigitsDataModule
+
+__all__ = ["DigitSequences", "default_digit_size"]
+
+# MNIST digits are scaled to fit a 20x20 box inside their 28x28 image.
+_INK = 20 / dist.DIGIT_SIZE
+# Fraction of the canvas the worst-case string may fill with the default digit size.
+_MARGIN = 0.95
+# Vertical offsets are Gaussian truncated at this many standard deviations.
+_OFFSET_CLIP = 2.0
+# The clutter pieces' side relative to the drawn digit, as in cluttered MNIST (6 pixels of a 28-pixel digit).
+_CLUTTER_FRACTION = 6 / dist.DIGIT_SIZE
+
+
+def _largest_extent(width: float, height: float, max_angle: float) -> float:
+    # The largest side of the axis-aligned box around a width x height box rotated by any angle in [-a, a]:
+    # w |cos t| + h |sin t| grows with t up to atan(h / w), where it reaches the diagonal (likewise for the height).
+    a = math.radians(min(max_angle, 90.0))
+    diagonal = math.hypot(width, height)
+    across = diagonal if a >= math.atan2(height, width) else width * math.cos(a) + height * math.sin(a)
+    down = diagonal if a >= math.atan2(width, height) else width * math.sin(a) + height * math.cos(a)
+    return max(across, down)
+
+
+def default_digit_size(
+    canvas: int,
+    max_length: int,
+    spacing: tuple[float, float],
+    jitter: float,
+    scale_jitter: float,
+    max_angle: float,
+    scale_range: tuple[float, float],
+) -> float:
+    """The side in pixels at which :class:`DigitSequences` draws a digit box unless told otherwise.
+
+    The largest size at which a string of ``max_length`` digits at the widest spacing, the largest per-digit
+    scales and offsets, the largest string scale and the worst angle still fits in 95 % of the canvas (see the
+    module's docstring for the formula).
+
+    Returns:
+        The digit box side in canvas pixels.
+    """
+    grow = 1.0 + scale_jitter
+    width = grow * ((max_length - 1) * spacing[1] + _INK)
+    height = grow * _INK + 2 * _OFFSET_CLIP * jitter
+    return _MARGIN * canvas / (scale_range[1] * _largest_extent(width, height, max_angle))
+
+
+def _check_pair(name: str, value: tuple[float, float], upper: float = math.inf) -> tuple[float, float]:
+    if len(value) != 2 or not 0 < value[0] <= value[1] < upper:
+        bound = "" if upper == math.inf else f" < {upper}"
+        raise ValueError(f"expected {name} as (low, high) with 0 < low <= high{bound}, got {value}")
+    return float(value[0]), float(value[1])
+
+
+def _lengths(params: dict[str, Tensor], device: torch.device) -> Tensor:
+    # The strings' lengths (B,) int64 from draw's parameters (stored with the evaluation sets).
+    if "lengths" not in params:
+        raise ValueError(f"expected the strings' lengths in params, got only {sorted(params)}")
+    return params["lengths"].to(device).long()
+
+
+class DigitSequences(DigitsDataModule):
+    """Strings of 1 to ``max_length`` MNIST digits in a square canvas, read digit by digit (SVHN-like).
+
+    x (B, 1, canvas, canvas); y int64 (B, 1 + max_length): ``y[:, 0]`` is the length L of the string, in
+    ``min_length`` .. ``max_length``, drawn uniformly; ``y[:, 1 + i]`` is the class (0..9) of the i-th digit from the
+    left for i < L and -1 for i >= L. ``num_classes`` is 10, the digit classes.
+
+    Samples hold ``max_length`` digits (training: single digits grouped with batch mates by
+    :meth:`DigitsDataModule.compose`); only the first L are drawn. The layout is described in
+    :mod:`stn_lightning.data.sequences`. The validation and test sets store their lengths with their other
+    distortion parameters, so they are fixed by ``seed`` like those of the other DataModules.
+
+    The DataModule gives no boxes (:meth:`boxes` is None: no co-localisation metric, whose boxes must all be
+    present); :meth:`digit_boxes` says where each drawn digit's ink lies.
+
+    Args:
+        canvas: side of the canvas in pixels (the paper uses 64 and 128), at least 16.
+        max_length: the most digits in a string.
+        min_length: the fewest digits in a string, 1 <= min_length <= max_length.
+        digit_size: side in pixels at which the 28x28 digit box is drawn before the string's scale; None for
+            :func:`default_digit_size` (12.5 pixels at 64 with the defaults, 25 at 128).
+        spacing: (low, high) horizontal advance from one digit to the next, as a fraction of the digit box, drawn
+            uniformly once per string.
+        jitter: std of each digit's vertical offset as a fraction of the digit box (truncated at 2 std).
+        scale_jitter: each digit's own scale is uniform in [1 - scale_jitter, 1 + scale_jitter].
+        max_angle: the string's rotation is uniform in [-max_angle, max_angle] degrees.
+        scale_range: (low, high) the string's isotropic scale, uniform.
+        num_clutter: pieces of other digits pasted anywhere in the canvas (0 for none), as in cluttered MNIST.
+        clutter_size: side of a clutter piece in canvas pixels; None for 6 / 28 of the digit box (the ratio of
+            cluttered MNIST). Pieces are cut from the other samples' first digits resized to the digit box.
+        others: see :class:`DigitsDataModule`.
+
+    Attributes:
+        max_length, min_length, canvas, digit_size, clutter_size: as given or chosen.
+        num_digits: ``max_length``, the digits per sample of a raw evaluation batch.
+    """
+
+    def __init__(
+        self,
+        canvas: int = 64,
+        max_length: int = 5,
+        min_length: int = 1,
+        digit_size: float | None = None,
+        spacing: tuple[float, float] = (0.55, 0.75),
+        jitter: float = 0.08,
+        scale_jitter: float = 0.1,
+        max_angle: float = 15.0,
+        scale_range: tuple[float, float] = (0.85, 1.15),
+        num_clutter: int = 0,
+        clutter_size: int | None = None,
+        source: Source = "bundled",
+        root: str = "data",
+        download: bool = False,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        val_size: int = 500,
+        seed: int = 0,
+    ) -> None:
+        if canvas < 16:
+            raise ValueError(f"expected canvas >= 16 pixels, got {canvas}")
+        if max_length < 1:
+            raise ValueError(f"expected max_length >= 1, got {max_length}")
+        if not 1 <= min_length <= max_length:
+            raise ValueError(f"expected 1 <= min_length <= max_length ({max_length}), got {min_length}")
+        advance = _check_pair("spacing", spacing)
+        scales = _check_pair("scale_range", scale_range)
+        if not 0.0 <= jitter <= 1.0:
+            raise ValueError(f"expected 0 <= jitter <= 1 (a fraction of the digit box), got {jitter}")
+        if not 0.0 <= scale_jitter < 1.0:
+            raise ValueError(f"expected 0 <= scale_jitter < 1, got {scale_jitter}")
+        if not 0.0 <= max_angle <= 180.0:
+            raise ValueError(f"expected 0 <= max_angle <= 180 degrees, got {max_angle}")
+        if num_clutter < 0:
+            raise ValueError(f"expected num_clutter >= 0, got {num_clutter}")
+        # The arguments themselves stay as given: save_hyperparameters reads them from this frame.
+        if digit_size is None:
+            size = default_digit_size(canvas, max_length, advance, jitter, scale_jitter, max_angle, scales)
+            if size < 4.0:
+                raise ValueError(
+                    f"expected a canvas large enough for {max_length} digits: canvas {canvas} leaves digit boxes of "
+                    f"{size:.1f} pixels (at least 4 needed); use a larger canvas, fewer digits or give digit_size"
+                )
+        elif not 4.0 <= digit_size <= canvas:
+            raise ValueError(f"expected 4 <= digit_size <= canvas ({canvas}) pixels, got {digit_size}")
+        else:
+            size = float(digit_size)
+        largest = min(canvas, dist.DIGIT_SIZE)
+        if clutter_size is not None and not 1 <= clutter_size <= largest:
+            raise ValueError(f"expected 1 <= clutter_size <= {largest} pixels (min(canvas, 28)), got {clutter_size}")
+        super().__init__(source, root, download, batch_size, num_workers, val_size, seed)
+        self.save_hyperparameters()
+        self.canvas = canvas
+        self.max_length = max_length
+        self.min_length = min_length
+        self.digit_size = size
+        self.spacing = advance
+        self.jitter = jitter
+        self.scale_jitter = scale_jitter
+        self.max_angle = max_angle
+        self.scale_range = scales
+        self.num_clutter = num_clutter
+        self.clutter_size = max(1, round(_CLUTTER_FRACTION * size)) if clutter_size is None else clutter_size
+        self.num_digits = max_length
+        self.num_classes = 10
+        self.image_size = (canvas, canvas)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # distortions
+    # ----------------------------------------------------------------------------------------------------------
+    def draw(self, digits: Tensor, generator: torch.Generator | None) -> dict[str, Tensor]:
+        """Random strings for composed digits.
+
+        Args:
+            digits: (B, max_length, 28, 28) float in [0, 1].
+            generator: the random generator, on ``digits``' device.
+
+        Returns:
+            "lengths" (B,) int64, the digits drawn per sample; "theta" (B, max_length, 2, 3), each digit's placement
+            in the canvas (output-to-input, the string's rotation, scale and translation included); with
+            ``num_clutter``, "clutter" (B, P, s, s) pieces and "clutter_at" (B, P, 2) long corners (row, col).
+        """
+        b, d = digits.shape[:2]
+        if d != self.max_length:
+            raise ValueError(f"expected {self.max_length} digits per sample, got digits {tuple(digits.shape)}")
+        device = digits.device
+
+        def uniform(shape: tuple[int, ...], low: float, high: float) -> Tensor:
+            return low + (high - low) * torch.rand(shape, generator=generator, device=device)
+
+        lengths = torch.randint(self.min_length, self.max_length + 1, (b,), generator=generator, device=device)
+        angle = uniform((b,), -math.radians(self.max_angle), math.radians(self.max_angle))
+        scale = uniform((b,), *self.scale_range)
+        advance = uniform((b, 1), *self.spacing)
+        own = uniform((b, d), 1.0 - self.scale_jitter, 1.0 + self.scale_jitter)
+        rise = self.jitter * torch.randn((b, d), generator=generator, device=device)
+        rise = rise.clamp(-_OFFSET_CLIP * self.jitter, _OFFSET_CLIP * self.jitter)
+        where = uniform((b, 2), -1.0, 1.0)
+
+        # Digit centres in the string, in pixels before the string's transform: x advances by the mean of the two
+        # neighbours' sizes, y is each digit's offset.
+        h = self.digit_size
+        steps = advance * h * (own[:, :-1] + own[:, 1:]) / 2  # (B, D - 1)
+        x = torch.cat([torch.zeros_like(own[:, :1]), steps.cumsum(dim=1)], dim=1)
+        centres = torch.stack([x, rise * h], dim=-1)  # (B, D, 2)
+        # The string's rotation R(a) and scale, then normalised canvas units (2 / canvas per pixel).
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)  # (B, 2, 2)
+        placed = (centres @ rotation.transpose(-1, -2)) * (scale[:, None, None] * 2.0 / self.canvas)
+        sizes = (scale[:, None] * own * (h / dist.DIGIT_SIZE)).reshape(-1)  # each digit's scale of its 28x28 box
+        angles = angle[:, None].expand(b, d).reshape(-1)
+
+        def place(shift: Tensor) -> Tensor:
+            theta = dist.placement_theta(angles, sizes, (placed + shift[:, None]).reshape(-1, 2), self.canvas)
+            return theta.view(b, d, 2, 3)
+
+        # Move the box around the drawn digits' ink to a uniform position inside the canvas (pixel edges -0.5 and
+        # canvas - 0.5), or centre it where it is larger than the canvas.
+        boxes = self._ink_boxes(digits, place(torch.zeros_like(where)))
+        present = (torch.arange(d, device=device) < lengths[:, None])[..., None]  # (B, D, 1)
+        low = boxes[..., :2].masked_fill(~present, math.inf).amin(dim=1)  # (B, 2) x0, y0
+        high = boxes[..., 2:].masked_fill(~present, -math.inf).amax(dim=1)  # (B, 2) x1, y1
+        first, last = -0.5 - low, self.canvas - 0.5 - high  # the range of shifts that keeps the box inside
+        shift = (first + last) / 2 + where * (last - first).clamp(min=0.0) / 2
+        params = {"lengths": lengths, "theta": place(shift * (2.0 / self.canvas))}
+        if self.num_clutter > 0:
+            params.update(self._draw_clutter(digits, generator))
+        return params
+
+    def _draw_clutter(self, digits: Tensor, generator: torch.Generator | None) -> dict[str, Tensor]:
+        # Pieces cut from the other samples' first digits, resized to the drawn digit box.
+        b, device = digits.shape[0], digits.device
+        side = max(round(self.digit_size), self.clutter_size)
+        pool = F.interpolate(digits[:, :1], size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+        source, cut, paste = dist.random_clutter(
+            b,
+            b,
+            num_pieces=self.num_clutter,
+            patch=self.clutter_size,
+            canvas=self.canvas,
+            digit=side,
+            exclude=torch.arange(b, device=device),
+            generator=generator,
+            device=device,
+        )
+        pieces = dist.cut_patches(pool[:, 0].clamp(0.0, 1.0), source, cut, self.clutter_size)
+        return {"clutter": pieces, "clutter_at": paste}
+
+    def _ink_boxes(self, digits: Tensor, theta: Tensor) -> Tensor:
+        b, d = digits.shape[:2]
+        flat = digits.reshape(b * d, *digits.shape[-2:])
+        return dist.affine_ink_boxes(flat, theta.reshape(b * d, 2, 3), self.image_size).view(b, d, 4)
+
+    def render(self, digits: Tensor, params: dict[str, Tensor]) -> Tensor:
+        """Place the first L digits of each sample and merge them (and the clutter) by maximum.
+
+        Args:
+            digits: (B, max_length, 28, 28) float in [0, 1].
+            params: what :meth:`draw` returns.
+
+        Returns:
+            (B, 1, canvas, canvas) float in [0, 1].
+        """
+        b, d = digits.shape[:2]
+        flat = digits.reshape(b * d, 1, dist.DIGIT_SIZE, dist.DIGIT_SIZE)
+        # Bilinear sampling alone aliases a digit shrunk by 2x (strokes break up): shrink it first, antialiased, to
+        # the largest size it is drawn at. theta works on normalised coordinates, whatever the digit's resolution.
+        side = math.ceil(self.digit_size * self.scale_range[1] * (1.0 + self.scale_jitter))
+        if side < dist.DIGIT_SIZE:
+            flat = F.interpolate(flat, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+            flat = flat.clamp(0.0, 1.0)
+        placed = dist.warp_affine(flat, params["theta"].reshape(b * d, 2, 3), self.image_size)
+        present = torch.arange(d, device=digits.device) < _lengths(params, digits.device)[:, None]  # (B, D)
+        placed = placed.view(b, d, *self.image_size) * present[..., None, None].to(placed.dtype)
+        canvas = placed.amax(dim=1)
+        if "clutter" in params:
+            canvas = dist.paste_patches(canvas, params["clutter"].to(canvas.dtype), params["clutter_at"])
+        return canvas.unsqueeze(1)
+
+    def boxes(self, digits: Tensor, params: dict[str, Tensor]) -> None:
+        """None: a string has fewer than ``max_length`` digits, and co-localisation needs every box present."""
+        return None
+
+    def digit_boxes(self, digits: Tensor, params: dict[str, Tensor]) -> Tensor:
+        """Each drawn digit's ink box in canvas pixels; NaN for the digits past the string's length.
+
+        Args:
+            digits: (B, max_length, 28, 28) float in [0, 1].
+            params: what :meth:`draw` returns.
+
+        Returns:
+            (B, max_length, 4) float32 boxes x0, y0, x1, y1 (pixel centres at integers).
+        """
+        boxes = self._ink_boxes(digits, params["theta"])
+        present = torch.arange(digits.shape[1], device=boxes.device) < _lengths(params, boxes.device)[:, None]
+        return boxes.masked_fill(~present[..., None], math.nan)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # labels
+    # ----------------------------------------------------------------------------------------------------------
+    def target(self, labels: Tensor, params: dict[str, Tensor]) -> Tensor:
+        """The sequence label: lengths, then the digits from the left, -1 past the length.
+
+        Args:
+            labels: (B, max_length) int64, the classes of the sample's digits in drawing order.
+            params: with "lengths" (B,).
+
+        Returns:
+            y int64 (B, 1 + max_length): y[:, 0] = L, y[:, 1 + i] = labels[:, i] for i < L, -1 for i >= L.
+        """
+        lengths = _lengths(params, labels.device)
+        present = torch.arange(labels.shape[1], device=labels.device) < lengths[:, None]
+        digits = torch.where(present, labels.long(), torch.full_like(labels, -1, dtype=torch.long))
+        return torch.cat([lengths[:, None], digits], dim=1)
