@@ -41,6 +41,7 @@ _EXPORTS = {
     "Translation": "transforms",
     "SpatialTransformer": "transformer",
     "STOutput": "transformer",
+    "FeatureLocalizer": "localization",
     "PaperLocalizer": "localization",
     "TimmLocalizer": "localization",
     "STNClassifier": "model",
@@ -69,6 +70,7 @@ __all__ = [
     "ClutteredMNIST",
     "CoLocalization",
     "DistortedMNIST",
+    "FeatureLocalizer",
     "ImageFilesDataModule",
     "ImageFolderDataModule",
     "MNISTAddition",
@@ -124,7 +126,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         MNISTDataModule,
         MultiMNIST,
     )
-    from .localization import PaperLocalizer, TimmLocalizer
+    from .localization import FeatureLocalizer, PaperLocalizer, TimmLocalizer
     from .metrics import CoLocalization, overlap_penalty
     from .model import STNClassifier
     from .module import STNModule
