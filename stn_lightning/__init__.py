@@ -41,6 +41,10 @@ _EXPORTS = {
     "Translation": "transforms",
     "SpatialTransformer": "transformer",
     "STOutput": "transformer",
+    "InsertedTransformer": "insertion",
+    "inner_regions": "insertion",
+    "insert_transformers": "insertion",
+    "inserted_transformers": "insertion",
     "FeatureLocalizer": "localization",
     "PaperLocalizer": "localization",
     "TimmLocalizer": "localization",
@@ -73,6 +77,7 @@ __all__ = [
     "FeatureLocalizer",
     "ImageFilesDataModule",
     "ImageFolderDataModule",
+    "InsertedTransformer",
     "MNISTAddition",
     "MNISTDataModule",
     "MultiMNIST",
@@ -93,6 +98,9 @@ __all__ = [
     "backbones",
     "kernels",
     "draw_attention",
+    "inner_regions",
+    "insert_transformers",
+    "inserted_transformers",
     "main",
     "overlap_penalty",
 ]
@@ -126,6 +134,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         MNISTDataModule,
         MultiMNIST,
     )
+    from .insertion import InsertedTransformer, inner_regions, insert_transformers, inserted_transformers
     from .localization import FeatureLocalizer, PaperLocalizer, TimmLocalizer
     from .metrics import CoLocalization, overlap_penalty
     from .model import STNClassifier
