@@ -41,6 +41,11 @@ _EXPORTS = {
     "Translation": "transforms",
     "SpatialTransformer": "transformer",
     "STOutput": "transformer",
+    "InsertedTransformer": "insertion",
+    "inner_regions": "insertion",
+    "insert_transformers": "insertion",
+    "inserted_transformers": "insertion",
+    "FeatureLocalizer": "localization",
     "PaperLocalizer": "localization",
     "TimmLocalizer": "localization",
     "STNClassifier": "model",
@@ -71,8 +76,10 @@ __all__ = [
     "CoLocalization",
     "DigitSequences",
     "DistortedMNIST",
+    "FeatureLocalizer",
     "ImageFilesDataModule",
     "ImageFolderDataModule",
+    "InsertedTransformer",
     "MNISTAddition",
     "MNISTDataModule",
     "MultiMNIST",
@@ -93,6 +100,9 @@ __all__ = [
     "backbones",
     "kernels",
     "draw_attention",
+    "inner_regions",
+    "insert_transformers",
+    "inserted_transformers",
     "main",
     "overlap_penalty",
 ]
@@ -127,7 +137,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         MNISTDataModule,
         MultiMNIST,
     )
-    from .localization import PaperLocalizer, TimmLocalizer
+    from .insertion import InsertedTransformer, inner_regions, insert_transformers, inserted_transformers
+    from .localization import FeatureLocalizer, PaperLocalizer, TimmLocalizer
     from .metrics import CoLocalization, overlap_penalty
     from .model import STNClassifier
     from .module import STNModule

@@ -15,7 +15,7 @@ from typing import Any
 import timm
 from torch import Tensor, nn
 
-__all__ = ["PaperLocalizer", "TimmLocalizer", "check_input_size", "create_timm_model"]
+__all__ = ["FeatureLocalizer", "PaperLocalizer", "TimmLocalizer", "check_input_size", "create_timm_model"]
 
 
 def check_input_size(module: nn.Module, x: Tensor) -> None:
@@ -97,6 +97,43 @@ class PaperLocalizer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Features (B, hidden) of images (B, C, H, W)."""
+        check_input_size(self, x)
+        return self.features(x)
+
+
+class FeatureLocalizer(nn.Module):
+    """A small fully connected localisation net for feature maps of any size, for transformers inside a network.
+
+    adaptive average pool (pool x pool) -> flatten -> linear(hidden) -> ReLU -> linear(hidden) -> ReLU: the paper's
+    localisers of the SVHN "ST-CNN Multi", which puts a transformer before each of the first four convolutional
+    layers, are two fully connected layers of 32 units. The pooling makes it accept maps of any size (1 x 1 and
+    up; smaller maps are repeated into the grid) and keeps their coarse layout.
+
+    Args:
+        in_chans: channels of the feature map.
+        hidden: width of both fully connected layers, the size of the output feature vector.
+        pool: side of the adaptive pooling grid.
+    """
+
+    min_size = 1
+
+    def __init__(self, in_chans: int, hidden: int = 32, pool: int = 4) -> None:
+        super().__init__()
+        if min(in_chans, hidden, pool) < 1:
+            raise ValueError(f"expected in_chans, hidden and pool >= 1, got {in_chans}, {hidden} and {pool}")
+        self.in_chans = in_chans
+        self.out_features = hidden
+        self.features = nn.Sequential(
+            nn.AdaptiveAvgPool2d(pool),
+            nn.Flatten(),
+            nn.Linear(in_chans * pool * pool, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Features (B, hidden) of feature maps (B, C, h, w)."""
         check_input_size(self, x)
         return self.features(x)
 

@@ -29,6 +29,8 @@ __all__ = [
     "ThinPlateSpline",
     "Transform",
     "Translation",
+    "outline_square",
+    "to_pixels",
 ]
 
 
@@ -134,18 +136,8 @@ class Transform(nn.Module, ABC):
         Returns:
             A closed polygon (B, K, 4 * per_side + 1, 2) of (x, y) pixel coordinates, pixel centres at integers.
         """
-        t = torch.linspace(-1.0, 1.0, per_side + 1, device=params.device, dtype=torch.float32)[:-1]
-        one = torch.ones_like(t)
-        square = torch.cat(
-            [
-                torch.stack([t, -one], -1),
-                torch.stack([one, t], -1),
-                torch.stack([-t, one], -1),
-                torch.stack([-one, -t], -1),
-                torch.tensor([[-1.0, -1.0]], device=params.device),
-            ]
-        )
-        return self._pixels(self.points(params.float(), square, in_size), in_size, align_corners)
+        square = outline_square(per_side, params.device)
+        return to_pixels(self.points(params.float(), square, in_size), in_size, align_corners)
 
     def grid_lines(
         self,
@@ -170,14 +162,7 @@ class Transform(nn.Module, ABC):
         cols = rows.flip(-1)
         xy = torch.cat([rows, cols]).reshape(-1, 2)
         pts = self.points(params.float(), xy, in_size)
-        return self._pixels(pts, in_size, align_corners).unflatten(-2, (2 * lines, per_line))
-
-    @staticmethod
-    def _pixels(pts: Tensor, in_size: tuple[int, int], align_corners: bool) -> Tensor:
-        # Normalised input coordinates (..., 2) -> pixel coordinates with pixel centres at integers.
-        h, w = in_size
-        sx, sy = half_extent(w, align_corners), half_extent(h, align_corners)
-        return torch.stack([pts[..., 0] * sx + (w - 1) / 2, pts[..., 1] * sy + (h - 1) / 2], dim=-1)
+        return to_pixels(pts, in_size, align_corners).unflatten(-2, (2 * lines, per_line))
 
     def statistics(self, params: Tensor, in_size: tuple[int, int]) -> dict[str, Tensor]:
         """Summary statistics of a batch of parameters (B, K, P).
@@ -202,6 +187,30 @@ class Transform(nn.Module, ABC):
             d = (axis[..., 1, :] - axis[..., 0, :]) * torch.tensor([w / 2, h / 2], device=params.device)
             rotation = torch.rad2deg(torch.atan2(d[..., 1], d[..., 0])).abs().nan_to_num(0.0).mean()
             return {"scale": (area / 4).sqrt().nan_to_num(0.0).mean(), "outside": outside, "rotation": rotation}
+
+
+def outline_square(per_side: int, device: torch.device | None = None) -> Tensor:
+    """The closed boundary (4 * per_side + 1, 2) of the normalised square [-1, 1]^2, as (x, y) points clockwise (in
+    image orientation, y down) from the top-left corner, which is repeated at the end."""
+    t = torch.linspace(-1.0, 1.0, per_side + 1, device=device, dtype=torch.float32)[:-1]
+    one = torch.ones_like(t)
+    return torch.cat(
+        [
+            torch.stack([t, -one], -1),
+            torch.stack([one, t], -1),
+            torch.stack([-t, one], -1),
+            torch.stack([-one, -t], -1),
+            torch.tensor([[-1.0, -1.0]], device=device),
+        ]
+    )
+
+
+def to_pixels(pts: Tensor, in_size: tuple[int, int], align_corners: bool = False) -> Tensor:
+    """Normalised input coordinates (..., 2) -> (x, y) pixel coordinates (..., 2) of an input of ``in_size`` (H, W),
+    pixel centres at integers, in the sampler's ``align_corners`` convention."""
+    h, w = in_size
+    sx, sy = half_extent(w, align_corners), half_extent(h, align_corners)
+    return torch.stack([pts[..., 0] * sx + (w - 1) / 2, pts[..., 1] * sy + (h - 1) / 2], dim=-1)
 
 
 def _square(device: torch.device) -> Tensor:
