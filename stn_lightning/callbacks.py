@@ -1,4 +1,4 @@
-"""Lightning callbacks: pictures of where the transformers look."""
+"""Lightning callbacks: pictures of where the transformers look, the prediction file."""
 
 from __future__ import annotations
 
@@ -19,9 +19,33 @@ import torch  # noqa: E402
 from pytorch_lightning.callbacks import BasePredictionWriter  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-__all__ = ["AttentionVisualizer", "PredictionWriter", "draw_attention"]
+__all__ = [
+    "AttentionVisualizer",
+    "PredictionWriter",
+    "class_names_of",
+    "draw_attention",
+]
 
 _COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
+
+
+def class_names_of(trainer: Any) -> tuple[str, ...] | None:
+    """The class names of the trainer's DataModule (its ``class_names`` attribute), or None when it has none."""
+    names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
+    if isinstance(names, Sequence) and not isinstance(names, str) and all(isinstance(n, str) for n in names):
+        return tuple(names)
+    return None
+
+
+def _name(names: Sequence[str] | None, label: int) -> str:
+    # A class's name when the data gives one, else its index.
+    return names[label] if names is not None and 0 <= label < len(names) else str(label)
+
+
+def _caption(parts: list[str]) -> str:
+    # Short captions on one line ("true 3, pred 8"); long class names ("true Ankle boot") one part per line.
+    line = ", ".join(parts)
+    return line if len(line) <= 24 else "\n".join(parts)
 
 
 def _show(ax: Any, img: Tensor) -> None:
@@ -53,7 +77,7 @@ def draw_attention(
         outlines: (N, K, M, 2) polygons in input pixel coordinates.
         crops: (N, K, C, Ho, Wo).
         path: where to save a PNG, or None.
-        labels: a caption per image (e.g. "true 3, pred 8"), shown under it.
+        labels: a caption per image (e.g. "true 3, pred 8" or "true Coat, pred Shirt"), shown under it.
         title: the figure's title (e.g. the epoch and step).
         grids: (N, K, L, Q, 2) polylines drawn thin in each transformer's colour inside its outline (the warped
             control grid of a thin-plate spline: :meth:`Transform.grid_lines`), or None.
@@ -107,7 +131,8 @@ def draw_attention(
 class AttentionVisualizer(pl.Callback):
     """After every ``every_n_epochs`` validation epochs, draw where the transformers look on fixed validation images.
 
-    Each picture is titled with the epoch and step and gives every image's true and predicted label. The pictures
+    Each picture is titled with the epoch and step and gives every image's true and predicted class, by name when
+    the DataModule has ``class_names`` (Fashion-MNIST's "Coat", a class folder's name), else by index. The pictures
     go to ``<log_dir>/attention/epoch_NNN.png`` and, with a TensorBoard logger, to its images tab (one entry per
     visualised epoch, so TensorBoard's step slider plays them in order); with ``gif=True``
     ``<log_dir>/attention/attention.gif`` holds them as an animation, one frame per visualised epoch. Models
@@ -129,6 +154,7 @@ class AttentionVisualizer(pl.Callback):
         self._frames: list[Any] = []
         self.last_path: Path | None = None
         self.gif_path: Path | None = None
+        self.last_captions: list[str] = []  # the captions of the latest picture
 
     def on_validation_batch_end(
         self,
@@ -162,10 +188,15 @@ class AttentionVisualizer(pl.Callback):
             grids = _control_grid(transformer, params, (images.shape[-2], images.shape[-1]))
             predicted = pl_module(images).argmax(-1).cpu()
         truth = self._labels.cpu() if self._labels is not None else None
+        names = class_names_of(trainer)
         labels = [
-            (f"true {int(truth[i])}, " if truth is not None else "") + f"pred {int(predicted[i])}"
+            _caption(
+                ([f"true {_name(names, int(truth[i]))}"] if truth is not None else [])
+                + [f"pred {_name(names, int(predicted[i]))}"]
+            )
             for i in range(len(images))
         ]
+        self.last_captions = labels
         title = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
         path = None
         if log_dir is not None:
@@ -217,8 +248,10 @@ class PredictionWriter(BasePredictionWriter):
     looked; and the attention picture of the first images.
 
     A row holds ``image`` (the file, or the index in the DataModule's predict set), ``label`` when known,
-    ``pred`` and ``prob``, ``top`` (the top-k classes with their probabilities) and, per transformer,
-    ``params`` (its warp parameters) and ``region`` (the polygon it read, in input pixels, corners included).
+    ``pred``, ``prob``, ``top`` (the top-k classes with their probabilities) and, per transformer, ``params`` (its
+    warp parameters) and ``region`` (the polygon it read, in input pixels, corners included). When the DataModule
+    has ``class_names``, ``class_name`` names the predicted class and ``top_names`` the top-k (the CSV's columns
+    are then filled; ``.jsonl`` rows have the keys only then), and the picture's captions use the names.
     ``.csv`` files hold the lists as JSON strings; ``.jsonl`` files one JSON object per line. Under DDP every
     rank writes its own part and rank 0 merges them, in index order, into ``output`` at the end.
 
@@ -256,7 +289,9 @@ class PredictionWriter(BasePredictionWriter):
         self.rows = 0
         self._picture = []
 
-    def _rows(self, prediction: dict[str, Any], indices: Sequence[int]) -> list[dict[str, Any]]:
+    def _rows(
+        self, prediction: dict[str, Any], indices: Sequence[int], names: Sequence[str] | None = None
+    ) -> list[dict[str, Any]]:
         probs = prediction["probs"].detach().float().cpu()
         top_p, top_c = probs.topk(min(self.top_k, probs.shape[1]), dim=1)
         rows = []
@@ -265,8 +300,13 @@ class PredictionWriter(BasePredictionWriter):
             row["index"] = int(index)
             if "labels" in prediction:
                 row["label"] = int(prediction["labels"][i])
-            row["pred"], row["prob"] = int(top_c[i, 0]), round(float(top_p[i, 0]), 6)
+            row["pred"] = int(top_c[i, 0])
+            if names is not None:
+                row["class_name"] = _name(names, row["pred"])
+            row["prob"] = round(float(top_p[i, 0]), 6)
             row["top"] = [[int(c), round(float(p), 6)] for c, p in zip(top_c[i], top_p[i], strict=True)]
+            if names is not None:
+                row["top_names"] = [_name(names, int(c)) for c in top_c[i]]
             if "params" in prediction:
                 params = prediction["params"][i].detach().float().cpu()
                 regions = prediction["regions"][i].detach().float().cpu()
@@ -287,10 +327,13 @@ class PredictionWriter(BasePredictionWriter):
             return
         writer = csv.writer(self._file)
         if self.rows == 0:
-            writer.writerow(["image", "index", "label", "pred", "prob", "top", "transformers"])
+            header = ["image", "index", "label", "pred", "class_name", "prob", "top", "top_names", "transformers"]
+            writer.writerow(header)
         for row in rows:
-            extra = [json.dumps(row["top"]), json.dumps(row.get("transformers", []))]
-            writer.writerow([row["image"], row["index"], row.get("label", ""), row["pred"], row["prob"], *extra])
+            start = [row["image"], row["index"], row.get("label", ""), row["pred"], row.get("class_name", "")]
+            top_names = json.dumps(row["top_names"]) if "top_names" in row else ""
+            end = [row["prob"], json.dumps(row["top"]), top_names, json.dumps(row.get("transformers", []))]
+            writer.writerow(start + end)
 
     def write_on_batch_end(
         self,
@@ -306,7 +349,8 @@ class PredictionWriter(BasePredictionWriter):
             return
         n = len(prediction["probs"])
         indices = list(batch_indices) if batch_indices is not None else list(range(self.rows, self.rows + n))
-        rows = self._rows(prediction, indices)
+        names = class_names_of(trainer)
+        rows = self._rows(prediction, indices, names)
         self._write(rows)
         self.rows += len(rows)
         have = sum(len(p[0]) for p in self._picture)
@@ -318,7 +362,10 @@ class PredictionWriter(BasePredictionWriter):
                 with torch.no_grad():
                     crops = transformer(x).crops
                 captions = [
-                    (f"true {r['label']}, " if "label" in r else "") + f"pred {r['pred']} ({r['prob']:.2f})"
+                    _caption(
+                        ([f"true {_name(names, r['label'])}"] if "label" in r else [])
+                        + [f"pred {_name(names, r['pred'])} ({r['prob']:.2f})"]
+                    )
                     for r in rows[:take]
                 ]
                 self._picture.append((x.cpu(), prediction["regions"][:take].cpu(), crops.cpu(), captions))

@@ -314,7 +314,8 @@ class STNCLI(LightningCLI):
         if make is None:
             raise ValueError(f"--images: {type(self.datamodule).__name__} has no image_transform() to prepare files")
         batch_size = int(getattr(self.datamodule, "batch_size", 64))
-        self.datamodule = ImageFilesDataModule(images, make(), batch_size=batch_size)
+        names = getattr(self.datamodule, "class_names", None)
+        self.datamodule = ImageFilesDataModule(images, make(), batch_size=batch_size, class_names=names)
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):
