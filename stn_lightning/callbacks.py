@@ -1,12 +1,15 @@
-"""Lightning callbacks: pictures of where the transformers look."""
+"""Lightning callbacks: pictures of where the transformers look, the prediction file, a stop for runs that learn
+nothing."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import math
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +22,38 @@ import torch  # noqa: E402
 from pytorch_lightning.callbacks import BasePredictionWriter  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-__all__ = ["AttentionVisualizer", "PredictionWriter", "draw_attention"]
+__all__ = [
+    "AttentionVisualizer",
+    "PredictionWriter",
+    "StallDetector",
+    "chance_accuracy",
+    "chance_loss",
+    "class_names_of",
+    "draw_attention",
+    "is_stalled",
+    "stall_message",
+]
 
 _COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
+
+
+def class_names_of(trainer: Any) -> tuple[str, ...] | None:
+    """The class names of the trainer's DataModule (its ``class_names`` attribute), or None when it has none."""
+    names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
+    if isinstance(names, Sequence) and not isinstance(names, str) and all(isinstance(n, str) for n in names):
+        return tuple(names)
+    return None
+
+
+def _name(names: Sequence[str] | None, label: int) -> str:
+    # A class's name when the data gives one, else its index.
+    return names[label] if names is not None and 0 <= label < len(names) else str(label)
+
+
+def _caption(parts: list[str]) -> str:
+    # Short captions on one line ("true 3, pred 8"); long class names ("true Ankle boot") one part per line.
+    line = ", ".join(parts)
+    return line if len(line) <= 24 else "\n".join(parts)
 
 
 def _show(ax: Any, img: Tensor) -> None:
@@ -53,7 +85,7 @@ def draw_attention(
         outlines: (N, K, M, 2) polygons in input pixel coordinates.
         crops: (N, K, C, Ho, Wo).
         path: where to save a PNG, or None.
-        labels: a caption per image (e.g. "true 3, pred 8"), shown under it.
+        labels: a caption per image (e.g. "true 3, pred 8" or "true Coat, pred Shirt"), shown under it.
         title: the figure's title (e.g. the epoch and step).
         grids: (N, K, L, Q, 2) polylines drawn thin in each transformer's colour inside its outline (the warped
             control grid of a thin-plate spline: :meth:`Transform.grid_lines`), or None.
@@ -107,7 +139,8 @@ def draw_attention(
 class AttentionVisualizer(pl.Callback):
     """After every ``every_n_epochs`` validation epochs, draw where the transformers look on fixed validation images.
 
-    Each picture is titled with the epoch and step and gives every image's true and predicted label. The pictures
+    Each picture is titled with the epoch and step and gives every image's true and predicted class, by name when
+    the DataModule has ``class_names`` (Fashion-MNIST's "Coat", a class folder's name), else by index. The pictures
     go to ``<log_dir>/attention/epoch_NNN.png`` and, with a TensorBoard logger, to its images tab (one entry per
     visualised epoch, so TensorBoard's step slider plays them in order); with ``gif=True``
     ``<log_dir>/attention/attention.gif`` holds them as an animation, one frame per visualised epoch. Models
@@ -129,6 +162,7 @@ class AttentionVisualizer(pl.Callback):
         self._frames: list[Any] = []
         self.last_path: Path | None = None
         self.gif_path: Path | None = None
+        self.last_captions: list[str] = []  # the captions of the latest picture
 
     def on_validation_batch_end(
         self,
@@ -162,10 +196,15 @@ class AttentionVisualizer(pl.Callback):
             grids = _control_grid(transformer, params, (images.shape[-2], images.shape[-1]))
             predicted = pl_module(images).argmax(-1).cpu()
         truth = self._labels.cpu() if self._labels is not None else None
+        names = class_names_of(trainer)
         labels = [
-            (f"true {int(truth[i])}, " if truth is not None else "") + f"pred {int(predicted[i])}"
+            _caption(
+                ([f"true {_name(names, int(truth[i]))}"] if truth is not None else [])
+                + [f"pred {_name(names, int(predicted[i]))}"]
+            )
             for i in range(len(images))
         ]
+        self.last_captions = labels
         title = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
         path = None
         if log_dir is not None:
@@ -217,8 +256,10 @@ class PredictionWriter(BasePredictionWriter):
     looked; and the attention picture of the first images.
 
     A row holds ``image`` (the file, or the index in the DataModule's predict set), ``label`` when known,
-    ``pred`` and ``prob``, ``top`` (the top-k classes with their probabilities) and, per transformer,
-    ``params`` (its warp parameters) and ``region`` (the polygon it read, in input pixels, corners included).
+    ``pred``, ``prob``, ``top`` (the top-k classes with their probabilities) and, per transformer, ``params`` (its
+    warp parameters) and ``region`` (the polygon it read, in input pixels, corners included). When the DataModule
+    has ``class_names``, ``class_name`` names the predicted class and ``top_names`` the top-k (the CSV's columns
+    are then filled; ``.jsonl`` rows have the keys only then), and the picture's captions use the names.
     ``.csv`` files hold the lists as JSON strings; ``.jsonl`` files one JSON object per line. Under DDP every
     rank writes its own part and rank 0 merges them, in index order, into ``output`` at the end.
 
@@ -256,7 +297,9 @@ class PredictionWriter(BasePredictionWriter):
         self.rows = 0
         self._picture = []
 
-    def _rows(self, prediction: dict[str, Any], indices: Sequence[int]) -> list[dict[str, Any]]:
+    def _rows(
+        self, prediction: dict[str, Any], indices: Sequence[int], names: Sequence[str] | None = None
+    ) -> list[dict[str, Any]]:
         probs = prediction["probs"].detach().float().cpu()
         top_p, top_c = probs.topk(min(self.top_k, probs.shape[1]), dim=1)
         rows = []
@@ -265,8 +308,13 @@ class PredictionWriter(BasePredictionWriter):
             row["index"] = int(index)
             if "labels" in prediction:
                 row["label"] = int(prediction["labels"][i])
-            row["pred"], row["prob"] = int(top_c[i, 0]), round(float(top_p[i, 0]), 6)
+            row["pred"] = int(top_c[i, 0])
+            if names is not None:
+                row["class_name"] = _name(names, row["pred"])
+            row["prob"] = round(float(top_p[i, 0]), 6)
             row["top"] = [[int(c), round(float(p), 6)] for c, p in zip(top_c[i], top_p[i], strict=True)]
+            if names is not None:
+                row["top_names"] = [_name(names, int(c)) for c in top_c[i]]
             if "params" in prediction:
                 params = prediction["params"][i].detach().float().cpu()
                 regions = prediction["regions"][i].detach().float().cpu()
@@ -287,10 +335,13 @@ class PredictionWriter(BasePredictionWriter):
             return
         writer = csv.writer(self._file)
         if self.rows == 0:
-            writer.writerow(["image", "index", "label", "pred", "prob", "top", "transformers"])
+            header = ["image", "index", "label", "pred", "class_name", "prob", "top", "top_names", "transformers"]
+            writer.writerow(header)
         for row in rows:
-            extra = [json.dumps(row["top"]), json.dumps(row.get("transformers", []))]
-            writer.writerow([row["image"], row["index"], row.get("label", ""), row["pred"], row["prob"], *extra])
+            start = [row["image"], row["index"], row.get("label", ""), row["pred"], row.get("class_name", "")]
+            top_names = json.dumps(row["top_names"]) if "top_names" in row else ""
+            end = [row["prob"], json.dumps(row["top"]), top_names, json.dumps(row.get("transformers", []))]
+            writer.writerow(start + end)
 
     def write_on_batch_end(
         self,
@@ -306,7 +357,8 @@ class PredictionWriter(BasePredictionWriter):
             return
         n = len(prediction["probs"])
         indices = list(batch_indices) if batch_indices is not None else list(range(self.rows, self.rows + n))
-        rows = self._rows(prediction, indices)
+        names = class_names_of(trainer)
+        rows = self._rows(prediction, indices, names)
         self._write(rows)
         self.rows += len(rows)
         have = sum(len(p[0]) for p in self._picture)
@@ -318,7 +370,10 @@ class PredictionWriter(BasePredictionWriter):
                 with torch.no_grad():
                     crops = transformer(x).crops
                 captions = [
-                    (f"true {r['label']}, " if "label" in r else "") + f"pred {r['pred']} ({r['prob']:.2f})"
+                    _caption(
+                        ([f"true {_name(names, r['label'])}"] if "label" in r else [])
+                        + [f"pred {_name(names, r['pred'])} ({r['prob']:.2f})"]
+                    )
                     for r in rows[:take]
                 ]
                 self._picture.append((x.cpu(), prediction["regions"][:take].cpu(), crops.cpu(), captions))
@@ -367,3 +422,237 @@ def _merge_parts(path: Path, world: int) -> int:
         f.write(header)
         f.writelines(seen[i] for i in sorted(seen))
     return len(seen)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# runs that learn nothing
+# ----------------------------------------------------------------------------------------------------------------
+def chance_loss(label_counts: Sequence[float]) -> float:
+    """The cross-entropy of a network that learnt nothing but the label frequencies: their entropy (natural log).
+
+    log(C) for C equally frequent classes (2.303 for ten), less for skewed labels (the sums of two digits: 2.65,
+    against log 19 = 2.94). Answering uniformly costs log(C), more than this, so both count as chance.
+    """
+    total = float(sum(label_counts))
+    return -sum(c / total * math.log(c / total) for c in label_counts if c > 0) if total > 0 else 0.0
+
+
+def chance_accuracy(label_counts: Sequence[float]) -> float:
+    """The accuracy of always answering the likeliest label: its frequency (1 / C for balanced classes)."""
+    total = float(sum(label_counts))
+    return max(label_counts) / total if total > 0 else 0.0
+
+
+def is_stalled(
+    loss: float,
+    chance: float,
+    val_acc: float | None,
+    val_chance: float | None,
+    loss_ratio: float = 0.97,
+    acc_margin: float = 0.015,
+) -> bool:
+    """Whether an epoch learnt nothing: its mean training loss is above ``loss_ratio`` times the chance loss and
+    (when validated) its validation accuracy is at most ``acc_margin`` above the chance accuracy.
+
+    Args:
+        loss: the epoch's mean training loss.
+        chance: the chance loss (:func:`chance_loss`; log(C) for balanced classes).
+        val_acc: the validation accuracy in [0, 1], or None when the run is not validated (the loss decides alone).
+        val_chance: the chance accuracy on the validation set (:func:`chance_accuracy`), or None for ``val_acc``
+            None.
+        loss_ratio: how close to chance the loss must be.
+        acc_margin: how far above chance the accuracy may be (0.015: 1.5 points).
+    """
+    if not math.isfinite(loss) or chance <= 0 or loss <= loss_ratio * chance:
+        return False
+    return val_acc is None or val_chance is None or val_acc <= val_chance + acc_margin
+
+
+def _num_classes(trainer: Any, pl_module: Any) -> int | None:
+    # The model's hyperparameter first (it sizes the head), else the DataModule's attribute.
+    hparams = getattr(pl_module, "hparams", {})
+    for value in (
+        hparams.get("num_classes") if hasattr(hparams, "get") else None,
+        getattr(getattr(trainer, "datamodule", None), "num_classes", None),
+    ):
+        if isinstance(value, int) and value >= 2:
+            return value
+    return None
+
+
+def _batch_labels(batch: Any) -> Tensor | None:
+    labels = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+    return labels if isinstance(labels, Tensor) and labels.dim() == 1 and not labels.is_floating_point() else None
+
+
+def _count(counts: Tensor | None, labels: Tensor, num_classes: int) -> Tensor:
+    # Label counts kept on the labels' device: index_add_ needs no synchronisation (bincount would).
+    if counts is None:
+        counts = torch.zeros(num_classes, device=labels.device, dtype=torch.float32)
+    index = labels.clamp(0, num_classes - 1)
+    return counts.index_add_(0, index, torch.ones_like(index, dtype=counts.dtype))
+
+
+class StallDetector(pl.Callback):
+    """Stop a run that learns nothing, and say so.
+
+    After each training epoch it compares the epoch's mean training loss (the loss ``training_step`` returns) with
+    the chance loss, the entropy of the epoch's training labels (:func:`chance_loss`: log(C) for balanced classes),
+    and the latest validation accuracy (``val/acc``) with the chance accuracy of the validation labels (always
+    answering the likeliest: 1 / C for balanced classes). When the loss is above ``loss_ratio`` times chance and
+    the accuracy within ``acc_margin`` of chance (or the loss alone, in runs without ``val/acc``) for
+    ``patience_epochs`` epochs in a row, it sets ``trainer.should_stop``, prints one line saying what happened and
+    what to try, adds it to TensorBoard's text tab, and keeps it in :attr:`message` (the CLI's summary repeats
+    it, and ``stn-train`` then exits with status 1).
+
+    A run is judged only once it has made ``min_steps`` optimiser steps: the first epochs of a short run sit near
+    chance while it learns. Every DDP rank reaches the same verdict (the counts are summed over the ranks).
+    ``fast_dev_run`` is never judged.
+
+    Args:
+        enabled: judge at all.
+        patience_epochs: consecutive judged epochs at chance before the run stops.
+        min_steps: optimiser steps before the first judged epoch.
+        loss_ratio: the loss is at chance above ``loss_ratio`` times the chance loss.
+        acc_margin: the accuracy is at chance below the chance accuracy plus this (0.015: 1.5 points).
+    """
+
+    def __init__(
+        self,
+        enabled: bool = True,
+        patience_epochs: int = 1,
+        min_steps: int = 100,
+        loss_ratio: float = 0.97,
+        acc_margin: float = 0.015,
+    ) -> None:
+        super().__init__()
+        if patience_epochs < 1 or min_steps < 0:
+            raise ValueError(f"expected patience_epochs >= 1 and min_steps >= 0, got {patience_epochs}, {min_steps}")
+        if not 0 < loss_ratio <= 1 or not 0 <= acc_margin < 1:
+            raise ValueError(f"expected 0 < loss_ratio <= 1 and 0 <= acc_margin < 1, got {loss_ratio}, {acc_margin}")
+        self.enabled = enabled
+        self.patience_epochs = patience_epochs
+        self.min_steps = min_steps
+        self.loss_ratio = loss_ratio
+        self.acc_margin = acc_margin
+        #: The line printed when the detector stopped the run; None while it has not.
+        self.message: str | None = None
+        self._num_classes: int | None = None
+        self._epochs_at_chance: list[int] = []
+        self._loss: Tensor | None = None  # (2,): the epoch's sum of batch losses and their number
+        self._train_counts: Tensor | None = None
+        self._val_counts: Tensor | None = None
+        self._val_acc: float | None = None
+
+    @property
+    def stalled(self) -> bool:
+        """Whether the detector stopped the run."""
+        return self.message is not None
+
+    def _active(self, trainer: pl.Trainer) -> bool:
+        return self.enabled and self._num_classes is not None and not getattr(trainer, "fast_dev_run", False)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.message = None
+        self._epochs_at_chance = []
+        self._num_classes = _num_classes(trainer, pl_module)
+        self._val_acc, self._val_counts = None, None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._loss, self._train_counts = None, None
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._active(trainer):
+            return
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            return
+        entry = torch.stack([loss.detach().float().reshape(()), loss.new_ones((), dtype=torch.float32)])
+        self._loss = entry if self._loss is None else self._loss + entry
+        labels = _batch_labels(batch)
+        if labels is not None and self._num_classes is not None:
+            self._train_counts = _count(self._train_counts, labels, self._num_classes)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._val_counts = None
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        labels = _batch_labels(batch)
+        if self._active(trainer) and not trainer.sanity_checking and labels is not None and self._num_classes:
+            self._val_counts = _count(self._val_counts, labels, self._num_classes)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After the epoch's metrics are computed (and, for val/acc, reduced over the ranks).
+        acc = trainer.callback_metrics.get("val/acc")
+        if not trainer.sanity_checking and acc is not None:
+            self._val_acc = float(acc)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._active(trainer) or self._loss is None or trainer.global_step < self.min_steps:
+            return
+        assert self._num_classes is not None
+        # One collective on every rank (each gets here with the same step count): the sums over all ranks.
+        counts = self._train_counts if self._train_counts is not None else self._loss.new_zeros(self._num_classes)
+        val_counts = self._val_counts if self._val_counts is not None else self._loss.new_zeros(self._num_classes)
+        local = torch.cat([self._loss, counts, val_counts])
+        summed = trainer.strategy.reduce(local, reduce_op="sum")
+        values = (summed if isinstance(summed, Tensor) else local).tolist()
+        loss = values[0] / max(values[1], 1.0)
+        train_counts = values[2 : 2 + self._num_classes]
+        val_labels = values[2 + self._num_classes :]
+        # Without labels in the batches, balanced classes are assumed: log(C).
+        chance = chance_loss(train_counts) if sum(train_counts) > 0 else math.log(self._num_classes)
+        val_chance = chance_accuracy(val_labels) if sum(val_labels) > 0 else 1 / self._num_classes
+        epoch = trainer.current_epoch
+        if not is_stalled(loss, chance, self._val_acc, val_chance, self.loss_ratio, self.acc_margin):
+            self._epochs_at_chance = []
+            return
+        self._epochs_at_chance.append(epoch)
+        if len(self._epochs_at_chance) < self.patience_epochs:
+            return
+        trainer.should_stop = True
+        self.message = self._describe(loss, chance, val_chance, train_counts)
+        if trainer.is_global_zero:
+            print(f"StallDetector: {self.message}", file=sys.stderr, flush=True)
+            add_text = getattr(getattr(trainer.logger, "experiment", None), "add_text", None)
+            if add_text is not None:
+                add_text("stall", self.message, global_step=trainer.global_step)
+
+    def _describe(self, loss: float, chance: float, val_chance: float, train_counts: list[float]) -> str:
+        c = self._num_classes
+        assert c is not None
+        # An epoch's labels of balanced classes have an entropy a little under log(C): call it log(C) within 5 %.
+        balanced = sum(train_counts) == 0 or abs(chance - math.log(c)) < 0.05 * math.log(c)
+        reference = f"log {c} = {math.log(c):.3f}" if balanced else f"the entropy of the labels, {chance:.3f}"
+        first, last = self._epochs_at_chance[0], self._epochs_at_chance[-1]
+        when = f"epoch {last}" if first == last else f"epochs {first} to {last}"
+        what = f"training loss {loss:.3f} after {when} is at chance ({reference})"
+        if self._val_acc is not None:
+            what += (
+                f" and validation accuracy {100 * self._val_acc:.1f} % no better than chance "
+                f"({100 * val_chance:.1f} %, always answering the likeliest class)"
+            )
+        return (
+            f"{what}: the network learns nothing, so the run stops. Try a lower learning rate, a warm-up "
+            f"(model.loc_warmup_steps, or a scheduler), another seed (--seed_everything), or check the data "
+            f"(do the labels belong to the images?); --stall.enabled false lets such a run go on."
+        )
+
+
+def stall_message(trainer: Any) -> str | None:
+    """The line of the :class:`StallDetector` that stopped the trainer's run, or None when none did."""
+    for callback in getattr(trainer, "callbacks", []):
+        if isinstance(callback, StallDetector) and callback.message is not None:
+            return callback.message
+    return None

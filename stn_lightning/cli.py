@@ -36,7 +36,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from .callbacks import AttentionVisualizer, PredictionWriter
+from .callbacks import AttentionVisualizer, PredictionWriter, StallDetector, stall_message
 from .checkpointing import (
     AtomicCheckpointIO,
     NonFiniteError,
@@ -142,6 +142,7 @@ class STNCLI(LightningCLI):
         )
         parser.add_lightning_class_args(AttentionVisualizer, "attention")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_lightning_class_args(StallDetector, "stall")
         parser.add_argument(
             "--test_after_fit",
             type=bool,
@@ -314,7 +315,8 @@ class STNCLI(LightningCLI):
         if make is None:
             raise ValueError(f"--images: {type(self.datamodule).__name__} has no image_transform() to prepare files")
         batch_size = int(getattr(self.datamodule, "batch_size", 64))
-        self.datamodule = ImageFilesDataModule(images, make(), batch_size=batch_size)
+        names = getattr(self.datamodule, "class_names", None)
+        self.datamodule = ImageFilesDataModule(images, make(), batch_size=batch_size, class_names=names)
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):
@@ -412,6 +414,7 @@ def _summary(trainer: pl.Trainer, results: list[Any], log_dir: str | None) -> No
         f"test accuracy: {acc:.4f}" if acc is not None else "test accuracy: n/a",
         f"logs:          {log_dir}",
         f"pictures:      {pictures.parent if pictures else 'none (no transformer or no validation run)'}",
+        *([f"stalled:       {stall_message(trainer)}"] if stall_message(trainer) else []),
     ]
     print("\n".join(["", *lines, ""]))
 
@@ -477,6 +480,8 @@ def console() -> None:
     run that returned normally every rank destroys the group (all ranks get there together); after an error it is
     left alone, since destroying it while another rank still communicates could hang.
     """
-    main()
+    cli = main()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    if stall_message(getattr(cli, "trainer", None)):
+        raise SystemExit(1)  # StallDetector stopped the run: it learnt nothing

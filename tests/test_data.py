@@ -351,7 +351,9 @@ def test_image_folder_datamodule(tmp_path) -> None:  # type: ignore[no-untyped-d
     dm = ImageFolderDataModule(str(tmp_path), num_classes=3, input_size=32, batch_size=4, num_workers=0)
     assert (dm.num_classes, dm.in_chans, dm.image_size, dm.background) == (3, 3, (32, 32), 0.0)
     assert dm.mean == pytest.approx((0.485, 0.456, 0.406))
+    assert dm.class_names == ("ant", "bee", "cat")  # the folders' names, known before setup too
     dm.setup("fit")
+    assert dm.class_names == ("ant", "bee", "cat")
     assert len(dm.train_set) == 9 and len(dm.val_set) == 4  # val falls back to test/
     x, y = first(dm.train_dataloader())
     assert x.dtype == torch.float32 and x.shape == (4, 3, 32, 32) and y.dtype == torch.int64

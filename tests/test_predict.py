@@ -49,6 +49,8 @@ def test_rows_for_the_bundled_digits(checkpoint: Path, tmp_path: Path) -> None:
     for row in rows:
         _check_row(row)
         assert 0 <= row["label"] < 10
+        # The digits' class names are the digits themselves.
+        assert row["class_name"] == str(row["pred"]) and row["top_names"] == [str(c) for c, _ in row["top"]]
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
@@ -74,7 +76,7 @@ def test_rows_for_a_folder_of_pngs_with_only_the_checkpoint(
         rows = list(csv.DictReader(f))
     assert [r["image"] for r in rows] == [str(n) for n in names]
     for row in rows:
-        assert row["label"] == ""
+        assert row["label"] == "" and row["class_name"] == row["pred"]  # the training data's names reach --images
         parsed = {"pred": int(row["pred"]), "prob": float(row["prob"]), "top": json.loads(row["top"])}
         _check_row({**parsed, "transformers": json.loads(row["transformers"])})
     # The files were prepared like the training digits: 42 x 42, one channel, the digits' normalisation.

@@ -95,6 +95,8 @@ class ImageFilesDataModule(LightningDataModule):
         transform: PIL image -> normalised tensor (C, H, W), as the training data was prepared.
         batch_size: images per batch.
         num_workers: DataLoader workers.
+        class_names: the training data's class names, by label (the prediction file and pictures show them), or
+            None.
     """
 
     def __init__(
@@ -103,9 +105,11 @@ class ImageFilesDataModule(LightningDataModule):
         transform: Callable[[Image.Image], Tensor],
         batch_size: int = 64,
         num_workers: int = 0,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self.paths = expand_image_paths(paths)
+        self.class_names = tuple(class_names) if class_names is not None else None
         self.transform = transform
         self.batch_size = batch_size
         self.num_workers = num_workers

