@@ -84,6 +84,17 @@ _DISTORTED_PAPER = {
     "ST-CNN TPS": (0.7, 0.5, 0.8, 1.1),
 }
 _VARIANTS = ("R", "RTS", "P", "E")
+_SEQUENCE_CANVASES = ("64 px", "128 px")
+_SEQUENCE_PAPER = {"CNN": (4.0, 5.6), "ST-CNN Single": (3.7, 3.9), "ST-CNN Multi": (3.6, 3.9)}
+_SEQUENCE_CONFIGS = {
+    "CNN": "sequences_cnn.yaml",
+    "ST-CNN Single": "sequences_single.yaml",
+    "ST-CNN Multi": "sequences.yaml",
+}
+# Tables whose runs draw their data from the run's seed too (data.init_args.seed), not from the data's default.
+DATA_SEEDED = ("sequences",)
+# The task of a network that reads a sum as one label (the baselines of the sum configs, whose task is SumOfObjects).
+CLASSIFY = "stn_lightning.tasks.Classification"
 
 
 def _model(backbone: str, transform: str | None, **extra: str) -> tuple[str, ...]:
@@ -147,6 +158,19 @@ def tables() -> list[Table]:
             "No paper number: the case for K parallel transformers (co-localisation below).",
             {"2 digits": 90.0, "3 digits": 92.5},  # the most frequent sums: 9 (10 %), 13 and 14 (7.5 % each)
         ),
+        Table(
+            "sequences",
+            "Digit sequences (strings of 1 to 5 digits, the paper's SVHN task; sequence error)",
+            list(_SEQUENCE_CANVASES),
+            [(c, "CNN", row) for c in _SEQUENCE_CANVASES for row in ("ST-CNN Single", "ST-CNN Multi")],
+            "Strings of 1 to 5 bundled digits (stn_lightning.data.DigitSequences) in place of SVHN's house numbers; "
+            "the error is the share of test strings not read whole (length and every digit). The reader is a small "
+            "four-block CNN (stn_sequence_cnn) where the paper's had eight convolutional layers; ST-CNN Single puts "
+            "one affine transformer on the image, ST-CNN Multi one before each of the four blocks, on the feature "
+            "maps (configs/sequences*.yaml). Each seed also draws its own data: validation split and test strings "
+            "(data.init_args.seed).",
+            dict.fromkeys(_SEQUENCE_CANVASES, 98.0),  # the likeliest string (one digit) has probability 1/5 x 1/10
+        ),
     ]
 
 
@@ -158,6 +182,8 @@ EPOCHS = {
     "addition per channel": 20,
     "multi": 10,
     "multi 3 digits": 15,
+    "sequences 64 px": 30,
+    "sequences 128 px": 10,
 }
 
 
@@ -197,7 +223,8 @@ def cells(epochs: dict[str, int]) -> list[Cell]:
         row = f"{epochs[table]} epochs (the {table} schedule)"
         out.append(Cell("clean", row, "error", "rts_mnist.yaml", _model("stn_paper_cnn_st", None, **e)))
     # The paper's networks: the whole two-channel image (or the K crops stacked as channels) into one classifier.
-    e = {"trainer.max_epochs": str(epochs["addition"]), "model.object_channels": "false"}
+    # The paper's networks read both channels at once: one label, the sum (Classification, not the config's task).
+    e = {"trainer.max_epochs": str(epochs["addition"]), "model.object_channels": "false", "model.task": CLASSIFY}
     out.append(Cell("addition", "CNN", "error", "mnist_addition.yaml", _model("stn_paper_cnn", None, **e), 14.7))
     for k, paper in ((1, 18.5), (2, 5.8)):
         overrides = _model(
@@ -215,13 +242,20 @@ def cells(epochs: dict[str, int]) -> list[Cell]:
         schedule = epochs["multi"] if digits == 2 else epochs["multi 3 digits"]
         e = {"trainer.max_epochs": str(schedule), "data.init_args.num_digits": str(digits)}
         column = f"{digits} digits"
-        out.append(Cell("multi", "CNN", column, "multi_mnist.yaml", _model("stn_paper_cnn", None, **e)))
+        baseline = _model("stn_paper_cnn", None, **e, **{"model.task": CLASSIFY})
+        out.append(Cell("multi", "CNN", column, "multi_mnist.yaml", baseline))
         for k in (1, 2, 3):
-            # One crop per digit: the config's sum head. Otherwise the K crops' features are concatenated.
-            fusion = "sum" if k == digits else "features"
-            overrides = _model("stn_paper_cnn_st", None, **e, **{"model.num_transformers": str(k)})
-            overrides = tuple(a for a in overrides if a not in ("--model.fusion", "none")) + ("--model.fusion", fusion)
+            # One crop per digit: the config's sum head. Otherwise the K crops' features are concatenated and one
+            # head classifies the sum (Classification).
+            task = {} if k == digits else {"model.task": CLASSIFY}
+            overrides = _model("stn_paper_cnn_st", None, **e, **task, **{"model.num_transformers": str(k)})
+            overrides = tuple(a for a in overrides if a not in ("--model.fusion", "none"))
             out.append(Cell("multi", f"K = {k}", column, "multi_mnist.yaml", overrides))
+    for i, canvas in enumerate(_SEQUENCE_CANVASES):
+        e = {"trainer.max_epochs": str(epochs[f"sequences {canvas}"]), "data.init_args.canvas": canvas.split()[0]}
+        for row, config in _SEQUENCE_CONFIGS.items():
+            overrides = tuple(a for key, value in e.items() for a in (f"--{key}", value))
+            out.append(Cell("sequences", row, canvas, config, overrides, _SEQUENCE_PAPER[row][i]))
     return out
 
 
@@ -248,6 +282,7 @@ def _run_args(cell: Cell, seed: int, root: Path) -> list[str]:
         *cell.overrides,
         "--seed_everything",
         str(seed),
+        *(["--data.init_args.seed", str(seed)] if cell.table in DATA_SEEDED else []),
         "--trainer.accelerator",
         "cpu",
         "--trainer.devices",

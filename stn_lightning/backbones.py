@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-__all__ = ["PaperCNN", "PaperFCN"]
+__all__ = ["PaperCNN", "PaperFCN", "SequenceCNN"]
 
 # Mean and std of MNIST pixels in [0, 1], as stn_lightning.data normalises them.
 _MNIST_MEAN, _MNIST_STD = (0.1307,), (0.3081,)
@@ -302,6 +302,76 @@ class PaperFCN(_PaperNet):
         return self.fc(self.grid(x).flatten(1))
 
 
+class SequenceCNN(_PaperNet):
+    """A house-number reader in the spirit of the paper's SVHN network (Goodfellow et al. 2013), sized for a CPU.
+
+    Four convolutional blocks ``conv1`` .. ``conv4``, each conv -> BatchNorm -> ReLU -> max-pool 2 (the paper's
+    ST-CNN Multi puts a spatial transformer before each of them: ``InnerTransformers(at=["conv1", ..., "conv4"])``),
+    then adaptive max-pooling to ``pool`` (rows, columns), a fully connected layer of ``hidden`` units with ReLU and
+    the classifier. The paper's network has eight convolutional layers of 48 to 192 filters and two fully connected
+    layers of 3,072 units; this one keeps its shape (convolutions, then fully connected layers reading where the
+    features are) at a size that trains on two CPU cores in minutes. ``num_features`` is ``hidden``; the sequence
+    heads (``tasks.SequenceReading``) read it.
+
+    Args:
+        num_classes: outputs of the classifier; 0 for none.
+        in_chans: input channels.
+        channels: filters of the four blocks.
+        hidden: units of the fully connected layer.
+        pool: (rows, columns) of the grid the last map is max-pooled to.
+        drop_rate: dropout before the classifier.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_chans: int = 1,
+        channels: Sequence[int] = (32, 48, 64, 96),
+        hidden: int = 256,
+        pool: Sequence[int] = (2, 6),
+        drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_classes(num_classes, in_chans)
+        if len(channels) != 4 or len(pool) != 2 or min(*channels, *pool, hidden) < 1:
+            raise ValueError(
+                f"expected four positive channels, pool (rows, columns) and hidden >= 1, got "
+                f"{channels}, {pool}, {hidden}"
+            )
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.min_size = 16  # four poolings of 2 leave a 1 x 1 map
+        widths = [in_chans, *channels]
+        for i in range(4):
+            kernel = 5 if i == 0 else 3
+            block = nn.Sequential(
+                nn.Conv2d(widths[i], widths[i + 1], kernel, padding=kernel // 2, bias=False),
+                nn.BatchNorm2d(widths[i + 1]),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            )
+            self.add_module(f"conv{i + 1}", block)  # conv1 .. conv4: the places ST-CNN Multi inserts before
+        self.conv1: nn.Module
+        self.conv2: nn.Module
+        self.conv3: nn.Module
+        self.conv4: nn.Module
+        self.pool = nn.AdaptiveMaxPool2d((pool[0], pool[1]))
+        self.fc = nn.Sequential(nn.Linear(channels[-1] * pool[0] * pool[1], hidden), nn.ReLU(inplace=True))
+        self.num_features = hidden
+        self._make_head(num_classes)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The pooled map (B, channels[-1], rows, columns) of images (B, in_chans, H, W)."""
+        self._check_input(x)
+        for block in (self.conv1, self.conv2, self.conv3, self.conv4):
+            x = block(x)
+        return self.pool(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Logits (B, num_classes), or the fully connected layer's features (B, hidden) when ``pre_logits``."""
+        return super().forward_head(self.fc(x.flatten(1)), pre_logits)
+
+
 def _cfg(**kwargs: Any) -> dict[str, Any]:
     # No weights are published for these networks: the cfg only describes their input and classifier.
     return {
@@ -326,6 +396,7 @@ default_cfgs = generate_default_cfgs(
         "stn_paper_cnn_st": _cfg(first_conv="conv1", min_input_size=(1, 22, 22)),
         "stn_paper_fcn": _cfg(first_conv=None),
         "stn_paper_fcn_st": _cfg(first_conv=None),
+        "stn_sequence_cnn": _cfg(first_conv="conv1.0", input_size=(1, 64, 64), min_input_size=(1, 16, 16)),
     }
 )
 
@@ -356,3 +427,9 @@ def stn_paper_fcn(pretrained: bool = False, **kwargs: Any) -> _PaperNet:
 def stn_paper_fcn_st(pretrained: bool = False, **kwargs: Any) -> _PaperNet:
     """The FCN behind a transformer in the ST-FCN: two hidden layers of 102 units (91,606 + the localiser)."""
     return _create(PaperFCN, "stn_paper_fcn_st", pretrained, **{"hidden": (102, 102), **kwargs})
+
+
+@register_model
+def stn_sequence_cnn(pretrained: bool = False, **kwargs: Any) -> _PaperNet:
+    """A small house-number reader: four conv blocks (32, 48, 64, 96) -> max-pool to 2 x 6 -> fc 256 -> fc."""
+    return _create(SequenceCNN, "stn_sequence_cnn", pretrained, **kwargs)

@@ -20,7 +20,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 from pytorch_lightning.callbacks import BasePredictionWriter  # noqa: E402
-from torch import Tensor  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from .insertion import inner_points, inner_regions  # noqa: E402
+from .kernels import sample_grid  # noqa: E402
 
 __all__ = [
     "AttentionVisualizer",
@@ -45,8 +48,10 @@ def class_names_of(trainer: Any) -> tuple[str, ...] | None:
     return None
 
 
-def _name(names: Sequence[str] | None, label: int) -> str:
-    # A class's name when the data gives one, else its index.
+def _name(names: Sequence[str] | None, label: int | str) -> str:
+    # A class's name when the data gives one, else its index; an answer already written out (a string) as it is.
+    if isinstance(label, str):
+        return label
     return names[label] if names is not None and 0 <= label < len(names) else str(label)
 
 
@@ -178,9 +183,10 @@ class AttentionVisualizer(pl.Callback):
             labels = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
             self._labels = labels[: self.num_images].detach() if isinstance(labels, Tensor) else None
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         transformer = getattr(pl_module, "transformer", None)
-        if transformer is None or self._images is None or trainer.sanity_checking:
+        inner = getattr(pl_module, "inner_transformers", {})
+        if (transformer is None and not inner) or self._images is None or trainer.sanity_checking:
             return
         if (trainer.current_epoch + 1) % self.every_n_epochs and not getattr(trainer, "fast_dev_run", False):
             return
@@ -190,17 +196,24 @@ class AttentionVisualizer(pl.Callback):
         if not trainer.is_global_zero:
             return
         images = self._images.to(pl_module.device)
+        size = (images.shape[-2], images.shape[-1])
         with torch.no_grad():
-            crops, params = transformer(images)
-            outlines = transformer.outline(params, (images.shape[-2], images.shape[-1]))
-            grids = _control_grid(transformer, params, (images.shape[-2], images.shape[-1]))
-            predicted = pl_module(images).argmax(-1).cpu()
+            outputs = pl_module(images).cpu()  # also runs the transformers inside the backbone
+            if transformer is not None:
+                crops, params = transformer(images)
+                outlines = transformer.outline(params, size)
+                grids = _control_grid(transformer, params, size)
+            else:
+                outlines, crops = inner_views(pl_module.model.backbone, images)
+                grids = None
         truth = self._labels.cpu() if self._labels is not None else None
         names = class_names_of(trainer)
+        task = pl_module.task
+        predicted = task.decode(outputs)["prediction"]
         labels = [
             _caption(
-                ([f"true {_name(names, int(truth[i]))}"] if truth is not None else [])
-                + [f"pred {_name(names, int(predicted[i]))}"]
+                ([f"true {task.format(truth[i], names)}"] if truth is not None else [])
+                + [f"pred {task.format(predicted[i], names)}"]
             )
             for i in range(len(images))
         ]
@@ -219,6 +232,20 @@ class AttentionVisualizer(pl.Callback):
         if add_figure is not None:
             add_figure("attention", fig, global_step=trainer.global_step)
         plt.close(fig)
+
+
+def inner_views(model: nn.Module, images: Tensor, crop: int = 32) -> tuple[Tensor, Tensor]:
+    """Where each transformer inside ``model`` looked during its last forward on ``images`` (B, C, H, W), in the images'
+    pixels: the regions (B, P, M, 2) of the P places (composed through the earlier places, :func:`inner_regions`) and
+    the images resampled over each region, (B, P, C, crop, crop): what the place's warp made of the whole image."""
+    size = (images.shape[-2], images.shape[-1])
+    regions = inner_regions(model, size, per_side=16)
+    r = (torch.arange(crop, device=images.device, dtype=torch.float32) * 2 + 1) / crop - 1  # pixel centres
+    lattice = torch.stack(torch.meshgrid(r, r, indexing="xy"), -1).reshape(-1, 2)
+    points = inner_points(model, size, lattice)
+    grid = torch.cat(list(points.values()), dim=1).unflatten(2, (crop, crop))  # (B, P, crop, crop, 2)
+    crops = sample_grid(images.float(), grid, fill=float(images.amin()), backend="torch")
+    return torch.cat(list(regions.values()), dim=1), crops
 
 
 def _control_grid(transformer: Any, params: Tensor, in_size: tuple[int, int]) -> Tensor | None:
@@ -298,9 +325,15 @@ class PredictionWriter(BasePredictionWriter):
         self._picture = []
 
     def _rows(
-        self, prediction: dict[str, Any], indices: Sequence[int], names: Sequence[str] | None = None
+        self,
+        prediction: dict[str, Any],
+        indices: Sequence[int],
+        names: Sequence[str] | None = None,
+        task: Any = None,
     ) -> list[dict[str, Any]]:
         probs = prediction["probs"].detach().float().cpu()
+        if probs.dim() == 1:  # a task whose answer is not one class (a digit string): its text and probability
+            return self._structured_rows(prediction, indices, names, task)
         top_p, top_c = probs.topk(min(self.top_k, probs.shape[1]), dim=1)
         rows = []
         for i, index in enumerate(indices):
@@ -315,18 +348,41 @@ class PredictionWriter(BasePredictionWriter):
             row["top"] = [[int(c), round(float(p), 6)] for c, p in zip(top_c[i], top_p[i], strict=True)]
             if names is not None:
                 row["top_names"] = [_name(names, int(c)) for c in top_c[i]]
-            if "params" in prediction:
-                params = prediction["params"][i].detach().float().cpu()
-                regions = prediction["regions"][i].detach().float().cpu()
-                row["transformers"] = [
-                    {
-                        "params": [round(v, 6) for v in params[k].tolist()],
-                        "region": regions[k].round(decimals=3).tolist(),
-                    }
-                    for k in range(params.shape[0])
-                ]
+            row.update(self._transformers(prediction, i))
             rows.append(row)
         return rows
+
+    def _structured_rows(
+        self, prediction: dict[str, Any], indices: Sequence[int], names: Sequence[str] | None, task: Any
+    ) -> list[dict[str, Any]]:
+        # One row per image for tasks that answer with a structure (SequenceReading): the answer as the task writes
+        # it ("905"), its probability; no top-k.
+        rows = []
+        for i, index in enumerate(indices):
+            row: dict[str, Any] = {"image": prediction["paths"][i] if "paths" in prediction else int(index)}
+            row["index"] = int(index)
+            if "labels" in prediction:
+                row["label"] = task.format(prediction["labels"][i], names)
+            row["pred"] = task.format(prediction["prediction"][i], names)
+            row["prob"] = round(float(prediction["probs"][i]), 6)
+            row["top"] = []
+            row.update(self._transformers(prediction, i))
+            rows.append(row)
+        return rows
+
+    @staticmethod
+    def _transformers(prediction: dict[str, Any], i: int) -> dict[str, Any]:
+        # Image i's warp parameters and regions, per transformer, when the model has a transformer in front.
+        if "params" not in prediction:
+            return {}
+        params = prediction["params"][i].detach().float().cpu()
+        regions = prediction["regions"][i].detach().float().cpu()
+        return {
+            "transformers": [
+                {"params": [round(v, 6) for v in params[k].tolist()], "region": regions[k].round(decimals=3).tolist()}
+                for k in range(params.shape[0])
+            ]
+        }
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
         if self.path is not None and self.path.suffix == ".jsonl":
@@ -358,7 +414,7 @@ class PredictionWriter(BasePredictionWriter):
         n = len(prediction["probs"])
         indices = list(batch_indices) if batch_indices is not None else list(range(self.rows, self.rows + n))
         names = class_names_of(trainer)
-        rows = self._rows(prediction, indices, names)
+        rows = self._rows(prediction, indices, names, getattr(pl_module, "task", None))
         self._write(rows)
         self.rows += len(rows)
         have = sum(len(p[0]) for p in self._picture)
@@ -372,7 +428,7 @@ class PredictionWriter(BasePredictionWriter):
                 captions = [
                     _caption(
                         ([f"true {_name(names, r['label'])}"] if "label" in r else [])
-                        + [f"pred {_name(names, r['pred'])} ({r['prob']:.2f})"]
+                        + [f"pred {r.get('class_name', _name(names, r['pred']))} ({r['prob']:.2f})"]
                     )
                     for r in rows[:take]
                 ]

@@ -56,7 +56,7 @@ _LINKED = ("num_classes", "in_chans", "image_size", "background")
 _DEBUG_ENV = "JSONARGPARSE_DEBUG"
 _DATA_KEY = "stn_data_config"  # the data's configuration in a checkpoint (see _RunConfigCallback)
 _MODEL_KEY = "stn_model_config"  # the model's options that its saved hyperparameters leave out
-_MODEL_OBJECTS = ("transform", "localizer")  # those options: objects, which STNModule does not save
+_MODEL_OBJECTS = ("transform", "localizer", "task", "inner")  # those options: objects, which STNModule does not save
 
 
 def _say(message: str) -> None:

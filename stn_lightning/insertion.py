@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import difflib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +31,14 @@ from .localization import FeatureLocalizer
 from .transformer import SpatialTransformer
 from .transforms import Affine, Transform, outline_square, to_pixels
 
-__all__ = ["InsertedTransformer", "inner_regions", "insert_transformers", "inserted_transformers"]
+__all__ = [
+    "InnerTransformers",
+    "InsertedTransformer",
+    "inner_points",
+    "inner_regions",
+    "insert_transformers",
+    "inserted_transformers",
+]
 
 
 class InsertedTransformer(nn.Module):
@@ -239,21 +246,106 @@ def inner_regions(
         of (x, y) image pixel coordinates, pixel centres at integers; detached from the graph.
     """
     size = normalize_size(image_size)
-    regions: dict[str, Tensor] = {}
+    square = outline_square(per_side)
+    return {
+        name: to_pixels(pts, size, wrapper.transformer.align_corners)
+        for (name, pts), wrapper in zip(
+            inner_points(model, size, square, compose).items(), _ran(model).values(), strict=True
+        )
+    }
+
+
+def inner_points(
+    model: nn.Module, image_size: int | tuple[int, int], points: Tensor, compose: bool = True
+) -> dict[str, Tensor]:
+    """Where given points of each inserted transformer's output read, in the input image (see :func:`inner_regions`).
+
+    Args:
+        model: a model with inserted transformers that has run a forward.
+        image_size: (H, W) of the images, or an int.
+        points: (N, 2) normalised (x, y) points of a transformer's output frame (the same for every place).
+        compose: map them back through the transformers before each place.
+
+    Returns:
+        For each place whose transformer has run, (B, 1, N, 2) normalised points of the image; detached.
+    """
+    size = normalize_size(image_size)
+    found: dict[str, Tensor] = {}
     earlier: list[tuple[Transform, Tensor]] = []
-    for name, wrapper in inserted_transformers(model).items():
-        params, st = wrapper.params, wrapper.transformer
-        if params is None:
-            continue
-        params = params.detach().float()
-        pts = st.transform.points(params, outline_square(per_side, params.device), size)  # (B, 1, M, 2), normalised
+    for name, wrapper in _ran(model).items():
+        params, st = cast(Tensor, wrapper.params).detach().float(), wrapper.transformer
+        pts = st.transform.points(params, points.to(params.device), size)  # (B, 1, N, 2), normalised
         for transform, before in reversed(earlier if compose else []):
             pts = _points_per_image(transform, before, pts, size)
-        regions[name] = to_pixels(pts, size, st.align_corners)
+        found[name] = pts
         earlier.append((st.transform, params))
-    return regions
+    return found
+
+
+def _ran(model: nn.Module) -> dict[str, InsertedTransformer]:
+    # The inserted transformers that have run a forward (their params are set).
+    return {name: w for name, w in inserted_transformers(model).items() if w.params is not None}
 
 
 def _points_per_image(transform: Transform, params: Tensor, pts: Tensor, size: tuple[int, int]) -> Tensor:
     # Points (B, 1, M, 2) in the frame of a transformer's output -> its input, each image through its own warp.
     return torch.cat([transform.points(params[i : i + 1], pts[i, 0], size) for i in range(pts.shape[0])])
+
+
+class InnerTransformers:
+    """Where to put spatial transformers inside a backbone, and how to build them: the YAML face of
+    :func:`insert_transformers`, for ``STNModule(inner=...)`` and ``STNClassifier(inner=...)``.
+
+    Calling it on a backbone inserts the transformers (after the backbone's pretrained weights are loaded), with the
+    input's size and channels the classifier knows::
+
+        model:
+          backbone: stn_sequence_cnn
+          fusion: none
+          inner:
+            class_path: stn_lightning.insertion.InnerTransformers
+            init_args:
+              at: [conv1, conv2, conv3, conv4]
+
+    Args:
+        at: dotted names of the submodules to put a transformer in front of.
+        transform: the transformation family (each place gets its own copy); default Affine.
+        localizer: called with a place's channels, returns its localisation net; default FeatureLocalizer.
+        init_scale, align_corners, padding_mode, backend, feature_norm: as for :func:`insert_transformers`.
+    """
+
+    def __init__(
+        self,
+        at: list[str],
+        transform: Transform | None = None,
+        localizer: Callable[[int], nn.Module] | None = None,
+        init_scale: float = 1.0,
+        align_corners: bool = False,
+        padding_mode: Padding = "zeros",
+        backend: Backend = "auto",
+        feature_norm: bool = False,
+    ) -> None:
+        if isinstance(at, str) or not at:
+            raise ValueError(f"expected a non-empty list of submodule names, got {at!r}")
+        self.at = list(at)
+        self.transform = transform
+        self.localizer = localizer
+        self.options: dict[str, Any] = {
+            "init_scale": init_scale,
+            "align_corners": align_corners,
+            "padding_mode": padding_mode,
+            "backend": backend,
+            "feature_norm": feature_norm,
+        }
+
+    def __call__(self, model: nn.Module, *, input_size: tuple[int, int], in_chans: int) -> nn.Module:
+        """Insert the transformers into ``model`` (in place) for images (B, in_chans, *input_size); returns it."""
+        return insert_transformers(
+            model,
+            self.at,
+            self.transform,
+            input_size=input_size,
+            in_chans=in_chans,
+            localizer=self.localizer,
+            **self.options,
+        )

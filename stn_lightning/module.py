@@ -11,7 +11,6 @@ from typing import Any, Literal, cast
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 import torchmetrics
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
@@ -20,10 +19,12 @@ from stn_lightning.kernels import Backend, Mode, Padding
 from stn_lightning.kernels.reference import normalize_size
 
 from .checkpointing import NonFiniteError
+from .insertion import InnerTransformers, InsertedTransformer, inserted_transformers
 from .localization import PaperLocalizer, check_input_size
 from .metrics import CoLocalization, content_coverage, overlap_penalty
 from .model import Fusion, STNClassifier
 from .recipe import GroupedOptimizer, boundary_penalty, decay_factor, identity_penalty, warmup_factor
+from .tasks import Task
 from .transformer import SpatialTransformer
 from .transforms import Affine, Transform
 
@@ -84,11 +85,18 @@ class STNModule(pl.LightningModule):
         transform: the transformation family; default Affine().
         num_transformers: K, the number of parallel transformers.
         crop_size: size of each crop (Ho, Wo); default the input size.
-        fusion: "channels", "features", "sum" (labels that are sums of per-object labels; see STNClassifier) or
-            "none" (no transformer: the baseline).
-        object_channels: each input channel holds one object whose labels sum to the label (MNIST addition):
-            with fusion "sum" and one transformer per channel, crop k keeps only channel k; with fusion "none",
-            the backbone classifies each channel under the same sum head (see STNClassifier).
+        fusion: "channels", "features" or "none" (no transformer in front: the baseline, or transformers only
+            inside the backbone with ``inner``); see STNClassifier.
+        task: what the network answers: head, loss and metrics (:mod:`stn_lightning.tasks`); default
+            :class:`~stn_lightning.tasks.Classification`. Labels that are sums of per-object labels (MultiMNIST,
+            addition) take :class:`~stn_lightning.tasks.SumOfObjects` with fusion "features"; digit strings
+            :class:`~stn_lightning.tasks.SequenceReading`. ``test/acc`` is the task's headline accuracy.
+        inner: spatial transformers inside the backbone, before named submodules
+            (:class:`~stn_lightning.insertion.InnerTransformers`; the paper's ST-CNN Multi); their regions are drawn
+            in the attention pictures and their parameters take the boundary penalty like the front transformer's.
+        object_channels: each input channel holds one object whose labels sum to the label (MNIST addition), with
+            a per-object task (SumOfObjects): with fusion "features" and one transformer per channel, crop k keeps
+            only channel k; with fusion "none", the backbone reads each channel as one object (see STNClassifier).
         localizer: a callable taking in_chans and returning the localisation net; default PaperLocalizer.
         init: "identity" or "tiled" start of the transformers.
         init_scale: with ``init="identity"``, the scale of the centred window the transformers start at (1.0: the
@@ -163,6 +171,8 @@ class STNModule(pl.LightningModule):
         num_transformers: int = 1,
         crop_size: int | tuple[int, int] | None = None,
         fusion: Fusion = "channels",
+        task: Task | None = None,
+        inner: InnerTransformers | None = None,
         object_channels: bool = False,
         localizer: Callable[[int], nn.Module] | None = None,
         init: Literal["identity", "tiled"] = "identity",
@@ -190,9 +200,21 @@ class STNModule(pl.LightningModule):
         channels_last: bool | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(
-            ignore=["transform", "localizer", "optimizer", "lr_scheduler", "loc_optimizer", "transformer"]
-        )
+        objects = [
+            "transform",
+            "localizer",
+            "optimizer",
+            "lr_scheduler",
+            "loc_optimizer",
+            "transformer",
+            "task",
+            "inner",
+        ]
+        self.save_hyperparameters(ignore=objects)
+        if isinstance(task, dict):  # load_from_checkpoint gives back what the line below saved
+            task = Task.from_config(task)
+        if task is not None:
+            self.hparams["task"] = task.config()  # plain data: checkpoints rebuild the task without running code
         if transformer is not None:
             _check_no_transformer_options(locals())
         if num_transformers < 1:
@@ -245,10 +267,12 @@ class STNModule(pl.LightningModule):
             in_chans,
             transformer,
             fusion,
+            task=task,
             pretrained=pretrained,
             backbone_kwargs=backbone_kwargs,
             input_size=self.image_size,
             object_channels=object_channels,
+            inner=inner,
         )
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
@@ -272,12 +296,7 @@ class STNModule(pl.LightningModule):
         self._skipped = 0
         self.overlap_weight = overlap_weight
         self.coverage_weight = coverage_weight
-        metrics: dict[str, torchmetrics.Metric | torchmetrics.MetricCollection] = {
-            "acc": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
-        }
-        if num_classes >= 10:
-            metrics["acc_top5"] = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=5)
-        collection = torchmetrics.MetricCollection(metrics)
+        collection = torchmetrics.MetricCollection(dict(self.task.metrics()))
         # ModuleDict keys must not shadow nn.Module attributes such as train(), hence the "_metrics" suffix.
         self.metrics = nn.ModuleDict(
             {f"{s}_metrics": collection.clone(prefix=f"{s}/") for s in ("train", "val", "test")}
@@ -291,22 +310,47 @@ class STNModule(pl.LightningModule):
 
     @property
     def transformer(self) -> SpatialTransformer | None:
-        """The SpatialTransformer, or None for the baseline."""
+        """The SpatialTransformer in front of the backbone, or None."""
         return self.model.transformer
 
+    @property
+    def inner_transformers(self) -> dict[str, InsertedTransformer]:
+        """The transformers inside the backbone by place (``inner``), in forward order; empty without."""
+        return inserted_transformers(self.model.backbone)
+
+    def localization_modules(self) -> list[SpatialTransformer]:
+        """Every spatial transformer of the model: the one in front, then those inside the backbone."""
+        found = [] if self.transformer is None else [self.transformer]
+        return found + [wrapper.transformer for wrapper in self.inner_transformers.values()]
+
+    @property
+    def task(self) -> Task:
+        """What the network answers: its head, loss and metrics."""
+        return self.model.task
+
     def forward(self, x: Tensor) -> Tensor:
-        """Logits (B, num_classes) of images (B, C, H, W)."""
+        """The task's outputs (B, num_outputs) of images (B, C, H, W): logits (B, num_classes) for classification."""
         return self.model(x)[0]
 
     def _forward(self, x: Tensor, y: Tensor, boxes: Tensor | None, stage: str) -> tuple[Tensor, Tensor | None, Tensor]:
         """Logits, warp parameters and the loss: the cross-entropy, the attention terms and, in training, the
         recipe's penalties."""
         logits, params = self.model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        loss = self.task.loss(logits, y, label_smoothing=self.label_smoothing)
         if params is not None and self.transformer is not None:
             loss = loss + self._attention_terms(x, params, boxes, stage)
             if stage == "train":
                 loss = loss + self.localization_penalty(params, (x.shape[-2], x.shape[-1]))
+        for place, wrapper in self.inner_transformers.items():
+            inner = wrapper.params
+            if inner is None:
+                continue
+            size = wrapper.transformer.output_size
+            for key, value in wrapper.transformer.transform.statistics(inner, size).items():
+                self._log_mean(stage, f"inner_{place.replace('.', '_')}_{key}", value, len(x))
+            if stage == "train" and self.boundary_weight > 0:
+                weight = self.boundary_weight * decay_factor(self.global_step, self.penalty_decay_steps)
+                loss = loss + weight * boundary_penalty(wrapper.transformer.transform, inner, size)
         return logits, params, loss
 
     def _step(self, batch: tuple[Tensor, ...], stage: str) -> Tensor:
@@ -320,7 +364,9 @@ class STNModule(pl.LightningModule):
         self._log_mean(stage, "loss", loss, len(y), on_step=stage == "train", prog_bar=True)
         metrics: Any = self.metrics[f"{stage}_metrics"]
         metrics(logits, y)
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        for name, metric in metrics.items():  # names carry the stage: "val/acc"
+            headline = name == f"{stage}/acc"
+            self.log(name, metric, on_step=False, on_epoch=True, prog_bar=headline, batch_size=len(y))
         if params is not None and self.transformer is not None:
             stats = self.transformer.transform.statistics(params, (x.shape[-2], x.shape[-1]))
             for key, value in stats.items():
@@ -475,11 +521,12 @@ class STNModule(pl.LightningModule):
         self._log_coloc("test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        """Class probabilities (B, num_classes), and with a transformer its parameters (B, K, P) and the regions it
-        read (B, K, M, 2) in input pixels; ``labels`` (B,) and ``paths`` when the batch has them."""
+        """What the task decodes (``Task.decode``: class probabilities (B, num_classes) and the prediction for
+        classification), and with a transformer its parameters (B, K, P) and the regions it read (B, K, M, 2) in input
+        pixels; ``labels`` and ``paths`` when the batch has them."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         logits, params = self.model(x)
-        out: dict[str, Any] = {"probs": logits.float().softmax(-1)}
+        out: dict[str, Any] = dict(self.task.decode(logits))
         if params is not None and self.transformer is not None:
             out["params"] = params
             out["regions"] = self.transformer.outline(params, (x.shape[-2], x.shape[-1]), per_side=4)
@@ -518,8 +565,9 @@ class STNModule(pl.LightningModule):
         return weight * penalty
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """The backbone and head first, then the localisation net and its head (at ``loc_lr_scale``)."""
-        loc = list(self.transformer.parameters()) if self.transformer is not None else []
+        """The backbone and head first, then the localisation nets and their heads (at ``loc_lr_scale``): the front
+        transformer's and those inside the backbone."""
+        loc = [p for module in self.localization_modules() for p in module.parameters()]
         loc_ids = {id(p) for p in loc}
         rest = [p for p in self.parameters() if id(p) not in loc_ids]
         groups = [{"params": rest, "name": "model"}]
@@ -535,8 +583,9 @@ class STNModule(pl.LightningModule):
     ) -> None:
         # The localisation head's first steps can throw the warp out of the image, where it gets no gradient back;
         # clipping only its gradient keeps the warp's steps small without slowing the classifier.
-        if self.transformer is not None:
-            params = [p for p in self.transformer.parameters() if p.grad is not None]
+        modules = self.localization_modules()
+        if modules:
+            params = [p for module in modules for p in module.parameters() if p.grad is not None]
             if params:
                 clip = self.loc_grad_clip if self.loc_grad_clip is not None else float("inf")
                 norm = nn.utils.clip_grad_norm_(params, clip)
@@ -549,7 +598,7 @@ class STNModule(pl.LightningModule):
         # Only fitting restores the optimiser; testing, predicting and load_from_checkpoint read the weights alone.
         fitting = self._trainer is not None and self._trainer.state.fn == "fit"
         states = checkpoint.get("optimizer_states") or []
-        if not fitting or not states or self.transformer is None:
+        if not fitting or not states or not self.localization_modules():
             return
         saved_grouped = "optimizers" in states[0]
         grouped_now = self.loc_optimizer_factory is not None

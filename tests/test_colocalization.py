@@ -20,6 +20,7 @@ from stn_lightning.metrics import (
     region_centres,
 )
 from stn_lightning.module import STNModule
+from stn_lightning.tasks import SumOfObjects
 from stn_lightning.transforms import Affine, Attention
 
 SIZE = (64, 64)
@@ -281,7 +282,7 @@ def test_sum_fusion_is_the_distribution_of_the_sum(k: int) -> None:
     # log P(a_1 + ... + a_K = s) against the enumeration of every tuple of labels.
     import itertools
 
-    from stn_lightning.model import log_probability_of_sum
+    from stn_lightning.tasks import log_probability_of_sum
 
     logits = torch.randn(5, k, 4, generator=torch.Generator().manual_seed(k))
     p = torch.softmax(logits, -1)
@@ -299,10 +300,11 @@ def test_sum_fusion_model_shapes_and_errors() -> None:
     from stn_lightning.module import STNModule
 
     options = dict(num_classes=19, image_size=64, backbone="stn_paper_cnn_st", backbone_kwargs={}, crop_size=28)
-    module = STNModule(**options, transform=Attention(), num_transformers=2, fusion="sum", init="tiled")
+    options["task"] = SumOfObjects()
+    module = STNModule(**options, transform=Attention(), num_transformers=2, fusion="features", init="tiled")
     logits, params = module.model(torch.randn(3, 1, 64, 64))
     assert logits.shape == (3, 19) and params is not None and params.shape[:2] == (3, 2)
     torch.testing.assert_close(logits.exp().sum(-1), torch.ones(3))
-    assert module.model.head.out_features == 10  # one digit per crop
+    assert module.task.head.out_features == 10  # one digit per crop
     with pytest.raises(ValueError, match="num_classes = K"):  # 18 is not a multiple of 4
-        STNModule(**options, transform=Attention(), num_transformers=4, fusion="sum")
+        STNModule(**{**options, "task": SumOfObjects()}, transform=Attention(), num_transformers=4, fusion="features")

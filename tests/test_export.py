@@ -20,6 +20,7 @@ from torch import Tensor
 from stn_lightning.cli import main
 from stn_lightning.data import DistortedMNIST, MNISTAddition
 from stn_lightning.module import STNModule
+from stn_lightning.tasks import SumOfObjects
 from stn_lightning.transforms import Affine, ThinPlateSpline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,8 @@ MODELS: dict[str, dict[str, Any]] = {
             "transform": Affine(),
             "backbone": "stn_paper_cnn_st",
             "num_transformers": 2,
-            "fusion": "sum",
+            "fusion": "features",
+            "task": SumOfObjects(),
             "object_channels": True,
         },
         "config": None,

@@ -13,6 +13,7 @@ import torch
 from stn_lightning.localization import PaperLocalizer, TimmLocalizer, create_timm_model
 from stn_lightning.model import STNClassifier
 from stn_lightning.module import STNModule
+from stn_lightning.tasks import Classification, SumOfObjects, Task
 from stn_lightning.transformer import SpatialTransformer
 from stn_lightning.transforms import (
     Affine,
@@ -171,6 +172,10 @@ def test_bad_arguments_raise_value_error() -> None:
         STNModule(image_size=12)
     with pytest.raises(ValueError, match="fusion"):
         STNClassifier("test_resnet", 10, 1, None, "sum")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="one object per crop"):
+        STNModule(image_size=16, num_transformers=2, fusion="channels", task=SumOfObjects())
+    with pytest.raises(ValueError, match="one object per crop"):
+        STNModule(image_size=16, fusion="none", task=SumOfObjects())
 
 
 @pytest.mark.parametrize(
@@ -219,7 +224,7 @@ def test_unpooled_backbone_gives_a_position_sensitive_head(fusion: str) -> None:
     net.train()
     assert feature_map.shape[-2:] != (1, 1)  # a map, not a pooled vector
     k = 2 if fusion == "features" else 1
-    assert module.model.head.in_features == feature_map[0].numel() * k
+    assert module.task.head.in_features == feature_map[0].numel() * k
     assert module(torch.randn(3, 1, 80, 72)).shape == (3, 10)
 
 
@@ -465,8 +470,8 @@ def test_object_channels_give_crop_k_channel_k_only() -> None:
     # keeps channel k only, and the one-channel backbone classifies K crops under the sum head.
     torch.manual_seed(0)
     module = STNModule(
-        num_classes=19, in_chans=2, image_size=24, backbone="test_resnet", num_transformers=2, fusion="sum",
-        object_channels=True, init="tiled", transform=Attention(),
+        num_classes=19, in_chans=2, image_size=24, backbone="test_resnet", num_transformers=2, fusion="features",
+        task=SumOfObjects(), object_channels=True, init="tiled", transform=Attention(),
     )  # fmt: skip
     model = module.model
     x = torch.randn(3, 2, 24, 24)
@@ -480,21 +485,32 @@ def test_object_channels_give_crop_k_channel_k_only() -> None:
 
 def test_object_channels_baseline_classifies_each_channel() -> None:
     module = STNModule(
-        num_classes=19, in_chans=2, image_size=24, backbone="test_resnet", fusion="none", object_channels=True
+        num_classes=19,
+        in_chans=2,
+        image_size=24,
+        backbone="test_resnet",
+        fusion="none",
+        object_channels=True,
+        task=SumOfObjects(),
     )
     x = torch.randn(3, 2, 24, 24)
     torch.testing.assert_close(_backbone_input(module.model, x), x.reshape(6, 1, 24, 24))
     logits, params = module.model(x)
     assert logits.shape == (3, 19) and params is None
-    assert module.model.head.out_features == 10  # one digit per channel
+    assert module.task.head.out_features == 10  # one digit per channel
 
 
 @pytest.mark.parametrize(
-    ("fusion", "k", "match"), [("channels", 2, "fusion 'sum' or 'none'"), ("sum", 3, "one transformer per channel")]
+    ("fusion", "k", "task", "match"),
+    [
+        ("channels", 2, SumOfObjects(), "fusion 'features', not 'channels'"),
+        ("features", 2, Classification(), "needs a task that reads one object per crop"),
+        ("features", 3, SumOfObjects(), "one transformer per channel"),
+    ],
 )
-def test_object_channels_reject_what_they_cannot_do(fusion: str, k: int, match: str) -> None:
+def test_object_channels_reject_what_they_cannot_do(fusion: str, k: int, task: Task, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         STNModule(
             num_classes=19, in_chans=2, image_size=24, backbone="test_resnet", num_transformers=k,
-            fusion=fusion, object_channels=True,  # type: ignore[arg-type]
+            fusion=fusion, object_channels=True, task=task,  # type: ignore[arg-type]
         )  # fmt: skip

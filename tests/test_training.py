@@ -13,6 +13,7 @@ from stn_lightning.callbacks import AttentionVisualizer
 from stn_lightning.data import DistortedMNIST, MultiMNIST
 from stn_lightning.metrics import content_coverage
 from stn_lightning.module import STNModule
+from stn_lightning.tasks import SumOfObjects
 from stn_lightning.transforms import Attention
 
 
@@ -85,7 +86,8 @@ def test_coverage_term_moves_two_transformers_onto_the_ink() -> None:
         transform=Attention(scale_range=(0.4, 0.6)),
         num_transformers=2,
         crop_size=28,
-        fusion="sum",
+        fusion="features",
+        task=SumOfObjects(),
         init="tiled",
         coverage_weight=1000.0,  # the localisation recipe (Adam, clipped gradient, standardised features): defaults
     )
