@@ -91,6 +91,16 @@ _SEQUENCE_CONFIGS = {
     "ST-CNN Single": "sequences_single.yaml",
     "ST-CNN Multi": "sequences.yaml",
 }
+# The 64 px strings span half the canvas's width or more (SVHN cropped around the number); at 128 px the same strings
+# at half that share, with more background around them (the paper's more loosely cropped 128 px images).
+_SEQUENCE_DATA = {
+    "64 px": {"data.init_args.canvas": "64"},
+    "128 px": {
+        "data.init_args.canvas": "128",
+        "data.init_args.fit": "[0.25, 0.45]",
+        "data.init_args.max_height": "0.3",
+    },
+}
 # Tables whose runs draw their data from the run's seed too (data.init_args.seed), not from the data's default.
 DATA_SEEDED = ("sequences",)
 # The task of a network that reads a sum as one label (the baselines of the sum configs, whose task is SumOfObjects).
@@ -252,7 +262,7 @@ def cells(epochs: dict[str, int]) -> list[Cell]:
             overrides = tuple(a for a in overrides if a not in ("--model.fusion", "none"))
             out.append(Cell("multi", f"K = {k}", column, "multi_mnist.yaml", overrides))
     for i, canvas in enumerate(_SEQUENCE_CANVASES):
-        e = {"trainer.max_epochs": str(epochs[f"sequences {canvas}"]), "data.init_args.canvas": canvas.split()[0]}
+        e = {"trainer.max_epochs": str(epochs[f"sequences {canvas}"]), **_SEQUENCE_DATA[canvas]}
         for row, config in _SEQUENCE_CONFIGS.items():
             overrides = tuple(a for key, value in e.items() for a in (f"--{key}", value))
             out.append(Cell("sequences", row, canvas, config, overrides, _SEQUENCE_PAPER[row][i]))

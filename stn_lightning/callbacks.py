@@ -24,6 +24,7 @@ from torch import Tensor, nn  # noqa: E402
 
 from .insertion import inner_points, inner_regions  # noqa: E402
 from .kernels import sample_grid  # noqa: E402
+from .tasks import Classification  # noqa: E402
 
 __all__ = [
     "AttentionVisualizer",
@@ -561,6 +562,8 @@ class StallDetector(pl.Callback):
     what to try, adds it to TensorBoard's text tab, and keeps it in :attr:`message` (the CLI's summary repeats
     it, and ``stn-train`` then exits with status 1).
 
+    Runs whose task answers one class per image are judged (:class:`~stn_lightning.tasks.Classification` and
+    :class:`~stn_lightning.tasks.SumOfObjects`); the chance levels of other tasks are not these.
     A run is judged only once it has made ``min_steps`` optimiser steps: the first epochs of a short run sit near
     chance while it learns. Every DDP rank reaches the same verdict (the counts are summed over the ranks).
     ``fast_dev_run`` is never judged.
@@ -611,7 +614,9 @@ class StallDetector(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.message = None
         self._epochs_at_chance = []
-        self._num_classes = _num_classes(trainer, pl_module)
+        # The chance levels are those of one class per image: other tasks (a digit string, a set) are not judged.
+        one_class = isinstance(getattr(pl_module, "task", None), (Classification, type(None)))
+        self._num_classes = _num_classes(trainer, pl_module) if one_class else None
         self._val_acc, self._val_counts = None, None
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

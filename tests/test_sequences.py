@@ -208,3 +208,19 @@ def test_image_transform_gives_one_channel_canvas() -> None:
 def test_bad_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         DigitSequences(**kwargs)
+
+
+def test_strings_are_zoomed_to_span_the_fit_range_of_the_canvas() -> None:
+    # SVHN-like crops: the ink of each string spans a drawn share of the canvas's width (fit), unless its height
+    # would pass max_height; without fit, every digit box has the fixed digit size.
+    data = DigitSequences(canvas=64, fit=(0.5, 0.9), max_height=0.6, min_length=3)
+    digits = torch.rand(64, 5, 28, 28) * (torch.rand(64, 5, 28, 28) > 0.7)
+    params = data.draw(digits, torch.Generator().manual_seed(0))
+    boxes = data.digit_boxes(digits, params)  # NaN past each length
+    width = boxes[..., 2].nan_to_num(-1e9).amax(1) - boxes[..., 0].nan_to_num(1e9).amin(1) + 1
+    height = boxes[..., 3].nan_to_num(-1e9).amax(1) - boxes[..., 1].nan_to_num(1e9).amin(1) + 1
+    capped = height >= 0.6 * 64 - 1.5
+    assert bool(((width >= 0.5 * 64 - 1.5) | capped).all()) and bool((width <= 0.9 * 64 + 1.5).all())
+    assert bool((height <= 0.6 * 64 + 1.5).all())
+    loose = DigitSequences(canvas=64, fit=None, min_length=3).draw(digits, torch.Generator().manual_seed(0))
+    assert not torch.allclose(loose["theta"], params["theta"])

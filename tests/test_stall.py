@@ -169,3 +169,15 @@ def test_the_cli_registers_the_detector(tmp_path: Path) -> None:
     cli = cli_module.main([*args, "--stall.patience_epochs", "2", "--stall.min_steps", "7"], run=False)
     (detector,) = [c for c in cli.trainer.callbacks if isinstance(c, StallDetector)]  # type: ignore[attr-defined]
     assert (detector.enabled, detector.patience_epochs, detector.min_steps) == (True, 2, 7)
+
+
+def test_tasks_without_one_class_per_image_are_not_judged() -> None:
+    # A digit string's loss sums several cross-entropies: log C is not its chance level.
+    from stn_lightning.module import STNModule
+    from stn_lightning.tasks import SequenceReading
+
+    detector = StallDetector(min_steps=0)
+    module = STNModule(image_size=32, backbone="stn_sequence_cnn", fusion="none", task=SequenceReading(3))
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    detector.on_fit_start(trainer, module)
+    assert not detector._active(trainer)

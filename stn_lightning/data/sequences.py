@@ -128,6 +128,13 @@ class DigitSequences(DigitsDataModule):
         num_clutter: pieces of other digits pasted anywhere in the canvas (0 for none), as in cluttered MNIST.
         clutter_size: side of a clutter piece in canvas pixels; None for 6 / 28 of the digit box (the ratio of
             cluttered MNIST). Pieces are cut from the other samples' first digits resized to the digit box.
+        fit: (low, high): each string is zoomed so that its ink spans a uniform fraction in this range of the
+            canvas's width, as SVHN's images are cropped around the house number (the paper's 64 px images: the
+            digits' box grown by 30 %); a smaller range leaves more background around smaller digits (the paper's
+            more loosely cropped 128 px images). None keeps every digit box at ``digit_size``, so that a string's
+            size grows with its length.
+        max_height: with ``fit``, the zoom stops where the string's ink reaches this fraction of the canvas's height
+            (short strings would otherwise fill it).
         others: see :class:`DigitsDataModule`.
 
     Attributes:
@@ -148,6 +155,8 @@ class DigitSequences(DigitsDataModule):
         scale_range: tuple[float, float] = (0.85, 1.15),
         num_clutter: int = 0,
         clutter_size: int | None = None,
+        fit: tuple[float, float] | None = (0.5, 0.9),
+        max_height: float = 0.6,
         source: Source = "bundled",
         root: str = "data",
         download: bool = False,
@@ -172,6 +181,9 @@ class DigitSequences(DigitsDataModule):
             raise ValueError(f"expected 0 <= max_angle <= 180 degrees, got {max_angle}")
         if num_clutter < 0:
             raise ValueError(f"expected num_clutter >= 0, got {num_clutter}")
+        fit = None if fit is None else _check_pair("fit", fit, upper=1.0 + 1e-9)
+        if not 0.0 < max_height <= 1.0:
+            raise ValueError(f"expected 0 < max_height <= 1 (a fraction of the canvas), got {max_height}")
         # The arguments themselves stay as given: save_hyperparameters reads them from this frame.
         if digit_size is None:
             size = default_digit_size(canvas, max_length, advance, jitter, scale_jitter, max_angle, scales)
@@ -199,6 +211,8 @@ class DigitSequences(DigitsDataModule):
         self.max_angle = max_angle
         self.scale_range = scales
         self.num_clutter = num_clutter
+        self.fit = fit
+        self.max_height = max_height
         self.clutter_size = max(1, round(_CLUTTER_FRACTION * size)) if clutter_size is None else clutter_size
         self.num_digits = max_length
         self.num_classes = 10
@@ -249,19 +263,33 @@ class DigitSequences(DigitsDataModule):
         sizes = (scale[:, None] * own * (h / dist.DIGIT_SIZE)).reshape(-1)  # each digit's scale of its 28x28 box
         angles = angle[:, None].expand(b, d).reshape(-1)
 
-        def place(shift: Tensor) -> Tensor:
-            theta = dist.placement_theta(angles, sizes, (placed + shift[:, None]).reshape(-1, 2), self.canvas)
-            return theta.view(b, d, 2, 3)
+        def place(shift: Tensor, zoom: Tensor) -> Tensor:
+            # The string zoomed about its first digit's centre (the origin of `placed`), then shifted.
+            centres = (placed * zoom[:, None, None] + shift[:, None]).reshape(-1, 2)
+            sizes_now = sizes * zoom[:, None].expand(b, d).reshape(-1)
+            return dist.placement_theta(angles, sizes_now, centres, self.canvas).view(b, d, 2, 3)
 
+        present = (torch.arange(d, device=device) < lengths[:, None])[..., None]  # (B, D, 1)
+
+        def extent(theta: Tensor) -> tuple[Tensor, Tensor]:
+            # The box (x0, y0), (x1, y1) around the drawn digits' ink, (B, 2) each, in canvas pixels.
+            boxes = self._ink_boxes(digits, theta)
+            low = boxes[..., :2].masked_fill(~present, math.inf).amin(dim=1)
+            high = boxes[..., 2:].masked_fill(~present, -math.inf).amax(dim=1)
+            return low, high
+
+        zoom = torch.ones_like(scale)
+        if self.fit is not None:  # zoom each string to span a drawn fraction of the canvas's width
+            low, high = extent(place(torch.zeros_like(where), zoom))
+            span = (high - low).clamp(min=1.0)  # (B, 2) ink width and height at zoom 1
+            target = uniform((b,), *self.fit) * self.canvas / span[:, 0]
+            zoom = torch.minimum(target, self.max_height * self.canvas / span[:, 1])
         # Move the box around the drawn digits' ink to a uniform position inside the canvas (pixel edges -0.5 and
         # canvas - 0.5), or centre it where it is larger than the canvas.
-        boxes = self._ink_boxes(digits, place(torch.zeros_like(where)))
-        present = (torch.arange(d, device=device) < lengths[:, None])[..., None]  # (B, D, 1)
-        low = boxes[..., :2].masked_fill(~present, math.inf).amin(dim=1)  # (B, 2) x0, y0
-        high = boxes[..., 2:].masked_fill(~present, -math.inf).amax(dim=1)  # (B, 2) x1, y1
+        low, high = extent(place(torch.zeros_like(where), zoom))
         first, last = -0.5 - low, self.canvas - 0.5 - high  # the range of shifts that keeps the box inside
         shift = (first + last) / 2 + where * (last - first).clamp(min=0.0) / 2
-        params = {"lengths": lengths, "theta": place(shift * (2.0 / self.canvas))}
+        params = {"lengths": lengths, "theta": place(shift * (2.0 / self.canvas), zoom)}
         if self.num_clutter > 0:
             params.update(self._draw_clutter(digits, generator))
         return params
@@ -302,13 +330,18 @@ class DigitSequences(DigitsDataModule):
         """
         b, d = digits.shape[:2]
         flat = digits.reshape(b * d, 1, dist.DIGIT_SIZE, dist.DIGIT_SIZE)
-        # Bilinear sampling alone aliases a digit shrunk by 2x (strokes break up): shrink it first, antialiased, to
-        # the largest size it is drawn at. theta works on normalised coordinates, whatever the digit's resolution.
-        side = math.ceil(self.digit_size * self.scale_range[1] * (1.0 + self.scale_jitter))
-        if side < dist.DIGIT_SIZE:
-            flat = F.interpolate(flat, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
-            flat = flat.clamp(0.0, 1.0)
-        placed = dist.warp_affine(flat, params["theta"].reshape(b * d, 2, 3), self.image_size)
+        theta = params["theta"].reshape(b * d, 2, 3)
+        # Bilinear sampling alone aliases a digit shrunk by 2x or more (strokes break up). Each digit is sampled from
+        # the smallest of the levels 28, 14, 7 pixels (shrunk with antialiasing) that is at least its drawn size, so
+        # that no digit is shrunk by 2x in the warp. theta works on normalised coordinates, whatever the resolution.
+        drawn = self.canvas / theta[:, :, :2].det().abs().sqrt().clamp(min=1e-6)  # (B D,) box side in pixels
+        placed = dist.warp_affine(flat, theta, self.image_size)
+        side = dist.DIGIT_SIZE // 2
+        while side >= 7 and bool((drawn < side).any()):
+            level = F.interpolate(flat, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+            small = dist.warp_affine(level.clamp(0.0, 1.0), theta, self.image_size)
+            placed = torch.where((drawn < side)[:, None, None, None], small, placed)
+            side //= 2
         present = torch.arange(d, device=digits.device) < _lengths(params, digits.device)[:, None]  # (B, D)
         placed = placed.view(b, d, *self.image_size) * present[..., None, None].to(placed.dtype)
         canvas = placed.amax(dim=1)
