@@ -85,7 +85,9 @@ class Task(nn.Module):
         """The task as plain data, ``{"class_path": ..., "init_args": {...}}`` (LightningCLI's form): what checkpoints
         keep so that ``STNModule.load_from_checkpoint`` rebuilds it. Every argument of ``__init__`` must be stored
         under its own name."""
-        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
+        parameters = inspect.signature(type(self).__init__).parameters.values()
+        plain = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        names = [p.name for p in parameters if p.name != "self" and p.kind in plain]
         cls = type(self)
         return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {n: getattr(self, n) for n in names}}
 
