@@ -1,6 +1,6 @@
 """The paper's own classification networks (Jaderberg et al. 2015) as timm models.
 
-Importing this module (``import stn_lightning`` does) registers four models with timm, so that
+Importing this module (``import stn_lightning`` does) registers five models with timm, so that
 ``timm.create_model(name, num_classes=..., in_chans=...)`` and ``STNModule(backbone=name)`` build them like any
 timm model:
 
@@ -9,6 +9,21 @@ timm model:
 * ``stn_paper_cnn_st``: the same with 23 filters per convolution; 31,520 (+ 26,896 of the localiser = 58,416).
 * ``stn_paper_fcn``: 28x28 input grid -> fc 128 -> fc 128 -> fully connected; 118,282.
 * ``stn_paper_fcn_st``: 28x28 input grid -> fc 102 -> fc 102 -> fully connected; 91,606 (+ 26,896 = 118,502).
+* ``stn_sequence_cnn``: a small house-number reader for the sequence experiments (:class:`SequenceCNN`).
+
+They meet timm's model contract (tests/test_timm_contract.py runs timm's model checks on each, TorchScript
+aside): a default config with everything timm's tools read (input size, mean and std, interpolation and crop,
+pool size, first layer and classifier names); ``forward_features`` / ``forward_head(pre_logits=)``,
+``num_features`` (the channels of ``forward_features``' output) and ``head_hidden_size`` (the width of the flat
+features the classifier reads); ``reset_classifier`` and ``get_classifier``, where ``reset_classifier(0, "")``
+(or ``global_pool=""``) makes ``forward`` return the unflattened features, since these networks have no global pool
+(their head flattens the pooled map, ``global_pool="flatten"``). The CNNs add ``feature_info`` (the convolution
+stages and, for the paper's CNN, the pooled grid), ``features_only=True`` through timm's feature extractors
+(``forward_intermediates`` by default, and the module-list, hook and FX ones), ``forward_intermediates`` and
+``prune_intermediate_layers``. The FCNs have no spatial map: ``features_only=True`` raises a ValueError that says
+so. Every network traces with ``torch.fx.symbolic_trace`` and timm's FX tools: the input checks raise their
+ValueErrors in eager mode and step aside for FX tracing, whose Proxies have no shape (torch.export, torch.compile
+and the ONNX export trace with real shapes, and the checks run there as in eager mode).
 
 The baselines (``*_cnn``, ``*_fcn``) are the CNN and FCN rows of the paper's tables. The paper compares each
 with an ST network of about the same total size: the ST side adds a localisation network in front of the
@@ -42,6 +57,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
@@ -49,6 +65,10 @@ __all__ = ["PaperCNN", "PaperFCN", "SequenceCNN"]
 
 # Mean and std of MNIST pixels in [0, 1], as stn_lightning.data normalises them.
 _MNIST_MEAN, _MNIST_STD = (0.1307,), (0.3081,)
+# The side of the paper networks' default input (MNIST digits).
+_DEFAULT_SIZE = 28
+# What the networks accept as global_pool: they never pool globally (see _PaperNet).
+_GLOBAL_POOLS = ("flatten", "")
 
 
 def _check_classes(num_classes: int, in_chans: int) -> None:
@@ -56,25 +76,72 @@ def _check_classes(num_classes: int, in_chans: int) -> None:
         raise ValueError(f"expected num_classes >= 0 and in_chans >= 1, got {num_classes} and {in_chans}")
 
 
-class _PaperNet(nn.Module):
-    """What both networks share: the timm classifier interface around ``features`` and ``head``.
+def _check_head(name: str, num_classes: int, global_pool: str) -> None:
+    if global_pool not in _GLOBAL_POOLS:
+        raise ValueError(
+            f"{name} keeps its spatial layout and has no global pool: expected global_pool 'flatten' (the classifier "
+            f"reads the flattened features) or '' (no head: the unflattened features), got {global_pool!r}"
+        )
+    if global_pool == "" and num_classes > 0:
+        raise ValueError(
+            f"global_pool '' leaves {name}'s features unflattened, so no classifier can read them: it needs "
+            f"num_classes=0, got {num_classes}"
+        )
 
-    Subclasses set ``in_chans``, ``num_features`` and ``min_size``, build ``self.head`` with :meth:`_make_head`
-    and implement :meth:`forward_features`.
+
+def _take_indices(count: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
+    """The feature levels (0 .. count - 1) that timm's ``indices`` select, and the last of them.
+
+    None takes every level, an int n the last n, a sequence the levels it names (negative ones count from the end).
+    """
+    if indices is None:
+        indices = count
+    if isinstance(indices, int):
+        if not 0 < indices <= count:
+            raise ValueError(f"expected to take the last 1 to {count} feature levels, got {indices}")
+        take = list(range(count - indices, count))
+    else:
+        wrong = [i for i in indices if not -count <= i < count]
+        if wrong or not indices:
+            raise ValueError(f"expected feature levels in [-{count}, {count - 1}], got {list(indices)}")
+        take = [i % count for i in indices]
+    return take, max(take)
+
+
+def _is_traced(x: Tensor) -> bool:
+    # torch.fx.symbolic_trace passes Proxies, whose shapes are unknown: a Python check on them cannot run.
+    return isinstance(x, torch.fx.Proxy)
+
+
+class _PaperNet(nn.Module):
+    """What every network here shares: the timm classifier interface around ``forward_features`` and ``head``.
+
+    The head is ``global_pool`` (these networks never pool globally: "flatten" flattens the features for the
+    classifier, "" keeps them as they are and leaves no classifier), then :meth:`_pre_logits` (the flat features,
+    (B, head_hidden_size)), dropout and the fully connected classifier ``head``. Subclasses set ``in_chans``,
+    ``num_features``, ``head_hidden_size`` and ``min_size``, build the head with :meth:`_make_head` and implement
+    :meth:`forward_features`.
     """
 
     in_chans: int
     num_classes: int
     num_features: int
+    head_hidden_size: int
     min_size: int
     drop_rate: float
+    global_pool: str
     head: nn.Module
 
-    def _make_head(self, num_classes: int) -> None:
+    def _make_head(self, num_classes: int, global_pool: str) -> None:
+        _check_classes(num_classes, self.in_chans)
+        _check_head(type(self).__name__, num_classes, global_pool)
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.global_pool = global_pool
+        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
     def _check_input(self, x: Tensor) -> None:
+        if _is_traced(x):
+            return
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected images (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
         if min(x.shape[-2:]) < self.min_size:
@@ -84,19 +151,26 @@ class _PaperNet(nn.Module):
             )
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """Features of images (B, in_chans, H, W), before the classifier (shape per subclass)."""
+        """Features of images (B, in_chans, H, W), before the head (shape per subclass)."""
         raise NotImplementedError
+
+    def _pre_logits(self, x: Tensor) -> Tensor:
+        """The flat features (B, head_hidden_size) that the classifier reads, from :meth:`forward_features`."""
+        return x.flatten(1)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Logits (B, num_classes) of features from :meth:`forward_features`, or the flat features
-        (B, num_features) that the classifier reads when ``pre_logits``."""
-        x = x.flatten(1)
+        (B, head_hidden_size) that the classifier reads when ``pre_logits`` (or when num_classes is 0). With
+        ``global_pool=""`` the features come back as :meth:`forward_features` gave them."""
+        if self.global_pool:
+            x = self._pre_logits(x)
         if self.drop_rate > 0:
             x = F.dropout(x, p=self.drop_rate, training=self.training)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Logits (B, num_classes) of images (B, in_chans, H, W); features (B, num_features) if num_classes is 0."""
+        """Logits (B, num_classes) of images (B, in_chans, H, W); with num_classes 0 the flat features
+        (B, head_hidden_size), or with ``global_pool=""`` the features of :meth:`forward_features`."""
         return self.forward_head(self.forward_features(x))
 
     def get_classifier(self) -> nn.Module:
@@ -108,17 +182,114 @@ class _PaperNet(nn.Module):
 
         Args:
             num_classes: outputs of the new classifier.
-            global_pool: accepted for timm's interface; these networks never pool globally, so only None or ""
-                are valid.
+            global_pool: "flatten" (the classifier reads the flattened features), "" (no flattening, so no
+                classifier: ``reset_classifier(0, "")`` makes ``forward`` return the unflattened features, as timm
+                models return their unpooled map) or None to keep the current one. These networks never pool
+                globally: any other value is an error.
         """
-        if global_pool not in (None, ""):
-            raise ValueError(
-                f"{type(self).__name__} keeps its spatial layout and has no global pool, got {global_pool!r}"
-            )
-        _check_classes(num_classes, self.in_chans)
-        self._make_head(num_classes)
+        self._make_head(num_classes, self.global_pool if global_pool is None else global_pool)
 
 
+class _ConvNet(_PaperNet):
+    """A convolutional network with timm's feature interface: ``feature_info``, ``forward_intermediates`` and
+    ``prune_intermediate_layers``.
+
+    Subclasses name their modules in order: ``_levels`` holds, for each entry of ``feature_info``, the submodules
+    that lead from the previous level to it; ``_tail`` the submodules after the last level that ``forward_features``
+    still runs; ``_head_layers`` the head's own layers before the classifier (those that :meth:`_pre_logits` runs).
+    """
+
+    feature_info: list[dict[str, Any]]
+    _levels: tuple[tuple[str, ...], ...]
+    _tail: tuple[str, ...] = ()
+    _head_layers: tuple[str, ...] = ()
+
+    def _run(self, names: tuple[str, ...], x: Tensor) -> Tensor:
+        for name in names:
+            x = getattr(self, name)(x)
+        return x
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The map (B, num_features, *pool_size) of images (B, in_chans, H, W), before the head."""
+        self._check_input(x)
+        for names in self._levels:
+            x = self._run(names, x)
+        return self._run(self._tail, x)
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """The feature maps of ``feature_info``'s levels, with timm's signature.
+
+        Args:
+            x: images (B, in_chans, H, W).
+            indices: the levels to return: None for all, an int n for the last n, or a sequence of levels (negative
+                ones count from the end).
+            norm: accepted for timm's interface; these networks have no final norm to apply.
+            stop_early: stop after the last level asked for (the returned final map is then that level's).
+            output_fmt: "NCHW", the only layout.
+            intermediates_only: return only the list of maps.
+
+        Returns:
+            The maps (B, num_chs, h, w) of the levels asked for, in order; unless ``intermediates_only``, after the
+            final map, which equals :meth:`forward_features` (when not stopped early).
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"{type(self).__name__} returns NCHW feature maps only, got output_fmt {output_fmt!r}")
+        take, last = _take_indices(len(self._levels), indices)
+        self._check_input(x)
+        intermediates = []
+        for i, names in enumerate(self._levels):
+            if stop_early and i > last:
+                break
+            x = self._run(names, x)
+            if i in take:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        if not stop_early or last == len(self._levels) - 1:
+            x = self._run(self._tail, x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Remove what the levels ``indices`` do not need, as timm's feature extractors do (in place).
+
+        The levels after the last one asked for become identities, and with them the final pooling; the head (its
+        hidden layers and the classifier) goes with ``prune_head`` or when the network ends early, after which
+        ``forward`` returns the last kept map and ``num_features`` and ``head_hidden_size`` are its channels.
+
+        Args:
+            indices: the levels to keep, as for :meth:`forward_intermediates`.
+            prune_norm: accepted for timm's interface; there is no final norm.
+            prune_head: remove the head.
+
+        Returns:
+            The levels kept, as absolute indices.
+        """
+        take, last = _take_indices(len(self._levels), indices)
+        prune_end = last < len(self._levels) - 1
+        if prune_end:
+            for names in (*self._levels[last + 1 :], self._tail):
+                for name in names:
+                    setattr(self, name, nn.Identity())
+            self.num_features = self.feature_info[last]["num_chs"]
+        if prune_head or prune_end:
+            for name in self._head_layers:
+                setattr(self, name, nn.Identity())
+            self.head_hidden_size = self.num_features
+            self.reset_classifier(0, "")
+        return take
+
+
+@register_notrace_module
 class _Conv2dFoldGrad(nn.Conv2d):
     """nn.Conv2d (stride 1, no padding) whose image gradient on a CPU is one matrix product and ``F.fold``.
 
@@ -131,14 +302,15 @@ class _Conv2dFoldGrad(nn.Conv2d):
     of 128 42 x 42 images and 32 9 x 9 filters, fold against PyTorch's backward is 67 / 171 ms on 1 channel, 100 / 121
     on 2, 185 / 124 on 3 and 252 / 121 on 4 (the addition's two 2-channel crops stacked), so inputs of more than
     ``FOLD_MAX_CHANNELS`` channels keep PyTorch's. Used only while training on CPU tensors that need the gradient;
-    the parameters are those of nn.Conv2d.
+    the parameters are those of nn.Conv2d. timm's FX tools keep it as one module (a leaf); traced through by another
+    FX tracer, it is nn.Conv2d.
     """
 
     FOLD_MAX_CHANNELS = 2
 
     def forward(self, x: Tensor) -> Tensor:
-        fold = self.in_channels <= self.FOLD_MAX_CHANNELS
-        if fold and self.training and x.requires_grad and not x.is_cuda and torch.is_grad_enabled():
+        fold = self.in_channels <= self.FOLD_MAX_CHANNELS and self.training and not _is_traced(x)
+        if fold and x.requires_grad and not x.is_cuda and torch.is_grad_enabled():
             return _ConvFoldGrad.apply(x, self.weight, self.bias)
         return super().forward(x)
 
@@ -202,14 +374,19 @@ def _adaptive_windows(n: int, p: int) -> list[tuple[int, int]]:
     return [((i * n) // p, -(-(i + 1) * n // p)) for i in range(p)]
 
 
-class PaperCNN(_PaperNet):
+class PaperCNN(_ConvNet):
     """The paper's CNN: two convolutions with max-pooling, then one fully connected classifier.
 
     conv(k1 x k1, c1) -> ReLU -> max-pool 2 -> conv(k2 x k2, c2) -> ReLU -> adaptive max-pool (pool x pool)
-    -> [dropout] -> fully connected (num_classes). Parameters:
+    -> flatten -> [dropout] -> fully connected (num_classes). Parameters:
     ``c1 (in_chans k1^2 + 1) + c2 (c1 k2^2 + 1) + num_classes (c2 pool^2 + 1)``, whatever the input size.
-    ``forward_features`` returns the pooled map (B, c2, pool, pool); ``num_features`` is c2 * pool^2, the width
-    of the flattened map the classifier reads.
+    ``forward_features`` returns the pooled map (B, c2, pool, pool): ``num_features`` is its channels, c2, and
+    ``head_hidden_size`` the width of the flattened map that the classifier reads, c2 * pool^2.
+
+    ``feature_info`` has three levels: the first convolution's map after its ReLU (``act1``: c1 channels, reduction
+    1, these convolutions are unpadded), the second's (``act2``: c2, reduction 2) and the pooled grid (``pool2``:
+    c2). The grid is pool x pool for any input, so its reduction is nominal: the default 28-pixel input over the
+    grid (7 for a 4 x 4 grid), at least 2.
 
     Args:
         num_classes: outputs of the classifier; 0 for none (``forward`` then returns the flat features).
@@ -218,7 +395,10 @@ class PaperCNN(_PaperNet):
         kernel_sizes: sides of the two convolution kernels (k1, k2).
         pool: side of the grid that the second max-pooling pools to.
         drop_rate: dropout before the classifier.
+        global_pool: "flatten", or "" with num_classes 0 for the unflattened map (see ``reset_classifier``).
     """
+
+    _levels = (("conv1", "act1"), ("pool1", "conv2", "act2"), ("pool2",))
 
     def __init__(
         self,
@@ -228,6 +408,7 @@ class PaperCNN(_PaperNet):
         kernel_sizes: Sequence[int] = (9, 7),
         pool: int = 4,
         drop_rate: float = 0.0,
+        global_pool: str = "flatten",
     ) -> None:
         super().__init__()
         _check_classes(num_classes, in_chans)
@@ -239,20 +420,24 @@ class PaperCNN(_PaperNet):
         (c1, c2), (k1, k2) = channels, kernel_sizes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
-        self.num_features = c2 * pool * pool
+        self.num_features = c2
+        self.head_hidden_size = c2 * pool * pool
         # The second convolution needs k2 pixels after the first pooling: (H - k1 + 1) // 2 >= k2.
         self.min_size = k1 - 1 + 2 * k2
+        # In the order of the forward (timm's module-list feature extractors rely on it); the ReLUs have no
+        # parameters, so the state dict is conv1, conv2, head.
         self.conv1 = _Conv2dFoldGrad(in_chans, c1, k1)
+        self.act1 = nn.ReLU()
         self.pool1 = nn.MaxPool2d(2)
         self.conv2 = nn.Conv2d(c1, c2, k2)
+        self.act2 = nn.ReLU()
         self.pool2 = _ExportableAdaptiveMaxPool2d(pool)
-        self._make_head(num_classes)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """The pooled feature map (B, c2, pool, pool) of images (B, in_chans, H, W)."""
-        self._check_input(x)
-        x = self.pool1(F.relu(self.conv1(x)))
-        return self.pool2(F.relu(self.conv2(x)))
+        self.feature_info = [
+            {"num_chs": c1, "reduction": 1, "module": "act1"},
+            {"num_chs": c2, "reduction": 2, "module": "act2"},
+            {"num_chs": c2, "reduction": max(2, _DEFAULT_SIZE // pool), "module": "pool2"},
+        ]
+        self._make_head(num_classes, global_pool)
 
 
 class PaperFCN(_PaperNet):
@@ -261,7 +446,8 @@ class PaperFCN(_PaperNet):
     adaptive average pool of the image to grid x grid -> flatten -> [fc(h_i) -> ReLU] for each hidden width ->
     [dropout] -> fully connected (num_classes). Parameters: ``sum_i h_i (h_{i-1} + 1) + num_classes (h_n + 1)``
     with ``h_0 = in_chans grid^2``, whatever the input size. ``forward_features`` returns the last hidden layer
-    (B, h_n) = (B, num_features).
+    (B, h_n): ``num_features`` and ``head_hidden_size`` are both h_n. There is no spatial feature map, so no
+    ``feature_info`` and no ``features_only``.
 
     Args:
         num_classes: outputs of the classifier; 0 for none.
@@ -269,6 +455,7 @@ class PaperFCN(_PaperNet):
         hidden: widths of the hidden layers.
         grid: side of the grid the image is area-resampled to first (28 keeps 28x28 digits unchanged).
         drop_rate: dropout before the classifier.
+        global_pool: "flatten", or "" with num_classes 0 (the features are flat already: the same output).
     """
 
     def __init__(
@@ -278,6 +465,7 @@ class PaperFCN(_PaperNet):
         hidden: Sequence[int] = (128, 128),
         grid: int = 28,
         drop_rate: float = 0.0,
+        global_pool: str = "flatten",
     ) -> None:
         super().__init__()
         _check_classes(num_classes, in_chans)
@@ -293,8 +481,8 @@ class PaperFCN(_PaperNet):
             layers += [nn.Linear(width, h), nn.ReLU(inplace=True)]
             width = h
         self.fc = nn.Sequential(*layers)
-        self.num_features = width
-        self._make_head(num_classes)
+        self.num_features = self.head_hidden_size = width
+        self._make_head(num_classes, global_pool)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The last hidden layer (B, num_features) of images (B, in_chans, H, W)."""
@@ -302,16 +490,21 @@ class PaperFCN(_PaperNet):
         return self.fc(self.grid(x).flatten(1))
 
 
-class SequenceCNN(_PaperNet):
+class SequenceCNN(_ConvNet):
     """A house-number reader in the spirit of the paper's SVHN network (Goodfellow et al. 2013), sized for a CPU.
 
     Four convolutional blocks ``conv1`` .. ``conv4``, each conv -> BatchNorm -> ReLU -> max-pool 2 (the paper's
     ST-CNN Multi puts a spatial transformer before each of them: ``InnerTransformers(at=["conv1", ..., "conv4"])``),
-    then adaptive max-pooling to ``pool`` (rows, columns), a fully connected layer of ``hidden`` units with ReLU and
-    the classifier. The paper's network has eight convolutional layers of 48 to 192 filters and two fully connected
-    layers of 3,072 units; this one keeps its shape (convolutions, then fully connected layers reading where the
-    features are) at a size that trains on two CPU cores in minutes. ``num_features`` is ``hidden``; the sequence
-    heads (``tasks.SequenceReading``) read it.
+    then adaptive max-pooling to ``pool`` (rows, columns), a fully connected layer ``fc`` of ``hidden`` units with
+    ReLU and the classifier. The paper's network has eight convolutional layers of 48 to 192 filters and two fully
+    connected layers of 3,072 units; this one keeps its shape (convolutions, then fully connected layers reading
+    where the features are) at a size that trains on two CPU cores in minutes. ``forward_features`` returns the
+    pooled map (B, channels[-1], rows, columns), so ``num_features`` is channels[-1]; the fully connected layer
+    belongs to the head, and ``head_hidden_size`` is ``hidden``, the width that the sequence heads
+    (``tasks.SequenceReading``) read.
+
+    ``feature_info`` has the four blocks' maps (reductions 2, 4, 8 and 16). The pooled grid is not a level of its
+    own: on square inputs the pooling to (2, 6) repeats columns, so it has no stride.
 
     Args:
         num_classes: outputs of the classifier; 0 for none.
@@ -320,7 +513,13 @@ class SequenceCNN(_PaperNet):
         hidden: units of the fully connected layer.
         pool: (rows, columns) of the grid the last map is max-pooled to.
         drop_rate: dropout before the classifier.
+        global_pool: "flatten", or "" with num_classes 0 for the unflattened map (the fully connected layer is then
+            skipped, see ``reset_classifier``).
     """
+
+    _levels = (("conv1",), ("conv2",), ("conv3",), ("conv4",))
+    _tail = ("pool",)
+    _head_layers = ("fc",)
 
     def __init__(
         self,
@@ -330,6 +529,7 @@ class SequenceCNN(_PaperNet):
         hidden: int = 256,
         pool: Sequence[int] = (2, 6),
         drop_rate: float = 0.0,
+        global_pool: str = "flatten",
     ) -> None:
         super().__init__()
         _check_classes(num_classes, in_chans)
@@ -357,31 +557,34 @@ class SequenceCNN(_PaperNet):
         self.conv4: nn.Module
         self.pool = nn.AdaptiveMaxPool2d((pool[0], pool[1]))
         self.fc = nn.Sequential(nn.Linear(channels[-1] * pool[0] * pool[1], hidden), nn.ReLU(inplace=True))
-        self.num_features = hidden
-        self._make_head(num_classes)
+        self.num_features = channels[-1]
+        self.head_hidden_size = hidden
+        self.feature_info = [
+            {"num_chs": c, "reduction": 2 ** (i + 1), "module": f"conv{i + 1}"} for i, c in enumerate(channels)
+        ]
+        self._make_head(num_classes, global_pool)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """The pooled map (B, channels[-1], rows, columns) of images (B, in_chans, H, W)."""
-        self._check_input(x)
-        for block in (self.conv1, self.conv2, self.conv3, self.conv4):
-            x = block(x)
-        return self.pool(x)
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Logits (B, num_classes), or the fully connected layer's features (B, hidden) when ``pre_logits``."""
-        return super().forward_head(self.fc(x.flatten(1)), pre_logits)
+    def _pre_logits(self, x: Tensor) -> Tensor:
+        """The fully connected layer's features (B, hidden) of the pooled map."""
+        return self.fc(x.flatten(1))
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    # No weights are published for these networks: the cfg only describes their input and classifier.
+    # No weights are published for these networks: the cfg describes their input, pooled map and layer names, all
+    # the fields that timm's data, weight-loading and feature tools read.
     return {
         "url": "",
         "num_classes": 10,
-        "input_size": (1, 28, 28),
+        "input_size": (1, _DEFAULT_SIZE, _DEFAULT_SIZE),
+        "min_input_size": (1, 22, 22),
+        "fixed_input_size": False,
+        "pool_size": (4, 4),
         "interpolation": "bilinear",
         "crop_pct": 1.0,
+        "crop_mode": "center",
         "mean": _MNIST_MEAN,
         "std": _MNIST_STD,
+        "first_conv": "conv1",
         "classifier": "head",
         "paper_ids": "arXiv:1506.02025",
         "paper_name": "Spatial Transformer Networks",
@@ -390,18 +593,34 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
     }
 
 
+# The FCNs' first layer is fully connected: timm cannot adapt its weights to other input channels (it drops them
+# with a warning when it loads weights of another channel count) and their map has no spatial size (pool_size None).
+_FCN_CFG = {"first_conv": "fc.0", "pool_size": None, "min_input_size": (1, 1, 1)}
+
 default_cfgs = generate_default_cfgs(
     {
-        "stn_paper_cnn": _cfg(first_conv="conv1", min_input_size=(1, 22, 22)),
-        "stn_paper_cnn_st": _cfg(first_conv="conv1", min_input_size=(1, 22, 22)),
-        "stn_paper_fcn": _cfg(first_conv=None),
-        "stn_paper_fcn_st": _cfg(first_conv=None),
-        "stn_sequence_cnn": _cfg(first_conv="conv1.0", input_size=(1, 64, 64), min_input_size=(1, 16, 16)),
+        "stn_paper_cnn": _cfg(),
+        "stn_paper_cnn_st": _cfg(),
+        "stn_paper_fcn": _cfg(**_FCN_CFG),
+        "stn_paper_fcn_st": _cfg(**_FCN_CFG),
+        "stn_sequence_cnn": _cfg(
+            first_conv="conv1.0", input_size=(1, 64, 64), min_input_size=(1, 16, 16), pool_size=(2, 6)
+        ),
     }
 )
 
 
 def _create(cls: type[_PaperNet], variant: str, pretrained: bool, **kwargs: Any) -> _PaperNet:
+    if issubclass(cls, _ConvNet):
+        # features_only=True: timm's FeatureGetterNet around forward_intermediates, every level by default.
+        levels = tuple(range(len(cls._levels)))
+        feature_cfg = {"out_indices": levels, "feature_cls": "getter"}
+        return build_model_with_cfg(cls, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
+    if kwargs.get("features_only"):
+        raise ValueError(
+            f"{variant} is a fully connected network: it has no spatial feature maps for features_only=True to "
+            "return; its features are forward_features' last hidden layer (B, num_features)"
+        )
     return build_model_with_cfg(cls, variant, pretrained, **kwargs)
 
 

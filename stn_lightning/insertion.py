@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
+from timm.layers import register_notrace_module
 from torch import Tensor, nn
 
 from stn_lightning.kernels import Backend, Mode, Padding
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 
+@register_notrace_module
 class InsertedTransformer(nn.Module):
     """A SpatialTransformer in front of one submodule of a network: ``forward(x) = module(transformer(x).crops[:, 0])``.
 
@@ -55,6 +57,10 @@ class InsertedTransformer(nn.Module):
             reaches the localiser; read them after each forward, as the next one replaces them. They are not
             saved in the state dict nor copied by ``copy.deepcopy`` or pickling (the copy's are None), and not
             stored while ``torch.export`` traces the network.
+
+    For torch.fx it is one module (a leaf), registered with timm's no-trace registry like SpatialTransformer: timm's
+    FX feature extraction returns its output under the name of the place (``layer2``), and its ``params`` are set as
+    in eager mode when the traced network runs.
 
     Args:
         transformer: a SpatialTransformer with ``num_transformers=1``.

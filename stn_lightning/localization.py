@@ -13,13 +13,20 @@ import os
 from typing import Any
 
 import timm
+import torch
 from torch import Tensor, nn
 
 __all__ = ["FeatureLocalizer", "PaperLocalizer", "TimmLocalizer", "check_input_size", "create_timm_model"]
 
 
 def check_input_size(module: nn.Module, x: Tensor) -> None:
-    """Raise ValueError when ``x`` (B, C, H, W) is smaller than ``module.min_size`` or has the wrong channels."""
+    """Raise ValueError when ``x`` (B, C, H, W) is smaller than ``module.min_size`` or has the wrong channels.
+
+    Under ``torch.fx`` symbolic tracing ``x`` is a Proxy whose shape is unknown: nothing is checked, so that the
+    module traces (torch.export and torch.compile see real shapes and check them).
+    """
+    if isinstance(x, torch.fx.Proxy):
+        return
     if x.dim() != 4:
         raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
     in_chans, min_size = getattr(module, "in_chans", None), getattr(module, "min_size", 1)
@@ -174,7 +181,7 @@ class TimmLocalizer(nn.Module):
         """Features (B, hidden) of images (B, C, H, W)."""
         check_input_size(self, x)
         fmap = self.backbone.forward_features(x)
-        if fmap.dim() != 4:
+        if not isinstance(fmap, torch.fx.Proxy) and fmap.dim() != 4:
             raise ValueError(
                 f"TimmLocalizer needs a backbone with a (B, F, h, w) feature map, got {tuple(fmap.shape)}; "
                 "use a convolutional model"

@@ -106,7 +106,9 @@ class STNClassifier(nn.Module):
             size = self.transformer.output_size if self.transformer is not None else input_size
             net = inner(net, input_size=size, in_chans=backbone_chans)
         self.backbone = net
-        width = net.num_features
+        # The width of forward_head(..., pre_logits=True): timm's head_hidden_size (num_features, the channels of the
+        # map, for models without one).
+        width = getattr(net, "head_hidden_size", net.num_features)
         if input_size is not None:
             size = self.transformer.output_size if self.transformer is not None else input_size
             was_training = net.training

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal, NamedTuple
 
 import torch
+from timm.layers import register_notrace_module
 from torch import Tensor, nn
 
 from stn_lightning.kernels import Backend, Mode, Padding
@@ -28,6 +29,7 @@ class STOutput(NamedTuple):
     params: Tensor
 
 
+@register_notrace_module
 class SpatialTransformer(nn.Module):
     """K spatial transformers: a shared localisation net, one linear head giving K x P parameters, a sampler.
 
@@ -60,6 +62,13 @@ class SpatialTransformer(nn.Module):
             normalised background instead of being 0; no copy of the image is made for it.
         backend: the sampler's backend ("auto", "torch" or "triton").
         feature_norm: standardise the localisation features before the head (see above).
+
+    For torch.fx it is one module (a leaf): it is registered with timm's no-trace registry, so timm's FX feature
+    extraction (``timm.layers.create_feature_extractor``, ``features_only=True, feature_cls="fx"``) keeps it whole in
+    any network that holds one, and runs it, input checks included, as in eager mode. Give torchvision's
+    ``create_feature_extractor`` (or another FX tracer) the same leaves:
+    ``tracer_kwargs={"leaf_modules": timm.layers.get_notrace_modules()}``. Its sampler cannot be traced by torch.fx
+    (it checks shapes and dtypes and picks a backend in Python); torch.export and torch.compile trace it.
     """
 
     def __init__(
@@ -116,7 +125,8 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: Tensor) -> STOutput:
         """Crops (B, K, C, Ho, Wo) and parameters (B, K, P) of images (B, C, H, W)."""
-        if self.training and x.shape[0] == 1 and isinstance(self.feature_norm, nn.BatchNorm1d):
+        traced = isinstance(x, torch.fx.Proxy)  # torch.fx symbolic tracing: no shape to check
+        if self.training and not traced and x.shape[0] == 1 and isinstance(self.feature_norm, nn.BatchNorm1d):
             raise ValueError(
                 "feature_norm standardises the localisation features over the batch, and a training batch of one "
                 "image has no spread; train with batches of 2 or more, or with feature_norm=False "

@@ -57,7 +57,7 @@ def test_registered_and_created_through_timm(name: str) -> None:
     for size in (28, 42):  # the parameter count does not depend on the input size
         x = torch.randn(3, 2, size, size)
         assert model(x).shape == (3, 7)
-        assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (3, model.num_features)
+        assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (3, model.head_hidden_size)
     # The defaults come from the pretrained cfg: 10 classes, 1 channel.
     default = timm.create_model(name)
     assert default.num_classes == 10 and default.in_chans == 1
@@ -69,11 +69,11 @@ def test_classifier_interface(name: str) -> None:
     model = timm.create_model(name, num_classes=0)
     x = torch.randn(2, 1, 30, 30)
     feats = model(x)
-    assert feats.shape == (2, model.num_features)
+    assert feats.shape == (2, model.head_hidden_size)
     assert isinstance(model.get_classifier(), torch.nn.Identity)
     model.reset_classifier(5)
     assert model.num_classes == 5 and model(x).shape == (2, 5)
-    assert model.get_classifier().weight.shape == (5, model.num_features)
+    assert model.get_classifier().weight.shape == (5, model.head_hidden_size)
     with pytest.raises(ValueError, match="global pool"):
         model.reset_classifier(5, global_pool="avg")
 
