@@ -135,6 +135,9 @@ class DigitSequences(DigitsDataModule):
             size grows with its length.
         max_height: with ``fit``, the zoom stops where the string's ink reaches this fraction of the canvas's height
             (short strings would otherwise fill it).
+        spread: the string's ink box is placed uniformly in this share of the room the canvas leaves around it: 1
+            anywhere in the canvas, 0 centred (SVHN's crops are centred on the number, up to the random 54 x 54 crops
+            of its 64 x 64 images that the paper trains on).
         others: see :class:`DigitsDataModule`.
 
     Attributes:
@@ -157,6 +160,7 @@ class DigitSequences(DigitsDataModule):
         clutter_size: int | None = None,
         fit: tuple[float, float] | None = (0.5, 0.9),
         max_height: float = 0.6,
+        spread: float = 1.0,
         source: Source = "bundled",
         root: str = "data",
         download: bool = False,
@@ -182,6 +186,8 @@ class DigitSequences(DigitsDataModule):
         if num_clutter < 0:
             raise ValueError(f"expected num_clutter >= 0, got {num_clutter}")
         fit = None if fit is None else _check_pair("fit", fit, upper=1.0 + 1e-9)
+        if not 0.0 <= spread <= 1.0:
+            raise ValueError(f"expected 0 <= spread <= 1 (a share of the room around the string), got {spread}")
         if not 0.0 < max_height <= 1.0:
             raise ValueError(f"expected 0 < max_height <= 1 (a fraction of the canvas), got {max_height}")
         # The arguments themselves stay as given: save_hyperparameters reads them from this frame.
@@ -213,6 +219,7 @@ class DigitSequences(DigitsDataModule):
         self.num_clutter = num_clutter
         self.fit = fit
         self.max_height = max_height
+        self.spread = spread
         self.clutter_size = max(1, round(_CLUTTER_FRACTION * size)) if clutter_size is None else clutter_size
         self.num_digits = max_length
         self.num_classes = 10
@@ -248,7 +255,7 @@ class DigitSequences(DigitsDataModule):
         own = uniform((b, d), 1.0 - self.scale_jitter, 1.0 + self.scale_jitter)
         rise = self.jitter * torch.randn((b, d), generator=generator, device=device)
         rise = rise.clamp(-_OFFSET_CLIP * self.jitter, _OFFSET_CLIP * self.jitter)
-        where = uniform((b, 2), -1.0, 1.0)
+        where = uniform((b, 2), -1.0, 1.0) * self.spread
 
         # Digit centres in the string, in pixels before the string's transform: x advances by the mean of the two
         # neighbours' sizes, y is each digit's offset.
