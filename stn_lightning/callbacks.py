@@ -63,13 +63,15 @@ def _caption(parts: list[str]) -> str:
 
 
 def _show(ax: Any, img: Tensor) -> None:
-    # img (C, H, W): grey for one channel, RGB for three, the first channel otherwise; scaled to its own range.
+    # img (C, H, W): grey for one channel, RGB for three, the first channel otherwise; scaled to its own range. A flat
+    # image (an empty crop: bilinear sampling of a constant background varies by float rounding, ~1e-7) stays flat
+    # instead of showing that rounding stretched into noise.
     img = img.detach().float().cpu()
-    img = (img - img.min()) / (img.max() - img.min()).clamp_min(1e-8)
+    img = (img - img.min()) / (img.max() - img.min()).clamp_min(1e-3)
     if img.shape[0] == 3:
         ax.imshow(img.permute(1, 2, 0).numpy())
     else:
-        ax.imshow(img[0].numpy(), cmap="gray")
+        ax.imshow(img[0].numpy(), cmap="gray", vmin=0.0, vmax=1.0)  # imshow would stretch a flat image again
     ax.set_xticks([])
     ax.set_yticks([])
 

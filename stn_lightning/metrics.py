@@ -37,7 +37,10 @@ def region_centres(regions: Tensor) -> Tensor:
 
 
 def points_in_boxes(points: Tensor, boxes: Tensor) -> Tensor:
-    """Whether each point lies in each box (edges included): points (B, K, 2), boxes (B, D, 4) -> (B, K, D) bool."""
+    """Whether each point lies in each box (edges included): points (B, K, 2), boxes (B, D, 4) -> (B, K, D) bool.
+
+    A box with a NaN coordinate (an object that is absent) contains no point: every comparison with NaN is False.
+    """
     p = points[:, :, None, :]
     b = boxes[:, None, :, :]
     return (p[..., 0] >= b[..., 0]) & (p[..., 0] <= b[..., 2]) & (p[..., 1] >= b[..., 1]) & (p[..., 1] <= b[..., 3])
@@ -64,25 +67,39 @@ def points_in_polygons(points: Tensor, polygons: Tensor) -> Tensor:
     return crosses.sum(-1) % 2 == 1
 
 
-def colocalized(hits: Tensor) -> Tensor:
+def colocalized(hits: Tensor, present: Tensor | None = None) -> Tensor:
     """Whether distinct transformers sit on distinct objects, min(K, D) of them, in each image.
 
     Args:
         hits: (B, K, D) bool, transformer k's centre lies on object d.
+        present: (B, D) bool, which of the D objects the image holds (the others are not objects to find: images
+            with fewer objects than D pad their boxes); None when all are.
 
     Returns:
-        (B,) bool: there is a one-to-one pairing of min(K, D) transformers with min(K, D) objects along hits.
-        With K <= D every transformer is on its own object; with K > D every object has its own transformer.
+        (B,) bool: there is a one-to-one pairing of min(K, n) transformers with min(K, n) of the image's n present
+        objects along hits. With K <= n every transformer is on its own object; with K > n every object has its own
+        transformer, the spare ones may be anywhere; an image without objects counts as co-localised.
     """
     b, k, d = hits.shape
-    if k > d:
-        return colocalized(hits.transpose(1, 2))
-    ok = torch.zeros(b, dtype=torch.bool, device=hits.device)
+    if present is None:
+        present = torch.ones(b, d, dtype=torch.bool, device=hits.device)
+    hits = hits & present[:, None, :]
+    need = present.sum(1).clamp(max=k)
+    return _largest_pairing(hits) >= need
+
+
+def _largest_pairing(hits: Tensor) -> Tensor:
+    # The size (B,) of the largest one-to-one pairing of rows with columns along hits (B, K, D): the most hits along
+    # any injective assignment of the fewer side to the other (any pairing extends to such an assignment).
+    if hits.shape[1] > hits.shape[2]:
+        hits = hits.transpose(1, 2)
+    b, k, d = hits.shape
+    best = torch.zeros(b, dtype=torch.long, device=hits.device)
     rows = torch.arange(k, device=hits.device)
-    # K <= D <= 4 in practice: at most 24 injective assignments of transformers to objects.
+    # K <= D <= 5 in practice: at most 120 injective assignments of transformers to objects.
     for assignment in itertools.permutations(range(d), k):
-        ok |= hits[:, rows, torch.tensor(assignment, device=hits.device)].all(-1)
-    return ok
+        best = torch.maximum(best, hits[:, rows, torch.tensor(assignment, device=hits.device)].sum(-1))
+    return best
 
 
 class CoLocalization(Metric):
@@ -93,7 +110,9 @@ class CoLocalization(Metric):
     * ``coloc``: co-localisation, the images in which the transformers' centres fall on min(K, D) different
       objects, each on its own (:func:`colocalized`; a centre is on an object when it lies in the object's box).
       With K < D every transformer must be on a different object; with K > D every object must have a
-      transformer of its own, the spare ones may be anywhere.
+      transformer of its own, the spare ones may be anywhere. Boxes with NaN coordinates are objects the image does
+      not hold (scenes of fewer objects than D, :class:`~stn_lightning.data.DigitScenes`): D is then, per image, the
+      number of its other boxes, and an image without any counts as co-localised.
     * ``hit_k``: the images in which transformer k's centre falls on some object.
     * ``contains_k``: the images in which transformer k's region (its outline polygon) contains the whole box of
       at least one object (its four corners inside the polygon: exact for the convex regions of affine and
@@ -129,7 +148,7 @@ class CoLocalization(Metric):
 
         Args:
             regions: (B, K, M, 2) closed polygons in input pixels (``SpatialTransformer.outline``).
-            boxes: (B, D, 4) object boxes x0, y0, x1, y1 in the same pixels.
+            boxes: (B, D, 4) object boxes x0, y0, x1, y1 in the same pixels; a row with a NaN is no object.
         """
         if regions.dim() != 4 or regions.shape[1] != self.num_transformers or regions.shape[-1] != 2:
             raise ValueError(f"expected regions (B, {self.num_transformers}, M, 2), got {tuple(regions.shape)}")
@@ -140,7 +159,7 @@ class CoLocalization(Metric):
         b, d = boxes.shape[:2]
         corners = boxes[..., [0, 1, 2, 1, 2, 3, 0, 3]].view(b, 1, d * 4, 2).expand(-1, self.num_transformers, -1, -1)
         inside = points_in_polygons(corners, regions).view(b, self.num_transformers, d, 4).all(-1)  # (B, K, D)
-        self.coloc += colocalized(hits).sum()
+        self.coloc += colocalized(hits, present=~boxes.isnan().any(-1)).sum()
         self.hit += hits.any(-1).sum(0)
         self.contains += inside.any(-1).sum(0)
         self.total += b

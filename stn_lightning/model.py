@@ -27,9 +27,12 @@ class STNClassifier(nn.Module):
       addition, where each transformer picks one digit);
     * ``"features"``: one shared backbone runs over the B*K crops; their pooled features are concatenated (the
       paper's CUB part networks), or, for a task that reads each object on its own (``task.per_object``, e.g.
-      :class:`~stn_lightning.tasks.SumOfObjects`), handed to its head one crop at a time;
+      :class:`~stn_lightning.tasks.SumOfObjects` or :class:`~stn_lightning.tasks.SetOfObjects`), handed to its head
+      one crop at a time;
     * ``"none"``: no transformer in front; the same backbone sees the whole image (the baseline of every
-      experiment, and the place for transformers inside the backbone, ``inner``).
+      experiment, and the place for transformers inside the backbone, ``inner``). Tasks that read one object per
+      crop need a transformer, except those that can read objects from the whole image's features (their
+      ``per_object`` is False there: ``SetOfObjects(slots=K)``, K slot heads).
 
     With ``object_channels``, each of the input's C channels holds one object (MNIST addition: one digit per
     channel) and the task reads one object per crop. With fusion ``"features"`` (and K = C transformers), every
@@ -94,7 +97,8 @@ class STNClassifier(nn.Module):
             k = in_chans  # objects per image
         elif task.per_object and self.transformer is None:
             raise ValueError(
-                f"{type(task).__name__} reads one object per crop: it needs transformers or object_channels"
+                f"{type(task).__name__} reads one object per crop: it needs transformers or object_channels (a task "
+                "whose per_object is False reads the whole image, e.g. SetOfObjects(slots=K))"
             )
         backbone_chans = k * in_chans if fusion == "channels" else (1 if object_channels else in_chans)
         net = create_timm_model(

@@ -9,34 +9,44 @@ head, the module calls the task's loss and metrics. A new kind of label is a new
   crop may also say that it holds no object, which adds 0 to the sum, so more transformers than objects work.
 * :class:`SequenceReading`: a string of up to ``max_length`` digits read left to right (house numbers; Goodfellow
   et al. 2013): a length head and one head per position.
+* :class:`SetOfObjects`: the label is the multiset of the objects in the image, any number up to K; each crop is
+  read as one object or "nothing", and the loss matches the crops to the objects (as DETR does).
 
 Every task's outputs are one tensor (B, num_outputs), so that export, predictions and the module's logging treat all
 tasks alike; :meth:`Task.decode` says what they mean.
 
 Targets are what the DataModules give: an int64 (B,) label for the first two, (B, 1 + max_length) for sequences
-(``y[:, 0]`` the length, then the digits, -1 past the end).
+(``y[:, 0]`` the length, then the digits, -1 past the end), (B, D) for sets (the objects' classes in any order, -1 for
+empty slots).
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 __all__ = [
     "Classification",
     "SequenceAccuracy",
     "SequenceReading",
+    "SetAccuracy",
+    "SetF1",
+    "SetOfObjects",
     "SumOfObjects",
     "Task",
+    "class_counts",
     "decode_sequence",
     "log_probability_of_sum",
+    "match_objects",
     "split_sequence_outputs",
 ]
 
@@ -48,7 +58,8 @@ class Task(nn.Module):
     (B, F) fused features, or (B, K, F) one row per object when :attr:`per_object` is True.
 
     Attributes:
-        per_object: the head reads each object's (crop's) features on its own instead of the fused image features.
+        per_object: the head reads each object's (crop's) features on its own instead of the fused image features. A
+            task may set it per instance (:class:`SetOfObjects` reads crops, or with ``slots`` the whole image).
     """
 
     per_object: bool = False
@@ -136,7 +147,7 @@ class SumOfObjects(Classification):
     log P(s) for the sums s = 0 .. num_classes - 1 of K independent crop labels (:func:`log_probability_of_sum`). A
     crop scores only if it shows an object, and two crops on one object predict twice its label, so the loss rewards
     K transformers on K different objects. ``c`` is ``object_classes``, or from the data when K objects fill it,
-    num_classes = K (c - 1) + 1.
+    num_classes = K (c - 1) + 1 (not with ``nothing``, which needs ``object_classes``).
 
     With ``nothing=True`` the head has one more class, "nothing here", which adds 0 to the sum: a transformer with no
     object of its own can say so instead of inventing one, so K transformers work on scenes of fewer than K objects.
@@ -144,7 +155,8 @@ class SumOfObjects(Classification):
     the data can hold, renormalised.
 
     Args:
-        object_classes: classes per object (10 for digits); None derives it from num_classes and K.
+        object_classes: classes per object (10 for digits); None derives it from num_classes and K (only without
+            ``nothing``).
         nothing: add the "nothing here" class.
     """
 
@@ -159,6 +171,13 @@ class SumOfObjects(Classification):
 
     def build(self, in_features: int, num_classes: int, num_objects: int) -> None:
         c = self.object_classes
+        if c is None and self.nothing:
+            # With "nothing" a scene may hold fewer than K objects (that is what it is for), so K objects need not
+            # fill the sums: 3 crops on two-digit MultiMNIST (19 sums) would read 7 classes per digit.
+            raise ValueError(
+                "SumOfObjects(nothing=True) cannot tell the classes per object from the number of sums, since fewer "
+                "than K objects may make them; give object_classes (10 for digits)"
+            )
         if c is None:
             c, remainder = divmod(num_classes - 1, num_objects)
             c += 1
@@ -343,3 +362,205 @@ def decode_sequence(outputs: Tensor, max_length: int, num_classes: int) -> dict[
         "symbols": symbols,
         "probs": top.exp(),
     }
+
+
+class SetOfObjects(Task):
+    """The multiset of the objects in an image, any number of them up to K: each crop says which object it holds, or
+    "nothing".
+
+    One head classifies each of the K crops (``per_object``, fusion "features": K transformers, one crop each) into
+    the ``num_classes`` object classes and "nothing", the last class. The loss is DETR's (Carion et al. 2020): the K
+    crops are matched one-to-one to the D objects of the image by the assignment of least total cost, the cost of
+    crop k for object d being -log p(crop k shows d) (:func:`match_objects`, scipy's ``linear_sum_assignment``), and
+    every crop is then scored by cross-entropy against its object, or against "nothing" when it got none. With K > D
+    the spare crops learn to say "nothing"; with D > K only K objects are matched and the rest are missed. The
+    "nothing" terms weigh ``nothing_weight`` (DETR's ``eos_coef``) and the loss is the weighted mean over the crops.
+
+    With ``slots``, the head reads the image's features instead (fusion "none", no transformer in front: the CNN
+    baseline): K = ``slots`` linear "slot" heads on the pooled features, trained with the same matching loss.
+
+    Outputs (B, K (num_classes + 1)) are the K crops' logits side by side; :meth:`decode` reads them. Targets are
+    int64 (B, D): the objects' classes in any order, -1 for empty slots. Metrics: ``acc``, the set accuracy (the
+    multiset of the crops that do not say "nothing" equals the image's multiset), ``count_acc`` (their number equals
+    the number of objects) and ``f1``, the F1 score of the objects found, micro-averaged over every object of every
+    image (:class:`SetF1`).
+
+    Args:
+        slots: read K = ``slots`` objects from the whole image's features (the baseline without transformers);
+            None reads one object per crop.
+        nothing_weight: weight of the crops whose answer is "nothing" in the loss (1 weighs them like the others).
+    """
+
+    def __init__(self, slots: int | None = None, nothing_weight: float = 1.0) -> None:
+        super().__init__()
+        if slots is not None and slots < 1:
+            raise ValueError(f"expected slots >= 1 or None, got {slots}")
+        if not (nothing_weight >= 0.0 and math.isfinite(nothing_weight)):
+            raise ValueError(f"expected a finite nothing_weight >= 0, got {nothing_weight}")
+        self.slots = slots
+        self.nothing_weight = nothing_weight
+        self.per_object = slots is None
+
+    def build(self, in_features: int, num_classes: int, num_objects: int) -> None:
+        self.num_classes = num_classes
+        self.num_slots = num_objects if self.slots is None else self.slots
+        width = num_classes + 1 if self.slots is None else self.slots * (num_classes + 1)
+        self.head = nn.Linear(in_features, width)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Logits (B, K (num_classes + 1)) of per-crop features (B, K, F), or with ``slots`` of image features
+        (B, F)."""
+        return self.head(features).flatten(1)
+
+    def split(self, outputs: Tensor) -> Tensor:
+        """The crops' logits (B, K, num_classes + 1) of outputs (B, K (num_classes + 1)); "nothing" is the last
+        class."""
+        width = self.num_slots * (self.num_classes + 1)
+        if outputs.dim() != 2 or outputs.shape[1] != width:
+            raise ValueError(f"SetOfObjects expected outputs (B, {width}), got {tuple(outputs.shape)}")
+        return outputs.unflatten(1, (self.num_slots, self.num_classes + 1))
+
+    def loss(self, outputs: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+        if target.dim() != 2 or target.is_floating_point() or target.is_complex():
+            raise ValueError(
+                f"SetOfObjects expected integer targets (B, D), the objects' classes and -1 for empty slots, got "
+                f"{tuple(target.shape)} {target.dtype}"
+            )
+        log_p = torch.log_softmax(self.split(outputs).float(), dim=-1)  # (B, K, C + 1)
+        answers = match_objects(log_p, target)  # (B, K): matched class, or C for "nothing"
+        nothing = answers == self.num_classes
+        terms = F.cross_entropy(
+            log_p.flatten(0, 1), answers.flatten(), reduction="none", label_smoothing=label_smoothing
+        ).view_as(answers)
+        weights = torch.where(nothing, self.nothing_weight, 1.0)
+        return (terms * weights).sum() / weights.sum().clamp(min=1e-12)
+
+    def metrics(self) -> dict[str, torchmetrics.Metric]:
+        size = (self.num_slots, self.num_classes)
+        return {"acc": SetAccuracy(*size, "set"), "count_acc": SetAccuracy(*size, "count"), "f1": SetF1(*size)}
+
+    def decode(self, outputs: Tensor) -> dict[str, Tensor]:
+        """``"prediction"`` (B, K): each crop's class, -1 for "nothing"; ``"probs"`` (B,), the probability of these K
+        answers together (the product of the crops' top probabilities); ``"crop_probs"`` (B, K, num_classes + 1)."""
+        return decode_set(outputs, self.num_slots, self.num_classes)
+
+    def format(self, label: Tensor, names: Sequence[str] | None = None) -> str:
+        """A multiset as text, sorted: "{3, 7}", "{}" for none (labels and predictions alike: -1 is no object)."""
+        found = sorted(int(v) for v in label.flatten().tolist() if v >= 0)
+        return "{" + ", ".join(super(SetOfObjects, self).format(torch.tensor(v), names) for v in found) + "}"
+
+
+def match_objects(log_p: Tensor, target: Tensor) -> Tensor:
+    """What each crop should answer: the class of the object it is matched to, or "nothing".
+
+    The K crops of each image are matched one-to-one to its D objects (the targets' values >= 0) by the assignment of
+    least total cost -log p(crop k shows object d) (``scipy.optimize.linear_sum_assignment``, on the CPU: the (B, K,
+    D) cost matrix is moved there once per batch). With K > D, K - D crops get "nothing"; with D > K, D - K objects
+    are left out.
+
+    Args:
+        log_p: (B, K, C + 1) log-probabilities of each crop over C classes and "nothing" (last).
+        target: (B, D) int64, the objects' classes in any order and -1 for empty slots.
+
+    Returns:
+        (B, K) int64 on ``log_p``'s device: the matched object's class, or C ("nothing").
+    """
+    b, k, classes = log_p.shape
+    nothing = classes - 1
+    target = target.long()
+    present = target >= 0
+    cost = -log_p.detach().gather(2, target.clamp(min=0)[:, None, :].expand(b, k, -1).to(log_p.device))  # (B, K, D)
+    cost_cpu, present_cpu, target_cpu = cost.float().cpu().numpy(), present.cpu().numpy(), target.cpu()
+    answers = torch.full((b, k), nothing, dtype=torch.long)
+    for i in range(b):
+        columns = present_cpu[i].nonzero()[0]
+        if len(columns) == 0:
+            continue
+        crops, objects = linear_sum_assignment(cost_cpu[i][:, columns])
+        answers[i, torch.from_numpy(crops)] = target_cpu[i, torch.from_numpy(columns[objects])]
+    return answers.to(log_p.device)
+
+
+def decode_set(outputs: Tensor, num_slots: int, num_classes: int) -> dict[str, Tensor]:
+    """The answers of :class:`SetOfObjects`'s outputs (B, K (num_classes + 1)) (see :meth:`SetOfObjects.decode`)."""
+    crop_probs = outputs.float().unflatten(1, (num_slots, num_classes + 1)).softmax(-1)
+    top, answer = crop_probs.max(-1)
+    prediction = answer.masked_fill(answer == num_classes, -1)
+    return {"prediction": prediction, "probs": top.prod(-1), "crop_probs": crop_probs}
+
+
+def class_counts(labels: Tensor, num_classes: int) -> Tensor:
+    """How many times each class occurs in each row: labels (B, N) int, -1 for none -> counts (B, num_classes)."""
+    present = labels >= 0
+    counts = torch.zeros(labels.shape[0], num_classes, dtype=torch.long, device=labels.device)
+    return counts.scatter_add_(1, labels.clamp(min=0).long(), present.long())
+
+
+class SetAccuracy(torchmetrics.Metric):
+    """Accuracy of :class:`SetOfObjects`: the images whose predicted multiset (the crops that do not say "nothing")
+    equals the true one (``"set"``), or whose predicted number of objects is right (``"count"``).
+
+    Args:
+        num_slots, num_classes: the task's K and object classes.
+        what: "set" or "count".
+    """
+
+    full_state_update = False
+    correct: Tensor
+    total: Tensor
+
+    def __init__(self, num_slots: int, num_classes: int, what: str = "set", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if what not in ("set", "count"):
+            raise ValueError(f"expected what in ('set', 'count'), got {what!r}")
+        self.size = (num_slots, num_classes)
+        self.what = what
+        self.add_state("correct", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, outputs: Tensor, target: Tensor) -> None:
+        predicted = class_counts(decode_set(outputs.detach(), *self.size)["prediction"], self.size[1])
+        true = class_counts(target, self.size[1])
+        right = (predicted == true).all(1) if self.what == "set" else predicted.sum(1) == true.sum(1)
+        self.correct += right.sum()
+        self.total += len(target)
+
+    def compute(self) -> Tensor:
+        return self.correct.float() / self.total.clamp(min=1).float()
+
+
+class SetF1(torchmetrics.Metric):
+    """F1 score of the objects :class:`SetOfObjects` finds, micro-averaged over every object of every image.
+
+    In each image, the objects found of class c are min(predicted c, true c); summed over the classes and images
+    they are the true positives TP, the other predictions false positives FP and the other objects false negatives
+    FN; F1 = 2 TP / (2 TP + FP + FN) (1 when nothing was there and nothing was claimed).
+
+    Args:
+        num_slots, num_classes: the task's K and object classes.
+    """
+
+    full_state_update = False
+    tp: Tensor
+    fp: Tensor
+    fn: Tensor
+
+    def __init__(self, num_slots: int, num_classes: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.size = (num_slots, num_classes)
+        for name in ("tp", "fp", "fn"):
+            self.add_state(name, torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, outputs: Tensor, target: Tensor) -> None:
+        predicted = class_counts(decode_set(outputs.detach(), *self.size)["prediction"], self.size[1])
+        true = class_counts(target, self.size[1])
+        found = torch.minimum(predicted, true).sum()
+        self.tp += found
+        self.fp += predicted.sum() - found
+        self.fn += true.sum() - found
+
+    def compute(self) -> Tensor:
+        denominator = 2 * self.tp + self.fp + self.fn
+        if int(denominator) == 0:
+            return torch.ones((), device=self.tp.device)
+        return 2 * self.tp.float() / denominator.float()

@@ -99,7 +99,7 @@ def test_sequence_accuracy_sums_over_updates() -> None:
     assert float(metric.compute()) == pytest.approx(2 / 3)
 
 
-@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("k", [2, 3, 4])
 def test_sum_with_nothing_lets_spare_transformers_add_zero(k: int) -> None:
     # Two digits (3 and 4) and k - 2 spare crops that say "nothing": the sum is 7 with certainty.
     task = SumOfObjects(object_classes=10, nothing=True)
@@ -107,13 +107,51 @@ def test_sum_with_nothing_lets_spare_transformers_add_zero(k: int) -> None:
     with torch.no_grad():
         task.head.weight.copy_(torch.eye(11) * 20)
         task.head.bias.zero_()
-    features = torch.zeros(1, k, 11)
-    features[0, 0, 3] = features[0, 1, 4] = 1.0
+    features = torch.zeros(2, k, 11)
+    features[:, 0, 3] = features[:, 1, 4] = 1.0
     features[0, 2:, 10] = 1.0  # the last class is "nothing"
+    # In the second image the spare crops hesitate between "nothing" and a 0: both add 0, so the sum stays sure.
+    features[1, 2:, 10] = features[1, 2:, 0] = 1.0
     log_p = task(features)
-    assert log_p.shape == (1, 19)
-    assert torch.allclose(log_p.exp().sum(-1), torch.ones(1))
-    assert int(log_p.argmax(-1)) == 7 and float(log_p[0, 7].exp()) > 0.99
+    assert log_p.shape == (2, 19)
+    assert torch.allclose(log_p.exp().sum(-1), torch.ones(2))
+    assert log_p.argmax(-1).tolist() == [7, 7] and (log_p[:, 7].exp() > 0.99).all()
+
+
+def test_sum_with_nothing_needs_the_classes_per_object() -> None:
+    # 3 crops on two-digit sums (19 classes) would otherwise read 7 classes per digit.
+    with pytest.raises(ValueError, match="give object_classes"):
+        SumOfObjects(nothing=True).build(in_features=4, num_classes=19, num_objects=3)
+
+
+def test_three_transformers_on_two_digit_multimnist() -> None:
+    # K = 3 on MultiMNIST's two digits: the model builds, and one step of the loss reaches every part.
+    from stn_lightning.data import MultiMNIST
+    from stn_lightning.transforms import Attention
+
+    dm = MultiMNIST(2)
+    # A training batch of 4 stand-in digits (squares), paired on the device as the DataModule pairs real ones.
+    digits = torch.zeros(4, 1, 28, 28, dtype=torch.uint8)
+    digits[..., 6:22, 8:20] = 255
+    raw = {"digits": digits, "labels": torch.tensor([[1], [2], [3], [4]])}
+    x, y = dm.make_batch(raw, train=True, generator=torch.Generator().manual_seed(0))
+    module = STNModule(
+        num_classes=dm.num_classes,
+        image_size=dm.image_size,
+        background=dm.background,
+        backbone="stn_paper_cnn_st",
+        transform=Attention(scale_range=(0.4, 0.6)),
+        num_transformers=3,
+        crop_size=28,
+        fusion="features",
+        task=SumOfObjects(object_classes=10, nothing=True),
+    )
+    assert module.task.head.out_features == 11
+    log_p = module(x)
+    assert log_p.shape == (4, 19) and torch.allclose(log_p.exp().sum(-1), torch.ones(4), atol=1e-5)
+    module.task.loss(log_p, y).backward()
+    assert module.task.head.weight.grad is not None and module.transformer is not None
+    assert module.transformer.head.weight.grad is not None
 
 
 def test_sum_without_nothing_sums_every_crop() -> None:

@@ -12,12 +12,14 @@ from .mnist import (
     MNISTDataModule,
     MultiMNIST,
 )
+from .scenes import DigitScenes
 from .sequences import DigitSequences
 
 __all__ = [
     "BadImageError",
     "ImageFilesDataModule",
     "ClutteredMNIST",
+    "DigitScenes",
     "DigitSequences",
     "DigitsDataModule",
     "DigitsDataset",
