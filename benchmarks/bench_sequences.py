@@ -45,6 +45,17 @@ def build(config: str, canvas: int) -> STNModule:
     return module.to(memory_format=torch.channels_last) if CL else module
 
 
+def _cpu() -> str:
+    # The processor's model name where Linux gives it, else what platform knows.
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--canvas", type=int, default=64)
@@ -79,8 +90,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for name in modules:
             times[name].append(step(name))
-    cpu = platform.processor() or platform.machine()
-    print(f"machine: {cpu}, {torch.get_num_threads()} thread(s), torch {torch.__version__}")
+    print(f"machine: {_cpu()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}")
     print(f"canvas {args.canvas} px, batch {args.batch}, median of {args.rounds} interleaved rounds")
     base = statistics.median(times["CNN"])
     print("| network | parameters | step (ms) | vs CNN |")
