@@ -85,6 +85,7 @@ def draw_attention(
     labels: Sequence[str] | None = None,
     title: str | None = None,
     grids: Tensor | None = None,
+    crop_titles: Sequence[str] | None = None,
 ) -> Any:
     """Draw each image with the regions its K transformers read (one colour each), followed by the K crops.
 
@@ -97,6 +98,7 @@ def draw_attention(
         title: the figure's title (e.g. the epoch and step).
         grids: (N, K, L, Q, 2) polylines drawn thin in each transformer's colour inside its outline (the warped
             control grid of a thin-plate spline: :meth:`Transform.grid_lines`), or None.
+        crop_titles: a title per crop column (default "crop 0", "crop 1", ...).
 
     Returns:
         The matplotlib figure.
@@ -134,7 +136,8 @@ def draw_attention(
             axes[i, 0].set_xlabel(labels[i], fontsize=7, labelpad=2)
     axes[0, 0].set_title("input", fontsize=8)
     for j in range(k):
-        axes[0, j + 1].set_title(f"crop {j}", fontsize=8, color=_COLOURS[j % len(_COLOURS)])
+        name = crop_titles[j] if crop_titles is not None else f"crop {j}"
+        axes[0, j + 1].set_title(name, fontsize=8, color=_COLOURS[j % len(_COLOURS)])
     if title is not None:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -202,6 +205,7 @@ class AttentionVisualizer(pl.Callback):
         size = (images.shape[-2], images.shape[-1])
         with torch.no_grad():
             outputs = pl_module(images).cpu()  # also runs the transformers inside the backbone
+            places = None
             if transformer is not None:
                 crops, params = transformer(images)
                 outlines = transformer.outline(params, size)
@@ -209,6 +213,7 @@ class AttentionVisualizer(pl.Callback):
             else:
                 outlines, crops = inner_views(pl_module.model.backbone, images)
                 grids = None
+                places = [f"before {place}" for place in inner]
         truth = self._labels.cpu() if self._labels is not None else None
         names = class_names_of(trainer)
         task = pl_module.task
@@ -226,7 +231,7 @@ class AttentionVisualizer(pl.Callback):
         if log_dir is not None:
             path = Path(log_dir) / "attention" / f"epoch_{trainer.current_epoch:03d}.png"
             self.last_path = path
-        fig = draw_attention(images, outlines, crops, path, labels=labels, title=title, grids=grids)
+        fig = draw_attention(images, outlines, crops, path, labels=labels, title=title, grids=grids, crop_titles=places)
         add_figure = getattr(getattr(trainer.logger, "experiment", None), "add_figure", None)
         if self.gif and path is not None:
             self._frames.append(_figure_image(fig))
