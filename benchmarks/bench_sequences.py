@@ -11,13 +11,13 @@ ratio to the CNN measured in the same run.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import yaml
+from host_overhead import cpu_name  # benchmarks/ is on the path when this script runs
 
 from stn_lightning.module import STNModule
 
@@ -43,17 +43,6 @@ def build(config: str, canvas: int) -> STNModule:
     options.pop("optimizer", None)
     module = STNModule(image_size=canvas, background=-0.4242, **{k: _instantiate(v) for k, v in options.items()})
     return module.to(memory_format=torch.channels_last) if CL else module
-
-
-def _cpu() -> str:
-    # The processor's model name where Linux gives it, else what platform knows.
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -90,7 +79,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for name in modules:
             times[name].append(step(name))
-    print(f"machine: {_cpu()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}")
+    print(f"machine: {cpu_name()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}")
     print(f"canvas {args.canvas} px, batch {args.batch}, median of {args.rounds} interleaved rounds")
     base = statistics.median(times["CNN"])
     print("| network | parameters | step (ms) | vs CNN |")
