@@ -59,8 +59,9 @@ class InsertedTransformer(nn.Module):
             stored while ``torch.export`` traces the network.
 
     For torch.fx it is one module (a leaf), registered with timm's no-trace registry like SpatialTransformer: timm's
-    FX feature extraction returns its output under the name of the place (``layer2``), and its ``params`` are set as
-    in eager mode when the traced network runs.
+    FX feature extraction returns its output under the name of the place (``layer2``). Tracers that trace through it
+    (torchvision's ``create_feature_extractor``) trace the submodule and record the transformer as one call. Either
+    way its ``params`` are set as in eager mode when the traced network runs.
 
     Args:
         transformer: a SpatialTransformer with ``num_transformers=1``.
@@ -79,15 +80,24 @@ class InsertedTransformer(nn.Module):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         """The submodule's output on the warped map (B, C, Ho, Wo) of ``x`` (B, C, h, w)."""
-        crops, params = self.transformer(x)
-        if not torch.compiler.is_exporting():  # torch.export warns of tensor attributes set while it traces
-            self.params = params
-        return self.module(crops[:, 0], *args, **kwargs)
+        return self.module(_warped_and_kept(self, x), *args, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
         # deepcopy and pickle go through here: a non-leaf tensor with a graph cannot be deep-copied.
         state = super().__getstate__()  # type: ignore[misc]
         return {**state, "params": None}
+
+
+def _warped_and_kept(wrapper: InsertedTransformer, x: Tensor) -> Tensor:
+    # One node for tracers that trace through InsertedTransformer (torch.fx.wrap below): the traced network runs the
+    # transformer and sets ``params`` as in eager mode.
+    crops, params = wrapper.transformer(x)
+    if not torch.compiler.is_exporting():  # torch.export warns of tensor attributes set while it traces
+        wrapper.params = params
+    return crops[:, 0]
+
+
+torch.fx.wrap("_warped_and_kept")
 
 
 def inserted_transformers(model: nn.Module) -> dict[str, InsertedTransformer]:

@@ -65,10 +65,10 @@ class SpatialTransformer(nn.Module):
 
     For torch.fx it is one module (a leaf): it is registered with timm's no-trace registry, so timm's FX feature
     extraction (``timm.layers.create_feature_extractor``, ``features_only=True, feature_cls="fx"``) keeps it whole in
-    any network that holds one, and runs it, input checks included, as in eager mode. Give torchvision's
-    ``create_feature_extractor`` (or another FX tracer) the same leaves:
-    ``tracer_kwargs={"leaf_modules": timm.layers.get_notrace_modules()}``. Its sampler cannot be traced by torch.fx
-    (it checks shapes and dtypes and picks a backend in Python); torch.export and torch.compile trace it.
+    any network that holds one, and runs it, input checks included, as in eager mode. Other FX tracers
+    (torchvision's ``create_feature_extractor``, ``torch.fx.symbolic_trace``) trace through its localiser and head
+    and record its input check and its sampler as one call each (``torch.fx.wrap``), which the traced network runs
+    as in eager mode. torch.export and torch.compile trace it.
     """
 
     def __init__(
@@ -125,30 +125,61 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: Tensor) -> STOutput:
         """Crops (B, K, C, Ho, Wo) and parameters (B, K, P) of images (B, C, H, W)."""
-        traced = isinstance(x, torch.fx.Proxy)  # torch.fx symbolic tracing: no shape to check
-        if self.training and not traced and x.shape[0] == 1 and isinstance(self.feature_norm, nn.BatchNorm1d):
-            raise ValueError(
-                "feature_norm standardises the localisation features over the batch, and a training batch of one "
-                "image has no spread; train with batches of 2 or more, or with feature_norm=False "
-                "(--model.feature_norm false)"
-            )
+        x = _checked_input(self.feature_norm, x)
         raw = self.head(self.feature_norm(self.localizer(x))).float()
         params = self.transform(raw.view(x.shape[0], self.num_transformers, -1))
         return STOutput(self.sample(x, params), params)
 
     def sample(self, x: Tensor, params: Tensor) -> Tensor:
         """Warp images (B, C, H, W) with given parameters (B, K, P) into crops (B, K, C, Ho, Wo)."""
-        return self.transform.sample(
+        return _sampled(
+            self.transform,
             x,
             params,
             self.output_size,
-            align_corners=self.align_corners,
-            padding_mode=self.padding_mode,
-            mode=self.mode,
-            fill=self.background,
-            backend=self.backend,
+            self.align_corners,
+            self.padding_mode,
+            self.mode,
+            self.background,
+            self.backend,
         )
 
     def outline(self, params: Tensor, in_size: tuple[int, int], per_side: int = 16) -> Tensor:
         """Polygons (B, K, 4 * per_side + 1, 2) in input pixels of the regions that ``params`` (B, K, P) read."""
         return self.transform.outline(params, in_size, align_corners=self.align_corners, per_side=per_side)
+
+
+# A tracer that does not keep SpatialTransformer whole (torchvision's create_feature_extractor without timm's leaves,
+# torch.fx.symbolic_trace) traces the localiser and the head, and records each of these two calls as one node:
+# torch.fx cannot trace the checks and the sampler's choice of backend (Python control flow on shapes and dtypes),
+# and the traced network runs them as in eager mode. They take submodules, not the transformer, so that a
+# transformer traced on its own (the root, which has no name to fetch) works too.
+def _checked_input(feature_norm: nn.Module, x: Tensor) -> Tensor:
+    if feature_norm.training and x.shape[0] == 1 and isinstance(feature_norm, nn.BatchNorm1d):
+        raise ValueError(
+            "feature_norm standardises the localisation features over the batch, and a training batch of one "
+            "image has no spread; train with batches of 2 or more, or with feature_norm=False "
+            "(--model.feature_norm false)"
+        )
+    return x
+
+
+def _sampled(
+    transform: Transform,
+    x: Tensor,
+    params: Tensor,
+    output_size: tuple[int, int],
+    align_corners: bool,
+    padding_mode: Padding,
+    mode: Mode,
+    fill: float,
+    backend: Backend,
+) -> Tensor:
+    return transform.sample(
+        x, params, output_size, align_corners=align_corners, padding_mode=padding_mode, mode=mode, fill=fill,
+        backend=backend,
+    )
+
+
+torch.fx.wrap("_checked_input")
+torch.fx.wrap("_sampled")
