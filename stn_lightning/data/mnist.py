@@ -163,6 +163,9 @@ class DigitsDataModule(LightningDataModule):
         self._generators: dict[str, tuple[int, torch.Generator]] = {}
         self._pending_states: dict[str, tuple[int, Tensor]] = {}
         self._base_seed: int | None = None
+        # Every argument of the whole __init__ chain, the subclass's own ones included (Lightning reads them from
+        # the calling frames), so a subclass takes only its own arguments and passes the rest on as **kwargs.
+        self.save_hyperparameters()
 
     def _set_stats(self) -> None:
         mean, std = _STATS[self.source]
@@ -413,19 +416,6 @@ class MNISTDataModule(DigitsDataModule):
     Args: see :class:`DigitsDataModule`.
     """
 
-    def __init__(
-        self,
-        source: Source = "bundled",
-        root: str = "data",
-        download: bool = False,
-        batch_size: int = 256,
-        num_workers: int = 0,
-        val_size: int = 500,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(source, root, download, batch_size, num_workers, val_size, seed)
-        self.save_hyperparameters()
-
 
 class DistortedMNIST(DigitsDataModule):
     """The distorted MNIST of the paper: x (B, 1, 28, 28) for R, P and E, (B, 1, 42, 42) for RTS; 10 classes.
@@ -437,24 +427,14 @@ class DistortedMNIST(DigitsDataModule):
 
     Args:
         variant: "R", "RTS", "P" or "E".
-        others: see :class:`DigitsDataModule`.
+        **kwargs: the arguments of :class:`DigitsDataModule` (source, root, download, batch_size, num_workers,
+            val_size, seed).
     """
 
-    def __init__(
-        self,
-        variant: Variant = "RTS",
-        source: Source = "bundled",
-        root: str = "data",
-        download: bool = False,
-        batch_size: int = 256,
-        num_workers: int = 0,
-        val_size: int = 500,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, variant: Variant = "RTS", **kwargs: Any) -> None:
         if variant not in _VARIANTS:
             raise ValueError(f"expected variant in {_VARIANTS}, got {variant!r}")
-        super().__init__(source, root, download, batch_size, num_workers, val_size, seed)
-        self.save_hyperparameters()
+        super().__init__(**kwargs)
         self.variant: Variant = variant
         side = 42 if variant == "RTS" else dist.DIGIT_SIZE
         self.image_size = (side, side)
@@ -493,7 +473,8 @@ class ClutteredMNIST(DigitsDataModule):
         num_clutter: clutter pieces per image (0 for translated MNIST without clutter).
         canvas: side of the canvas in pixels.
         clutter_size: side of a clutter piece in pixels.
-        others: see :class:`DigitsDataModule`.
+        **kwargs: the arguments of :class:`DigitsDataModule` (source, root, download, batch_size, num_workers,
+            val_size, seed).
     """
 
     def __init__(
@@ -501,13 +482,7 @@ class ClutteredMNIST(DigitsDataModule):
         num_clutter: int = 8,
         canvas: int = 60,
         clutter_size: int = 6,
-        source: Source = "bundled",
-        root: str = "data",
-        download: bool = False,
-        batch_size: int = 256,
-        num_workers: int = 0,
-        val_size: int = 500,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
         if num_clutter < 0:
             raise ValueError(f"expected num_clutter >= 0, got {num_clutter}")
@@ -515,8 +490,7 @@ class ClutteredMNIST(DigitsDataModule):
             raise ValueError(f"expected canvas >= {dist.DIGIT_SIZE} pixels, got {canvas}")
         if not 1 <= clutter_size <= dist.DIGIT_SIZE:
             raise ValueError(f"expected 1 <= clutter_size <= {dist.DIGIT_SIZE}, got {clutter_size}")
-        super().__init__(source, root, download, batch_size, num_workers, val_size, seed)
-        self.save_hyperparameters()
+        super().__init__(**kwargs)
         self.num_clutter = num_clutter
         self.canvas = canvas
         self.clutter_size = clutter_size
@@ -558,18 +532,8 @@ class MNISTAddition(DigitsDataModule):
     Args: see :class:`DigitsDataModule`.
     """
 
-    def __init__(
-        self,
-        source: Source = "bundled",
-        root: str = "data",
-        download: bool = False,
-        batch_size: int = 256,
-        num_workers: int = 0,
-        val_size: int = 500,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(source, root, download, batch_size, num_workers, val_size, seed)
-        self.save_hyperparameters()
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.num_digits = 2
         self.num_classes = 19
         self.in_chans = 2
@@ -601,27 +565,21 @@ class MultiMNIST(DigitsDataModule):
     Args:
         num_digits: 2 or 3.
         canvas: side of the canvas in pixels, at least 56 (2 x 28).
-        others: see :class:`DigitsDataModule`.
+        **kwargs: the arguments of :class:`DigitsDataModule` (source, root, download, batch_size, num_workers,
+            val_size, seed).
     """
 
     def __init__(
         self,
         num_digits: int = 2,
         canvas: int = 64,
-        source: Source = "bundled",
-        root: str = "data",
-        download: bool = False,
-        batch_size: int = 256,
-        num_workers: int = 0,
-        val_size: int = 500,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
         if num_digits not in (2, 3):
             raise ValueError(f"expected num_digits in (2, 3), got {num_digits}")
         if canvas < 2 * dist.DIGIT_SIZE:
             raise ValueError(f"expected canvas >= {2 * dist.DIGIT_SIZE} pixels (2 x 2 cells of 28), got {canvas}")
-        super().__init__(source, root, download, batch_size, num_workers, val_size, seed)
-        self.save_hyperparameters()
+        super().__init__(**kwargs)
         self.num_digits = num_digits
         self.num_classes = 9 * num_digits + 1
         self.canvas = canvas

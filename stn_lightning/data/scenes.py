@@ -24,12 +24,13 @@ The placement runs batched on the batch's device, one step per digit slot (no lo
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import distortions as dist
-from .digits import CLASS_NAMES, Source
+from .digits import CLASS_NAMES
 from .mnist import DigitsDataModule
 
 __all__ = ["DigitScenes", "box_overlap"]
@@ -91,7 +92,8 @@ class DigitScenes(DigitsDataModule):
             that the placement accepts (see above; 1 lets digits fall anywhere).
         num_clutter: pieces of other digits pasted anywhere in the canvas (0 for none), as in cluttered MNIST.
         clutter_size: side of a clutter piece in pixels (cut from the other samples' first digits at 28 pixels).
-        others: see :class:`DigitsDataModule`.
+        **kwargs: the arguments of :class:`DigitsDataModule` (source, root, download, batch_size, num_workers,
+            val_size, seed).
 
     Attributes:
         num_digits: ``max_digits``, the digits per sample of a raw evaluation batch.
@@ -107,13 +109,7 @@ class DigitScenes(DigitsDataModule):
         max_overlap: float = 0.1,
         num_clutter: int = 0,
         clutter_size: int = 6,
-        source: Source = "bundled",
-        root: str = "data",
-        download: bool = False,
-        batch_size: int = 256,
-        num_workers: int = 0,
-        val_size: int = 500,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
         if canvas < 32:
             raise ValueError(f"expected canvas >= 32 pixels, got {canvas}")
@@ -131,8 +127,7 @@ class DigitScenes(DigitsDataModule):
             raise ValueError(f"expected num_clutter >= 0, got {num_clutter}")
         if not 1 <= clutter_size <= dist.DIGIT_SIZE:
             raise ValueError(f"expected 1 <= clutter_size <= {dist.DIGIT_SIZE}, got {clutter_size}")
-        super().__init__(source, root, download, batch_size, num_workers, val_size, seed)
-        self.save_hyperparameters()
+        super().__init__(**kwargs)
         self.canvas = canvas
         self.min_digits = min_digits
         self.max_digits = max_digits

@@ -29,13 +29,13 @@ jitter``. With the defaults (5 digits, spacing (0.55, 0.75), jitter 0.08, scale 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import distortions as dist
-from .digits import Source
 from .mnist import DigitsDataModule
 
 __all__ = ["DigitSequences", "default_digit_size"]
@@ -138,7 +138,8 @@ class DigitSequences(DigitsDataModule):
         spread: the string's ink box is placed uniformly in this share of the room the canvas leaves around it: 1
             anywhere in the canvas, 0 centred (SVHN's crops are centred on the number, up to the random 54 x 54 crops
             of its 64 x 64 images that the paper trains on).
-        others: see :class:`DigitsDataModule`.
+        **kwargs: the arguments of :class:`DigitsDataModule` (source, root, download, batch_size, num_workers,
+            val_size, seed).
 
     Attributes:
         max_length, min_length, canvas, digit_size, clutter_size: as given or chosen.
@@ -161,13 +162,7 @@ class DigitSequences(DigitsDataModule):
         fit: tuple[float, float] | None = (0.5, 0.9),
         max_height: float = 0.6,
         spread: float = 1.0,
-        source: Source = "bundled",
-        root: str = "data",
-        download: bool = False,
-        batch_size: int = 256,
-        num_workers: int = 0,
-        val_size: int = 500,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
         if canvas < 16:
             raise ValueError(f"expected canvas >= 16 pixels, got {canvas}")
@@ -205,8 +200,7 @@ class DigitSequences(DigitsDataModule):
         largest = min(canvas, dist.DIGIT_SIZE)
         if clutter_size is not None and not 1 <= clutter_size <= largest:
             raise ValueError(f"expected 1 <= clutter_size <= {largest} pixels (min(canvas, 28)), got {clutter_size}")
-        super().__init__(source, root, download, batch_size, num_workers, val_size, seed)
-        self.save_hyperparameters()
+        super().__init__(**kwargs)
         self.canvas = canvas
         self.max_length = max_length
         self.min_length = min_length
