@@ -1,4 +1,4 @@
-"""The localisation-recipe study (issue 14, item 2): short CPU runs of an ST-CNN against the same classifier on the
+"""The localisation-recipe study: short CPU runs of an ST-CNN against the same classifier on the
 whole image, under one schedule and seed, for every recipe variant.
 
     OMP_NUM_THREADS=1 python benchmarks/recipe_study.py --task cluttered --variants baseline plain recipe --seeds 42 1

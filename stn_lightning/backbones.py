@@ -33,7 +33,7 @@ parameters) and an affine head of one transformer (50 x 6 + 6 = 306), an ST-CNN 
 ``stn_paper_cnn_st`` has 58,416 parameters against the CNN's 57,962 (+0.8 %), and an ST-FCN with
 ``stn_paper_fcn_st`` 118,502 against the FCN's 118,282 (+0.2 %). The widths were solved for here from these
 counts (49 c^2 + 243 c + 10 for the CNN with c filters per convolution, h^2 + 796 h + 10 for the FCN with two
-hidden layers of h units); REFERENCES.md gives the CNN's layers, and the paper only states that the compared
+hidden layers of h units); docs/PAPER.md gives the CNN's layers, and the paper only states that the compared
 models have about the same number of parameters. The FCN's two hidden layers of 128 units are this project's
 choice. The paper's ST-FCN used a fully connected localiser; here every localiser is injected separately
 (``STNModule(localizer=...)``), so other pairings re-balance by passing widths through ``backbone_kwargs``

@@ -48,7 +48,7 @@ def main() -> None:
         in_chans=data.in_chans,
         image_size=data.image_size,
         background=data.background,
-        backbone="resnet10t",
+        backbone="test_resnet",
         feature_norm=True,
         loc_grad_clip=1.0,
     )

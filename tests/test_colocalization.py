@@ -4,7 +4,7 @@ on known answers."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import pytorch_lightning as pl
@@ -196,7 +196,7 @@ def test_overlap_gradient_pushes_regions_apart(second: list[float], jitter: floa
     assert overlap_penalty(Attention().outline(stepped, SIZE), jitter=jitter) < penalty
 
 
-def test_stn_module_logs_colocalization_and_overlap(tmp_path: Path) -> None:
+def test_stn_module_logs_colocalization_and_overlap(quiet_trainer: Callable[..., pl.Trainer]) -> None:
     pl.seed_everything(0)
     dm = MultiMNIST(2, batch_size=8)
     module = STNModule(
@@ -212,15 +212,7 @@ def test_stn_module_logs_colocalization_and_overlap(tmp_path: Path) -> None:
         coverage_weight=1.0,
         init_scale=1.0,  # start at the whole canvas (the default would start zoomed in at 28 / 64)
     )
-    trainer = pl.Trainer(
-        fast_dev_run=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(fast_dev_run=2)
     trainer.fit(module, dm)
     logged = trainer.callback_metrics
     for key in [

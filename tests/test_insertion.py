@@ -17,12 +17,13 @@ from stn_lightning.insertion import InsertedTransformer, inner_regions, insert_t
 from stn_lightning.localization import FeatureLocalizer, create_timm_model
 from stn_lightning.transforms import Attention
 
-# (timm model, places, input channels, input size): a place per stage family, and the paper's two convolutions. On
-# maps of a power-of-two side the identity warp is exact in float32; the paper's CNN's 12 x 12 map is not.
+# (timm model, places, input channels, input size): a place per stage family (timm's small test models of each family:
+# the insertion depends on the stages' structure, not their width), and the paper's two convolutions. On maps of a
+# power-of-two side the identity warp is exact in float32; the paper's CNN's 12 x 12 map is not.
 FAMILIES = [
-    ("resnet18", ["layer2", "layer3"], 3, 32),
-    ("convnext_atto", ["stages.1", "stages.2"], 3, 32),
-    ("efficientnet_b0", ["blocks.1", "blocks.3"], 3, 32),
+    ("test_resnet", ["layer2", "layer3"], 3, 32),
+    ("test_convnext", ["stages.1", "stages.2"], 3, 32),
+    ("test_efficientnet", ["blocks.1", "blocks.3"], 3, 32),
     ("stn_paper_cnn", ["conv1", "conv2"], 1, 32),
 ]
 
@@ -53,7 +54,7 @@ def test_identity_insertion_keeps_the_output(name: str, at: list[str], in_chans:
     assert list(inserted_transformers(model)) == at
     with torch.no_grad():
         out = model(x)
-    # efficientnet_b0's untrained logits are about 1e-5: the relative bound is what tests it.
+    # Untrained EfficientNets' logits can be about 1e-5: the relative bound is what tests them.
     error, scale = (out - expected).abs().max().item(), expected.abs().max().item()
     assert error <= 1e-5 and error <= 1e-4 * scale, f"{name}: max |diff| {error:.2e}, max |logit| {scale:.2e}"
     for place in at:
@@ -68,14 +69,14 @@ def test_identity_insertion_keeps_the_output(name: str, at: list[str], in_chans:
 
 
 def test_each_place_gets_the_map_it_sees_and_its_own_transform() -> None:
-    model = _model("resnet18", 3)
+    model = _model("test_resnet", 3)
     transform = Attention()
     insert_transformers(model, ["layer2", "layer3"], transform, input_size=(32, 48), in_chans=3)
     assert model.training  # the mode it had before insertion
     wrappers = inserted_transformers(model)
     l2, l3 = wrappers["layer2"].transformer, wrappers["layer3"].transformer
     assert (l2.output_size, l3.output_size) == ((8, 12), (4, 6))  # the inputs of layer2 and layer3 of 32 x 48 images
-    assert isinstance(l2.localizer, FeatureLocalizer) and l2.localizer.in_chans == 64 and l3.localizer.in_chans == 128
+    assert isinstance(l2.localizer, FeatureLocalizer) and l2.localizer.in_chans == 32 and l3.localizer.in_chans == 48
     assert isinstance(l2.transform, Attention) and l2.transform is not l3.transform and l2.transform is not transform
 
 
@@ -94,7 +95,7 @@ def test_transformers_take_the_model_dtype() -> None:
 
 def test_gradients_reach_every_localiser_and_head() -> None:
     torch.manual_seed(0)
-    model = _model("resnet18", 3)
+    model = _model("test_resnet", 3)
     insert_transformers(model, ["layer1", "layer2", "layer3"], input_size=32, in_chans=3)
     # The heads start at zero weights, which would stop the gradient to the localisers: move them off zero.
     _perturb(model, 0.01)
@@ -115,14 +116,14 @@ def test_gradients_reach_every_localiser_and_head() -> None:
 
 def test_pretrained_weights_from_a_file(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    path = tmp_path / "resnet18.pth"
-    torch.save(_model("resnet18", 3).state_dict(), path)
+    path = tmp_path / "test_resnet.pth"
+    torch.save(_model("test_resnet", 3).state_dict(), path)
     # timm keeps a file's classifier only when its num_classes is the model's default (1000): both models get a
     # fresh one, the same from the same seed.
     torch.manual_seed(1)
-    plain = create_timm_model("resnet18", pretrained=str(path), num_classes=10).eval()
+    plain = create_timm_model("test_resnet", pretrained=str(path), num_classes=10).eval()
     torch.manual_seed(1)
-    model = create_timm_model("resnet18", pretrained=str(path), num_classes=10).eval()
+    model = create_timm_model("test_resnet", pretrained=str(path), num_classes=10).eval()
     insert_transformers(model, ["layer2", "layer4"], input_size=64, in_chans=3)
     inner = model.get_submodule("layer2").module
     assert torch.equal(inner[0].conv1.weight, plain.layer2[0].conv1.weight)
@@ -133,7 +134,7 @@ def test_pretrained_weights_from_a_file(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def resnet() -> nn.Module:
-    return _model("resnet18", 3)  # shared: a failed insertion leaves it as it was, which each test checks
+    return _model("test_resnet", 3)  # shared: a failed insertion leaves it as it was, which each test checks
 
 
 @pytest.mark.parametrize(
@@ -142,7 +143,7 @@ def resnet() -> nn.Module:
         (["layer2", "layr3"], "no submodule named 'layr3' in ResNet; close names: layer3"),
         (["layer2", "layer2"], "submodule 'layer2' is named twice"),
         (["layer2.0.conv1", "layer2"], "submodule 'layer2.0.conv1' is inside 'layer2'"),
-        (["fc"], "submodule 'fc' gets an input of shape (2, 512), not a feature map"),
+        (["fc"], "submodule 'fc' gets an input of shape (2, 96), not a feature map"),
         ([], "expected at least one submodule name"),
         ("layer2", "expected a list of submodule names, got the string 'layer2'"),
     ],
@@ -222,7 +223,7 @@ def test_onnx_export_matches_pytorch(tmp_path: Path) -> None:
     from stn_lightning.export import _exportable, _fold_constants
 
     torch.manual_seed(0)
-    model = _model("resnet18", 3).eval()
+    model = _model("test_resnet", 3).eval()
     insert_transformers(model, ["layer2", "layer3"], input_size=32, in_chans=3)
     _perturb(model, 0.05)
     example, x = torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32)

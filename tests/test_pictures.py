@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,21 +38,17 @@ def test_pictures_differ_where_the_outlines_are_drawn(tmp_path: Path) -> None:
     assert red[: pa.shape[0], : pa.shape[1] // 2].sum() > 20
 
 
-def test_one_gif_frame_per_visualised_epoch(tmp_path: Path) -> None:
+def test_one_gif_frame_per_visualised_epoch(tmp_path: Path, quiet_trainer: Callable[..., pl.Trainer]) -> None:
     pl.seed_everything(0)
     data = DistortedMNIST("RTS", batch_size=8, val_size=16)
-    model = STNModule(image_size=42, background=data.background, backbone="resnet10t")
+    model = STNModule(image_size=42, background=data.background, backbone="test_resnet")
     visualizer = AttentionVisualizer(num_images=2, gif=True)
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_epochs=3,
         limit_train_batches=2,
         limit_val_batches=1,
         num_sanity_val_steps=0,
         logger=pl.loggers.CSVLogger(tmp_path),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[visualizer],
     )
     trainer.fit(model, datamodule=data)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import pytorch_lightning as pl
@@ -353,7 +353,7 @@ def test_slot_heads_read_the_whole_image() -> None:
             STNClassifier("stn_paper_cnn", 19, 1, fusion="none", task=task)
 
 
-def test_module_trains_on_scenes_and_logs_the_set_metrics(tmp_path: Path) -> None:
+def test_module_trains_on_scenes_and_logs_the_set_metrics(quiet_trainer: Callable[..., pl.Trainer]) -> None:
     pl.seed_everything(0)
     dm = DigitScenes(min_digits=0, max_digits=2, batch_size=4, val_size=4)
     module = STNModule(
@@ -368,15 +368,7 @@ def test_module_trains_on_scenes_and_logs_the_set_metrics(tmp_path: Path) -> Non
         task=SetOfObjects(),
         init="tiled",
     )
-    trainer = pl.Trainer(
-        fast_dev_run=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(fast_dev_run=1)
     trainer.fit(module, dm)
     assert trainer.global_step == 1 and trainer.callback_metrics["train/loss"].isfinite()
     trainer.test(module, dm, verbose=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -125,22 +126,15 @@ class _BlankMNIST(MNISTDataModule):
         return torch.zeros_like(digits[:, :1])
 
 
-def test_a_run_on_blank_images_stops_after_its_first_epoch(capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_run_on_blank_images_stops_after_its_first_epoch(
+    capsys: pytest.CaptureFixture[str], quiet_trainer: Callable[..., pl.Trainer]
+) -> None:
     pl.seed_everything(0)
     data = _BlankMNIST(batch_size=32, val_size=64)
     model = STNModule(backbone="stn_paper_cnn", background=data.background)
     detector = StallDetector(min_steps=0)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=3,
-        limit_train_batches=4,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[detector],
+    trainer = quiet_trainer(
+        max_epochs=3, limit_train_batches=4, limit_val_batches=1, num_sanity_val_steps=0, callbacks=[detector]
     )
     trainer.fit(model, datamodule=data)
     assert trainer.current_epoch == 1  # stopped after epoch 0 of 3

@@ -3,8 +3,10 @@
 Every ``random_*`` function draws the parameters of ``n`` warps with a ``torch.Generator`` on ``device`` (so the
 same seed gives the same warps) and returns them in the convention of :mod:`kernels`: they map OUTPUT (canvas)
 normalised coordinates in [-1, 1] to INPUT (digit) normalised coordinates. ``warp_*`` apply one warp per image
-through :mod:`kernels` (``backend="auto"``: Triton on CUDA, PyTorch elsewhere) with ``align_corners=False`` and
-zeros padding, so everything outside the digit is 0, the empty pixel of an image in [0, 1].
+through :mod:`kernels` with ``backend="auto"`` (the PyTorch path for the affine and projective warps on every
+device; Triton only for the thin-plate-spline warp of CUDA tensors, the one pass the last GPU run measured faster:
+``_AUTO_TRITON`` in ``kernels/__init__.py``), with ``align_corners=False`` and zeros padding, so everything outside
+the digit is 0, the empty pixel of an image in [0, 1].
 
 The distorted MNIST variants of the paper (Jaderberg et al. 2015, appendix), with the ranges chosen here:
 
@@ -28,6 +30,7 @@ The distorted MNIST variants of the paper (Jaderberg et al. 2015, appendix), wit
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -145,6 +148,15 @@ def random_rts(
     return placement_theta(angle, scale, shift, canvas, digit)
 
 
+# The scale range of the warps that keep the digit's size.
+_UNSCALED = (1.0, 1.0)
+
+
+def _on(generator: torch.Generator | None, device: torch.device | str) -> dict[str, Any]:
+    # The keyword arguments that say where a random draw happens.
+    return {"generator": generator, "device": device}
+
+
 def random_rotation(
     n: int,
     *,
@@ -161,12 +173,11 @@ def random_rotation(
     return random_rts(
         n,
         max_angle=max_angle,
-        scale_range=(1.0, 1.0),
+        scale_range=_UNSCALED,
         canvas=size,
         digit=size,
         translate=False,
-        generator=generator,
-        device=device,
+        **_on(generator, device),
     )
 
 
@@ -183,16 +194,7 @@ def random_translation(
     Returns:
         theta (n, 2, 3).
     """
-    return random_rts(
-        n,
-        max_angle=0.0,
-        scale_range=(1.0, 1.0),
-        canvas=canvas,
-        digit=digit,
-        translate=True,
-        generator=generator,
-        device=device,
-    )
+    return random_rts(n, max_angle=0.0, scale_range=_UNSCALED, canvas=canvas, digit=digit, **_on(generator, device))
 
 
 def random_cells(
@@ -239,13 +241,15 @@ def affine_ink_boxes(digits: Tensor, theta: Tensor, size: int | tuple[int, int])
     rendered digit overlaps its box. A digit without ink gets the box of its whole square.
 
     Args:
-        digits: (N, 28, 28) (any side), ink where > 0.
-        theta: (N, 2, 3) output-to-input placements, as :func:`warp_affine` takes them.
+        digits: (..., 28, 28) (any side), ink where > 0.
+        theta: (..., 2, 3) output-to-input placements, as :func:`warp_affine` takes them, one per digit.
         size: canvas (H, W) or an int.
 
     Returns:
-        boxes (N, 4) float32: x0, y0, x1, y1.
+        boxes (..., 4) float32: x0, y0, x1, y1.
     """
+    lead = digits.shape[:-2]
+    digits, theta = digits.reshape(-1, *digits.shape[-2:]), theta.reshape(-1, 2, 3)
     h, w = (size, size) if isinstance(size, int) else size
     side_y, side_x = digits.shape[-2:]
     ink = digits > 0
@@ -272,7 +276,7 @@ def affine_ink_boxes(digits: Tensor, theta: Tensor, size: int | tuple[int, int])
     canvas = (corners - theta[:, None, :, 2]) @ inv.transpose(-1, -2)  # (N, 4, 2), normalised canvas
     px = ((canvas[..., 0] + 1) * w - 1) / 2
     py = ((canvas[..., 1] + 1) * h - 1) / 2
-    return torch.stack([px.amin(-1), py.amin(-1), px.amax(-1), py.amax(-1)], dim=-1)
+    return torch.stack([px.amin(-1), py.amin(-1), px.amax(-1), py.amax(-1)], dim=-1).view(*lead, 4)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -429,6 +433,69 @@ def random_clutter(
     return source, cut, paste
 
 
+def random_clutter_pieces(
+    pool: Tensor, *, num_pieces: int, patch: int, canvas: int, generator: torch.Generator | None = None
+) -> dict[str, Tensor]:
+    """Clutter for a batch of canvases, each cut from the other canvases' digits (cluttered MNIST's).
+
+    Args:
+        pool: (n, s, s) the digit of each canvas, at the size the pieces are cut at (28 pixels for MNIST's clutter).
+        num_pieces: clutter pieces per canvas.
+        patch: side of a piece in pixels.
+        canvas: side of the canvas in pixels.
+        generator: the random generator, on ``pool``'s device.
+
+    Returns:
+        "clutter" (n, num_pieces, patch, patch) pieces in ``pool``'s dtype and "clutter_at" (n, num_pieces, 2) long
+        corners (row, col) in the canvas: what :func:`merge_digits` pastes.
+    """
+    n, device = pool.shape[0], pool.device
+    own = torch.arange(n, device=device)
+    source, cut, paste = random_clutter(
+        n,
+        n,
+        num_pieces=num_pieces,
+        patch=patch,
+        canvas=canvas,
+        digit=pool.shape[-1],
+        exclude=own,
+        **_on(generator, device),
+    )
+    return {"clutter": cut_patches(pool, source, cut, patch), "clutter_at": paste}
+
+
+def first_slots(drawn: Tensor, slots: int) -> Tensor:
+    """Which of ``slots`` digit slots are drawn when each sample draws its first ``drawn`` ones.
+
+    Args:
+        drawn: (n,) integer counts.
+        slots: the slots per sample.
+
+    Returns:
+        (n, slots) bool.
+    """
+    return torch.arange(slots, device=drawn.device) < drawn[:, None]
+
+
+def merge_digits(placed: Tensor, params: dict[str, Tensor], drawn: Tensor | None = None) -> Tensor:
+    """One canvas from the digits placed on it: their pixelwise maximum, then the clutter of ``params`` pasted.
+
+    Args:
+        placed: (n, D, H, W) each digit alone on the canvas.
+        params: the clutter under "clutter" and "clutter_at" (:func:`random_clutter_pieces`), or none.
+        drawn: (n,) how many of the D digits are drawn (the first ones), or None for all of them.
+
+    Returns:
+        (n, 1, H, W) in ``placed``'s dtype.
+    """
+    if drawn is not None:
+        placed = placed * first_slots(drawn.to(placed.device), placed.shape[1])[..., None, None].to(placed.dtype)
+    canvas = placed.amax(dim=1)
+    if "clutter" in params:
+        canvas = paste_patches(canvas, params["clutter"].to(canvas.dtype), params["clutter_at"])
+    return canvas.unsqueeze(1)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # application (one warp per image)
 # --------------------------------------------------------------------------------------------------------------
@@ -444,6 +511,22 @@ def warp_affine(images: Tensor, theta: Tensor, size: int | tuple[int, int]) -> T
         (B, C, Ho, Wo), zeros outside the input.
     """
     return kernels.sample_affine(images, theta.unsqueeze(1).to(images.dtype), size).squeeze(1)
+
+
+def place_digits(digits: Tensor, theta: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """Every digit of every sample warped alone onto a canvas of its own.
+
+    Args:
+        digits: (n, D, h, w) D digits per sample.
+        theta: (n, D, 2, 3) each digit's output-to-input placement.
+        size: canvas (H, W) or an int.
+
+    Returns:
+        (n, D, H, W); :func:`merge_digits` makes one canvas of them.
+    """
+    n, d = digits.shape[:2]
+    placed = warp_affine(digits.reshape(n * d, 1, *digits.shape[-2:]), theta.reshape(n * d, 2, 3), size)
+    return placed.view(n, d, *placed.shape[-2:])
 
 
 def warp_projective(images: Tensor, h: Tensor, size: int | tuple[int, int]) -> Tensor:

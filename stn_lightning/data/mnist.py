@@ -1,6 +1,6 @@
 """LightningDataModules for MNIST and the paper's distorted, cluttered, addition and multi-digit variants.
 
-Every DataModule here follows the same path (DESIGN.md, convention 7):
+Every DataModule here follows the same path (docs/DESIGN.md, convention 7):
 
 * ``__init__`` only stores arguments and sets ``num_classes``, ``in_chans``, ``image_size``, ``background``,
   ``mean`` and ``std`` (LightningCLI links them to the model before any data is read);
@@ -27,6 +27,7 @@ DataModules that know where they put the digits (:class:`MultiMNIST`, :class:`Cl
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from typing import Any, Literal
@@ -64,6 +65,31 @@ _STATS = {"bundled": (0.1307, 0.3081), "mnist": (0.1307, 0.3081), "fashion_mnist
 def _run_seed() -> int:
     # The seed of seed_everything (Lightning exports it to every DDP process), else torch's initial seed.
     return int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())) % 2**63
+
+
+def stored_counts(params: dict[str, Tensor], key: str, what: str, device: torch.device) -> Tensor:
+    """How many digits each sample draws (B,) int64, from draw's parameters (stored with the evaluation sets).
+
+    Args:
+        params: what ``draw`` returned, or a raw evaluation batch's stored parameters.
+        key: where the counts are ("counts", "lengths").
+        what: what they are, for the error message.
+        device: where they go.
+    """
+    if key not in params:
+        raise ValueError(f"expected {what} in params, got only {sorted(params)}")
+    return params[key].to(device).long()
+
+
+def drawn_boxes(boxes: Tensor, drawn: Tensor) -> Tensor:
+    """Boxes (B, D, 4) with NaN rows for the digits past each sample's count ``drawn`` (B,)."""
+    return boxes.masked_fill(~dist.first_slots(drawn.to(boxes.device), boxes.shape[1])[..., None], math.nan)
+
+
+def drawn_labels(labels: Tensor, drawn: Tensor) -> Tensor:
+    """Digit labels (B, D) int64 with -1 for the digits past each sample's count ``drawn`` (B,)."""
+    present = dist.first_slots(drawn.to(labels.device), labels.shape[1])
+    return torch.where(present, labels.long(), torch.full_like(labels, -1, dtype=torch.long))
 
 
 class DigitsDataset(Dataset):
@@ -163,6 +189,9 @@ class DigitsDataModule(LightningDataModule):
         self._generators: dict[str, tuple[int, torch.Generator]] = {}
         self._pending_states: dict[str, tuple[int, Tensor]] = {}
         self._base_seed: int | None = None
+        # Every argument of the whole __init__ chain, the subclass's own ones included (Lightning reads them from
+        # the calling frames), so a subclass takes only its own arguments and passes the rest on as **kwargs.
+        self.save_hyperparameters()
 
     def _set_stats(self) -> None:
         mean, std = _STATS[self.source]
@@ -413,19 +442,6 @@ class MNISTDataModule(DigitsDataModule):
     Args: see :class:`DigitsDataModule`.
     """
 
-    def __init__(
-        self,
-        source: Source = "bundled",
-        root: str = "data",
-        download: bool = False,
-        batch_size: int = 256,
-        num_workers: int = 0,
-        val_size: int = 500,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(source, root, download, batch_size, num_workers, val_size, seed)
-        self.save_hyperparameters()
-
 
 class DistortedMNIST(DigitsDataModule):
     """The distorted MNIST of the paper: x (B, 1, 28, 28) for R, P and E, (B, 1, 42, 42) for RTS; 10 classes.
@@ -437,24 +453,14 @@ class DistortedMNIST(DigitsDataModule):
 
     Args:
         variant: "R", "RTS", "P" or "E".
-        others: see :class:`DigitsDataModule`.
+        **kwargs: the arguments of :class:`DigitsDataModule` (source, root, download, batch_size, num_workers,
+            val_size, seed).
     """
 
-    def __init__(
-        self,
-        variant: Variant = "RTS",
-        source: Source = "bundled",
-        root: str = "data",
-        download: bool = False,
-        batch_size: int = 256,
-        num_workers: int = 0,
-        val_size: int = 500,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, variant: Variant = "RTS", **kwargs: Any) -> None:
         if variant not in _VARIANTS:
             raise ValueError(f"expected variant in {_VARIANTS}, got {variant!r}")
-        super().__init__(source, root, download, batch_size, num_workers, val_size, seed)
-        self.save_hyperparameters()
+        super().__init__(**kwargs)
         self.variant: Variant = variant
         side = 42 if variant == "RTS" else dist.DIGIT_SIZE
         self.image_size = (side, side)
@@ -493,7 +499,8 @@ class ClutteredMNIST(DigitsDataModule):
         num_clutter: clutter pieces per image (0 for translated MNIST without clutter).
         canvas: side of the canvas in pixels.
         clutter_size: side of a clutter piece in pixels.
-        others: see :class:`DigitsDataModule`.
+        **kwargs: the arguments of :class:`DigitsDataModule` (source, root, download, batch_size, num_workers,
+            val_size, seed).
     """
 
     def __init__(
@@ -501,13 +508,7 @@ class ClutteredMNIST(DigitsDataModule):
         num_clutter: int = 8,
         canvas: int = 60,
         clutter_size: int = 6,
-        source: Source = "bundled",
-        root: str = "data",
-        download: bool = False,
-        batch_size: int = 256,
-        num_workers: int = 0,
-        val_size: int = 500,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
         if num_clutter < 0:
             raise ValueError(f"expected num_clutter >= 0, got {num_clutter}")
@@ -515,8 +516,7 @@ class ClutteredMNIST(DigitsDataModule):
             raise ValueError(f"expected canvas >= {dist.DIGIT_SIZE} pixels, got {canvas}")
         if not 1 <= clutter_size <= dist.DIGIT_SIZE:
             raise ValueError(f"expected 1 <= clutter_size <= {dist.DIGIT_SIZE}, got {clutter_size}")
-        super().__init__(source, root, download, batch_size, num_workers, val_size, seed)
-        self.save_hyperparameters()
+        super().__init__(**kwargs)
         self.num_clutter = num_clutter
         self.canvas = canvas
         self.clutter_size = clutter_size
@@ -526,24 +526,14 @@ class ClutteredMNIST(DigitsDataModule):
         """ "theta" (B, 2, 3) placing the digit, "clutter" (B, P, s, s) pieces and "clutter_at" (B, P, 2) corners."""
         n, device = digits.shape[0], digits.device
         theta = dist.random_translation(n, canvas=self.canvas, generator=generator, device=device)
-        source, cut, paste = dist.random_clutter(
-            n,
-            n,
-            num_pieces=self.num_clutter,
-            patch=self.clutter_size,
-            canvas=self.canvas,
-            exclude=torch.arange(n, device=device),
-            generator=generator,
-            device=device,
+        clutter = dist.random_clutter_pieces(
+            digits[:, 0], num_pieces=self.num_clutter, patch=self.clutter_size, canvas=self.canvas, generator=generator
         )
-        pieces = dist.cut_patches(digits[:, 0], source, cut, self.clutter_size)
-        return {"theta": theta, "clutter": pieces, "clutter_at": paste}
+        return {"theta": theta, **clutter}
 
     def render(self, digits: Tensor, params: dict[str, Tensor]) -> Tensor:
         """Place the digit, then paste the clutter by pixelwise maximum: (B, 1, 28, 28) -> (B, 1, canvas, canvas)."""
-        canvas = dist.warp_affine(digits, params["theta"], self.image_size)[:, 0]
-        canvas = dist.paste_patches(canvas, params["clutter"].to(canvas.dtype), params["clutter_at"])
-        return canvas.unsqueeze(1)
+        return dist.merge_digits(dist.warp_affine(digits, params["theta"], self.image_size), params)
 
     def boxes(self, digits: Tensor, params: dict[str, Tensor]) -> Tensor:
         """The digit's ink box (B, 1, 4) in canvas pixels (the clutter is not boxed)."""
@@ -558,18 +548,8 @@ class MNISTAddition(DigitsDataModule):
     Args: see :class:`DigitsDataModule`.
     """
 
-    def __init__(
-        self,
-        source: Source = "bundled",
-        root: str = "data",
-        download: bool = False,
-        batch_size: int = 256,
-        num_workers: int = 0,
-        val_size: int = 500,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(source, root, download, batch_size, num_workers, val_size, seed)
-        self.save_hyperparameters()
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.num_digits = 2
         self.num_classes = 19
         self.in_chans = 2
@@ -586,9 +566,7 @@ class MNISTAddition(DigitsDataModule):
 
     def render(self, digits: Tensor, params: dict[str, Tensor]) -> Tensor:
         """Digit k goes to channel k: (B, 2, 28, 28) -> (B, 2, 42, 42)."""
-        b = digits.shape[0]
-        flat = digits.reshape(2 * b, 1, dist.DIGIT_SIZE, dist.DIGIT_SIZE)
-        return dist.warp_affine(flat, params["theta"].reshape(2 * b, 2, 3), self.image_size).view(b, 2, 42, 42)
+        return dist.place_digits(digits, params["theta"], self.image_size)
 
 
 class MultiMNIST(DigitsDataModule):
@@ -601,27 +579,21 @@ class MultiMNIST(DigitsDataModule):
     Args:
         num_digits: 2 or 3.
         canvas: side of the canvas in pixels, at least 56 (2 x 28).
-        others: see :class:`DigitsDataModule`.
+        **kwargs: the arguments of :class:`DigitsDataModule` (source, root, download, batch_size, num_workers,
+            val_size, seed).
     """
 
     def __init__(
         self,
         num_digits: int = 2,
         canvas: int = 64,
-        source: Source = "bundled",
-        root: str = "data",
-        download: bool = False,
-        batch_size: int = 256,
-        num_workers: int = 0,
-        val_size: int = 500,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
         if num_digits not in (2, 3):
             raise ValueError(f"expected num_digits in (2, 3), got {num_digits}")
         if canvas < 2 * dist.DIGIT_SIZE:
             raise ValueError(f"expected canvas >= {2 * dist.DIGIT_SIZE} pixels (2 x 2 cells of 28), got {canvas}")
-        super().__init__(source, root, download, batch_size, num_workers, val_size, seed)
-        self.save_hyperparameters()
+        super().__init__(**kwargs)
         self.num_digits = num_digits
         self.num_classes = 9 * num_digits + 1
         self.canvas = canvas
@@ -638,13 +610,8 @@ class MultiMNIST(DigitsDataModule):
 
     def render(self, digits: Tensor, params: dict[str, Tensor]) -> Tensor:
         """Place every digit and merge by maximum: (B, D, 28, 28) -> (B, 1, canvas, canvas)."""
-        b, d = digits.shape[:2]
-        flat = digits.reshape(b * d, 1, dist.DIGIT_SIZE, dist.DIGIT_SIZE)
-        placed = dist.warp_affine(flat, params["theta"].reshape(b * d, 2, 3), self.image_size)
-        return placed.view(b, d, *self.image_size).amax(dim=1, keepdim=True)
+        return dist.merge_digits(dist.place_digits(digits, params["theta"], self.image_size), params)
 
     def boxes(self, digits: Tensor, params: dict[str, Tensor]) -> Tensor:
         """Each digit's ink box (B, D, 4) in canvas pixels, from its placement and its ink bounding box."""
-        b, d = digits.shape[:2]
-        theta = params["theta"].reshape(b * d, 2, 3)
-        return dist.affine_ink_boxes(digits.reshape(b * d, *digits.shape[-2:]), theta, self.image_size).view(b, d, 4)
+        return dist.affine_ink_boxes(digits, params["theta"], self.image_size)

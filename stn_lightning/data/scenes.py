@@ -24,13 +24,14 @@ The placement runs batched on the batch's device, one step per digit slot (no lo
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import distortions as dist
-from .digits import CLASS_NAMES, Source
-from .mnist import DigitsDataModule
+from .digits import CLASS_NAMES
+from .mnist import DigitsDataModule, drawn_boxes, drawn_labels, stored_counts
 
 __all__ = ["DigitScenes", "box_overlap"]
 
@@ -61,10 +62,7 @@ def box_overlap(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _counts(params: dict[str, Tensor], device: torch.device) -> Tensor:
-    # The samples' digit counts (B,) int64 from draw's parameters (stored with the evaluation sets).
-    if "counts" not in params:
-        raise ValueError(f"expected the scenes' digit counts in params, got only {sorted(params)}")
-    return params["counts"].to(device).long()
+    return stored_counts(params, "counts", "the scenes' digit counts", device)
 
 
 class DigitScenes(DigitsDataModule):
@@ -91,7 +89,8 @@ class DigitScenes(DigitsDataModule):
             that the placement accepts (see above; 1 lets digits fall anywhere).
         num_clutter: pieces of other digits pasted anywhere in the canvas (0 for none), as in cluttered MNIST.
         clutter_size: side of a clutter piece in pixels (cut from the other samples' first digits at 28 pixels).
-        others: see :class:`DigitsDataModule`.
+        **kwargs: the arguments of :class:`DigitsDataModule` (source, root, download, batch_size, num_workers,
+            val_size, seed).
 
     Attributes:
         num_digits: ``max_digits``, the digits per sample of a raw evaluation batch.
@@ -107,13 +106,7 @@ class DigitScenes(DigitsDataModule):
         max_overlap: float = 0.1,
         num_clutter: int = 0,
         clutter_size: int = 6,
-        source: Source = "bundled",
-        root: str = "data",
-        download: bool = False,
-        batch_size: int = 256,
-        num_workers: int = 0,
-        val_size: int = 500,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
         if canvas < 32:
             raise ValueError(f"expected canvas >= 32 pixels, got {canvas}")
@@ -131,8 +124,7 @@ class DigitScenes(DigitsDataModule):
             raise ValueError(f"expected num_clutter >= 0, got {num_clutter}")
         if not 1 <= clutter_size <= dist.DIGIT_SIZE:
             raise ValueError(f"expected 1 <= clutter_size <= {dist.DIGIT_SIZE}, got {clutter_size}")
-        super().__init__(source, root, download, batch_size, num_workers, val_size, seed)
-        self.save_hyperparameters()
+        super().__init__(**kwargs)
         self.canvas = canvas
         self.min_digits = min_digits
         self.max_digits = max_digits
@@ -176,26 +168,22 @@ class DigitScenes(DigitsDataModule):
         counts = torch.randint(self.min_digits, self.max_digits + 1, (b,), generator=generator, device=device)
         angle = uniform((b * d,), -math.radians(self.max_angle), math.radians(self.max_angle))
         scale = uniform((b * d,), *self.scale_range)
-        flat = digits.reshape(b * d, *digits.shape[-2:])
         # Each digit's ink box with its centre at the canvas's centre; a shift of t pixels moves it by t.
         centred = dist.placement_theta(angle, scale, torch.zeros(b * d, 2, device=device), self.canvas)
-        boxes = dist.affine_ink_boxes(flat, centred, self.image_size).view(b, d, 4)
+        boxes = dist.affine_ink_boxes(digits, centred.view(b, d, 2, 3), self.image_size)
         shift = self._place(boxes, counts, generator)  # (B, D, 2) pixels
         theta = dist.placement_theta(angle, scale, shift.reshape(-1, 2) * (2.0 / self.canvas), self.canvas)
         params = {"counts": counts, "theta": theta.view(b, d, 2, 3)}
         if self.num_clutter > 0:
-            source, cut, paste = dist.random_clutter(
-                b,
-                b,
-                num_pieces=self.num_clutter,
-                patch=self.clutter_size,
-                canvas=self.canvas,
-                exclude=torch.arange(b, device=device),
-                generator=generator,
-                device=device,
+            params.update(
+                dist.random_clutter_pieces(
+                    digits[:, 0],
+                    num_pieces=self.num_clutter,
+                    patch=self.clutter_size,
+                    canvas=self.canvas,
+                    generator=generator,
+                )
             )
-            params["clutter"] = dist.cut_patches(digits[:, 0], source, cut, self.clutter_size)
-            params["clutter_at"] = paste
         return params
 
     def _place(self, boxes: Tensor, counts: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -251,53 +239,20 @@ class DigitScenes(DigitsDataModule):
         return shifts, worst_of
 
     def render(self, digits: Tensor, params: dict[str, Tensor]) -> Tensor:
-        """Place the first ``counts`` digits of each sample and merge them (and the clutter) by maximum.
-
-        Args:
-            digits: (B, max_digits, 28, 28) float in [0, 1].
-            params: what :meth:`draw` returns.
-
-        Returns:
-            (B, 1, canvas, canvas) float in [0, 1].
-        """
-        b, d = digits.shape[:2]
-        flat = digits.reshape(b * d, 1, dist.DIGIT_SIZE, dist.DIGIT_SIZE)
-        placed = dist.warp_affine(flat, params["theta"].reshape(b * d, 2, 3), self.image_size)
-        present = torch.arange(d, device=digits.device) < _counts(params, digits.device)[:, None]  # (B, D)
-        placed = placed.view(b, d, *self.image_size) * present[..., None, None].to(placed.dtype)
-        canvas = placed.amax(dim=1)
-        if "clutter" in params:
-            canvas = dist.paste_patches(canvas, params["clutter"].to(canvas.dtype), params["clutter_at"])
-        return canvas.unsqueeze(1)
+        """The first ``counts`` digits of each sample placed and merged (with the clutter) by maximum: digits
+        (B, max_digits, 28, 28) -> (B, 1, canvas, canvas)."""
+        placed = dist.place_digits(digits, params["theta"], self.image_size)
+        return dist.merge_digits(placed, params, _counts(params, digits.device))
 
     def boxes(self, digits: Tensor, params: dict[str, Tensor]) -> Tensor:
-        """Each drawn digit's ink box in canvas pixels; NaN rows for the slots not drawn.
-
-        Args:
-            digits: (B, max_digits, 28, 28) float in [0, 1].
-            params: what :meth:`draw` returns.
-
-        Returns:
-            (B, max_digits, 4) float32 boxes x0, y0, x1, y1 (pixel centres at integers).
-        """
-        b, d = digits.shape[:2]
-        flat = digits.reshape(b * d, *digits.shape[-2:])
-        boxes = dist.affine_ink_boxes(flat, params["theta"].reshape(b * d, 2, 3), self.image_size).view(b, d, 4)
-        present = torch.arange(d, device=boxes.device) < _counts(params, boxes.device)[:, None]
-        return boxes.masked_fill(~present[..., None], math.nan)
+        """Each drawn digit's ink box (B, max_digits, 4) in canvas pixels; NaN rows for the slots not drawn."""
+        boxes = dist.affine_ink_boxes(digits, params["theta"], self.image_size)
+        return drawn_boxes(boxes, _counts(params, boxes.device))
 
     # ----------------------------------------------------------------------------------------------------------
     # labels
     # ----------------------------------------------------------------------------------------------------------
     def target(self, labels: Tensor, params: dict[str, Tensor]) -> Tensor:
-        """The multiset label: the drawn digits' classes, -1 for the slots not drawn.
-
-        Args:
-            labels: (B, max_digits) int64, the classes of the sample's digits.
-            params: with "counts" (B,).
-
-        Returns:
-            y int64 (B, max_digits): y[:, i] = labels[:, i] for i < counts, -1 for i >= counts.
-        """
-        present = torch.arange(labels.shape[1], device=labels.device) < _counts(params, labels.device)[:, None]
-        return torch.where(present, labels.long(), torch.full_like(labels, -1, dtype=torch.long))
+        """The multiset label y int64 (B, max_digits): the drawn digits' classes, -1 for the slots not drawn
+        (y[:, i] = labels[:, i] for i < params["counts"], -1 from there)."""
+        return drawn_labels(labels, _counts(params, labels.device))

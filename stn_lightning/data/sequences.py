@@ -29,14 +29,14 @@ jitter``. With the defaults (5 digits, spacing (0.55, 0.75), jitter 0.08, scale 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import distortions as dist
-from .digits import Source
-from .mnist import DigitsDataModule
+from .mnist import DigitsDataModule, drawn_boxes, drawn_labels, stored_counts
 
 __all__ = ["DigitSequences", "default_digit_size"]
 
@@ -92,10 +92,7 @@ def _check_pair(name: str, value: tuple[float, float], upper: float = math.inf) 
 
 
 def _lengths(params: dict[str, Tensor], device: torch.device) -> Tensor:
-    # The strings' lengths (B,) int64 from draw's parameters (stored with the evaluation sets).
-    if "lengths" not in params:
-        raise ValueError(f"expected the strings' lengths in params, got only {sorted(params)}")
-    return params["lengths"].to(device).long()
+    return stored_counts(params, "lengths", "the strings' lengths", device)
 
 
 class DigitSequences(DigitsDataModule):
@@ -138,7 +135,8 @@ class DigitSequences(DigitsDataModule):
         spread: the string's ink box is placed uniformly in this share of the room the canvas leaves around it: 1
             anywhere in the canvas, 0 centred (SVHN's crops are centred on the number, up to the random 54 x 54 crops
             of its 64 x 64 images that the paper trains on).
-        others: see :class:`DigitsDataModule`.
+        **kwargs: the arguments of :class:`DigitsDataModule` (source, root, download, batch_size, num_workers,
+            val_size, seed).
 
     Attributes:
         max_length, min_length, canvas, digit_size, clutter_size: as given or chosen.
@@ -161,13 +159,7 @@ class DigitSequences(DigitsDataModule):
         fit: tuple[float, float] | None = (0.5, 0.9),
         max_height: float = 0.6,
         spread: float = 1.0,
-        source: Source = "bundled",
-        root: str = "data",
-        download: bool = False,
-        batch_size: int = 256,
-        num_workers: int = 0,
-        val_size: int = 500,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
         if canvas < 16:
             raise ValueError(f"expected canvas >= 16 pixels, got {canvas}")
@@ -205,8 +197,7 @@ class DigitSequences(DigitsDataModule):
         largest = min(canvas, dist.DIGIT_SIZE)
         if clutter_size is not None and not 1 <= clutter_size <= largest:
             raise ValueError(f"expected 1 <= clutter_size <= {largest} pixels (min(canvas, 28)), got {clutter_size}")
-        super().__init__(source, root, download, batch_size, num_workers, val_size, seed)
-        self.save_hyperparameters()
+        super().__init__(**kwargs)
         self.canvas = canvas
         self.max_length = max_length
         self.min_length = min_length
@@ -276,11 +267,11 @@ class DigitSequences(DigitsDataModule):
             sizes_now = sizes * zoom[:, None].expand(b, d).reshape(-1)
             return dist.placement_theta(angles, sizes_now, centres, self.canvas).view(b, d, 2, 3)
 
-        present = (torch.arange(d, device=device) < lengths[:, None])[..., None]  # (B, D, 1)
+        present = dist.first_slots(lengths, d)[..., None]  # (B, D, 1)
 
         def extent(theta: Tensor) -> tuple[Tensor, Tensor]:
             # The box (x0, y0), (x1, y1) around the drawn digits' ink, (B, 2) each, in canvas pixels.
-            boxes = self._ink_boxes(digits, theta)
+            boxes = dist.affine_ink_boxes(digits, theta, self.image_size)
             low = boxes[..., :2].masked_fill(~present, math.inf).amin(dim=1)
             high = boxes[..., 2:].masked_fill(~present, -math.inf).amax(dim=1)
             return low, high
@@ -303,38 +294,19 @@ class DigitSequences(DigitsDataModule):
 
     def _draw_clutter(self, digits: Tensor, generator: torch.Generator | None) -> dict[str, Tensor]:
         # Pieces cut from the other samples' first digits, resized to the drawn digit box.
-        b, device = digits.shape[0], digits.device
         side = max(round(self.digit_size), self.clutter_size)
         pool = F.interpolate(digits[:, :1], size=(side, side), mode="bilinear", align_corners=False, antialias=True)
-        source, cut, paste = dist.random_clutter(
-            b,
-            b,
+        return dist.random_clutter_pieces(
+            pool[:, 0].clamp(0.0, 1.0),
             num_pieces=self.num_clutter,
             patch=self.clutter_size,
             canvas=self.canvas,
-            digit=side,
-            exclude=torch.arange(b, device=device),
             generator=generator,
-            device=device,
         )
-        pieces = dist.cut_patches(pool[:, 0].clamp(0.0, 1.0), source, cut, self.clutter_size)
-        return {"clutter": pieces, "clutter_at": paste}
-
-    def _ink_boxes(self, digits: Tensor, theta: Tensor) -> Tensor:
-        b, d = digits.shape[:2]
-        flat = digits.reshape(b * d, *digits.shape[-2:])
-        return dist.affine_ink_boxes(flat, theta.reshape(b * d, 2, 3), self.image_size).view(b, d, 4)
 
     def render(self, digits: Tensor, params: dict[str, Tensor]) -> Tensor:
-        """Place the first L digits of each sample and merge them (and the clutter) by maximum.
-
-        Args:
-            digits: (B, max_length, 28, 28) float in [0, 1].
-            params: what :meth:`draw` returns.
-
-        Returns:
-            (B, 1, canvas, canvas) float in [0, 1].
-        """
+        """The first L digits of each sample placed and merged (with the clutter) by maximum: digits
+        (B, max_length, 28, 28) -> (B, 1, canvas, canvas)."""
         b, d = digits.shape[:2]
         flat = digits.reshape(b * d, 1, dist.DIGIT_SIZE, dist.DIGIT_SIZE)
         theta = params["theta"].reshape(b * d, 2, 3)
@@ -349,12 +321,7 @@ class DigitSequences(DigitsDataModule):
             small = dist.warp_affine(level.clamp(0.0, 1.0), theta, self.image_size)
             placed = torch.where((drawn < side)[:, None, None, None], small, placed)
             side //= 2
-        present = torch.arange(d, device=digits.device) < _lengths(params, digits.device)[:, None]  # (B, D)
-        placed = placed.view(b, d, *self.image_size) * present[..., None, None].to(placed.dtype)
-        canvas = placed.amax(dim=1)
-        if "clutter" in params:
-            canvas = dist.paste_patches(canvas, params["clutter"].to(canvas.dtype), params["clutter_at"])
-        return canvas.unsqueeze(1)
+        return dist.merge_digits(placed.view(b, d, *self.image_size), params, _lengths(params, digits.device))
 
     def boxes(self, digits: Tensor, params: dict[str, Tensor]) -> None:
         """None: a string has fewer than ``max_length`` digits, and co-localisation needs every box present."""
@@ -370,9 +337,8 @@ class DigitSequences(DigitsDataModule):
         Returns:
             (B, max_length, 4) float32 boxes x0, y0, x1, y1 (pixel centres at integers).
         """
-        boxes = self._ink_boxes(digits, params["theta"])
-        present = torch.arange(digits.shape[1], device=boxes.device) < _lengths(params, boxes.device)[:, None]
-        return boxes.masked_fill(~present[..., None], math.nan)
+        boxes = dist.affine_ink_boxes(digits, params["theta"], self.image_size)
+        return drawn_boxes(boxes, _lengths(params, boxes.device))
 
     # ----------------------------------------------------------------------------------------------------------
     # labels
@@ -388,6 +354,4 @@ class DigitSequences(DigitsDataModule):
             y int64 (B, 1 + max_length): y[:, 0] = L, y[:, 1 + i] = labels[:, i] for i < L, -1 for i >= L.
         """
         lengths = _lengths(params, labels.device)
-        present = torch.arange(labels.shape[1], device=labels.device) < lengths[:, None]
-        digits = torch.where(present, labels.long(), torch.full_like(labels, -1, dtype=torch.long))
-        return torch.cat([lengths[:, None], digits], dim=1)
+        return torch.cat([lengths[:, None], drawn_labels(labels, lengths)], dim=1)
