@@ -102,14 +102,18 @@ def _sample_bwd_kernel(
     if not HAS_FILL:
         fill = 0.0  # the masked loads' zeros cost no register (with a run-time fill: 96 -> 124 for tps, sm_90)
     bk, slot, c_lo, c_hi, i, j, pmask = _tile_coords(C, Ho, Wo, BLOCK_H, BLOCK_W, CGROUP)
-    ix, iy, valid, terms = COORDS(p_ptr, a_ptr, s_ptr, bk, K, N, i, j, pmask, H, W, Ho, Wo, CDT, FMAX)
-    gix, giy = _scatter_tile(
-        gx_ptr, x_ptr, go_ptr, bk, K, i, j, ix, iy, pmask & valid, c_lo, c_hi, H, W,
-        sxb, sxc, sxh, sxw, sgxb, sgxc, sgxh, sgxw, sgb, sgk, sgc, sgh, sgw, fill, HAS_FILL,
-        BORDER, NEAREST, NEED_X_GRAD, NEED_PARAM_GRAD, BLOCK_C, CDT, IDX64, FMAX,
-    )  # fmt: skip
-    if NEED_PARAM_GRAD:
-        PARAM_GRAD(part_ptr, slot, bk, c_lo, i, j, pmask, gix, giy, terms, a_ptr, s_ptr, N, C, Ho, Wo, CGROUP, CDT)
+    # bk >= 0 always holds. The branch keeps the code ptxas made for the backward that the last GPU run timed (then
+    # behind a run-time flag): without it, the affine backward takes 58 registers per thread instead of 48 for the
+    # same 560 SASS instructions (sm_90, triton 3.8, benchmarks/sass_report.py), and no GPU has timed that variant.
+    if bk >= 0:
+        ix, iy, valid, terms = COORDS(p_ptr, a_ptr, s_ptr, bk, K, N, i, j, pmask, H, W, Ho, Wo, CDT, FMAX)
+        gix, giy = _scatter_tile(
+            gx_ptr, x_ptr, go_ptr, bk, K, i, j, ix, iy, pmask & valid, c_lo, c_hi, H, W,
+            sxb, sxc, sxh, sxw, sgxb, sgxc, sgxh, sgxw, sgb, sgk, sgc, sgh, sgw, fill, HAS_FILL,
+            BORDER, NEAREST, NEED_X_GRAD, NEED_PARAM_GRAD, BLOCK_C, CDT, IDX64, FMAX,
+        )  # fmt: skip
+        if NEED_PARAM_GRAD:
+            PARAM_GRAD(part_ptr, slot, bk, c_lo, i, j, pmask, gix, giy, terms, a_ptr, s_ptr, N, C, Ho, Wo, CGROUP, CDT)
 
 
 # --------------------------------------------------------------------------------------------------------------
