@@ -193,16 +193,9 @@ _DEFAULT_TARGETS: dict[tuple[int, torch.device], Tensor] = {}
 # the public ops
 # --------------------------------------------------------------------------------------------------------------
 def sample_affine(
-    x: Tensor,
-    theta: Tensor,
-    size: int | tuple[int, int],
-    *,
-    align_corners: bool = False,
-    padding_mode: Padding = "zeros",
-    mode: Mode = "bilinear",
-    fill: float = 0.0,
-    backend: Backend = "auto",
-) -> Tensor:
+    x: Tensor, theta: Tensor, size: int | tuple[int, int], *, align_corners: bool = False,
+    padding_mode: Padding = "zeros", mode: Mode = "bilinear", fill: float = 0.0, backend: Backend = "auto",
+) -> Tensor:  # fmt: skip
     """Sample K affine warps of each image.
 
     Args:
@@ -226,16 +219,9 @@ def sample_affine(
 
 
 def sample_projective(
-    x: Tensor,
-    h: Tensor,
-    size: int | tuple[int, int],
-    *,
-    align_corners: bool = False,
-    padding_mode: Padding = "zeros",
-    mode: Mode = "bilinear",
-    fill: float = 0.0,
-    backend: Backend = "auto",
-) -> Tensor:
+    x: Tensor, h: Tensor, size: int | tuple[int, int], *, align_corners: bool = False,
+    padding_mode: Padding = "zeros", mode: Mode = "bilinear", fill: float = 0.0, backend: Backend = "auto",
+) -> Tensor:  # fmt: skip
     """Sample K projective warps of each image.
 
     Args:
@@ -253,17 +239,10 @@ def sample_projective(
 
 
 def sample_tps(
-    x: Tensor,
-    control_points: Tensor,
-    size: int | tuple[int, int],
-    *,
-    target_points: Tensor | None = None,
-    align_corners: bool = False,
-    padding_mode: Padding = "zeros",
-    mode: Mode = "bilinear",
-    fill: float = 0.0,
+    x: Tensor, control_points: Tensor, size: int | tuple[int, int], *, target_points: Tensor | None = None,
+    align_corners: bool = False, padding_mode: Padding = "zeros", mode: Mode = "bilinear", fill: float = 0.0,
     backend: Backend = "auto",
-) -> Tensor:
+) -> Tensor:  # fmt: skip
     """Sample K thin-plate-spline warps of each image.
 
     The spline coefficients come from one small solve (a product with a constant matrix, :func:`tps_coefficients`)
@@ -292,15 +271,9 @@ def sample_tps(
 
 
 def sample_grid(
-    x: Tensor,
-    grid: Tensor,
-    *,
-    align_corners: bool = False,
-    padding_mode: Padding = "zeros",
-    mode: Mode = "bilinear",
-    fill: float = 0.0,
-    backend: Backend = "auto",
-) -> Tensor:
+    x: Tensor, grid: Tensor, *, align_corners: bool = False, padding_mode: Padding = "zeros", mode: Mode = "bilinear",
+    fill: float = 0.0, backend: Backend = "auto",
+) -> Tensor:  # fmt: skip
     """Sample K explicit grids from each image, for any other warp.
 
     Args:

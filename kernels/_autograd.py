@@ -123,17 +123,9 @@ if HAS_LIBRARY_OPS and _library_op() is None:
 
     @torch.library.triton_op("stn_lightning::sample", mutates_args=())
     def _sample_op(
-        x: Tensor,
-        params: Tensor,
-        aux: Tensor,
-        family: str,
-        height: int,
-        width: int,
-        align_corners: bool,
-        padding_mode: str,
-        mode: str,
-        fill: float,
-    ) -> Tensor:
+        x: Tensor, params: Tensor, aux: Tensor, family: str, height: int, width: int, align_corners: bool,
+        padding_mode: str, mode: str, fill: float,
+    ) -> Tensor:  # fmt: skip
         fam, spec = _unpack(family, height, width, align_corners, padding_mode, mode, fill)
         return forward(x, *fam.prepare(x, params, aux, spec), fam, spec, wrap=True)
 
@@ -144,20 +136,9 @@ if HAS_LIBRARY_OPS and _library_op() is None:
 
     @torch.library.triton_op("stn_lightning::sample_backward", mutates_args=())
     def _sample_bwd_op(
-        grad: Tensor,
-        x: Tensor,
-        params: Tensor,
-        aux: Tensor,
-        family: str,
-        height: int,
-        width: int,
-        align_corners: bool,
-        padding_mode: str,
-        mode: str,
-        fill: float,
-        need_x: bool,
-        need_params: bool,
-    ) -> tuple[Tensor, Tensor]:
+        grad: Tensor, x: Tensor, params: Tensor, aux: Tensor, family: str, height: int, width: int,
+        align_corners: bool, padding_mode: str, mode: str, fill: float, need_x: bool, need_params: bool,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
         fam, spec = _unpack(family, height, width, align_corners, padding_mode, mode, fill)
         gx, gp = backward(grad, x, *fam.prepare(x, params, aux, spec), fam, spec, need_x, need_params, wrap=True)
         gx = gx if gx is not None else x.new_empty(0)
