@@ -68,12 +68,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "tens of seconds per workload)",
     )
     parser.add_argument("--rep", type=int, default=100, help="milliseconds of repetitions per timing (do_bench)")
-    parser.add_argument(
-        "--image-grad",
-        choices=("scatter", "gather"),
-        default="scatter",
-        help="the image gradient of affine and projective warps with zeros padding (kernels.triton_ops.options)",
-    )
     return parser.parse_args(argv)
 
 
@@ -97,8 +91,7 @@ def make_inputs(family, b, c, h, w, k, dtype, device):  # type: ignore[no-untype
         hom = torch.eye(3, device=device) * torch.tensor([0.5, 0.5, 1.0], device=device)
         return x, hom + 0.05 * torch.randn(b, k, 3, 3, device=device, generator=g), None
     target = reference.tps_target_points(4, device=device)
-    control = 0.5 * target + 0.05 * torch.randn(b, k, 16, 2, device=device, generator=g)
-    return x, reference.tps_coefficients(control, target), target
+    return x, 0.5 * target + 0.05 * torch.randn(b, k, 16, 2, device=device, generator=g), target
 
 
 def torch_grid(family, params, target, size, in_size):  # type: ignore[no-untyped-def]
@@ -119,7 +112,7 @@ def torch_grid(family, params, target, size, in_size):  # type: ignore[no-untype
         return p[..., :2] / p[..., 2:]
     radial = reference.tps_kernel(((base[:, :, None, :] - target) ** 2).sum(-1))
     features = torch.cat([radial, torch.ones_like(base[..., :1]), base], dim=-1)
-    return base + features @ params.unsqueeze(2)
+    return base + features @ reference.tps_coefficients(params, target).unsqueeze(2)  # the same solve as sample_tps
 
 
 def eager_copies(family, x, params, target, size):  # type: ignore[no-untyped-def]
@@ -143,30 +136,28 @@ def eager_stacked(family, x, params, target, size):  # type: ignore[no-untyped-d
     return out.view(b, c, k, *size).transpose(1, 2).contiguous()
 
 
-def sample(impl, family, x, params, target, size, **options):  # type: ignore[no-untyped-def]
-    """One family's sampling op from ``impl`` (kernels.triton_ops or kernels.reference)."""
+def sample(backend, family, x, params, target, size, **options):  # type: ignore[no-untyped-def]
+    """One family's public op (tps: from control points) through ``backend`` ("triton" or "reference")."""
+    from stn_lightning import kernels
+
     if family == "affine":
-        return impl.sample_affine(x, params, size, **options)
+        return kernels.sample_affine(x, params, size, backend=backend, **options)
     if family == "projective":
-        return impl.sample_projective(x, params, size, **options)
+        return kernels.sample_projective(x, params, size, backend=backend, **options)
     if family == "tps":
-        return impl.sample_tps_coefficients(x, params, target, size, **options)
-    return impl.sample_grid(x, params, **options)
+        return kernels.sample_tps(x, params, size, target_points=target, backend=backend, **options)
+    return kernels.sample_grid(x, params, backend=backend, **options)
 
 
 def triton_path(family, x, params, target, size):  # type: ignore[no-untyped-def]
-    from stn_lightning.kernels import triton_ops
-
-    return sample(triton_ops, family, x, params, target, size)
+    return sample("triton", family, x, params, target, size)
 
 
 def triton_compiled(family):  # type: ignore[no-untyped-def]
     """torch.compile of the triton path, without graph breaks (fullgraph), one static graph per workload."""
     import torch
 
-    from stn_lightning.kernels import triton_ops
-
-    return torch.compile(functools.partial(sample, triton_ops, family), fullgraph=True, dynamic=False)
+    return torch.compile(functools.partial(sample, "triton", family), fullgraph=True, dynamic=False)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -309,7 +300,7 @@ def forward_config(family: str) -> str:
 def print_header(info: dict) -> None:
     print(
         f"# {info['gpu']} | torch {info['torch']} | triton {info['triton']}"
-        f" | image gradient (affine, projective): {info['image_grad']} | channels per program: {info['channel_group']}"
+        f" | channels per program: {info['channel_group']}"
     )
     print(
         f"{'workload':<22} {'dtype':<9} {'impl':<15} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak MiB':>10}"
@@ -369,8 +360,6 @@ def _parity_case(family, dtype, pad, mode, ac, cl, target, g, fill=0.0):  # type
     """
     import torch
 
-    from stn_lightning.kernels import reference, triton_ops
-
     dev = "cuda"
     x = torch.randn(3, 5, 37, 29, device=dev, generator=g).to(dtype)
     if cl:
@@ -381,14 +370,14 @@ def _parity_case(family, dtype, pad, mode, ac, cl, target, g, fill=0.0):  # type
     elif family == "projective":
         p = torch.eye(3, device=dev) + 0.1 * torch.randn(3, k, 3, 3, device=dev, generator=g)
     elif family == "tps":
-        p = reference.tps_coefficients(target + 0.1 * torch.randn(3, k, 16, 2, device=dev, generator=g), target)
+        p = target + 0.1 * torch.randn(3, k, 16, 2, device=dev, generator=g)
     else:
         p = 1.2 * (2 * torch.rand(3, k, *size, 2, device=dev, generator=g) - 1)
     grad = None
     results = []
-    for impl, xin in ((triton_ops, x), (reference, x.float())):
+    for backend, xin in (("triton", x), ("reference", x.float())):
         xa, pa = xin.detach().clone().requires_grad_(), p.detach().clone().requires_grad_()
-        out = sample(impl, family, xa, pa, target, size, align_corners=ac, padding_mode=pad, mode=mode, fill=fill)
+        out = sample(backend, family, xa, pa, target, size, align_corners=ac, padding_mode=pad, mode=mode, fill=fill)
         if grad is None:
             assert out.dtype == dtype and xa.is_contiguous(memory_format=torch.channels_last) == cl
             grad = torch.randn(out.shape, device=dev, generator=torch.Generator(device=dev).manual_seed(1)).to(dtype)
@@ -400,7 +389,7 @@ def _parity_case(family, dtype, pad, mode, ac, cl, target, g, fill=0.0):  # type
     # The first call went through the forward's autotuner; a second with the same signature launches the kernel
     # with the autotuner's choice directly (kernels._launch.launch): the same kernel, so the same output bit for bit.
     with torch.no_grad():
-        again = sample(triton_ops, family, x, p, target, size, align_corners=ac, padding_mode=pad, mode=mode, fill=fill)
+        again = sample("triton", family, x, p, target, size, align_corners=ac, padding_mode=pad, mode=mode, fill=fill)
     assert torch.equal(again, o), "a second call (the autotuner's cached choice) changed the output"
     err = _mismatch_fraction if mode == "nearest" else _mixed_err
     out_err, gx_err = err(o, ro), err(gx, rgx)
@@ -426,7 +415,7 @@ def run_checks() -> bool:
     nearest_tol = (1e-3, 1e-3)
     target = reference.tps_target_points(4, device=dev)
     # STN_CHECK_DTYPES="bfloat16 float16" limits the parity checks to those dtypes (to finish a cut-short run),
-    # STN_CHECK_FAMILIES="affine" to those families (the affine gather changes nothing else).
+    # STN_CHECK_FAMILIES="affine" to those families.
     only = os.environ.get("STN_CHECK_DTYPES", "").split()
     families = os.environ.get("STN_CHECK_FAMILIES", "").split() or ["affine", "projective", "tps", "grid"]
     for dtype, bounds in tol.items():
@@ -465,7 +454,7 @@ def run_checks() -> bool:
             out.sum().backward()
             # The float32 reference (a float16 grid could not address single pixels of a 65536-wide image).
             ref_theta = theta.detach().clone().requires_grad_()
-            ref = reference.sample_affine(x.float(), ref_theta, 6)
+            ref = kernels.sample_affine(x.float(), ref_theta, 6, backend="reference")
             ref.sum().backward()
             err = _mixed_err(out, ref)
             perr = _max_err(theta.grad, ref_theta.grad) / (float(ref_theta.grad.abs().max()) + 1.0)
@@ -506,22 +495,16 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     from stn_lightning.kernels import _launch
-    from stn_lightning.kernels.triton_ops import options
 
-    options.set_image_grad(args.image_grad)
     info = {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "image_grad": options.image_grad,  # affine and projective with zeros padding: "scatter" or "gather"
         "channel_group": _launch.CHANNEL_GROUP,
     }
     passed = True
     if args.check or args.check_only:
-        print(
-            f"# checks on {info['gpu']} | torch {info['torch']} | triton {info['triton']}"
-            f" | image gradient (affine, projective): {info['image_grad']}"
-        )
+        print(f"# checks on {info['gpu']} | torch {info['torch']} | triton {info['triton']}")
         passed = run_checks()
         print("ALL CHECKS PASS" if passed else "SOME CHECKS FAILED")
     if args.check_only:

@@ -4,21 +4,15 @@
 #   checks   parity of the Triton kernels with the float32 reference on CUDA (float32, float16, bfloat16), the
 #            2**31-element int64 case, NaN isolation
 #   quick    the headline workloads' timings without the torch.compile baseline (fast)
-#   gather   parity, then the same timings with the affine and projective backward gathered per input pixel
-#            (bench_kernels.py --image-grad gather, no atomics) instead of the default scatter by atomics, on the
-#            same card
-#   variants the cheap way to compare the backward variants: parity with the gather on, then forward + backward
-#            of the scatter and the gather side by side in one process, float32 (sweep_tiles.py --variants-only)
 #   bench    the headline workloads (cub448x4, feat56x2, mnist2) with torch.compile (of the PyTorch and the
 #            Triton paths) in float32
 #   more     projective and spline on cub448x4, without torch.compile
 #   profile  the CUDA kernels behind one Triton forward + backward, and host time against GPU time
-#   sweep    forward + backward with other backward tiles (scatter and gather) than the launchers' fixed ones
-#   compile  torch.compile(fullgraph=True), opcheck and autocast on the compiled path (tests/..., -k gpu), and
-#            the gather backward's tests on CUDA
+#   sweep    forward + backward with other backward tiles than the launchers' fixed ones
+#   compile  torch.compile(fullgraph=True), opcheck and autocast on the compiled path (tests/..., -k gpu)
 #   train    the demo config end to end on the GPU (Triton sampler, `backend="auto"`), then its test set
 # Results go to $OUT (one .txt per stage, kernels*.json). Arguments name the stages to run (default: checks
-# variants quick compile more bench train), e.g.
+# quick compile more bench train), e.g.
 #   bash benchmarks/gpu_session.sh checks quick      # parity + timings without the torch.compile baseline
 #   bash benchmarks/gpu_session.sh bench more compile train
 #
@@ -51,7 +45,7 @@ stage() {  # stage NAME SECONDS COMMAND...
     python3 -c "import torch, triton, pytorch_lightning as pl, timm; print('torch', torch.__version__, 'triton', triton.__version__,
 'lightning', pl.__version__, 'timm', timm.__version__)"
 } 2>&1 | tee "$OUT/versions.txt"
-STAGES=${*:-checks variants quick compile more bench train}
+STAGES=${*:-checks quick compile more bench train}
 # BENCH_WORKLOADS / BENCH_DTYPES narrow the headline stages (to finish a run that was cut short).
 # shellcheck disable=SC2206
 HEADLINE=(--workloads ${BENCH_WORKLOADS:-cub448x4 feat56x2 mnist2} --dtypes ${BENCH_DTYPES:-float32 bfloat16} --rep 50)
@@ -59,20 +53,13 @@ for name in $STAGES; do
     case $name in
     checks) stage checks "${CHECK_LIMIT:-200}" python3 benchmarks/bench_kernels.py --check-only ;;
     quick) stage quick 90 python3 benchmarks/bench_kernels.py "${HEADLINE[@]}" --skip-compile --json "$OUT/quick.json" ;;
-    gather) stage gather 180 env STN_CHECK_FAMILIES="affine projective" bash -c 'python3 benchmarks/bench_kernels.py \
-        --check-only --image-grad gather && python3 benchmarks/bench_kernels.py "$@"' _ "${HEADLINE[@]}" \
-        --image-grad gather --skip-compile --json "$OUT/gather.json" ;;
-    variants) stage variants 200 bash -c 'python3 benchmarks/bench_kernels.py --check-only --image-grad gather; \
-        python3 benchmarks/sweep_tiles.py --variants-only \
-        --workloads cub448x4 feat56x2 cub448x4-projective cub448x4-tps16' ;;
     bench) stage bench 240 python3 benchmarks/bench_kernels.py "${HEADLINE[@]}" --compile-dtypes float32 \
         --json "$OUT/kernels.json" ;;
     more) stage more 60 python3 benchmarks/bench_kernels.py --workloads cub448x4-projective cub448x4-tps16 \
         --dtypes float32 bfloat16 --rep 50 --skip-compile --json "$OUT/kernels-more.json" ;;
     profile) stage profile 60 python3 benchmarks/profile_kernels.py cub448x4 feat56x2 mnist2 ;;
     sweep) stage sweep 120 python3 benchmarks/sweep_tiles.py ;;
-    compile) stage compile 150 bash -c 'python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py -k gpu \
-        && python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gather.py' ;;
+    compile) stage compile 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py -k gpu ;;
     train) stage train 90 python3 train.py fit --config configs/demo.yaml --test_after_fit true \
         --trainer.default_root_dir /tmp/gpu_logs --trainer.enable_progress_bar false ;;
     *) echo "unknown stage $name" ;;

@@ -43,7 +43,7 @@ def compile_sm90(
     fn: Any, ints: dict[str, int], consts: dict[str, Any], num_warps: int, pointers: dict[str, str] | None = None
 ) -> Any:
     """Compile ``fn`` for sm_90: arguments named ``*_ptr`` are pointers, 16-byte aligned, of the type ``pointers``
-    gives (default float32, ``flag_ptr`` int32); ``fill`` is a float32 scalar; the others are int32 taken from
+    gives (default float32); ``fill`` is a float32 scalar; the others are int32 taken from
     ``ints`` with Triton's run-time specialisations; ``consts`` the constexprs."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -60,7 +60,7 @@ def compile_sm90(
         elif name == "fill":
             signature[name] = "fp32"
         elif name.endswith("_ptr"):
-            signature[name] = (pointers or {}).get(name, "*i32" if name == "flag_ptr" else "*fp32")
+            signature[name] = (pointers or {}).get(name, "*fp32")
             attrs[(index,)] = [["tt.divisibility", 16]]
         else:
             if value is None:
@@ -102,7 +102,7 @@ def kernels_to_report(channels: int) -> list[tuple[str, Callable, dict[str, Any]
     """(label, kernel, constexprs, num_warps, integer arguments that differ from ``sizes`` and, under "pointers",
     pointer types other than float32) for every kernel, with the tiles its launcher picks on a GPU. The sampler's
     two kernels are reported once per family (``COORDS``)."""
-    from stn_lightning.kernels import _gather, affine, grid, projective, reference, sampler, tps
+    from stn_lightning.kernels import affine, grid, projective, sampler, tps
     from stn_lightning.kernels._launch import _FWD_CONFIGS, bwd_config, channel_group, fwd_block_c
 
     fwd_h, fwd_w, fwd_warps = _FWD_CONFIGS[0]
@@ -112,37 +112,25 @@ def kernels_to_report(channels: int) -> list[tuple[str, Callable, dict[str, Any]
     bwd_cfg = bwd_config(channels)
     bwd_warps = bwd_cfg.pop("num_warps")
     bwd = {"HAS_FILL": False, "BORDER": False, "NEAREST": False, "NEED_X_GRAD": True, "NEED_PARAM_GRAD": True}
-    bwd |= {"F64": False}
-    bwd |= {"IDX64": False, "SKIP_GATHERED": False, **bwd_cfg}
-    gather_cfg = _gather.gather_config(channels)
-    gather_warps = gather_cfg.pop("num_warps")
-    gather = {"HAS_FILL": False, "NEAREST": False, "NEED_PARAM_GRAD": True, "CAP": _gather.WINDOW_CAP}
-    gather |= {"EPS": reference.PROJECTIVE_EPS}
-    gather |= {"F64": False, "IDX64": False}
-    pgather_cfg = _gather.gather_config(channels, projective=True)
-    pgather_warps = pgather_cfg.pop("num_warps")
-    pgather = {**gather, **pgather_cfg}
-    gather |= gather_cfg
+    bwd |= {"F64": False, "IDX64": False, **bwd_cfg}
     fwd_k, bwd_k = sampler._sample_fwd_kernel, sampler._sample_bwd_kernel
     rows: list[tuple[str, Callable, dict[str, Any], int, dict[str, Any]]] = []
-    # N: rows of the auxiliary tensor (the scale matrix, the spline's 16 control points, the grid's 2 scalars);
-    # the parameters' strides are the grid's, zeros for the others (see sampler._param_strides)
-    no_strides = {"spb": 0, "spk": 0, "sph": 0, "spw": 0, "spd": 0}
-    for name, family, n, strides in (
-        ("affine", affine.AFFINE, 2, no_strides),
-        ("projective", projective.PROJECTIVE, 3, no_strides),
-        ("tps", tps.TPS, 16, no_strides),
-        ("grid", grid.GRID, 2, {}),
+    # N: rows of the auxiliary tensor (the scale matrix, the spline's 16 control points, the grid's 2 scalars)
+    for name, family, n in (
+        ("affine", affine.AFFINE, 2),
+        ("projective", projective.PROJECTIVE, 3),
+        ("tps", tps.TPS, 16),
+        ("grid", grid.GRID, 2),
     ):
-        ints = {"N": n, **strides}
+        ints = {"N": n}
         coords = {"COORDS": family.coords}
         rows.append((f"{name} fwd", fwd_k, {**fwd, **coords}, fwd_warps, ints))
         if name == "affine":
             rows.append((f"{name} fwd (SPLIT_C)", fwd_k, {**fwd, **coords, "SPLIT_C": True}, fwd_warps, ints))
         both = {**bwd, **coords, "PARAM_GRAD": family.param_grad}
-        rows.append((f"{name} bwd" + (" (scatter)" if name == "affine" else ""), bwd_k, both, bwd_warps, ints))
-        if family.gather is not None:
-            rows.append((f"{name} bwd (after gather)", bwd_k, {**both, "SKIP_GATHERED": True}, bwd_warps, ints))
+        rows.append((f"{name} bwd", bwd_k, both, bwd_warps, ints))
+        # the parameter gradient only (the image gradient under torch.use_deterministic_algorithms, or not needed)
+        rows.append((f"{name} bwd (params only)", bwd_k, {**both, "NEED_X_GRAD": False}, bwd_warps, ints))
         # a padding value other than 0 (HAS_FILL): the masked loads read it from a register; with a bfloat16 image,
         # a select after each load (the load's other would round fill to bfloat16)
         rows.append((f"{name} fwd (fill)", fwd_k, {**fwd, **coords, "HAS_FILL": True}, fwd_warps, ints))
@@ -150,8 +138,6 @@ def kernels_to_report(channels: int) -> list[tuple[str, Callable, dict[str, Any]
         half = {**ints, "pointers": {"x_ptr": "*bf16", "out_ptr": "*bf16", "go_ptr": "*bf16"}}
         rows.append((f"{name} fwd (fill, bfloat16)", fwd_k, {**fwd, **coords, "HAS_FILL": True}, fwd_warps, half))
         rows.append((f"{name} bwd (fill, bfloat16)", bwd_k, {**both, "HAS_FILL": True}, bwd_warps, half))
-    rows.append(("affine gather", _gather._gather_kernel, {**gather, "PROJ": False}, gather_warps, {}))
-    rows.append(("projective gather", _gather._gather_kernel, {**pgather, "PROJ": True}, pgather_warps, {}))
     return rows
 
 
@@ -162,7 +148,6 @@ def sizes(channels: int) -> dict[str, int]:
     for prefix in ("sx", "sgx"):  # the image and its gradient, (B, C, H, W)
         values |= {prefix + "b": c * h * w, prefix + "c": h * w, prefix + "h": w, prefix + "w": 1}
     values |= {"sgb": k * c * ho * wo, "sgk": c * ho * wo, "sgc": ho * wo, "sgh": wo, "sgw": 1}  # grad_out
-    values |= {"spb": k * ho * wo * 2, "spk": ho * wo * 2, "sph": wo * 2, "spw": 2, "spd": 1}  # the grid
     return values
 
 

@@ -2,13 +2,11 @@
 
     python benchmarks/sweep_tiles.py                          # cub448x4, feat56x2, mnist2 and the spline, float32
     python benchmarks/sweep_tiles.py --workloads cub448x4 --rep 50
-    python benchmarks/sweep_tiles.py --variants-only       # scatter and gather only
 
 The forward kernel is autotuned; the backward kernel is not (the parameter gradient's partial sums need the
-tile count before the launch), so its tiles are fixed in ``kernels._launch.bwd_config`` and, for the affine and
-projective gather, ``kernels._gather.GATHER_TILES``. This script swaps in each candidate tile (and, for inputs of
-many channels, each number of channels per program, ``kernels._launch.CHANNEL_GROUP``, and the gather, through
-``kernels.triton_ops.options``), times forward + backward with
+tile count before the launch), so its tiles are fixed in ``kernels._launch.bwd_config``. This script swaps in each
+candidate tile (and, for inputs of many channels, each number of channels per program,
+``kernels._launch.CHANNEL_GROUP``), times forward + backward with
 CUDA events (median, triton.testing.do_bench) and prints one table per workload, fastest first, next to the
 launchers' own choice measured in the same run. Parity is not checked here (bench_kernels.py --check does that);
 the candidates only change how the same work is divided.
@@ -30,8 +28,6 @@ from bench_kernels import WORKLOADS, make_inputs, measure, triton_path  # noqa: 
 
 #: Scatter-backward candidates: (BLOCK_H, BLOCK_W, BLOCK_C, num_warps).
 BWD_TILES = [(16, 16, 1, 8), (8, 16, 1, 4), (8, 32, 1, 4), (16, 32, 1, 8), (8, 16, 4, 8), (16, 16, 2, 8)]
-#: Gather candidates, by channel block: (BLOCK_H, BLOCK_W, num_warps) for the launcher's BLOCK_C.
-GATHER_TILES = [(8, 16, 4), (16, 16, 8), (8, 32, 4), (16, 32, 8), (4, 32, 4)]
 #: Channels per program (kernels._launch.CHANNEL_GROUP, forward and scatter backward) tried where C is larger.
 CHANNEL_GROUPS = [4, 8, 32, 64, 128]
 
@@ -41,17 +37,16 @@ def time_step(family, x, params, target, size, rep):  # type: ignore[no-untyped-
     return measure(functools.partial(triton_path, family), x, params, target, size, rep)[1]
 
 
-def sweep(name: str, rep: int, variants_only: bool = False) -> None:
+def sweep(name: str, rep: int) -> None:
     import torch
 
-    from stn_lightning.kernels import _gather, _launch, sampler
-    from stn_lightning.kernels.triton_ops import options
+    from stn_lightning.kernels import _launch, sampler
 
     family, b, c, h, w, k, ho, wo = WORKLOADS[name]
     x, params, target = make_inputs(family, b, c, h, w, k, torch.float32, "cuda")
     size = (ho, wo)
     default_bwd = sampler.bwd_config  # the backward launcher's tile choice
-    default_group, default_image_grad = _launch.CHANNEL_GROUP, options.image_grad
+    default_group = _launch.CHANNEL_GROUP
     rows: list[tuple[float, str]] = []
 
     def run(label: str) -> None:
@@ -62,37 +57,19 @@ def sweep(name: str, rep: int, variants_only: bool = False) -> None:
         torch.cuda.empty_cache()
 
     try:
-        options.set_image_grad("scatter")
-        run(f"scatter, launcher's {default_bwd(c)}")
-        for bh, bw, bc, warps in [] if variants_only else BWD_TILES:
+        run(f"launcher's {default_bwd(c)}")
+        for bh, bw, bc, warps in BWD_TILES:
             config = {"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_C": min(bc, _launch.block_c(c, 8)), "num_warps": warps}
             config["CGROUP"] = max(_launch.channel_group(c), config["BLOCK_C"])
             sampler.bwd_config = lambda channels, config=config: dict(config)
-            run(f"scatter, {config}")
+            run(f"{config}")
         sampler.bwd_config = default_bwd
-        for group in (g for g in CHANNEL_GROUPS if g < c and not variants_only):
+        for group in (g for g in CHANNEL_GROUPS if g < c):
             _launch.CHANNEL_GROUP = group
-            run(f"scatter, launcher's tiles, {group} channels per program")
-        _launch.CHANNEL_GROUP = default_group
-        if family in ("affine", "projective"):
-            options.set_image_grad("gather")
-            proj = family == "projective"
-            default_gather = dict(_gather.GATHER_TILES)
-            run(f"gather, launcher's {_gather.gather_config(c, proj)}")
-            for bh, bw, warps in [] if variants_only else GATHER_TILES:
-                _gather.GATHER_TILES.update({bc: (bh, bw, warps) for bc in default_gather})
-                run(f"gather, {_gather.gather_config(c, proj)}")
-            _gather.GATHER_TILES.update(default_gather)
-            if c > _gather.GATHER_MAX_BLOCK_C and not variants_only:
-                default_block = _gather.GATHER_MAX_BLOCK_C
-                for cap in (2, 8):
-                    _gather.GATHER_MAX_BLOCK_C = cap
-                    run(f"gather, {_gather.gather_config(c, proj)}")
-                _gather.GATHER_MAX_BLOCK_C = default_block
+            run(f"launcher's tiles, {group} channels per program")
     finally:
         sampler.bwd_config = default_bwd
         _launch.CHANNEL_GROUP = default_group
-        options.set_image_grad(default_image_grad)
     print(f"\n## {name} float32, forward + backward ms (fastest first)")
     for ms, label in sorted(rows):
         print(f"  {ms:8.3f}  {label}")
@@ -102,11 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", nargs="+", default=["cub448x4", "feat56x2", "mnist2", "cub448x4-tps16"])
     parser.add_argument("--rep", type=int, default=25, help="milliseconds of repetitions per timing (do_bench)")
-    parser.add_argument(
-        "--variants-only",
-        action="store_true",
-        help="only the backward variants at the launchers' tiles: scatter and gather (affine, projective)",
-    )
     args = parser.parse_args(argv)
     import torch
 
@@ -117,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
     for name in args.workloads:
-        sweep(name, args.rep, args.variants_only)
+        sweep(name, args.rep)
     return 0
 
 

@@ -1,14 +1,9 @@
-"""The sampler's autograd: one autograd.Function and one torch.library op for every family, and the options.
+"""The sampler's autograd: one autograd.Function and one torch.library op for every family.
 
 Eager calls go through :class:`_Sample` (or, when nothing needs a gradient, straight to the forward launcher);
 while torch.compile traces, through the torch.library ops ``stn_lightning::sample`` and
 ``stn_lightning::sample_backward`` (triton_op / wrap_triton, where the installed torch has them), whose ``family``
-argument names the family and whose "cpu" kernels are the PyTorch reference.
-
-Options are arguments or this module's :data:`options` object, never environment variables: the image gradient's
-implementation is the ops' ``image_grad`` argument, by default ``options.image_grad``, recorded at the forward.
-torch.use_deterministic_algorithms(True), read when the backward runs, gathers the image gradient of affine and
-projective warps with zeros padding (no atomics: the same bits on every run) and refuses the others.
+argument names the family and whose "cpu" kernels are the PyTorch reference. Nothing here reads the environment.
 """
 
 from __future__ import annotations
@@ -21,42 +16,10 @@ import torch
 from torch import Tensor
 
 from ._launch import HAS_LIBRARY_OPS, interpreting
-from .sampler import IMAGE_GRADS, Family, Spec, backward, forward, reference_vjp
+from .reference import Spec
+from .sampler import Family, backward, forward, reference_vjp
 
-__all__ = ["FAMILIES", "SamplerOptions", "options", "register", "sample"]
-
-
-class SamplerOptions:
-    """The Triton sampler's configuration: one object (:data:`options`), changed through its setters.
-
-    Attributes:
-        image_grad: how the backward computes the image gradient of affine and projective warps with zeros
-            padding when the call does not say: "scatter" (the default, atomic adds, the implementation timed on a
-            GPU) or "gather" (each input pixel sums the output pixels that read it, no atomics; verified on CPU
-            only). Other families and border padding always scatter. Read when an op's forward runs.
-    """
-
-    def __init__(self) -> None:
-        self._image_grad = "scatter"
-
-    @property
-    def image_grad(self) -> str:
-        return self._image_grad
-
-    def set_image_grad(self, value: str) -> None:
-        """Set the default image gradient implementation ("scatter" or "gather")."""
-        self._image_grad = check_image_grad(value)
-
-
-#: The sampler's configuration (see SamplerOptions).
-options = SamplerOptions()
-
-
-def check_image_grad(value: str) -> str:
-    """``value`` if it names an image gradient implementation, else ValueError."""
-    if value not in IMAGE_GRADS:
-        raise ValueError(f"expected image_grad in {IMAGE_GRADS}, got {value!r}")
-    return value
+__all__ = ["FAMILIES", "register", "sample"]
 
 
 #: The registered families by name (kernels/affine.py, projective.py, tps.py, grid.py register theirs).
@@ -128,18 +91,18 @@ def amp_backward(backward: Callable[..., Any]) -> Callable[..., Any]:
 class _Sample(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x: Tensor, p: Tensor, a: Tensor, s: Tensor, spec: Spec) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, p: Tensor, a: Tensor, s: Tensor, family: Family, spec: Spec) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, p, a, s)
-        ctx.spec = spec
-        return forward(x, p, a, s, spec)
+        ctx.family, ctx.spec = family, spec
+        return forward(x, p, a, s, family, spec)
 
     @staticmethod
     @amp_backward
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         x, p, a, s = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        gx, gp = backward(grad, x, p, a, s, ctx.spec, needs[0], needs[1])
-        return gx, gp, None, None, None
+        gx, gp = backward(grad, x, p, a, s, ctx.family, ctx.spec, needs[0], needs[1])
+        return gx, gp, None, None, None, None
 
 
 def _library_op() -> Any | None:
@@ -150,67 +113,42 @@ def _library_op() -> Any | None:
         return None
 
 
-def _spec(family: str, height: int, width: int, align_corners: bool, padding_mode: str, mode: str, fill: float,
-          image_grad: str) -> Spec:  # fmt: skip
-    return Spec(FAMILIES[family], (height, width), align_corners, padding_mode, mode, fill, image_grad)
+def _unpack(family: str, height: int, width: int, align_corners: bool, padding_mode: str, mode: str, fill: float
+            ) -> tuple[Family, Spec]:  # fmt: skip
+    # The library ops' scalar arguments as the launchers take them.
+    return FAMILIES[family], Spec((height, width), align_corners, padding_mode, mode, fill)
 
 
 if HAS_LIBRARY_OPS and _library_op() is None:
 
     @torch.library.triton_op("stn_lightning::sample", mutates_args=())
     def _sample_op(
-        x: Tensor,
-        params: Tensor,
-        aux: Tensor,
-        family: str,
-        height: int,
-        width: int,
-        align_corners: bool,
-        padding_mode: str,
-        mode: str,
-        fill: float,
-        image_grad: str,
-    ) -> Tensor:
-        spec = _spec(family, height, width, align_corners, padding_mode, mode, fill, image_grad)
-        p, a, s = spec.family.prepare(x, params, aux, spec.size, align_corners)
-        return forward(x, p, a, s, spec, wrap=True)
+        x: Tensor, params: Tensor, aux: Tensor, family: str, height: int, width: int, align_corners: bool,
+        padding_mode: str, mode: str, fill: float,
+    ) -> Tensor:  # fmt: skip
+        fam, spec = _unpack(family, height, width, align_corners, padding_mode, mode, fill)
+        return forward(x, *fam.prepare(x, params, aux, spec), fam, spec, wrap=True)
 
     @_sample_op.register_kernel("cpu")
-    def _sample_cpu(x, params, aux, family, height, width, align_corners, padding_mode, mode, fill, image_grad):  # type: ignore[no-untyped-def]
-        spec = _spec(family, height, width, align_corners, padding_mode, mode, fill, image_grad)
-        return spec.reference(x, params, aux)
+    def _sample_cpu(x, params, aux, *options):  # type: ignore[no-untyped-def]
+        fam, spec = _unpack(*options)
+        return fam.reference(x, params, aux, spec)
 
     @torch.library.triton_op("stn_lightning::sample_backward", mutates_args=())
     def _sample_bwd_op(
-        grad: Tensor,
-        x: Tensor,
-        params: Tensor,
-        aux: Tensor,
-        family: str,
-        height: int,
-        width: int,
-        align_corners: bool,
-        padding_mode: str,
-        mode: str,
-        fill: float,
-        image_grad: str,
-        need_x: bool,
-        need_params: bool,
-    ) -> tuple[Tensor, Tensor]:
-        spec = _spec(family, height, width, align_corners, padding_mode, mode, fill, image_grad)
-        p, a, s = spec.family.prepare(x, params, aux, spec.size, align_corners)
-        gx, gp = backward(grad, x, p, a, s, spec, need_x, need_params, wrap=True)
+        grad: Tensor, x: Tensor, params: Tensor, aux: Tensor, family: str, height: int, width: int,
+        align_corners: bool, padding_mode: str, mode: str, fill: float, need_x: bool, need_params: bool,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        fam, spec = _unpack(family, height, width, align_corners, padding_mode, mode, fill)
+        gx, gp = backward(grad, x, *fam.prepare(x, params, aux, spec), fam, spec, need_x, need_params, wrap=True)
         gx = gx if gx is not None else x.new_empty(0)
         return gx, (gp.to(params.dtype) if gp is not None else params.new_empty(0))
 
     @_sample_bwd_op.register_kernel("cpu")
-    def _sample_bwd_cpu(  # type: ignore[no-untyped-def]
-        grad, x, params, aux, family, height, width, align_corners, padding_mode, mode, fill, image_grad, need_x,
-        need_params,
-    ):  # fmt: skip
-        spec = _spec(family, height, width, align_corners, padding_mode, mode, fill, image_grad)
-        call = lambda xx, pp: spec.reference(xx, pp, aux.detach())
-        gx, gp = reference_vjp(call, grad, (x, params), (need_x, need_params))
+    def _sample_bwd_cpu(grad, x, params, aux, *options):  # type: ignore[no-untyped-def]
+        fam, spec = _unpack(*options[:-2])
+        call = lambda xx, pp: fam.reference(xx, pp, aux.detach(), spec)
+        gx, gp = reference_vjp(call, grad, (x, params), options[-2:])
         return gx, gp
 
     def _setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
@@ -222,43 +160,28 @@ if HAS_LIBRARY_OPS and _library_op() is None:
         x, params, aux = ctx.saved_tensors
         need_x, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gx, gp = torch.ops.stn_lightning.sample_backward(grad, x, params, aux, *ctx.options, need_x, need_params)
-        return (gx if need_x else None, gp if need_params else None) + (None,) * 9
+        return (gx if need_x else None, gp if need_params else None) + (None,) * 8
 
     _sample_op.register_autograd(_op_backward, setup_context=_setup)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# the entry point of every family's public op
+# the entry point of every family
 # --------------------------------------------------------------------------------------------------------------
-def sample(
-    family: Family,
-    x: Tensor,
-    params: Tensor,
-    aux: Tensor | None,
-    size: tuple[int, int],
-    align_corners: bool,
-    padding_mode: str,
-    mode: str,
-    fill: float,
-    image_grad: str | None,
-) -> Tensor:
-    """Samples (B, K, C, Ho, Wo) of ``family`` for validated inputs: the Function (or, without a gradient to
-    track, the forward launcher) eagerly, the torch.library op while torch.compile traces."""
+def sample(family: Family, x: Tensor, params: Tensor, aux: Tensor | None, spec: Spec) -> Tensor:
+    """Samples (B, K, C, Ho, Wo) of ``family`` for validated inputs (kernels/__init__.py): the Function (or, without
+    a gradient to track, the forward launcher) eagerly, the torch.library op while torch.compile traces."""
     check_device(x)
-    image_grad = options.image_grad if image_grad is None else check_image_grad(image_grad)
-    fill = float(fill)
     x, params = autocast_inputs(x, params)
     if use_library_op(x):
         aux = x.new_empty(0) if aux is None else aux
-        args = (family.name, size[0], size[1], align_corners, padding_mode, mode, fill, image_grad)
-        return torch.ops.stn_lightning.sample(x, params, aux, *args)
-    spec = Spec(family, size, align_corners, padding_mode, mode, fill, image_grad)
-    p, a, s = family.prepare(x, params, aux, size, align_corners)
+        return torch.ops.stn_lightning.sample(x, params, aux, family.name, *spec.size, *spec[1:])
+    p, a, s = family.prepare(x, params, aux, spec)
     if torch.is_grad_enabled():
         # the Function only when autograd will need its backward: otherwise it only adds host time, which on small
         # workloads is what a call costs (affine forward about 55 -> 40 us per call on the development machine's
         # CPU, benchmarks/host_overhead.py). A loop, not any() over a generator: a third of the host time.
         for t in (x, p):
             if t.requires_grad:
-                return _Sample.apply(x, p, a, s, spec)
-    return forward(x, p, a, s, spec)
+                return _Sample.apply(x, p, a, s, family, spec)
+    return forward(x, p, a, s, family, spec)

@@ -1,4 +1,4 @@
-"""Device helpers of the Triton sampler (kernels/sampler.py) and of the gather backward (kernels/_gather.py).
+"""Device helpers of the Triton sampler (kernels/sampler.py) and of its affine and projective families.
 
 A sampler program computes the input pixel coordinates (ix, iy) of a 2-D tile of output pixels of one (b, k) pair
 in registers (the family's coordinate map), then calls :func:`_sample_tile` (forward) or :func:`_scatter_tile`
@@ -9,7 +9,7 @@ nearest rounds half to even, and a corner outside the image reads ``fill`` (the 
 
 The image is read as a 2-D block [BLOCK_C channels, BLOCK_H * BLOCK_W pixels]; the scatter backward accumulates the
 image gradient in a float32 (float64 when computing in float64) buffer in x's layout with relaxed atomics. The
-affine and projective maps live here too: the sampler's families and the gather kernel share them.
+matrix helpers at the end serve the affine and projective families (kernels/affine.py, projective.py).
 """
 
 import triton
@@ -103,7 +103,7 @@ def _matrix_param_grad(part_ptr, slot, ga, gb, gw, u, v, s_ptr, ROWS: tl.constex
     tl.store(part_ptr + slot.to(tl.int64) * (3 * ROWS) + r, part, mask=r < 3 * ROWS)
 
 
-# The affine and projective maps (shared by their families' coordinate maps and the gather kernel) ---------
+# The affine and projective maps (their families' coordinate maps) --------------------------------------------
 @triton.jit
 def _matrix(mk, ROWS: tl.constexpr, CDT: tl.constexpr):
     # The entries of the (ROWS, 3) matrix at mk as nine scalars in the compute dtype; an affine matrix (ROWS 2) gets
@@ -132,8 +132,8 @@ def _pixel_matrix(t_ptr, s_ptr, bk, ROWS: tl.constexpr, CDT: tl.constexpr):
 @triton.jit
 def _affine_map(m00, m01, m02, m10, m11, m12, i, j, H, W, Ho, Wo, CDT: tl.constexpr):
     # Pixel coordinates of output pixels (i, j), in the reference's order of operations: ix = m00 * u + m01 * v +
-    # m02 + (W - 1) / 2 with u = j - (Wo - 1) / 2, v = i - (Ho - 1) / 2. The forward, the scatter backward and the
-    # gather backward all call this one function, so they agree on every coordinate (and so on every floor/round).
+    # m02 + (W - 1) / 2 with u = j - (Wo - 1) / 2, v = i - (Ho - 1) / 2. The forward and the backward both call
+    # this one function, so they agree on every coordinate (and so on every floor/round).
     u = j.to(CDT) - (Wo - 1) * 0.5
     v = i.to(CDT) - (Ho - 1) * 0.5
     ix = m00 * u + m01 * v + m02 + (W - 1) * 0.5
@@ -143,28 +143,12 @@ def _affine_map(m00, m01, m02, m10, m11, m12, i, j, H, W, Ho, Wo, CDT: tl.conste
 
 @triton.jit
 def _projective_map(
-    m00,
-    m01,
-    m02,
-    m10,
-    m11,
-    m12,
-    m20,
-    m21,
-    m22,
-    i,
-    j,
-    H,
-    W,
-    Ho,
-    Wo,
-    CDT: tl.constexpr,
-    FMAX: tl.constexpr,
+    m00, m01, m02, m10, m11, m12, m20, m21, m22, i, j, H, W, Ho, Wo, CDT: tl.constexpr, FMAX: tl.constexpr,
     EPS: tl.constexpr,
-):
+):  # fmt: skip
     # [a, b, w] = M (u, v, 1) with u = j - (Wo - 1) / 2, v = i - (Ho - 1) / 2, then ix = a / w + (W - 1) / 2.
     # Points with non-finite a, b, w or |w| < EPS are invalid (ok False); like the reference, they divide 0 by 1.
-    # The forward, the scatter backward and the gather backward all call this one function (see _affine_map).
+    # The forward and the backward both call this one function (see _affine_map).
     u = j.to(CDT) - (Wo - 1) * 0.5
     v = i.to(CDT) - (Ho - 1) * 0.5
     a = m00 * u + m01 * v + m02

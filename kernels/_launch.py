@@ -147,9 +147,10 @@ def bwd_config(channels: int) -> dict[str, int]:
     On GPUs one pixel per thread (16 x 16 pixels on 8 warps) and one channel at a time: with these, ptxas (sm_90)
     needs 55 to 64 registers per thread and the tile's reductions a handful of barriers, where two channel-pixel
     elements per thread took 110 to 130 registers (benchmarks/sass_report.py), and the per-channel loop matches the
-    straightforward kernel that issue 3 quotes at 1.31 ms for the backward of cub448x4 against our 2.1 ms with 4
-    channels per block. Under the interpreter, 8 x 8 pixels and up to 2 channels per block, so that the tests'
-    tiny images span several tiles and channel blocks (C of 1 in the tests runs the GPUs' one-channel path).
+    straightforward kernel that was the timing target when these kernels were specified (1.31 ms for the backward
+    of cub448x4), against our 2.1 ms with 4 channels per block. Under the interpreter, 8 x 8 pixels and up to 2
+    channels per block, so that the tests' tiny images span several tiles and channel blocks (C of 1 in the tests
+    runs the GPUs' one-channel path).
     Programs take ``channel_group`` channels each, so a (b, k) has ``programs_per_plane`` partial-sum slots.
     """
     if interpreting():

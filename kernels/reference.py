@@ -1,30 +1,26 @@
-"""Pure-PyTorch implementation of every public sampling op, exact to the contract of DESIGN.md.
+"""The oracle: a pure-PyTorch sampler of every family, exact to the kernel contract (docs/KERNELS.md).
 
-This module is the oracle that the other paths (kernels/torch_path.py, the PyTorch path that CPU tensors run,
-and the Triton kernels) are tested against. It follows the conventions of ``torch.nn.functional.affine_grid``
-and ``grid_sample`` (normalised coordinates in [-1, 1], explicit ``align_corners``) and adds what the kernel
-contract asks for on top of them:
+The other backends (kernels/torch_path.py and the Triton kernels) are tested against this module, and
+``backend="reference"`` reaches it through the public ops. One function per family (:func:`affine`,
+:func:`projective`, :func:`tps`, :func:`grid`) takes arguments that kernels/__init__.py has validated and a
+:class:`Spec`. It follows ``F.affine_grid`` / ``F.grid_sample`` (normalised coordinates, explicit
+``align_corners``) and adds what the contract asks on top of them:
 
-* K transformers per image without copying the image K times: the B x K x Ho x Wo sampling points of an image
-  read its pixels with gathers (and the backward is a scatter-add), then the (B, C, K, Ho, Wo) result is made
-  (B, K, C, Ho, Wo).
-* Parameters and coordinates are computed in float32 (float64 when the image or the parameters are
-  float64, so that gradcheck works); the image is sampled in that dtype and the output cast back.
-* Sampling runs in input pixel coordinates, so identity parameters reproduce the input exactly (see the
-  comment above :func:`half_extent`).
-* Non-finite sampling points read nothing: their output is ``fill`` (default 0) in every padding mode and they
-  send no gradient to the image or to the parameters. Finite points are clamped to [-2, W + 1] pixels (zeros
-  padding: far enough to read nothing) or to [0, W - 1] (border padding) before any index is formed. With
-  zeros padding, every bilinear corner outside the image reads ``fill``.
-* A projective point whose homogeneous coordinate satisfies |w| < ``PROJECTIVE_EPS`` lies at infinity and
-  counts as non-finite.
+* K transformers per image without copying the image K times: the B x K x Ho x Wo points of an image read its
+  pixels with gathers (the backward is a scatter-add, deterministic under torch.use_deterministic_algorithms);
+* coordinates in float32 (float64 when the image or the parameters are float64, so that gradcheck works);
+* sampling in input pixel coordinates, so that identity parameters reproduce the input bit for bit;
+* non-finite points read ``fill`` and send no gradient; finite points are clamped to [-2, W + 1] (zeros) or
+  [0, W - 1] (border) before any index is formed; with zeros padding a corner outside reads ``fill``;
+* a projective point with |w| < ``PROJECTIVE_EPS`` lies at infinity and counts as non-finite.
 """
 
 from __future__ import annotations
 
 import functools
 import weakref
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -33,27 +29,23 @@ __all__ = [
     "PROJECTIVE_EPS",
     "Mode",
     "Padding",
+    "FamilyFn",
+    "Spec",
+    "affine",
     "affine_to_pixels",
     "base_grid",
     "centred_pixels",
-    "check_image",
-    "check_grid",
-    "check_options",
     "compute_dtype",
-    "default_target_points",
+    "grid",
     "half_extent",
     "host_constant",
     "normalize_size",
     "pixel_scale_factors",
     "pixel_scale_matrix",
     "pixel_scales",
+    "projective",
     "projective_to_pixels",
-    "sample_affine",
-    "sample_grid",
-    "sample_projective",
-    "sample_tps",
-    "sample_tps_coefficients",
-    "solve_tps",
+    "tps",
     "tps_coefficients",
     "tps_features",
     "tps_kernel",
@@ -66,56 +58,21 @@ Mode = Literal["bilinear", "nearest"]
 #: A projective point with |w| below this is at infinity and reads nothing.
 PROJECTIVE_EPS = 1.0e-12
 
-_IMAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_PADDINGS = ("zeros", "border")
-_MODES = ("bilinear", "nearest")
+
+class Spec(NamedTuple):
+    """One call's validated options, as every backend's family function takes them: the output size (Ho, Wo),
+    align_corners, padding_mode, mode and the value ``fill`` that outside corners and invalid points read."""
+
+    size: tuple[int, int]
+    align_corners: bool
+    padding_mode: str
+    mode: str
+    fill: float
 
 
-# --------------------------------------------------------------------------------------------------------------
-# validation (shared with the Triton launchers)
-# --------------------------------------------------------------------------------------------------------------
-def check_image(x: Tensor) -> None:
-    """Raise ValueError unless ``x`` is a (B, C, H, W) floating image the sampler accepts."""
-    if not isinstance(x, Tensor):
-        raise ValueError(f"expected the image to be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"expected an image of shape (B, C, H, W), got shape {tuple(x.shape)}")
-    if x.dtype not in _IMAGE_DTYPES:
-        raise ValueError(f"expected an image of dtype float16, bfloat16, float32 or float64, got {x.dtype}")
-    if x.shape[1] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
-        raise ValueError(f"expected an image with C, H and W of at least 1, got shape {tuple(x.shape)}")
-
-
-def check_params(x: Tensor, params: Tensor, name: str, tail: tuple[int, ...]) -> None:
-    """Raise ValueError unless ``params`` has shape (B, K, *tail) on ``x``'s device with K >= 1."""
-    if not isinstance(params, Tensor):
-        raise ValueError(f"expected {name} to be a torch.Tensor, got {type(params).__name__}")
-    if params.dim() != 2 + len(tail) or tuple(params.shape[2:]) != tail or params.shape[0] != x.shape[0]:
-        expected = f"(B={x.shape[0]}, K, {', '.join(str(t) for t in tail)})"
-        raise ValueError(f"expected {name} of shape {expected}, got {tuple(params.shape)}")
-    if params.shape[1] < 1:
-        raise ValueError(f"expected at least one transformer (K >= 1) in {name}, got shape {tuple(params.shape)}")
-    if not params.is_floating_point():
-        raise ValueError(f"expected {name} to be floating point, got {params.dtype}")
-    if params.device != x.device:
-        raise ValueError(f"expected {name} on the image's device {x.device}, got {params.device}")
-
-
-def check_grid(x: Tensor, grid: Tensor) -> None:
-    """Raise ValueError unless ``x`` is an image and ``grid`` a (B, K, Ho, Wo, 2) grid for it."""
-    check_image(x)
-    if not isinstance(grid, Tensor) or grid.dim() != 5 or grid.shape[-1] != 2 or grid.shape[0] != x.shape[0]:
-        shape = tuple(grid.shape) if isinstance(grid, Tensor) else type(grid).__name__
-        raise ValueError(f"expected a grid of shape (B={x.shape[0]}, K, Ho, Wo, 2), got {shape}")
-    check_params(x, grid, "grid", tuple(grid.shape[2:]))
-
-
-def check_options(padding_mode: str, mode: str) -> None:
-    """Raise ValueError for a padding mode or interpolation mode the sampler does not implement."""
-    if padding_mode not in _PADDINGS:
-        raise ValueError(f"expected padding_mode in {_PADDINGS}, got {padding_mode!r}")
-    if mode not in _MODES:
-        raise ValueError(f"expected mode in {_MODES}, got {mode!r}")
+#: A family's function in every backend: (x, params, aux, spec) -> samples (B, K, C, Ho, Wo); aux is the spline's
+#: (N, 2) target points, None for the other families.
+FamilyFn = Callable[[Tensor, Tensor, Any, Spec], Tensor]
 
 
 def normalize_size(size: int | tuple[int, int] | list[int] | torch.Size) -> tuple[int, int]:
@@ -318,132 +275,78 @@ def _bilinear_or_nearest(
     return out
 
 
-def _sample_pixels(
-    x: Tensor, ix: Tensor, iy: Tensor, valid: Tensor, padding_mode: str, mode: str, dtype: torch.dtype, fill: float
-) -> Tensor:
-    # ix, iy, valid (B, K, Ho, Wo) in input pixels -> samples (B, K, C, Ho, Wo) in x's dtype.
+def _sample_pixels(x: Tensor, ix: Tensor, iy: Tensor, valid: Tensor | None, spec: Spec, dtype: torch.dtype) -> Tensor:
+    # ix, iy, valid (B, K, Ho, Wo) in input pixels (valid None: all) -> samples (B, K, C, Ho, Wo) in x's dtype.
     b, k, ho, wo = ix.shape
-    valid = valid & torch.isfinite(ix) & torch.isfinite(iy)
-    out = _bilinear_or_nearest(
-        x, ix.reshape(b, -1), iy.reshape(b, -1), valid.reshape(b, -1), padding_mode, mode, dtype, float(fill)
-    )
+    finite = torch.isfinite(ix) & torch.isfinite(iy)
+    valid = finite if valid is None else valid & finite
+    flat_ix, flat_iy, flat_valid = (t.reshape(b, -1) for t in (ix, iy, valid))
+    out = _bilinear_or_nearest(x, flat_ix, flat_iy, flat_valid, spec.padding_mode, spec.mode, dtype, float(spec.fill))
     return out.view(b, x.shape[1], k, ho, wo).transpose(1, 2).contiguous().to(x.dtype)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# public ops
-# --------------------------------------------------------------------------------------------------------------
-def sample_grid(
-    x: Tensor,
-    grid: Tensor,
-    *,
-    align_corners: bool = False,
-    padding_mode: Padding = "zeros",
-    mode: Mode = "bilinear",
-    fill: float = 0.0,
-) -> Tensor:
-    """Sample K grids from each image.
+def _centred_uv(x: Tensor, spec: Spec, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    # Centred output pixels shaped to broadcast against (B, K, Ho, Wo): u (1, 1, 1, Wo), v (1, 1, Ho, 1).
+    u, v = centred_pixels(spec.size, x.device, dtype)
+    return u.view(1, 1, 1, -1), v.view(1, 1, -1, 1)
 
-    Args:
-        x: images (B, C, H, W), any strides.
-        grid: sampling points (B, K, Ho, Wo, 2), normalised (x, y) in the input, as for ``F.grid_sample``.
-        align_corners: whether -1 and 1 are the centres (True) or the outer edges (False) of the corner pixels.
-        padding_mode: "zeros" or "border".
-        mode: "bilinear" or "nearest".
-        fill: the value read outside the image with zeros padding (each bilinear corner outside reads it), and
-            the output at non-finite points in every padding mode.
 
-    Returns:
-        The samples (B, K, C, Ho, Wo), contiguous, in ``x``'s dtype.
-    """
-    check_grid(x, grid)
-    check_options(padding_mode, mode)
+# --------------------------------------------------------------------------------------------------------------
+# families: validated inputs (kernels/__init__.py) -> samples (B, K, C, Ho, Wo), contiguous, in x's dtype
+# --------------------------------------------------------------------------------------------------------------
+def grid(x: Tensor, points: Tensor, aux: None, spec: Spec) -> Tensor:
+    """Sample the points (B, K, Ho, Wo, 2), normalised (x, y) as for ``F.grid_sample``."""
     h, w = x.shape[-2:]
-    dtype = compute_dtype(x, grid)
-    sx, sy, _, _ = pixel_scales((h, w), (h, w), align_corners)
-    g = grid.to(dtype)
-    ix = g[..., 0] * sx + (w - 1) / 2
-    iy = g[..., 1] * sy + (h - 1) / 2
-    return _sample_pixels(x, ix, iy, torch.ones_like(ix, dtype=torch.bool), padding_mode, mode, dtype, fill)
+    dtype = compute_dtype(x, points)
+    sx, sy, _, _ = pixel_scales((h, w), (h, w), spec.align_corners)
+    g = points.to(dtype)
+    return _sample_pixels(x, g[..., 0] * sx + (w - 1) / 2, g[..., 1] * sy + (h - 1) / 2, None, spec, dtype)
 
 
-def sample_affine(
-    x: Tensor,
-    theta: Tensor,
-    size: int | tuple[int, int],
-    *,
-    align_corners: bool = False,
-    padding_mode: Padding = "zeros",
-    mode: Mode = "bilinear",
-    fill: float = 0.0,
-) -> Tensor:
-    """Sample K affine warps of each image.
-
-    Args:
-        x: images (B, C, H, W).
-        theta: (B, K, 2, 3) matrices mapping output to input normalised coordinates, the ``F.affine_grid``
-            convention: [x_s, y_s] = theta @ [x_t, y_t, 1].
-        size: output size (Ho, Wo), or an int for a square output.
-        align_corners, padding_mode, mode, fill: as for :func:`sample_grid`.
-
-    Returns:
-        The samples (B, K, C, Ho, Wo).
-    """
-    check_image(x)
-    check_params(x, theta, "theta", (2, 3))
-    check_options(padding_mode, mode)
-    size = normalize_size(size)
+def affine(x: Tensor, theta: Tensor, aux: None, spec: Spec) -> Tensor:
+    """Sample the affine warps theta (B, K, 2, 3), the ``F.affine_grid`` convention: [x_s, y_s] = theta @
+    [x_t, y_t, 1] from output to input normalised coordinates."""
     h, w = x.shape[-2:]
     dtype = compute_dtype(x, theta)
-    m = affine_to_pixels(theta.to(dtype), (h, w), size, align_corners)[:, :, :, :, None, None]
-    u, v = centred_pixels(size, x.device, dtype)
-    u, v = u.view(1, 1, 1, -1), v.view(1, 1, -1, 1)
+    m = affine_to_pixels(theta.to(dtype), (h, w), spec.size, spec.align_corners)[:, :, :, :, None, None]
+    u, v = _centred_uv(x, spec, dtype)
     ix = m[:, :, 0, 0] * u + m[:, :, 0, 1] * v + m[:, :, 0, 2] + (w - 1) / 2
     iy = m[:, :, 1, 0] * u + m[:, :, 1, 1] * v + m[:, :, 1, 2] + (h - 1) / 2
-    return _sample_pixels(x, ix, iy, torch.ones_like(ix, dtype=torch.bool), padding_mode, mode, dtype, fill)
+    return _sample_pixels(x, ix, iy, None, spec, dtype)
 
 
-def sample_projective(
-    x: Tensor,
-    h: Tensor,
-    size: int | tuple[int, int],
-    *,
-    align_corners: bool = False,
-    padding_mode: Padding = "zeros",
-    mode: Mode = "bilinear",
-    fill: float = 0.0,
-) -> Tensor:
-    """Sample K projective warps of each image.
-
-    Args:
-        x: images (B, C, H, W).
-        h: (B, K, 3, 3) homographies on normalised coordinates: [u, v, w] = h @ [x_t, y_t, 1] and the source
-            point is (u / w, v / w). Points with |w| < ``PROJECTIVE_EPS`` read nothing.
-        size: output size (Ho, Wo), or an int.
-        align_corners, padding_mode, mode, fill: as for :func:`sample_grid`.
-
-    Returns:
-        The samples (B, K, C, Ho, Wo).
-    """
-    check_image(x)
-    check_params(x, h, "h", (3, 3))
-    check_options(padding_mode, mode)
-    size = normalize_size(size)
+def projective(x: Tensor, h: Tensor, aux: None, spec: Spec) -> Tensor:
+    """Sample the homographies h (B, K, 3, 3) on normalised coordinates: [a, b, w] = h @ [x_t, y_t, 1] and the
+    source point is (a / w, b / w); points with |w| < ``PROJECTIVE_EPS`` read nothing."""
     height, width = x.shape[-2:]
     dtype = compute_dtype(x, h)
-    m = projective_to_pixels(h.to(dtype), (height, width), size, align_corners)[:, :, :, :, None, None]
-    u, v = centred_pixels(size, x.device, dtype)
-    u, v = u.view(1, 1, 1, -1), v.view(1, 1, -1, 1)
-    a = m[:, :, 0, 0] * u + m[:, :, 0, 1] * v + m[:, :, 0, 2]
-    b = m[:, :, 1, 0] * u + m[:, :, 1, 1] * v + m[:, :, 1, 2]
-    wh = m[:, :, 2, 0] * u + m[:, :, 2, 1] * v + m[:, :, 2, 2]
+    m = projective_to_pixels(h.to(dtype), (height, width), spec.size, spec.align_corners)[:, :, :, :, None, None]
+    u, v = _centred_uv(x, spec, dtype)
+    a, b, wh = (m[:, :, r, 0] * u + m[:, :, r, 1] * v + m[:, :, r, 2] for r in range(3))
     # Divide only where the result can be finite, so that no 0 * inf reaches the gradient of h.
     ok = torch.isfinite(a) & torch.isfinite(b) & torch.isfinite(wh) & (wh.abs() >= PROJECTIVE_EPS)
     one = torch.ones((), device=x.device, dtype=dtype)
     wh = torch.where(ok, wh, one)
     ix = torch.where(ok, a, 0 * one) / wh + (width - 1) / 2
     iy = torch.where(ok, b, 0 * one) / wh + (height - 1) / 2
-    return _sample_pixels(x, ix, iy, ok, padding_mode, mode, dtype, fill)
+    return _sample_pixels(x, ix, iy, ok, spec, dtype)
+
+
+def tps(x: Tensor, coefficients: Tensor, target_points: Tensor, spec: Spec) -> Tensor:
+    """Sample thin-plate splines given their coefficients (B, K, N + 3, 2) (:func:`tps_coefficients`) and the
+    (N, 2) target points: ix = (sx / ox) u + sx * f_x(u / ox, v / oy) + (W - 1) / 2, with f the spline's offset
+    from the identity in normalised coordinates (see :func:`pixel_scales`); likewise iy."""
+    h, w = x.shape[-2:]
+    dtype = compute_dtype(x, coefficients)
+    sx, sy, ox, oy = pixel_scales((h, w), spec.size, spec.align_corners)
+    u, v = centred_pixels(spec.size, x.device, dtype)
+    pu, pv = torch.meshgrid(u, v, indexing="xy")  # (Ho, Wo) each
+    base = torch.stack([pu * _ratio(1.0, ox), pv * _ratio(1.0, oy)], dim=-1)  # (Ho, Wo, 2) normalised
+    features = tps_features(base, target_points.to(device=x.device, dtype=dtype))  # (Ho, Wo, N + 3)
+    offset = (features.flatten(0, 1) @ coefficients.to(dtype)).view(*coefficients.shape[:2], *spec.size, 2)
+    ix = _ratio(sx, ox) * pu + sx * offset[..., 0] + (w - 1) / 2
+    iy = _ratio(sy, oy) * pv + sy * offset[..., 1] + (h - 1) / 2
+    return _sample_pixels(x, ix, iy, None, spec, dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -535,117 +438,3 @@ def tps_coefficients(control_points: Tensor, target_points: Tensor) -> Tensor:
     inverse = _tps_solver(target_points, dtype, control_points.device)
     offsets = control_points.to(dtype) - target_points.to(device=control_points.device, dtype=dtype)
     return inverse @ offsets
-
-
-def sample_tps_coefficients(
-    x: Tensor,
-    coefficients: Tensor,
-    target_points: Tensor,
-    size: int | tuple[int, int],
-    *,
-    align_corners: bool = False,
-    padding_mode: Padding = "zeros",
-    mode: Mode = "bilinear",
-    fill: float = 0.0,
-) -> Tensor:
-    """Sample K thin-plate-spline warps given their solved coefficients (see :func:`tps_coefficients`).
-
-    In pixels: ix = (sx / ox) u + sx * f_x(u / ox, v / oy) + (W - 1) / 2, with f the spline's offset from the
-    identity evaluated in normalised coordinates (see :func:`pixel_scales`); likewise iy.
-
-    Args:
-        x: images (B, C, H, W).
-        coefficients: (B, K, N + 3, 2).
-        target_points: (N, 2).
-        size, align_corners, padding_mode, mode, fill: as for :func:`sample_affine`.
-
-    Returns:
-        The samples (B, K, C, Ho, Wo).
-    """
-    check_image(x)
-    n = target_points.shape[0]
-    check_params(x, coefficients, "coefficients", (n + 3, 2))
-    check_options(padding_mode, mode)
-    size = normalize_size(size)
-    h, w = x.shape[-2:]
-    dtype = compute_dtype(x, coefficients)
-    sx, sy, ox, oy = pixel_scales((h, w), size, align_corners)
-    u, v = centred_pixels(size, x.device, dtype)
-    pu, pv = torch.meshgrid(u, v, indexing="xy")  # (Ho, Wo) each
-    base = torch.stack([pu * _ratio(1.0, ox), pv * _ratio(1.0, oy)], dim=-1)  # (Ho, Wo, 2) normalised
-    features = tps_features(base, target_points.to(device=x.device, dtype=dtype))  # (Ho, Wo, N + 3)
-    offset = (features.view(-1, n + 3) @ coefficients.to(dtype)).view(*coefficients.shape[:2], *size, 2)
-    ix = _ratio(sx, ox) * pu + sx * offset[..., 0] + (w - 1) / 2
-    iy = _ratio(sy, oy) * pv + sy * offset[..., 1] + (h - 1) / 2
-    return _sample_pixels(x, ix, iy, torch.ones_like(ix, dtype=torch.bool), padding_mode, mode, dtype, fill)
-
-
-def sample_tps(
-    x: Tensor,
-    control_points: Tensor,
-    size: int | tuple[int, int],
-    *,
-    target_points: Tensor | None = None,
-    align_corners: bool = False,
-    padding_mode: Padding = "zeros",
-    mode: Mode = "bilinear",
-    fill: float = 0.0,
-) -> Tensor:
-    """Sample K thin-plate-spline warps of each image.
-
-    Args:
-        x: images (B, C, H, W).
-        control_points: (B, K, N, 2) where each target control point lands in the input, normalised (x, y).
-        size: output size (Ho, Wo), or an int.
-        target_points: (N, 2) fixed control points in output coordinates; default a regular sqrt(N) x sqrt(N)
-            lattice over [-1, 1]^2 (see :func:`tps_target_points`).
-        align_corners, padding_mode, mode, fill: as for :func:`sample_grid`.
-
-    Returns:
-        The samples (B, K, C, Ho, Wo).
-    """
-    coefficients, target_points = solve_tps(x, control_points, target_points)
-    return sample_tps_coefficients(
-        x,
-        coefficients,
-        target_points,
-        size,
-        align_corners=align_corners,
-        padding_mode=padding_mode,
-        mode=mode,
-        fill=fill,
-    )
-
-
-def solve_tps(x: Tensor, control_points: Tensor, target_points: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Validate a spline's inputs and solve it: (coefficients (B, K, N + 3, 2), target points (N, 2)).
-
-    Shared by both backends of ``sample_tps``: the solve always runs in PyTorch.
-    """
-    check_image(x)
-    if target_points is None:
-        target_points = default_target_points(control_points, x.device)
-    check_params(x, control_points, "control_points", (target_points.shape[0], 2))
-    return tps_coefficients(control_points, target_points), target_points
-
-
-def default_target_points(control_points: Tensor, device: torch.device) -> Tensor:
-    """The square lattice that matches ``control_points`` (B, K, N, 2); N must be a square number."""
-    n = control_points.shape[-2] if control_points.dim() >= 2 else 0
-    side = round(n**0.5)
-    if side * side != n or side < 2:
-        raise ValueError(
-            f"expected N = n * n control points for the default lattice, got {tuple(control_points.shape)}; "
-            "pass target_points for other layouts"
-        )
-    # One tensor per lattice and device, so that its solve is cached too (see _tps_solver).
-    key = (side, torch.device(device))
-    if not torch.compiler.is_compiling() and key in _DEFAULT_TARGETS:
-        return _DEFAULT_TARGETS[key]
-    target = tps_target_points(side, device=device)
-    if _cacheable(target):
-        _DEFAULT_TARGETS[key] = target
-    return target
-
-
-_DEFAULT_TARGETS: dict[tuple[int, torch.device], Tensor] = {}

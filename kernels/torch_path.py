@@ -3,7 +3,7 @@
 Every op builds the (B, K, Ho, Wo, 2) normalised grid of its family, stacks the K grids along the output height
 and samples them with one ``F.grid_sample`` call on the un-copied image, which is PyTorch's fused C++ (or CUDA)
 sampler: a few times faster on a CPU than :mod:`kernels.reference`, whose bilinear reads are gathers and whose
-backward is a scatter-add (benchmarks/bench_cpu.py). Around that call it keeps the contract of DESIGN.md:
+backward is a scatter-add (benchmarks/bench_cpu.py). Around that call it keeps the contract (docs/KERNELS.md):
 
 * Non-finite sampling points read nothing (they give ``fill``) and send no gradient, in every padding mode;
   ``F.grid_sample`` alone returns NaN there. Finite points are clamped to [-LIMIT, LIMIT] in normalised
@@ -31,18 +31,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from .reference import Mode, Padding
+from .reference import Spec
 
-__all__ = ["LIMIT", "sample_affine", "sample_grid", "sample_projective", "sample_tps_coefficients"]
+__all__ = ["LIMIT", "affine", "grid", "projective", "tps"]
 
 #: Normalised coordinates are clamped to [-LIMIT, LIMIT] before sampling; |x| >= 3 lies outside any image by at
 #: least one pixel (a normalised unit is at least half a pixel), so a clamped point reads what it read before.
 LIMIT = 3.0
 
 
-def _stacked_sample(
-    x: Tensor, grid: Tensor, valid: Tensor | None, align_corners: bool, padding_mode: str, mode: str, fill: float
-) -> Tensor:
+def _stacked_sample(x: Tensor, grid: Tensor, valid: Tensor | None, spec: Spec) -> Tensor:
     """Sample the grids (B, K, Ho, Wo, 2), normalised and finite, in the compute dtype, from x (B, C, H, W).
 
     ``valid`` (B, K, Ho, Wo) marks the points that may read (None: all); an invalid point must already lie outside
@@ -50,6 +48,7 @@ def _stacked_sample(
     """
     b, k, ho, wo, _ = grid.shape
     h, w = x.shape[-2:]
+    align_corners, padding_mode, mode, fill = spec[1:]
     out = F.grid_sample(
         x.to(grid.dtype),
         grid.reshape(b, k * ho, wo, 2),
@@ -185,101 +184,40 @@ class _ProjectiveGrid(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# public ops (signatures and semantics of kernels.reference)
+# families: validated inputs (kernels/__init__.py) -> samples (B, K, C, Ho, Wo), as kernels.reference's
 # --------------------------------------------------------------------------------------------------------------
-def sample_grid(
-    x: Tensor,
-    grid: Tensor,
-    *,
-    align_corners: bool = False,
-    padding_mode: Padding = "zeros",
-    mode: Mode = "bilinear",
-    fill: float = 0.0,
-) -> Tensor:
-    """:func:`kernels.reference.sample_grid` through ``F.grid_sample``; grid (B, K, Ho, Wo, 2) -> (B, K, C, Ho, Wo)."""
-    reference.check_grid(x, grid)
-    reference.check_options(padding_mode, mode)
-    dtype = reference.compute_dtype(x, grid)
-    return _stacked_sample(x, *_safe(grid.to(dtype)), align_corners, padding_mode, mode, fill)
+def grid(x: Tensor, points: Tensor, aux: None, spec: Spec) -> Tensor:
+    """:func:`kernels.reference.grid` through ``F.grid_sample``."""
+    return _stacked_sample(x, *_safe(points.to(reference.compute_dtype(x, points))), spec)
 
 
-def sample_affine(
-    x: Tensor,
-    theta: Tensor,
-    size: int | tuple[int, int],
-    *,
-    align_corners: bool = False,
-    padding_mode: Padding = "zeros",
-    mode: Mode = "bilinear",
-    fill: float = 0.0,
-) -> Tensor:
-    """:func:`kernels.reference.sample_affine` through ``F.grid_sample``.
-
-    theta (B, K, 2, 3) -> (B, K, C, Ho, Wo).
-    """
-    reference.check_image(x)
-    reference.check_params(x, theta, "theta", (2, 3))
-    reference.check_options(padding_mode, mode)
-    ho, wo = reference.normalize_size(size)
-    b, k = theta.shape[:2]
-    dtype = reference.compute_dtype(x, theta)
-    theta = theta.to(dtype)
-    base = reference.base_grid((ho, wo), align_corners, x.device, dtype)  # (Ho, Wo, 2)
-    grid = _AffineGrid.apply(theta, base)  # (B, K, Ho, Wo, 2)
+def affine(x: Tensor, theta: Tensor, aux: None, spec: Spec) -> Tensor:
+    """:func:`kernels.reference.affine` through ``F.grid_sample``."""
+    theta = theta.to(reference.compute_dtype(x, theta))
+    base = reference.base_grid(spec.size, spec.align_corners, x.device, theta.dtype)  # (Ho, Wo, 2)
+    points = _AffineGrid.apply(theta, base)  # (B, K, Ho, Wo, 2)
     # Every grid point is theta @ (x_t, y_t, 1) with |x_t|, |y_t| <= 1, so |row| . 1 bounds it: when that bound is
     # finite and inside the clamp range, no point needs the clamp (a check on B x K x 6 numbers, where
     # :func:`_may_check` allows it).
     inside = _may_check(theta) and bool((theta.detach().abs().sum(-1) <= LIMIT).all())
-    safe: tuple[Tensor, Tensor | None] = (grid, None) if inside else _finite(grid)
-    return _stacked_sample(x, *safe, align_corners, padding_mode, mode, fill)
+    safe: tuple[Tensor, Tensor | None] = (points, None) if inside else _finite(points)
+    return _stacked_sample(x, *safe, spec)
 
 
-def sample_projective(
-    x: Tensor,
-    h: Tensor,
-    size: int | tuple[int, int],
-    *,
-    align_corners: bool = False,
-    padding_mode: Padding = "zeros",
-    mode: Mode = "bilinear",
-    fill: float = 0.0,
-) -> Tensor:
-    """:func:`kernels.reference.sample_projective` through ``F.grid_sample``; h (B, K, 3, 3) -> (B, K, C, Ho, Wo)."""
-    reference.check_image(x)
-    reference.check_params(x, h, "h", (3, 3))
-    reference.check_options(padding_mode, mode)
-    size = reference.normalize_size(size)
+def projective(x: Tensor, h: Tensor, aux: None, spec: Spec) -> Tensor:
+    """:func:`kernels.reference.projective` through ``F.grid_sample``."""
     dtype = reference.compute_dtype(x, h)
-    base = reference.base_grid(size, align_corners, x.device, dtype)  # (Ho, Wo, 2)
-    grid, ok = _ProjectiveGrid.apply(h.to(dtype), _homogeneous(base))
-    b, k = h.shape[:2]
-    return _stacked_sample(x, grid.view(b, k, *size, 2), ok.view(b, k, *size), align_corners, padding_mode, mode, fill)
+    base = reference.base_grid(spec.size, spec.align_corners, x.device, dtype)  # (Ho, Wo, 2)
+    points, ok = _ProjectiveGrid.apply(h.to(dtype), _homogeneous(base))
+    shape = (*h.shape[:2], *spec.size)
+    return _stacked_sample(x, points.view(*shape, 2), ok.view(shape), spec)
 
 
-def sample_tps_coefficients(
-    x: Tensor,
-    coefficients: Tensor,
-    target_points: Tensor,
-    size: int | tuple[int, int],
-    *,
-    align_corners: bool = False,
-    padding_mode: Padding = "zeros",
-    mode: Mode = "bilinear",
-    fill: float = 0.0,
-) -> Tensor:
-    """:func:`kernels.reference.sample_tps_coefficients` through ``F.grid_sample``.
-
-    coefficients (B, K, N + 3, 2), target_points (N, 2) -> (B, K, C, Ho, Wo).
-    """
-    reference.check_image(x)
-    n = target_points.shape[0]
-    reference.check_params(x, coefficients, "coefficients", (n + 3, 2))
-    reference.check_options(padding_mode, mode)
-    size = reference.normalize_size(size)
+def tps(x: Tensor, coefficients: Tensor, target_points: Tensor, spec: Spec) -> Tensor:
+    """:func:`kernels.reference.tps` through ``F.grid_sample``."""
     dtype = reference.compute_dtype(x, coefficients)
-    base = reference.base_grid(size, align_corners, x.device, dtype)  # (Ho, Wo, 2)
+    base = reference.base_grid(spec.size, spec.align_corners, x.device, dtype)  # (Ho, Wo, 2)
     features = reference.tps_features(base, target_points.to(device=x.device, dtype=dtype))  # (Ho, Wo, N + 3)
     coefficients = coefficients.to(dtype)
-    ho, wo = size
-    grid = (base.view(-1, 2) + features.view(ho * wo, -1) @ coefficients).view(*coefficients.shape[:2], ho, wo, 2)
-    return _stacked_sample(x, *_safe(grid), align_corners, padding_mode, mode, fill)
+    points = base.view(-1, 2) + features.flatten(0, 1) @ coefficients
+    return _stacked_sample(x, *_safe(points.view(*coefficients.shape[:2], *spec.size, 2)), spec)

@@ -1,8 +1,9 @@
-"""The thin-plate-spline family of the Triton sampler: its coordinate map, its parameter-gradient epilogue, its op.
+"""The thin-plate-spline family of the Triton sampler: its coordinate map, its parameter-gradient epilogue, its
+preparation.
 
-The op takes the solved coefficients (B, K, N + 3, 2) of :func:`kernels.reference.tps_coefficients` (the small
-solve stays in PyTorch and is shared by both backends) and the (N, 2) target points. Each program evaluates the
-spline on its tile in registers: with normalised output coordinates (xn, yn) = (u / ox, v / oy),
+The family takes the solved coefficients (B, K, N + 3, 2) of :func:`kernels.reference.tps_coefficients` (the small
+solve stays in PyTorch, in kernels.sample_tps, shared by every backend) and the (N, 2) target points. Each program
+evaluates the spline on its tile in registers: with normalised output coordinates (xn, yn) = (u / ox, v / oy),
 
     f(p) = A^T [1, xn, yn] + sum_n w_n U(|p - t_n|^2),  U(d2) = d2 log d2 (0 at 0),
     ix = (sx / ox) u + sx f_x(p) + (W - 1) / 2,  likewise iy,
@@ -20,10 +21,10 @@ from torch import Tensor
 
 from . import reference
 from ._autograd import register, sample
-from .reference import Mode, Padding
+from .reference import Spec
 from .sampler import Family
 
-__all__ = ["TPS", "sample_tps_coefficients"]
+__all__ = ["TPS", "tps"]
 
 #: Control points per block in the backward's reductions (see _tps_param_grad).
 _BLOCK_N = tl.constexpr(8)
@@ -37,8 +38,7 @@ def _radial(d2):
 
 @triton.jit
 def _tps_coords(
-    coef_ptr, t_ptr, s_ptr, bk, K, N, i, j, pmask, H, W, Ho, Wo, spb, spk, sph, spw, spd,
-    CDT: tl.constexpr, FMAX: tl.constexpr,
+    coef_ptr, t_ptr, s_ptr, bk, K, N, i, j, pmask, H, W, Ho, Wo, CDT: tl.constexpr, FMAX: tl.constexpr,
 ):  # fmt: skip
     # s = (sx / ox, sy / oy, sx, sy, 1 / ox, 1 / oy) in the compute dtype (0 for an axis without extent). Every
     # parameter is a scalar load (all threads read one address); no reductions, so no barriers, in this function.
@@ -66,18 +66,19 @@ def _tps_coords(
     offy += tl.load(ca + 1).to(CDT) + tl.load(ca + 3).to(CDT) * xn + tl.load(ca + 5).to(CDT) * yn
     ix = fxx * u + sx * offx + (W - 1) * 0.5
     iy = fyy * v + sy * offy + (H - 1) * 0.5
-    return ix, iy, pmask, xn, yn, xn, xn, xn
+    return ix, iy, pmask, (xn, yn)
 
 
 @triton.jit
 def _tps_param_grad(
-    part_ptr, slot, bk, c_lo, i, j, pmask, gix, giy, xn, yn, e2, e3, e4, t_ptr, s_ptr, N, C, Ho, Wo,
+    part_ptr, slot, bk, c_lo, i, j, pmask, gix, giy, terms, t_ptr, s_ptr, N, C, Ho, Wo,
     CGROUP: tl.constexpr, CDT: tl.constexpr,
 ):  # fmt: skip
     # Partial sums of d loss / d f: row n is sum_p (gfx, gfy)(p) * feature_n(p), features [U_0..U_N-1, 1, x, y],
     # where (gfx, gfy) = (sx gix, sy giy) since ix = ... + sx * f_x (likewise iy).
     # _BLOCK_N points at a time: U as a (_BLOCK_N, pixels) block, so one 2-D reduction per block and axis rather
     # than one per point (each reduction over the tile goes through shared memory and barriers).
+    xn, yn = terms
     gfx = gix * tl.load(s_ptr + 2).to(CDT)
     gfy = giy * tl.load(s_ptr + 3).to(CDT)
     part = part_ptr + slot.to(tl.int64) * (N + 3) * 2
@@ -97,57 +98,21 @@ def _tps_param_grad(
     tl.store(part + 2 * N + r6, tl.sum(g * feat, axis=1), mask=r6 < 6)
 
 
-def _tps_inputs(
-    x: Tensor, coefficients: Tensor, target_points: Tensor, size: tuple[int, int], align_corners: bool
-) -> tuple[Tensor, Tensor, Tensor]:
+def _tps_inputs(x: Tensor, coefficients: Tensor, target_points: Tensor, spec: Spec) -> tuple[Tensor, Tensor, Tensor]:
     # Coefficients and target points in the compute dtype, contiguous, and the scalars of _tps_coords.
     dtype = reference.compute_dtype(x, coefficients)
     (fxx, _, sx), (_, fyy, sy), (fwx, fwy, _) = reference.pixel_scale_factors(
-        (x.shape[-2], x.shape[-1]), size, align_corners
+        (x.shape[-2], x.shape[-1]), spec.size, spec.align_corners
     )
     scalars = reference.host_constant([fxx, fyy, sx, sy, fwx, fwy], dtype, x)
     target = target_points.detach().to(device=x.device, dtype=dtype).contiguous()
     return coefficients.to(dtype).contiguous(), target, scalars
 
 
-def _reference(x, coefficients, target, size, align_corners, padding_mode, mode, fill):  # type: ignore[no-untyped-def]
-    options = {"align_corners": align_corners, "padding_mode": padding_mode, "mode": mode, "fill": fill}
-    return reference.sample_tps_coefficients(x, coefficients, target.detach(), size, **options)
+TPS = register(Family("tps", _tps_coords, _tps_param_grad, _tps_inputs, reference.tps))
 
 
-TPS = register(Family("tps", "sample_tps_coefficients", _tps_coords, _tps_param_grad, _tps_inputs, _reference))
-
-
-def sample_tps_coefficients(
-    x: Tensor,
-    coefficients: Tensor,
-    target_points: Tensor,
-    size: int | tuple[int, int],
-    *,
-    align_corners: bool = False,
-    padding_mode: Padding = "zeros",
-    mode: Mode = "bilinear",
-    fill: float = 0.0,
-    image_grad: str | None = None,
-) -> Tensor:
-    """Sample K thin-plate-spline warps with the Triton kernels; see :func:`kernels.reference.sample_tps_coefficients`.
-
-    Args:
-        x: images (B, C, H, W), any strides, float16, bfloat16, float32 or float64.
-        coefficients: (B, K, N + 3, 2) from :func:`kernels.reference.tps_coefficients`.
-        target_points: (N, 2) fixed control points in output coordinates (no gradient flows to them).
-        size: output size (Ho, Wo), or an int.
-        align_corners, padding_mode, mode: as for ``F.grid_sample``.
-        fill, image_grad: as for :func:`kernels.affine.sample_affine` (the spline's image gradient always scatters).
-
-    Returns:
-        (B, K, C, Ho, Wo), contiguous, in x's dtype.
-    """
-    reference.check_image(x)
-    if not isinstance(target_points, Tensor) or target_points.dim() != 2 or target_points.shape[1] != 2:
-        shape = tuple(target_points.shape) if isinstance(target_points, Tensor) else type(target_points).__name__
-        raise ValueError(f"expected target points of shape (N, 2), got {shape}")
-    reference.check_params(x, coefficients, "coefficients", (target_points.shape[0] + 3, 2))
-    reference.check_options(padding_mode, mode)
-    size = reference.normalize_size(size)
-    return sample(TPS, x, coefficients, target_points, size, align_corners, padding_mode, mode, fill, image_grad)
+def tps(x: Tensor, coefficients: Tensor, target_points: Tensor, spec: Spec) -> Tensor:
+    """kernels.sample_tps's Triton implementation, for validated inputs: the solved coefficients (B, K, N + 3, 2)
+    and the (N, 2) target points (no gradient flows to them)."""
+    return sample(TPS, x, coefficients, target_points, spec)

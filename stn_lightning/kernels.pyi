@@ -2,4 +2,4 @@
 # which mypy cannot follow from the source tree, so this stub points it at the folder, checked as "kernels".
 from kernels import *  # noqa: F403
 from kernels import reference as reference
-from kernels import triton_ops as triton_ops
+from kernels import torch_path as torch_path

@@ -43,19 +43,17 @@ def test_rerun_in_fresh_interpreter():
 
 @pytest.fixture(scope="module")
 def ops():
-    """kernels.triton_ops, every kernel running through the interpreter."""
+    """The backend under test, "triton": every kernel running through the interpreter."""
     if not INTERPRETED:
         pytest.skip("triton was imported without TRITON_INTERPRET=1 (see test_rerun_in_fresh_interpreter)")
-    from stn_lightning.kernels import triton_ops
-
-    return triton_ops
+    return "triton"
 
 
 # --------------------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------------------
 def _params(family, b, k, seed=0, spread=None, n_side=2):
-    """Random parameters near the identity: theta, h or spline coefficients (for an n_side x n_side lattice)."""
+    """Random parameters near the identity: theta, h or spline control points (on an n_side x n_side lattice)."""
     g = torch.Generator().manual_seed(seed + 1)
     if family == "affine":
         return torch.eye(2, 3) + (0.3 if spread is None else spread) * torch.randn(b, k, 2, 3, generator=g)
@@ -63,8 +61,7 @@ def _params(family, b, k, seed=0, spread=None, n_side=2):
         return torch.eye(3) + (0.15 if spread is None else spread) * torch.randn(b, k, 3, 3, generator=g)
     if family == "tps":
         target = reference.tps_target_points(n_side)
-        noise = (0.15 if spread is None else spread) * torch.randn(b, k, n_side * n_side, 2, generator=g)
-        return reference.tps_coefficients(target + noise, target)
+        return target + (0.15 if spread is None else spread) * torch.randn(b, k, n_side * n_side, 2, generator=g)
     raise ValueError(family)
 
 
@@ -73,20 +70,21 @@ def _grid(b, k, ho, wo, seed=0, spread=1.3):
     return spread * (2 * torch.rand(b, k, ho, wo, 2, generator=g) - 1)
 
 
-def _call(impl, family, x, p, size, target=None, **options):
+def _call(backend, family, x, p, size, target=None, **options):
+    """The family's public op through ``backend`` ("triton" or "reference")."""
     if family == "affine":
-        return impl.sample_affine(x, p, size, **options)
+        return kernels.sample_affine(x, p, size, backend=backend, **options)
     if family == "projective":
-        return impl.sample_projective(x, p, size, **options)
+        return kernels.sample_projective(x, p, size, backend=backend, **options)
     if family == "tps":
-        return impl.sample_tps_coefficients(x, p, target, size, **options)
-    return impl.sample_grid(x, p, **options)
+        return kernels.sample_tps(x, p, size, target_points=target, backend=backend, **options)
+    return kernels.sample_grid(x, p, backend=backend, **options)
 
 
 def _target(family, p):
     if family != "tps":
         return None
-    return reference.tps_target_points(round((p.shape[2] - 3) ** 0.5))
+    return reference.tps_target_points(round(p.shape[2] ** 0.5))
 
 
 def _run(impl, family, x, p, size, grad=None, need=(True, True), **options):
@@ -105,7 +103,7 @@ def _run(impl, family, x, p, size, grad=None, need=(True, True), **options):
 
 def _check_parity(ops, family, x, p, size, need=(True, True), **options):
     out, gx, gp, grad = _run(ops, family, x, p, size, need=need, **options)
-    ref, rgx, rgp, _ = _run(reference, family, x, p, size, grad=grad, need=need, **options)
+    ref, rgx, rgp, _ = _run("reference", family, x, p, size, grad=grad, need=need, **options)
     assert out.dtype == x.dtype and out.is_contiguous()
     assert out.shape == ref.shape
     (ro, ao), (rx, ax), (rp, ap) = TOL[x.dtype]
@@ -177,8 +175,8 @@ def test_projective_horizon(ops):
 def test_tps_parity(ops, case):
     b, k, c, h, w, ho, wo, ac, pad, mode, cl = case
     x = _image(b, c, h, w, channels_last=cl, seed=3)
-    coef = _params("tps", b, k, seed=5)
-    _check_parity(ops, "tps", x, coef, (ho, wo), align_corners=ac, padding_mode=pad, mode=mode)
+    control = _params("tps", b, k, seed=5)
+    _check_parity(ops, "tps", x, control, (ho, wo), align_corners=ac, padding_mode=pad, mode=mode)
 
 
 def test_tps_dispatcher_control_points(ops):
@@ -275,10 +273,10 @@ def test_strided_images(ops):
     for view in views:
         theta = _params("affine", view(base).shape[0], 2, seed=4)
         results = []
-        for impl in (ops, reference):
+        for backend in (ops, "reference"):
             leaf = base.clone().requires_grad_()
             x = view(leaf)
-            out = impl.sample_affine(x, theta, (4, 6), padding_mode="border")
+            out = kernels.sample_affine(x, theta, (4, 6), padding_mode="border", backend=backend)
             out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
             results.append((out.detach(), leaf.grad))
         torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
@@ -290,9 +288,9 @@ def test_expanded_grad_out(ops):
     x = _image(2, 2, 5, 5)
     theta = _params("affine", 2, 2, seed=3)
     grads = []
-    for impl in (ops, reference):
+    for backend in (ops, "reference"):
         xa, ta = x.clone().requires_grad_(), theta.clone().requires_grad_()
-        impl.sample_affine(xa, ta, (4, 6), padding_mode="border").sum().backward()
+        kernels.sample_affine(xa, ta, (4, 6), padding_mode="border", backend=backend).sum().backward()
         grads.append((xa.grad, ta.grad))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-4)
@@ -316,10 +314,10 @@ def _check_fill(ops, family, x, p, size, fill, **options):
     fill (zeros padding: an outside corner reads fill; an invalid point outputs fill), output and both gradients
     (fill is a constant: no gradient of its own)."""
     out, gx, gp, grad = _run(ops, family, x, p, size, fill=fill, **options)
-    ref, rgx, rgp, _ = _run(reference, family, x, p, size, grad=grad, fill=fill, **options)
+    ref, rgx, rgp, _ = _run("reference", family, x, p, size, grad=grad, fill=fill, **options)
     oracles = [(ref, rgx, rgp)]
     if x.dtype in (torch.float32, torch.float64):  # x - fill would round in half precision
-        shifted, sgx, sgp, _ = _run(reference, family, (x - fill).detach(), p, size, grad=grad, **options)
+        shifted, sgx, sgp, _ = _run("reference", family, (x - fill).detach(), p, size, grad=grad, **options)
         oracles.append(((shifted + fill).to(out.dtype), sgx, sgp))
     (ro, ao), (rx, ax), (rp, ap) = TOL[x.dtype]
     for expected, egx, egp in oracles:
@@ -436,7 +434,7 @@ def test_identity_is_exact(ops, family, align_corners):
         elif family == "projective":
             p = 2.5 * torch.eye(3).repeat(2, 2, 1, 1)  # any scale of the identity homography
         else:
-            p = torch.zeros(2, 2, 7, 2)
+            p = reference.tps_target_points(2).expand(2, 2, 4, 2)  # control points on their targets
         out = _call(
             ops, family, x, p, (5, 7), _target(family, p), align_corners=align_corners, padding_mode=pad, mode=mode
         )
@@ -484,9 +482,11 @@ def test_non_finite_isolation(ops, family, bad):
 def test_gradcheck_float64(ops):
     x = _image(1, 2, 3, 4, dtype=torch.float64).requires_grad_()
     theta = _params("affine", 1, 1, seed=8).double().requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, t: ops.sample_affine(a, t, (3, 2), padding_mode="border"), (x, theta))
+    affine = lambda a, t: kernels.sample_affine(a, t, (3, 2), padding_mode="border", backend=ops)
+    assert torch.autograd.gradcheck(affine, (x, theta))
     hom = _params("projective", 1, 1, seed=8).double().requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, t: ops.sample_projective(a, t, (2, 3), align_corners=True), (x, hom))
+    projective = lambda a, t: kernels.sample_projective(a, t, (2, 3), align_corners=True, backend=ops)
+    assert torch.autograd.gradcheck(projective, (x, hom))
 
 
 @pytest.fixture
@@ -498,98 +498,82 @@ def deterministic():
 
 
 def _bwd_launches(monkeypatch):
-    """The meta of every launch of the sampler's backward kernel, and the flags of every gather, as they happen."""
+    """The meta of every launch of the sampler's backward kernel, as they happen."""
     sampler = importlib.import_module("stn_lightning.kernels.sampler")
-    launches, flags = [], []
-    launch, gather = sampler.launch, sampler.gather
+    launches = []
+    launch = sampler.launch
 
     def spy_launch(kernel, tuned, grid, args, meta, wrap):
         if kernel is sampler._sample_bwd_kernel:
             launches.append(meta)
         return launch(kernel, tuned, grid, args, meta, wrap)
 
-    def spy_gather(*args, **kwargs):
-        result = gather(*args, **kwargs)
-        flags.append(result[0].clone())
-        return result
-
     monkeypatch.setattr(sampler, "launch", spy_launch)
-    monkeypatch.setattr(sampler, "gather", spy_gather)
-    return launches, flags
+    return launches
 
 
-@pytest.mark.parametrize("family", ["affine", "projective"])
-def test_deterministic_algorithms_gather(ops, family, deterministic, monkeypatch):
-    # torch.use_deterministic_algorithms(True): the image gradient is gathered (no atomics), the warps the gather
-    # cannot take (here p = 0, singular) get theirs from the reference, the scatter kernel adds no image gradient,
-    # and two runs give the same bits; the gradients match the reference.
-    launches, flags = _bwd_launches(monkeypatch)
+@pytest.mark.parametrize("family", ["affine", "projective", "tps", "grid"])
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_deterministic_algorithms(ops, family, padding_mode, deterministic, monkeypatch):
+    # torch.use_deterministic_algorithms(True): the image gradient comes from the reference's backward (a
+    # deterministic scatter-add), the kernel adds none with atomics and still reduces the parameter gradient (no
+    # atomics there); two runs give the same bits and the gradients match the reference.
+    launches = _bwd_launches(monkeypatch)
     x = _image(2, 3, 7, 6, channels_last=True, seed=2)
-    p = _params(family, 2, 3, seed=3, spread=0.05)
-    p[1, 2] = 0.0
-    runs = [_check_parity(ops, family, x, p, (5, 8)) for _ in range(2)]
+    p = _grid(2, 3, 5, 8) if family == "grid" else _params(family, 2, 3, seed=3)
+    size = None if family == "grid" else (5, 8)
+    runs = [_check_parity(ops, family, x, p, size, padding_mode=padding_mode) for _ in range(2)]
     for first, second in zip(*runs, strict=True):
         assert torch.equal(first, second)
-    assert len(flags) == 2 and torch.equal(flags[0], flags[1]) and flags[0][-1] == 0 and flags[0].sum() >= 3
-    assert launches and not any(meta["NEED_X_GRAD"] for meta in launches)
-    assert all(meta["SKIP_GATHERED"] for meta in launches)
+    assert launches and all(not meta["NEED_X_GRAD"] and meta["NEED_PARAM_GRAD"] for meta in launches)
 
 
-@pytest.mark.parametrize("family", ["tps", "grid", "affine-border"])
-def test_deterministic_algorithms_raise(ops, family, deterministic):
-    # Families without a gather (and border padding) raise like PyTorch's nondeterministic ops, naming the op,
-    # when the image gradient is needed; parameter-only gradients use no atomics and are fine; warn_only warns.
-    name, _, padding = family.partition("-")
-    padding_mode = padding or "zeros"
-    x = _image(1, 2, 4, 4)
-    p = _grid(1, 2, 3, 3) if name == "grid" else _params(name, 1, 2)
-    size = None if name == "grid" else (3, 3)
-    op = {"tps": "sample_tps_coefficients", "grid": "sample_grid", "affine": "sample_affine"}[name]
-    out = _call(ops, name, x.requires_grad_(), p.requires_grad_(), size, _target(name, p), padding_mode=padding_mode)
-    with pytest.raises(RuntimeError, match=rf"{op} \(Triton\) backward does not have a deterministic"):
-        out.sum().backward()
-    _call(ops, name, x.detach(), p, size, _target(name, p), padding_mode=padding_mode).sum().backward()
-    assert p.grad is not None
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    out = _call(ops, name, x, p, size, _target(name, p), padding_mode=padding_mode)
-    with pytest.warns(UserWarning, match="does not have a deterministic"):
-        out.sum().backward()
+def test_auto_is_deterministic_on_cuda():
+    # backend="auto" on CUDA tensors: the reference when a gradient is needed under deterministic algorithms (the
+    # PyTorch path's F.grid_sample adds its CUDA image gradient with atomics), else the measured table.
+    cuda = types.SimpleNamespace(is_cuda=True)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert kernels.resolve_backend("auto", cuda, "affine", needs_grad=True) == "reference"
+        assert kernels.resolve_backend("auto", cuda, "tps", needs_grad=False) == "triton"
+        assert kernels.resolve_backend("auto", types.SimpleNamespace(is_cuda=False), "affine", True) == "torch"
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert kernels.resolve_backend("auto", cuda, "affine", needs_grad=True) == "torch"
 
 
 def test_value_errors(ops, monkeypatch):
     x = _image(1, 2, 4, 4)
     theta = _params("affine", 1, 2)
+    affine = lambda *args, **kwargs: kernels.sample_affine(*args, backend=ops, **kwargs)
     with pytest.raises(ValueError, match="dtype"):
-        ops.sample_affine(x.to(torch.int32), theta, 3)
+        affine(x.to(torch.int32), theta, 3)
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
-        ops.sample_affine(x[0], theta, 3)
+        affine(x[0], theta, 3)
     with pytest.raises(ValueError, match="theta of shape"):
-        ops.sample_affine(x, theta[..., :2], 3)
+        affine(x, theta[..., :2], 3)
     with pytest.raises(ValueError, match="theta of shape"):
-        ops.sample_affine(x, theta.expand(3, 2, 2, 3), 3)
+        affine(x, theta.expand(3, 2, 2, 3), 3)
     with pytest.raises(ValueError, match="device"):
-        ops.sample_affine(x, theta.to("meta"), 3)
+        affine(x, theta.to("meta"), 3)
     with pytest.raises(ValueError, match="h of shape"):
-        ops.sample_projective(x, theta, 3)
+        kernels.sample_projective(x, theta, 3, backend=ops)
     with pytest.raises(ValueError, match="padding_mode"):
-        ops.sample_affine(x, theta, 3, padding_mode="reflection")
+        affine(x, theta, 3, padding_mode="reflection")
     with pytest.raises(ValueError, match="mode"):
-        ops.sample_affine(x, theta, 3, mode="bicubic")
+        affine(x, theta, 3, mode="bicubic")
     with pytest.raises(ValueError, match="output size"):
-        ops.sample_affine(x, theta, (0, 3))
+        affine(x, theta, (0, 3))
     with pytest.raises(ValueError, match="grid of shape"):
-        ops.sample_grid(x, torch.zeros(1, 2, 3, 3))
+        kernels.sample_grid(x, torch.zeros(1, 2, 3, 3), backend=ops)
     with pytest.raises(ValueError, match="target points"):
-        ops.sample_tps_coefficients(x, torch.zeros(1, 1, 7, 2), torch.zeros(4, 3), 3)
-    with pytest.raises(ValueError, match="coefficients of shape"):
-        ops.sample_tps_coefficients(x, torch.zeros(1, 1, 6, 2), torch.zeros(4, 2), 3)
-    with pytest.raises(ValueError, match="image_grad"):
-        ops.sample_affine(x, theta, 3, image_grad="atomics")
-    with pytest.raises(ValueError, match="image_grad"):
-        ops.options.set_image_grad("atomics")
+        kernels.sample_tps(x, torch.zeros(1, 1, 4, 2), 3, target_points=torch.zeros(4, 3), backend=ops)
+    with pytest.raises(ValueError, match="control_points of shape"):
+        kernels.sample_tps(x, torch.zeros(1, 1, 6, 2), 3, target_points=torch.zeros(4, 2), backend=ops)
     monkeypatch.setattr(importlib.import_module("stn_lightning.kernels._autograd"), "interpreting", lambda: False)
     with pytest.raises(ValueError, match="CUDA"):
-        ops.sample_affine(x, theta, 3)
+        affine(x, theta, 3)
 
 
 def test_dispatcher(ops):
@@ -599,41 +583,51 @@ def test_dispatcher(ops):
     assert kernels.resolve_backend("auto", x) == "torch"
     # auto on CUDA: Triton only where the recorded GPU run measured it faster (benchmarks/RESULTS-kernels.md)
     cuda = types.SimpleNamespace(is_cuda=True)
-    assert kernels.resolve_backend("auto", cuda, "sample_tps_coefficients", needs_grad=False) == "triton"
-    for op in ("sample_affine", "sample_projective", "sample_grid", "sample_tps_coefficients"):
-        assert kernels.resolve_backend("auto", cuda, op, needs_grad=True) == "torch"
-    for op in ("sample_affine", "sample_projective", "sample_grid", None):
-        assert kernels.resolve_backend("auto", cuda, op) == "torch"
-    assert kernels.resolve_backend("auto", x, "sample_tps_coefficients") == "torch"  # CPU tensors
+    assert kernels.resolve_backend("auto", cuda, "tps", needs_grad=False) == "triton"
+    for family in ("affine", "projective", "grid", "tps"):
+        assert kernels.resolve_backend("auto", cuda, family, needs_grad=True) == "torch"
+    for family in ("affine", "projective", "grid", None):
+        assert kernels.resolve_backend("auto", cuda, family) == "torch"
+    assert kernels.resolve_backend("auto", x, "tps") == "torch"  # CPU tensors
     assert kernels.resolve_backend("triton", x) == "triton"
     with pytest.raises(ValueError, match="backend"):
         kernels.resolve_backend("cuda", x)
+    # the table a call follows: kernels.sample_affine -> _TABLE["triton"]["affine"] -> kernels.affine.affine
     out = kernels.sample_affine(x, theta, (4, 3), backend="triton")
-    torch.testing.assert_close(out, reference.sample_affine(x, theta, (4, 3)), rtol=1e-5, atol=1e-6)
+    assert kernels._TABLE["triton"]["affine"] is importlib.import_module("stn_lightning.kernels.affine").affine
+    torch.testing.assert_close(out, kernels.sample_affine(x, theta, (4, 3), backend="reference"), rtol=1e-5, atol=1e-6)
     grid = _grid(1, 2, 3, 3)
     torch.testing.assert_close(
-        kernels.sample_grid(x, grid, backend="triton"), reference.sample_grid(x, grid), rtol=1e-5, atol=1e-6
+        kernels.sample_grid(x, grid, backend="triton"),
+        kernels.sample_grid(x, grid, backend="reference"),
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
 def test_auto_picks_per_call(ops, monkeypatch):
-    # backend="auto" on CUDA asks resolve_backend per call with the op and whether a gradient is needed (here on CPU
+    # backend="auto" asks resolve_backend per call with the family and whether a gradient is needed (here on CPU
     # tensors, with resolve_backend answering "triton" so that the interpreted kernels run).
     asked = []
 
-    def resolve(backend, x, op=None, needs_grad=False):
-        asked.append((op, needs_grad))
+    def resolve(backend, x, family=None, needs_grad=False):
+        asked.append((backend, family, needs_grad))
         return "triton"
 
     monkeypatch.setattr(kernels, "resolve_backend", resolve)
     x = _image(1, 2, 5, 5)
     theta = _params("affine", 1, 2)
-    out = kernels._AUTO.sample_affine(x, theta, (4, 3))
-    torch.testing.assert_close(out, reference.sample_affine(x, theta, (4, 3)), rtol=1e-5, atol=1e-6)
-    kernels._AUTO.sample_affine(x, theta.requires_grad_(), (4, 3))
+    out = kernels.sample_affine(x, theta, (4, 3))
+    torch.testing.assert_close(
+        out,
+        reference.affine(x, theta, None, reference.Spec((4, 3), False, "zeros", "bilinear", 0.0)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    kernels.sample_affine(x, theta.requires_grad_(), (4, 3))
     with torch.no_grad():
-        kernels._AUTO.sample_grid(x, _grid(1, 2, 3, 3))
-    assert asked == [("sample_affine", False), ("sample_affine", True), ("sample_grid", False)]
+        kernels.sample_grid(x, _grid(1, 2, 3, 3))
+    assert asked == [("auto", "affine", False), ("auto", "affine", True), ("auto", "grid", False)]
 
 
 def _library_ops_available():
@@ -646,10 +640,10 @@ def test_library_ops_cpu_eager(ops):
     x = _image(1, 2, 5, 6).requires_grad_()
     theta = _params("affine", 1, 2).requires_grad_()
     empty = torch.empty(0)
-    out = torch.ops.stn_lightning.sample(x, theta, empty, "affine", 3, 4, False, "border", "bilinear", 0.0, "scatter")
+    out = torch.ops.stn_lightning.sample(x, theta, empty, "affine", 3, 4, False, "border", "bilinear", 0.0)
     out.square().sum().backward()
     xr, tr = x.detach().clone().requires_grad_(), theta.detach().clone().requires_grad_()
-    ref = reference.sample_affine(xr, tr, (3, 4), padding_mode="border")
+    ref = kernels.sample_affine(xr, tr, (3, 4), padding_mode="border", backend="reference")
     ref.square().sum().backward()
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(x.grad, xr.grad)
@@ -658,13 +652,14 @@ def test_library_ops_cpu_eager(ops):
     assert hasattr(torch.ops.stn_lightning, "sample_backward")
     assert not hasattr(torch.ops.stn_lightning, "sample_affine")
     grid = _grid(1, 2, 3, 4)
-    out = torch.ops.stn_lightning.sample(x, grid, empty, "grid", 3, 4, False, "zeros", "bilinear", -0.5, "scatter")
-    torch.testing.assert_close(out, reference.sample_grid(x - -0.5, grid) + -0.5)
+    out = torch.ops.stn_lightning.sample(x, grid, empty, "grid", 3, 4, False, "zeros", "bilinear", -0.5)
+    torch.testing.assert_close(out, kernels.sample_grid(x - -0.5, grid, backend="reference") + -0.5)
 
 
 _COMPILE_CPU = """
+import functools
 import torch
-import stn_lightning.kernels.triton_ops as T
+from stn_lightning import kernels
 from stn_lightning.kernels import _autograd, reference
 
 # Route CPU tensors through the library op (whose "cpu" kernel is the reference), as CUDA tensors would be.
@@ -673,30 +668,32 @@ _autograd.use_library_op = lambda x: True
 x = torch.randn(2, 3, 6, 5)
 theta = torch.eye(2, 3) + 0.2 * torch.randn(2, 2, 2, 3)
 target = reference.tps_target_points(2)
-coef = reference.tps_coefficients(target + 0.1 * torch.randn(2, 2, 4, 2), target)
+control = target + 0.1 * torch.randn(2, 2, 4, 2)
+coef = reference.tps_coefficients(control, target)
 grid_ = torch.rand(2, 2, 3, 3, 2)
 hom = torch.eye(3) + 0.1 * torch.randn(2, 2, 3, 3)
 
 
-def filled(impl, x, theta):
-    if impl is T:
-        return T.sample_affine(x, theta, (4, 3), fill=0.5)
-    return reference.sample_affine(x - 0.5, theta, (4, 3)) + 0.5
+def filled(backend, x, theta):
+    if backend == "triton":
+        return kernels.sample_affine(x, theta, (4, 3), fill=0.5, backend=backend)
+    return kernels.sample_affine(x - 0.5, theta, (4, 3), backend=backend) + 0.5
 
 
-def loss(impl, x, theta, coef, grid_, hom):
+def loss(backend, x, theta, control, grid_, hom):
     return (
-        impl.sample_affine(x, theta, (4, 3)).square().sum()
-        + filled(impl, x, theta).square().sum()
-        + impl.sample_tps_coefficients(x, coef, target, 4).square().sum()
-        + impl.sample_grid(x, grid_, padding_mode="border").square().sum()
-        + impl.sample_projective(x, hom, 5, align_corners=True).square().sum()
+        kernels.sample_affine(x, theta, (4, 3), backend=backend).square().sum()
+        + filled(backend, x, theta).square().sum()
+        + kernels.sample_tps(x, control, 4, target_points=target, backend=backend).square().sum()
+        + kernels.sample_grid(x, grid_, padding_mode="border", backend=backend).square().sum()
+        + kernels.sample_projective(x, hom, 5, align_corners=True, backend=backend).square().sum()
     )
 
 
 results = []
-for fn in (torch.compile(lambda *a: loss(T, *a), backend="eager", fullgraph=True), lambda *a: loss(reference, *a)):
-    inputs = [t.clone().requires_grad_() for t in (x, theta, coef, grid_, hom)]
+compiled = torch.compile(functools.partial(loss, "triton"), backend="eager", fullgraph=True)
+for fn in (compiled, functools.partial(loss, "reference")):
+    inputs = [t.clone().requires_grad_() for t in (x, theta, control, grid_, hom)]
     out = fn(*inputs)
     out.backward()
     results.append([out.detach()] + [t.grad for t in inputs])
@@ -708,10 +705,10 @@ op = torch.ops.stn_lightning.sample.default
 needs = [t.clone().requires_grad_() for t in (x, theta, coef, grid_, hom)]
 empty = torch.empty(0)
 for args in [
-    (needs[0], needs[1], empty, "affine", 4, 3, False, "zeros", "bilinear", 0.0, "scatter"),
-    (needs[0], needs[2], target, "tps", 4, 4, True, "zeros", "nearest", 0.0, "scatter"),
-    (needs[0], needs[3], empty, "grid", 3, 3, False, "border", "bilinear", 0.0, "scatter"),
-    (needs[0], needs[4], empty, "projective", 5, 5, True, "zeros", "bilinear", 1.5, "gather"),
+    (needs[0], needs[1], empty, "affine", 4, 3, False, "zeros", "bilinear", 0.0),
+    (needs[0], coef.clone().requires_grad_(), target, "tps", 4, 4, True, "zeros", "nearest", 0.0),
+    (needs[0], needs[3], empty, "grid", 3, 3, False, "border", "bilinear", 0.0),
+    (needs[0], needs[4], empty, "projective", 5, 5, True, "zeros", "bilinear", 1.5),
 ]:
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 print("OK")
@@ -728,6 +725,29 @@ def test_library_ops_compile_fullgraph_on_cpu():
     assert run.returncode == 0 and "OK" in run.stdout, run.stderr[-4000:]
 
 
+_SM90 = """
+import sys
+sys.path.insert(0, "benchmarks")
+from sass_report import compile_sm90, kernels_to_report, sizes
+
+# Every kernel with the tiles its launcher picks on a GPU, for an H100 (ptxas ships with triton; no GPU needed):
+# catches what only the interpreter accepts.
+for label, fn, consts, warps, own in kernels_to_report(3):
+    own = dict(own)
+    pointers = own.pop("pointers", None)
+    compile_sm90(fn, {**sizes(3), **own}, consts, warps, pointers)
+print("COMPILED")
+"""
+
+
+def test_every_kernel_compiles_for_sm90():
+    # One fresh process (triton without the interpreter): every kernel of benchmarks/sass_report.py's list (each
+    # family's forward and backward, with and without fill, bfloat16 images) compiles for an H100.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _SM90], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.split() == ["COMPILED"], run.stderr[-4000:]
+
+
 _GPU_SCRIPT = """
 import torch
 from torch.library import opcheck
@@ -738,13 +758,14 @@ x = torch.randn(2, 3, 17, 13, device=dev).to(memory_format=torch.channels_last).
 theta = (torch.eye(2, 3, device=dev) + 0.2 * torch.randn(2, 3, 2, 3, device=dev)).requires_grad_()
 for mode in ("bilinear", "nearest"):
     out = kernels.sample_affine(x, theta, (9, 11), mode=mode, backend="triton")
-    torch.testing.assert_close(out, reference.sample_affine(x, theta, (9, 11), mode=mode), rtol=1e-5, atol=1e-5)
+    ref = kernels.sample_affine(x, theta, (9, 11), mode=mode, backend="reference")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 f = lambda x, t: kernels.sample_affine(x, t, (9, 11), padding_mode="border", backend="triton")
 compiled = torch.compile(f, fullgraph=True)
 compiled(x, theta).square().sum().backward()
 gx, gt = x.grad.clone(), theta.grad.clone()
 x.grad = theta.grad = None
-reference.sample_affine(x, theta, (9, 11), padding_mode="border").square().sum().backward()
+kernels.sample_affine(x, theta, (9, 11), padding_mode="border", backend="reference").square().sum().backward()
 torch.testing.assert_close(gx, x.grad, rtol=1e-4, atol=1e-4)
 torch.testing.assert_close(gt, theta.grad, rtol=1e-3, atol=1e-3)
 # Under AOT dispatch the parameter gradient's sum over tiles is compiled by inductor, which adds in another order
@@ -752,15 +773,15 @@ torch.testing.assert_close(gt, theta.grad, rtol=1e-3, atol=1e-3)
 tol = dict(atol=1e-4, rtol=1e-4)
 op = torch.ops.stn_lightning.sample.default
 e = torch.empty(0, device=dev)
-opcheck(op, (x, theta, e, "affine", 9, 11, False, "zeros", "bilinear", 0.0, "scatter"), **tol)
-opcheck(op, (x, theta, e, "affine", 9, 11, False, "zeros", "bilinear", -0.5, "gather"), **tol)
+opcheck(op, (x, theta, e, "affine", 9, 11, False, "zeros", "bilinear", 0.0), **tol)
+opcheck(op, (x, theta, e, "affine", 9, 11, False, "zeros", "bilinear", -0.5), **tol)
 h = torch.eye(3, device=dev).repeat(2, 3, 1, 1).requires_grad_()
-opcheck(op, (x, h, e, "projective", 5, 4, True, "border", "bilinear", 0.0, "scatter"), **tol)
+opcheck(op, (x, h, e, "projective", 5, 4, True, "border", "bilinear", 0.0), **tol)
 grid = (torch.rand(2, 3, 5, 4, 2, device=dev) * 2 - 1).requires_grad_()
-opcheck(op, (x, grid, e, "grid", 5, 4, False, "zeros", "bilinear", 0.0, "scatter"), **tol)
+opcheck(op, (x, grid, e, "grid", 5, 4, False, "zeros", "bilinear", 0.0), **tol)
 t = reference.tps_target_points(2, device=dev)
 c = torch.zeros(2, 3, 7, 2, device=dev).requires_grad_()
-opcheck(op, (x, c, t, "tps", 5, 4, False, "zeros", "bilinear", 0.0, "scatter"), **tol)
+opcheck(op, (x, c, t, "tps", 5, 4, False, "zeros", "bilinear", 0.0), **tol)
 with torch.autocast("cuda", dtype=torch.bfloat16):
     out = kernels.sample_affine(x, theta, (9, 11), backend="triton")
 assert out.dtype == torch.bfloat16, out.dtype
@@ -788,7 +809,7 @@ dev = torch.device("cuda:1")
 x = torch.rand(2, 3, 17, 13, device=dev, requires_grad=True)
 theta = (torch.eye(2, 3, device=dev) + 0.1 * torch.randn(2, 2, 2, 3, device=dev)).requires_grad_()
 out = kernels.sample_affine(x, theta, (9, 7), backend="triton")
-ref = reference.sample_affine(x.detach(), theta.detach(), (9, 7))
+ref = kernels.sample_affine(x.detach(), theta.detach(), (9, 7), backend="reference")
 assert out.device == dev and torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
 out.sum().backward()
 assert x.grad.device == dev and theta.grad.device == dev and torch.isfinite(theta.grad).all()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +13,13 @@ from torch.autograd import gradcheck
 from stn_lightning import kernels
 from stn_lightning.kernels import reference
 
+#: The public ops with backend="reference": the oracle reached through the same calls as every other backend.
+REFERENCE = types.SimpleNamespace(
+    **{
+        name: functools.partial(getattr(kernels, name), backend="reference")
+        for name in ("sample_affine", "sample_projective", "sample_tps", "sample_grid")
+    }
+)
 SIZES = [(1, 1), (7, 13), (28, 28), (5, 2)]
 
 
@@ -35,7 +45,7 @@ def test_identity_is_exact(op: str, align_corners: bool, size: tuple[int, int]) 
     # off by up to a few 1e-6 (projective: one more rounding in the division), a share of the neighbours' differences.
     x = torch.randn(2, 3, *size)
     params = _identity_params(2, 3)[op]
-    out = _sample(reference, op, x, params, size, align_corners=align_corners)
+    out = _sample(REFERENCE, op, x, params, size, align_corners=align_corners)
     fast = _sample(kernels, op, x, params, size, align_corners=align_corners, backend="torch")
     assert out.shape == fast.shape == (2, 3, 3, *size)
     for k in range(3):
@@ -45,10 +55,10 @@ def test_identity_is_exact(op: str, align_corners: bool, size: tuple[int, int]) 
 
 def test_identity_is_exact_channels_last_and_border() -> None:
     x = torch.randn(2, 4, 9, 11).to(memory_format=torch.channels_last)
-    for module in (reference, kernels):
+    for module in (REFERENCE, kernels):
         out = module.sample_affine(x, torch.eye(2, 3).expand(2, 1, 2, 3), (9, 11), padding_mode="border")
         assert out.is_contiguous()
-        if module is reference:
+        if module is REFERENCE:
             assert torch.equal(out[:, 0], x)
         torch.testing.assert_close(out[:, 0], x, atol=1e-5, rtol=0)
 
@@ -164,10 +174,10 @@ def test_projective_point_at_infinity_reads_nothing() -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_dtypes_follow_the_image(dtype: torch.dtype) -> None:
     x = torch.randn(1, 2, 6, 6).to(dtype)
-    for module in (reference, kernels):
+    for module in (REFERENCE, kernels):
         out = module.sample_affine(x, torch.eye(2, 3).expand(1, 2, 2, 3), 6)
         assert out.dtype == dtype
-        if module is reference:
+        if module is REFERENCE:
             assert torch.equal(out[:, 0], x)
         torch.testing.assert_close(out[:, 0], x)  # the dtype's own tolerance
 
@@ -196,6 +206,17 @@ def test_bad_input_raises_value_error() -> None:
 def test_auto_backend_is_torch_on_cpu() -> None:
     assert kernels.resolve_backend("auto", torch.zeros(1)) == "torch"
     assert kernels.resolve_backend("torch", torch.zeros(1)) == "torch"
+    assert kernels.resolve_backend("reference", torch.zeros(1)) == "reference"
+
+
+def test_the_reference_backend_is_the_oracle() -> None:
+    # backend="reference" reaches kernels.reference's family function through the same validation and dispatch.
+    x = torch.randn(2, 3, 7, 6)
+    theta = torch.eye(2, 3) + 0.3 * torch.randn(2, 2, 2, 3)
+    spec = reference.Spec((5, 4), True, "border", "bilinear", 0.0)
+    out = kernels.sample_affine(x, theta, (5, 4), align_corners=True, padding_mode="border", backend="reference")
+    assert torch.equal(out, reference.affine(x, theta, None, spec))
+    assert kernels._TABLE["reference"] == {f: getattr(reference, f) for f in ("affine", "projective", "tps", "grid")}
 
 
 def test_tps_solve_is_cached_per_target_tensor() -> None:
@@ -214,7 +235,7 @@ def test_tps_solve_is_cached_per_target_tensor() -> None:
     torch.testing.assert_close(moved, reference._tps_system_inverse(target).float(), rtol=0, atol=0)
     assert not torch.allclose(kernels.tps_coefficients(cp, target), before)
     # The default lattice is one tensor per size and device, so sample_tps without target points reuses its solve.
-    assert reference.default_target_points(cp, cp.device) is reference.default_target_points(cp, cp.device)
+    assert kernels._default_target_points(cp, cp.device) is kernels._default_target_points(cp, cp.device)
     # A target that requires grad is solved afresh and passes its gradient on.
     trainable = kernels.tps_target_points(3).requires_grad_()
     kernels.tps_coefficients(cp, trainable).sum().backward()
