@@ -213,7 +213,9 @@ class RNGStateCallback(pl.Callback):
     run shuffles and drops out differently from the run it continues. Under DDP only rank 0 writes the file, so
     only rank 0's states come back; the other ranks keep their seeded states (DistributedSampler shuffles from
     its seed and the epoch, and the DataModules' distortion generators are seeded per rank and epoch, so neither
-    depends on them).
+    depends on them). On resume it also hands the training loader
+    (:class:`~stn_lightning.data.sampling.ResumableLoader`) its saved place in the epoch, which Lightning does not
+    deliver when the optimiser estimates the stepping batches.
     """
 
     key = "rng_states"
@@ -232,6 +234,13 @@ class RNGStateCallback(pl.Callback):
         saved = checkpoint.get(self.key)
         if saved is not None and saved.get("rank") == trainer.global_rank:
             _set_rng_states(saved["states"])
+        # And the training loader's place in its epoch (stn_lightning.data.sampling.ResumableLoader).
+        from .data.sampling import resume_training_loader
+
+        fit_loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+        loaders = (fit_loop.get("state_dict") or {}).get("combined_loader") or []
+        if len(loaders) == 1 and isinstance(loaders[0], dict) and "consumed" in loaders[0]:
+            resume_training_loader(trainer, loaders[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------
