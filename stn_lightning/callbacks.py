@@ -356,8 +356,8 @@ class PredictionWriter(BasePredictionWriter):
         self.rows = 0
         self.bad = []
         self._picture = []
-        data = trainer.datamodule
-        if hasattr(data, "stop_on_error") and hasattr(data, "resize"):  # image files: ImageFilesDataModule
+        data = getattr(trainer, "datamodule", None)
+        if data is not None and hasattr(data, "stop_on_error") and hasattr(data, "resize"):  # ImageFilesDataModule
             data.resize, data.stop_on_error = self.resize, self.stop_on_bad_image
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
