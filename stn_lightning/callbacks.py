@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import matplotlib
 
@@ -25,6 +25,7 @@ from torch import Tensor, nn  # noqa: E402
 from .insertion import inner_points, inner_regions  # noqa: E402
 from .kernels import sample_grid  # noqa: E402
 from .tasks import Classification  # noqa: E402
+from .writing import AtomicFile, atomic_path, atomic_write  # noqa: E402
 
 __all__ = [
     "AttentionVisualizer",
@@ -142,8 +143,8 @@ def draw_attention(
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100)
     return fig
 
 
@@ -278,9 +279,8 @@ def _write_gif(frames: list[Any], path: Path) -> None:
     # Frames of one run share a layout; a resized frame would make PIL pad, so all take the first one's size.
     size = frames[0].size
     frames = [f if f.size == size else f.resize(size) for f in frames]
-    tmp = path.with_suffix(".gif.tmp")
-    frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=700, loop=0)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=700, loop=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -298,39 +298,72 @@ class PredictionWriter(BasePredictionWriter):
     ``.csv`` files hold the lists as JSON strings; ``.jsonl`` files one JSON object per line. Under DDP every
     rank writes its own part and rank 0 merges them, in index order, into ``output`` at the end.
 
+    The file appears whole or not at all: rows go to a temporary file next to ``output``, which replaces it only
+    when the prediction ends, so a failed run never truncates an earlier file (:mod:`stn_lightning.writing`).
+    Image files (``--images``) that cannot be read get no row: each is named on stderr, the others are predicted,
+    and the command then ends with one line saying how many failed (exit status 2); ``stop_on_bad_image`` stops at
+    the first one instead, leaving ``output`` as it was. Regions of image files are in the file's own pixels
+    (rounded to 0.01): letterboxed images (the default ``resize``) keep their aspect ratio, padded with the
+    background to the model's size; ``resize="squash"`` stretches them instead.
+
     Args:
         output: the file to write (``.csv`` or ``.jsonl``); default ``<log_dir>/predictions.csv``.
         top_k: how many classes ``top`` lists.
         num_images: how many images the attention picture (``predictions.png`` next to the file) shows; 0 for
             none.
+        resize: how image files reach the model's size: "letterbox" (keep the aspect ratio) or "squash".
+        stop_on_bad_image: stop at the first image file that cannot be read.
     """
 
-    def __init__(self, output: str | None = None, top_k: int = 5, num_images: int = 8) -> None:
+    def __init__(
+        self,
+        output: str | None = None,
+        top_k: int = 5,
+        num_images: int = 8,
+        resize: Literal["letterbox", "squash"] = "letterbox",
+        stop_on_bad_image: bool = False,
+    ) -> None:
         super().__init__(write_interval="batch")
         if output is not None and Path(output).suffix not in (".csv", ".jsonl"):
             raise ValueError(f"expected a prediction file ending in .csv or .jsonl, got {output!r}")
         if top_k < 1 or num_images < 0:
             raise ValueError(f"expected top_k >= 1 and num_images >= 0, got {top_k} and {num_images}")
+        if resize not in ("letterbox", "squash"):
+            raise ValueError(f"expected resize 'letterbox' or 'squash', got {resize!r}")
         self.output = output
         self.top_k = top_k
         self.num_images = num_images
+        self.resize = resize
+        self.stop_on_bad_image = stop_on_bad_image
         self.path: Path | None = None
         self.rows = 0
-        self._part: Path | None = None
-        self._file: Any = None
+        self.bad: list[str] = []  # why each unreadable image file could not be read
+        self._out: AtomicFile | None = None
         self._picture: list[tuple[Tensor, Tensor, Tensor, list[str]]] = []
+
+    @property
+    def _file(self) -> Any:
+        return self._out.file if self._out is not None else None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "predict":
             return
         log_dir = trainer.log_dir  # a collective under DDP: every rank asks
         self.path = Path(self.output) if self.output else Path(log_dir or trainer.default_root_dir) / "predictions.csv"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         world = trainer.world_size
-        self._part = self.path if world == 1 else self.path.with_name(f".{self.path.name}.rank{trainer.global_rank}")
-        self._file = open(self._part, "w", newline="")  # noqa: SIM115 - closed in on_predict_end
+        part = self.path if world == 1 else self.path.with_name(f".{self.path.name}.rank{trainer.global_rank}")
+        self._out = AtomicFile(part, "w", newline="")
         self.rows = 0
+        self.bad = []
         self._picture = []
+        data = getattr(trainer, "datamodule", None)
+        if data is not None and hasattr(data, "stop_on_error") and hasattr(data, "resize"):  # ImageFilesDataModule
+            data.resize, data.stop_on_error = self.resize, self.stop_on_bad_image
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._out is not None:  # the earlier file stays as it was
+            self._out.discard()
+            self._out = None
 
     def _rows(
         self,
@@ -356,7 +389,7 @@ class PredictionWriter(BasePredictionWriter):
             row["top"] = [[int(c), round(float(p), 6)] for c, p in zip(top_c[i], top_p[i], strict=True)]
             if names is not None:
                 row["top_names"] = [_name(names, int(c)) for c in top_c[i]]
-            row.update(self._transformers(prediction, i))
+            row.update(self._transformers(prediction, i, _frame_of(prediction, i)))
             rows.append(row)
         return rows
 
@@ -374,20 +407,24 @@ class PredictionWriter(BasePredictionWriter):
             row["pred"] = task.format(prediction["prediction"][i], names)
             row["prob"] = round(float(prediction["probs"][i]), 6)
             row["top"] = []
-            row.update(self._transformers(prediction, i))
+            row.update(self._transformers(prediction, i, _frame_of(prediction, i)))
             rows.append(row)
         return rows
 
     @staticmethod
-    def _transformers(prediction: dict[str, Any], i: int) -> dict[str, Any]:
-        # Image i's warp parameters and regions, per transformer, when the model has a transformer in front.
+    def _transformers(prediction: dict[str, Any], i: int, frame: Tensor | None = None) -> dict[str, Any]:
+        # Image i's warp parameters and regions, per transformer, when the model has a transformer in front; the
+        # regions in the file's pixels when ``frame`` ((4,) [ax, bx, ay, by], see GreyTransform.frame) is given.
         if "params" not in prediction:
             return {}
         params = prediction["params"][i].detach().float().cpu()
-        regions = prediction["regions"][i].detach().float().cpu()
+        regions = prediction["regions"][i].detach().double().cpu()
+        if frame is not None:
+            ax, bx, ay, by = frame.double().tolist()
+            regions = torch.stack([regions[..., 0] * ax + bx, regions[..., 1] * ay + by], dim=-1)
         return {
             "transformers": [
-                {"params": [round(v, 6) for v in params[k].tolist()], "region": regions[k].round(decimals=3).tolist()}
+                {"params": [round(v, 6) for v in params[k].tolist()], "region": regions[k].round(decimals=2).tolist()}
                 for k in range(params.shape[0])
             ]
         }
@@ -398,7 +435,7 @@ class PredictionWriter(BasePredictionWriter):
                 self._file.write(json.dumps(row) + "\n")
             return
         writer = csv.writer(self._file)
-        if self.rows == 0:
+        if self._file.tell() == 0:
             header = ["image", "index", "label", "pred", "class_name", "prob", "top", "top_names", "transformers"]
             writer.writerow(header)
         for row in rows:
@@ -421,14 +458,21 @@ class PredictionWriter(BasePredictionWriter):
             return
         n = len(prediction["probs"])
         indices = list(batch_indices) if batch_indices is not None else list(range(self.rows, self.rows + n))
+        info = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 2 and isinstance(batch[1], dict) else {}
+        if "frame" in info:  # image files (ImageFilesDataset): where the model's pixels are in each file's
+            prediction = {**prediction, "frames": info["frame"]}
+        errors = list(info.get("error", [""] * n))
+        self.bad += [e for e in errors if e]
         names = class_names_of(trainer)
         rows = self._rows(prediction, indices, names, getattr(pl_module, "task", None))
+        good = [i for i in range(n) if not errors[i]]
+        rows = [rows[i] for i in good]
         self._write(rows)
         self.rows += len(rows)
         have = sum(len(p[0]) for p in self._picture)
-        if trainer.is_global_zero and have < self.num_images and "regions" in prediction:
-            take = self.num_images - have
-            x = batch[0][:take].detach()
+        if trainer.is_global_zero and have < self.num_images and "regions" in prediction and good:
+            take = good[: self.num_images - have]
+            x = batch[0][take].detach()
             transformer = getattr(pl_module, "transformer", None)
             if transformer is not None:
                 with torch.no_grad():
@@ -438,19 +482,24 @@ class PredictionWriter(BasePredictionWriter):
                         ([f"true {_name(names, r['label'])}"] if "label" in r else [])
                         + [f"pred {r.get('class_name', _name(names, r['pred']))} ({r['prob']:.2f})"]
                     )
-                    for r in rows[:take]
+                    for r in rows[: len(take)]
                 ]
-                self._picture.append((x.cpu(), prediction["regions"][:take].cpu(), crops.cpu(), captions))
+                self._picture.append((x.cpu(), prediction["regions"][take].cpu(), crops.cpu(), captions))
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._file is None or self.path is None:
+        out, self._out = self._out, None
+        if out is None or self.path is None:
             return
-        self._file.close()
-        self._file = None
+        bad = _gathered(self.bad, trainer)
         if trainer.world_size > 1:
+            out.commit()  # this rank's part, merged by rank 0
             trainer.strategy.barrier("PredictionWriter")
             if trainer.is_global_zero:
-                self.rows = _merge_parts(self.path, trainer.world_size)
+                self.rows = _merge_parts(self.path, trainer.world_size, keep_old=bool(bad))
+        elif self.rows == 0 and bad:
+            out.discard()  # nothing could be read: the earlier file stays
+        else:
+            out.commit()
         if trainer.is_global_zero:
             message = f"predictions: {self.rows} rows in {self.path}"
             if self._picture:
@@ -462,16 +511,41 @@ class PredictionWriter(BasePredictionWriter):
                 fig = draw_attention(images, regions, crops, picture, labels=captions, title="predictions")
                 plt.close(fig)
                 message += f"; picture of the first {len(images)} in {picture}"
-            print(message)
+            if self.rows or not bad:
+                print(message)
+            for line in bad:
+                print(line, file=sys.stderr)
+        if bad:
+            from .data.imagefolder import BadImageError
+
+            total = self.rows + len(bad) if trainer.world_size == 1 else None
+            of = f" of {total}" if total is not None else ""
+            where = f"the other {self.rows} are in {self.path}" if self.rows else f"{self.path} is unchanged"
+            raise BadImageError(f"{len(bad)}{of} image files could not be read (each named above); {where}")
+
+
+def _frame_of(prediction: dict[str, Any], i: int) -> Tensor | None:
+    frames = prediction.get("frames")
+    return frames[i] if isinstance(frames, Tensor) else None
+
+
+def _gathered(items: list[str], trainer: pl.Trainer) -> list[str]:
+    # Every rank's list, in rank order, on every rank (one collective under DDP).
+    if trainer.world_size == 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return list(items)
+    everyone: list[Any] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(everyone, list(items))
+    return [item for part in everyone for item in part]
 
 
 def _row_index(line: str, suffix: str) -> int:
     return int(json.loads(line)["index"]) if suffix == ".jsonl" else int(next(csv.reader([line]))[1])
 
 
-def _merge_parts(path: Path, world: int) -> int:
+def _merge_parts(path: Path, world: int, keep_old: bool = False) -> int:
     # One part per rank, each in its rank's index order; the merged file is sorted by index, each index once
-    # (DistributedSampler repeats a few samples to give every rank the same count).
+    # (DistributedSampler repeats a few samples to give every rank the same count). With no row and keep_old (every
+    # image file unreadable) the earlier file stays.
     parts = [path.with_name(f".{path.name}.rank{r}") for r in range(world)]
     seen: dict[int, str] = {}
     header = ""
@@ -481,10 +555,14 @@ def _merge_parts(path: Path, world: int) -> int:
             header, lines = lines[0], lines[1:]
         for line in lines:
             seen.setdefault(_row_index(line, path.suffix), line)
-        part.unlink()
-    with open(path, "w", newline="") as f:
-        f.write(header)
-        f.writelines(seen[i] for i in sorted(seen))
+    try:
+        if seen or not keep_old:
+            with atomic_write(path, "w", newline="") as f:
+                f.write(header)
+                f.writelines(seen[i] for i in sorted(seen))
+    finally:
+        for part in parts:
+            part.unlink(missing_ok=True)
     return len(seen)
 
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
+import signal
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,9 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import Tensor
+
+from .writing import WriteFailed, atomic_write
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -41,6 +43,7 @@ __all__ = [
     "nonfinite_entries",
     "read_checkpoint",
     "state_dict_differences",
+    "stop_report",
 ]
 
 
@@ -55,19 +58,6 @@ def nonfinite_entries(state: Mapping[str, Any]) -> list[str]:
         for name, value in state.items()
         if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())
     ]
-
-
-def _fsync_folder(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some filesystems do not open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -86,22 +76,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options")
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make checkpoints private to the user
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_folder(str(target.parent))
+        with atomic_write(path, "wb") as f:
+            torch.save(checkpoint, f)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = True) -> dict[str, Any]:
         # Never unpickle arbitrary objects, whatever the caller asks.
@@ -128,6 +104,7 @@ class STNCheckpoint(ModelCheckpoint):
             raise ValueError(f"expected last_every_n_steps >= 1 or None, got {last_every_n_steps}")
         self.last_every_n_steps = last_every_n_steps
         self._last_written_step = -1
+        self._ctrl_c: _CtrlC | None = None
 
     def _write_last(self, trainer: pl.Trainer) -> None:
         if not self.save_last or getattr(trainer, "fast_dev_run", False) or trainer.sanity_checking:
@@ -147,6 +124,7 @@ class STNCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
         n = self.last_every_n_steps
+        self._agree_on_ctrl_c(trainer)
         if n is not None and trainer.global_step % n == 0:
             self._write_last(trainer)
 
@@ -164,12 +142,129 @@ class STNCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write_last(trainer)
 
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        # Rank 0 writes; a write that fails stops training on every rank (a run that goes on without the checkpoint
+        # it meant to write cannot be resumed where it says), with one line naming the file and the reason. Under
+        # DDP the other ranks wait in the save's barrier: rank 0 joins it, then tells them what failed.
+        failure: tuple[str, str] | None = None
+        try:
+            super()._save_checkpoint(trainer, filepath)
+        except (WriteFailed, NonFiniteError) as err:
+            if trainer.world_size == 1:
+                raise self._stopping(trainer, err) from None
+            trainer.strategy.barrier("Trainer.save_checkpoint")
+            failure = (type(err).__name__, getattr(err, "reason", str(err)))
+        if trainer.world_size > 1:
+            failure = trainer.strategy.broadcast(failure, src=0)
+            if failure is not None:
+                kind, reason = failure
+                made = WriteFailed(filepath, reason) if kind == "WriteFailed" else NonFiniteError(reason)
+                raise self._stopping(trainer, made) from None
+
+    @staticmethod
+    def _stopping(trainer: pl.Trainer, err: BaseException) -> BaseException:
+        if not isinstance(err, WriteFailed):
+            return err
+        stopped = WriteFailed(
+            err.filename,
+            f"{err.reason}; training stopped at step {trainer.global_step}, since it cannot go on safely without "
+            "its checkpoint (the earlier file is unchanged)",
+        )
+        stopped.errno = err.errno
+        return stopped
+
+    # ------------------------------------------------------------------------------------------------------------
+    # stopping on a signal: SIGTERM (Lightning's) and Ctrl-C (SIGINT, here) save last.ckpt at the current step
+    # ------------------------------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        global _STOP
+        _STOP = None
+        if stage == "fit":
+            self._ctrl_c = _CtrlC(trainer)
+            self._ctrl_c.install()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        if self._ctrl_c is not None:
+            self._ctrl_c.uninstall()
+            self._ctrl_c = None
+
+    def _agree_on_ctrl_c(self, trainer: pl.Trainer) -> None:
+        # Under DDP a Ctrl-C may reach the ranks at different moments (or one rank only, with kill -INT): after
+        # each step every rank learns whether any got one, so that all stop after the same step (Lightning's own
+        # check after the step raises SIGTERMException on each) and one checkpoint is written.
+        ctrl_c = self._ctrl_c
+        if ctrl_c is None or trainer.world_size == 1:
+            return
+        flag = torch.tensor([1.0 if ctrl_c.requested else 0.0], device=trainer.strategy.root_device)
+        if float(trainer.strategy.reduce(flag, reduce_op="sum")) > 0:
+            ctrl_c.requested = True
+            trainer._signal_connector.received_sigterm = True  # Lightning's flag, read after the step
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # SIGTERM: save where we are so that `--ckpt_path last` continues. Any other exception (a NaN, a bug)
-        # leaves the checkpoints as they were: the state at the error is not one to continue from.
-        if isinstance(exception, SIGTERMException) and self.save_last and not getattr(trainer, "fast_dev_run", False):
+        # SIGTERM or a first Ctrl-C: save where we are so that `--ckpt_path last` continues. Any other exception (a
+        # NaN, a bug, a second Ctrl-C) leaves the checkpoints as they were: the state at the error is not one to
+        # continue from.
+        if not isinstance(exception, SIGTERMException):
+            return
+        global _STOP
+        ctrl_c = self._ctrl_c
+        name = "Ctrl-C" if ctrl_c is not None and ctrl_c.requested else "SIGTERM"
+        saved = None
+        if self.save_last and not getattr(trainer, "fast_dev_run", False):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-            rank_zero_info(f"SIGTERM: saved {self.last_model_path} at step {trainer.global_step}")
+            saved = self.last_model_path
+        _STOP = (name, trainer.global_step, saved)
+
+
+class _CtrlC:
+    """SIGINT handler during fit: the first Ctrl-C asks the run to stop after the current step, as SIGTERM does;
+    a second one raises KeyboardInterrupt at once (Lightning then stops without a checkpoint)."""
+
+    def __init__(self, trainer: pl.Trainer) -> None:
+        self.trainer = trainer
+        self.requested = False
+        self.previous: Any = None
+        self.installed = False
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self.previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self)
+        self.installed = True
+
+    def uninstall(self) -> None:
+        previous = self.previous if self.previous is not None else signal.default_int_handler
+        if self.installed and signal.getsignal(signal.SIGINT) is self:
+            signal.signal(signal.SIGINT, previous)
+        self.installed = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if not self.installed or self.requested:
+            self.uninstall()
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.trainer.world_size == 1:
+            self.trainer._signal_connector.received_sigterm = True  # Lightning's SIGTERM flag: stop after the step
+        if self.trainer.global_rank == 0:
+            # os.write: print() is not safe inside a signal handler (it may interrupt another print)
+            os.write(2, b"\nCtrl-C: stopping after this step and saving last.ckpt (Ctrl-C again stops at once)\n")
+
+
+#: How the last run stopped on a signal: (what stopped it, the step, the checkpoint written or None).
+_STOP: tuple[str, int, str | None] | None = None
+
+
+def stop_report() -> tuple[str, int]:
+    """The line to print after a run stopped by SIGTERM or Ctrl-C, and the exit status (143 or 130)."""
+    name, step, saved = _STOP if _STOP is not None else ("SIGTERM", None, None)
+    code = 130 if name == "Ctrl-C" else 143
+    at = f" at step {step}" if step is not None else ""
+    if saved:
+        return f"stopped by {name}{at}; the state is saved in {saved}: continue with --ckpt_path last", code
+    return f"stopped by {name}{at}; no last.ckpt was written (checkpoint.save_last is off)", code
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -213,7 +308,9 @@ class RNGStateCallback(pl.Callback):
     run shuffles and drops out differently from the run it continues. Under DDP only rank 0 writes the file, so
     only rank 0's states come back; the other ranks keep their seeded states (DistributedSampler shuffles from
     its seed and the epoch, and the DataModules' distortion generators are seeded per rank and epoch, so neither
-    depends on them).
+    depends on them). On resume it also hands the training loader
+    (:class:`~stn_lightning.data.sampling.ResumableLoader`) its saved place in the epoch, which Lightning does not
+    deliver when the optimiser estimates the stepping batches.
     """
 
     key = "rng_states"
@@ -232,6 +329,13 @@ class RNGStateCallback(pl.Callback):
         saved = checkpoint.get(self.key)
         if saved is not None and saved.get("rank") == trainer.global_rank:
             _set_rng_states(saved["states"])
+        # And the training loader's place in its epoch (stn_lightning.data.sampling.ResumableLoader).
+        from .data.sampling import resume_training_loader
+
+        fit_loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+        loaders = (fit_loop.get("state_dict") or {}).get("combined_loader") or []
+        if len(loaders) == 1 and isinstance(loaders[0], dict) and "consumed" in loaders[0]:
+            resume_training_loader(trainer, loaders[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------

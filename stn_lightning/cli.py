@@ -45,6 +45,7 @@ from .checkpointing import (
     find_last_checkpoint,
     read_checkpoint,
     state_dict_differences,
+    stop_report,
 )
 from .data.files import ImageFilesDataModule
 from .module import STNModule
@@ -457,9 +458,10 @@ def main(args: list[str] | None = None, run: bool = True) -> STNCLI:
             seed_everything_default=42,
             save_config_kwargs={"overwrite": True},
         )
-    except SIGTERMException:
-        _say("stopped by SIGTERM; the state is saved in last.ckpt: continue with --ckpt_path last")
-        raise SystemExit(143) from None
+    except SIGTERMException:  # SIGTERM (143) or a first Ctrl-C (130): last.ckpt is saved at the current step
+        message, code = stop_report()
+        _say(message)
+        raise SystemExit(code) from None
     except (ValueError, FileNotFoundError, MisconfigurationException) as err:
         if debug:
             raise

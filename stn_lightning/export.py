@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .kernels.reference import normalize_size
 from .transformer import SpatialTransformer
+from .writing import atomic_path
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -150,7 +151,8 @@ def export_program(module: nn.Module, path: str | Path | None = None, example: T
     with _exportable(module) as model:
         program = _trace(model, example)
     if path is not None:
-        torch.export.save(program, str(path))
+        with atomic_path(path) as tmp:
+            torch.export.save(program, str(tmp))
     return program
 
 
@@ -216,7 +218,8 @@ def export_onnx(
     if onnx_program is None:  # only the TorchScript exporter returns nothing
         raise RuntimeError("torch.onnx.export returned no ONNX program")
     _fold_constants(onnx_program.model)
-    onnx_program.save(str(path), external_data=False)
+    with atomic_path(path) as tmp:
+        onnx_program.save(str(tmp), external_data=False)
     return names
 
 
@@ -245,7 +248,6 @@ def export_file(module: nn.Module, path: str | Path, example: Tensor | None = No
     """
     fmt = format_of(path)
     check_exporter(fmt)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx":
         export_onnx(module, path, example)
     else:

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,8 +23,11 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def start(cmd: list[str], cwd: Path, **extra_env: str) -> subprocess.Popen[str]:
-    """Start ``cmd`` in its own process group (so that a kill reaches the DDP ranks it launches too)."""
+def start(
+    cmd: list[str], cwd: Path, preexec_fn: Callable[[], None] | None = None, **extra_env: str
+) -> subprocess.Popen[str]:
+    """Start ``cmd`` in its own process group (so that a kill reaches the DDP ranks it launches too); ``preexec_fn``
+    runs in the child before the command (a resource limit, say)."""
     return subprocess.Popen(
         cmd,
         cwd=cwd,
@@ -32,6 +36,7 @@ def start(cmd: list[str], cwd: Path, **extra_env: str) -> subprocess.Popen[str]:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=preexec_fn,
     )
 
 

@@ -80,7 +80,7 @@ def test_rows_for_a_folder_of_pngs_with_only_the_checkpoint(
         parsed = {"pred": int(row["pred"]), "prob": float(row["prob"]), "top": json.loads(row["top"])}
         _check_row({**parsed, "transformers": json.loads(row["transformers"])})
     # The files were prepared like the training digits: 42 x 42, one channel, the digits' normalisation.
-    x, _ = next(iter(cli.datamodule.predict_dataloader()))
+    x = next(iter(cli.datamodule.predict_dataloader()))[0]
     assert x.shape == (5, 1, 42, 42) and torch.isclose(x.min(), torch.tensor(-0.1307 / 0.3081), atol=1e-4)
 
 
@@ -123,3 +123,92 @@ def test_the_checkpoint_alone_rebuilds_a_non_default_transformation_family(tmp_p
     assert len(rows) == 2
     for row in rows:
         _check_row(row, params=3)  # scale and translation
+
+
+def _bad_image(path: Path) -> Path:
+    path.write_bytes(b"\x89PNG\r\n\x1a\n this is no picture")
+    return path
+
+
+def _digit_png(path: Path, size: tuple[int, int] = (40, 50), box: tuple[int, int, int, int] = (12, 10, 20, 40)) -> Path:
+    pixels = np.zeros((size[1], size[0]), np.uint8)
+    x0, y0, x1, y1 = box
+    pixels[y0:y1, x0:x1] = 220
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_a_failed_predict_leaves_an_existing_file_as_it_was(checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "rows.jsonl"
+    earlier = "".join(json.dumps({"index": i}) + "\n" for i in range(4))
+    out.write_text(earlier)
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    _bad_image(folder / "broken.png")
+    args = ["predict", "--ckpt_path", str(checkpoint), "--images", str(folder), *COMMON]
+    args += ["--trainer.default_root_dir", str(tmp_path), "--predictions.output", str(out)]
+    code, log = run(train_cmd(*args), tmp_path, timeout=300)
+    assert code == 2, log[-3000:]
+    assert "Traceback" not in log and "broken.png" in log, log[-3000:]
+    assert out.read_text() == earlier, "the earlier predictions were truncated"
+    code, log = run(train_cmd(*args, "--predictions.stop_on_bad_image", "true"), tmp_path, timeout=300)
+    assert code == 2 and "broken.png" in log and out.read_text() == earlier, log[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.name) == []
+
+
+def test_every_bad_image_is_named_and_the_others_are_predicted(checkpoint: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    good = [_digit_png(folder / f"good_{i}.png") for i in range(3)]
+    bad = [_bad_image(folder / "bad_a.png"), _bad_image(folder / "bad_b.png")]
+    (folder / "empty.png").write_bytes(b"")
+    bad.append(folder / "empty.png")
+    out = tmp_path / "rows.jsonl"
+    args = ["predict", "--ckpt_path", str(checkpoint), "--images", str(folder), *COMMON]
+    args += ["--trainer.default_root_dir", str(tmp_path), "--predictions.output", str(out)]
+    args += ["--data.init_args.batch_size", "2"]  # bad and good images share batches
+    code, log = run(train_cmd(*args), tmp_path, timeout=300)
+    assert code == 2, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    for path in bad:
+        assert f"cannot read image {path}" in log, log[-3000:]
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: 3 of 6 image files could not be read (each named above); the other 3 are in {out}"], log
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["image"] for r in rows) == sorted(str(p) for p in good)
+
+
+def test_regions_of_a_500_by_300_image_are_in_its_own_pixels(checkpoint: Path, tmp_path: Path) -> None:
+    # A model whose transformer reads a known window of its 42 x 42 input: the middle half (scale 0.5, no shift),
+    # x and y from 10 to 31 in its pixels. A 500 x 300 file is letterboxed to 42 x 25 (its aspect ratio kept) at
+    # rows 8 .. 32, so that window is x 124.5 .. 374.5 and y 29.5 .. 281.5 in the file's own pixels.
+    import pytorch_lightning as pl
+
+    from stn_lightning.callbacks import PredictionWriter
+    from stn_lightning.data.files import ImageFilesDataModule, grey_transform
+    from stn_lightning.module import STNModule
+
+    module = STNModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
+    head = module.model.transformer.head
+    with torch.no_grad():
+        for p in head.parameters():
+            p.zero_()
+        head.bias.copy_(torch.tensor([0.5, 0.0, 0.0, 0.0, 0.5, 0.0]))
+    image = _digit_png(tmp_path / "wide.png", size=(500, 300), box=(200, 100, 300, 200))  # the digit at its centre
+    rows = {}
+    for resize in ("letterbox", "squash"):
+        out = tmp_path / f"{resize}.jsonl"
+        data = ImageFilesDataModule([str(image)], grey_transform((42, 42), (0.1307,), (0.3081,)), batch_size=1)
+        writer = PredictionWriter(output=str(out), num_images=0, resize=resize)
+        trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=[writer], enable_progress_bar=False)
+        trainer.predict(module, datamodule=data)
+        rows[resize] = json.loads(out.read_text())
+    region = np.asarray(rows["letterbox"]["transformers"][0]["region"])
+    assert np.all(region == np.round(region, 2))
+    xs, ys = region[:, 0], region[:, 1]
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (124.5, 374.5, 29.5, 281.5), region
+    assert xs.min() <= 200 and xs.max() >= 299 and ys.min() <= 100 and ys.max() >= 199  # it covers the digit
+    squashed = np.asarray(rows["squash"]["transformers"][0]["region"])  # 500 / 42 across, 300 / 42 down
+    expected = (10.5 * 500 / 42 - 0.5, 31.5 * 500 / 42 - 0.5, 10.5 * 300 / 42 - 0.5, 31.5 * 300 / 42 - 0.5)
+    found = (squashed[:, 0].min(), squashed[:, 0].max(), squashed[:, 1].min(), squashed[:, 1].max())
+    assert np.allclose(found, expected, atol=0.006), (found, expected)

@@ -7,16 +7,37 @@ this package's DataModules give Lightning a sampler that splits the indices with
 differ by one sample, and so by at most one batch). That is safe here because nothing in evaluation waits on the
 other ranks per batch: the metrics (torchmetrics) and the epoch-level logged values are reduced once, at the end
 of the epoch, and DDP syncs buffers only on the first forward after training.
+
+The training loader is a :class:`ResumableLoader`: a checkpoint saved mid-epoch (a step checkpoint, SIGTERM,
+Ctrl-C) holds the seed of the epoch's order and how many of its batches were trained on, so a resumed run trains on
+exactly the rest of that epoch, in the same order, as the uninterrupted run would have.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Iterator
 from typing import Any
 
+import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["evaluation_sampler", "make_loader"]
+__all__ = ["ResumableLoader", "evaluation_sampler", "make_loader", "resume_training_loader"]
+
+# Loader states read from a checkpoint, by trainer, for the trainer's next training iterator (resume_training_loader).
+_RESUME: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def resume_training_loader(trainer: Any, state: dict[str, Any]) -> None:
+    """Give the next training iterator of ``trainer``'s :class:`ResumableLoader` this saved state.
+
+    Lightning hands a resumable loader its state only when it builds the loader after restoring the loops; a
+    module whose optimiser asks for ``trainer.estimated_stepping_batches`` makes Lightning build the loader, and its
+    first iterator, earlier, before the checkpoint's loops are read, and the state never arrives. The checkpoint
+    callbacks pass it here when they are restored, which comes before either.
+    """
+    _RESUME[trainer] = state
 
 
 def make_loader(dataset: Dataset | None, trainer: Any, batch_size: int, num_workers: int, shuffle: bool) -> DataLoader:
@@ -31,7 +52,9 @@ def make_loader(dataset: Dataset | None, trainer: Any, batch_size: int, num_work
     """
     if dataset is None:
         raise RuntimeError("call setup() with the matching stage before asking for a DataLoader")
-    return DataLoader(
+    loader = ResumableLoader if shuffle else DataLoader
+    extra = {"trainer": trainer} if shuffle else {}
+    return loader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
@@ -43,6 +66,7 @@ def make_loader(dataset: Dataset | None, trainer: Any, batch_size: int, num_work
         # A last training batch of one image would make batch statistics (the transformers' feature norm,
         # BatchNorm in the backbone) undefined; shuffling spreads the dropped remainder over epochs.
         drop_last=shuffle and len(dataset) > batch_size,  # type: ignore[arg-type]
+        **extra,
     )
 
 
@@ -65,3 +89,80 @@ def evaluation_sampler(dataset: Dataset, trainer: Any) -> Sampler | None:
     if not kwargs or kwargs.get("num_replicas", 1) <= 1 or not wanted:
         return None
     return UnrepeatedDistributedSampler(dataset, shuffle=False, **kwargs)
+
+
+class _Skipping:
+    """A batch sampler without its first ``skip`` batches; its length is still the whole epoch's (Lightning counts
+    the batches trained before the checkpoint as fetched)."""
+
+    def __init__(self, base: Any, skip: int) -> None:
+        self.base, self.skip = base, skip
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = iter(self.base)
+        for _ in range(self.skip):  # indices only: the skipped images are not read
+            next(batches, None)
+        yield from batches
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader that Lightning can resume mid-epoch (it has ``state_dict`` / ``load_state_dict``).
+
+    Each epoch's order comes from a seed drawn from torch's global generator when the epoch's iterator is made (as
+    DataLoader's own shuffling does); the state saved with a checkpoint is that seed and the number of batches the
+    epoch has trained on (Lightning's count). Resumed from a mid-epoch checkpoint, the next iterator uses the saved
+    seed and leaves out those batches, so the run goes on with exactly the rest of the epoch; at an epoch's end
+    nothing is left out and the next epoch draws its seed as the uninterrupted run does (the global random states
+    travel in the checkpoint too, :class:`~stn_lightning.checkpointing.RNGStateCallback`). Under DDP Lightning's
+    DistributedSampler orders each epoch from the run's seed and the epoch; the batches trained are left out the
+    same way.
+
+    Args:
+        *args: DataLoader's arguments.
+        trainer: the trainer whose progress says how many batches of the epoch were trained on, or None.
+        **kwargs: DataLoader's arguments; ``generator`` defaults to a generator of the loader's own.
+    """
+
+    def __init__(self, *args: Any, trainer: Any = None, **kwargs: Any) -> None:
+        if kwargs.get("generator") is None:
+            kwargs["generator"] = torch.Generator()
+        super().__init__(*args, **kwargs)
+        self.trainer = trainer
+        self._seed: int | None = None
+        self._skip = 0
+        self._pending: tuple[int, int] | None = None
+
+    def __iter__(self) -> Any:
+        saved = _RESUME.pop(self.trainer, None) if self.trainer is not None else None
+        if saved is not None and self._pending is None:
+            self.load_state_dict(saved)
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._seed, self._skip = pending
+        else:
+            self._seed, self._skip = int(torch.empty((), dtype=torch.int64).random_().item()), 0
+        assert self.generator is not None
+        self.generator.manual_seed(self._seed)
+        return super().__iter__()
+
+    @property
+    def _index_sampler(self) -> Any:  # DataLoader's source of batch indices for each new iterator
+        base = super()._index_sampler
+        return _Skipping(base, self._skip) if self._skip else base
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch's seed, the batches it has trained on and the epoch's length in batches (Lightning saves it)."""
+        trainer = self.trainer
+        progress = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "batch_progress", None)
+        consumed = int(progress.current.ready) if progress is not None else 0
+        batches = getattr(trainer, "num_training_batches", None)
+        total = int(batches) if isinstance(batches, int) else len(self)
+        return {"seed": self._seed, "consumed": consumed, "batches": total}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume mid-epoch: the next iterator repeats the saved epoch's order without the batches trained on."""
+        seed, consumed, total = state_dict.get("seed"), state_dict.get("consumed", 0), state_dict.get("batches", 0)
+        self._pending = (int(seed), int(consumed)) if seed is not None and 0 < consumed < total else None
