@@ -23,6 +23,7 @@ from .insertion import InnerTransformers, InsertedTransformer, inserted_transfor
 from .localization import PaperLocalizer, check_input_size
 from .metrics import CoLocalization, content_coverage, overlap_penalty
 from .model import Fusion, STNClassifier
+from .nonfinite import NonFiniteWatch
 from .recipe import GroupedOptimizer, boundary_penalty, decay_factor, identity_penalty, warmup_factor
 from .tasks import Task
 from .transformer import SpatialTransformer
@@ -130,9 +131,15 @@ class STNModule(pl.LightningModule):
         label_smoothing: label smoothing of the cross-entropy.
         backbone_kwargs: extra arguments for ``timm.create_model``.
         nonfinite: what a training batch with NaN or inf pixels, a non-finite loss or a non-finite gradient does:
-            "raise" stops the run with a :class:`~stn_lightning.checkpointing.NonFiniteError` naming the step (and,
-            for parameters, which transformer's warps and which weights), "skip" skips the optimiser step and
-            counts it (``train/skipped_steps``). Checkpoints are never written with non-finite weights either way.
+            "raise" stops the run with a :class:`~stn_lightning.checkpointing.NonFiniteError` naming the first such
+            step and batch (and which transformers' warps, gradients and weights were non-finite). Its flags stay on
+            the device (:class:`~stn_lightning.nonfinite.NonFiniteWatch`: no device-to-host copy per step) and are
+            read every ``log_every_n_steps`` batches, at the end of each training epoch and before each checkpoint,
+            so the run stops at most ``log_every_n_steps`` steps late; until then a flagged step's gradient is zeroed
+            on the device and NaN pixels read 0, so weights and BatchNorm statistics stay finite (momentum and decay
+            still move the weights). "skip" decides every step (a device-to-host copy per step), skips the optimiser
+            step exactly and counts it (``train/skipped_steps``). Checkpoints are never written with non-finite
+            weights either way.
         sampler_mode: the sampler's interpolation, "bilinear" or "nearest".
         transformer: a SpatialTransformer of your own (e.g. from YAML with class_path); it replaces the one built
             from ``transform``, ``num_transformers``, ``crop_size``, ``localizer``, ``init``, ``init_scale``,
@@ -293,6 +300,7 @@ class STNModule(pl.LightningModule):
         self.nonfinite = nonfinite
         self.channels_last = channels_last
         self._skip_step = False  # set by training_step, read by on_after_backward and on_before_optimizer_step
+        self._watch = NonFiniteWatch()  # nonfinite="raise": the steps' flags, on the device
         self._skipped = 0
         self.overlap_weight = overlap_weight
         self.coverage_weight = coverage_weight
@@ -456,6 +464,14 @@ class STNModule(pl.LightningModule):
             for i, group in enumerate(trainer.optimizers[0].param_groups):
                 self.log(f"train/lr_{group.get('name', i)}", float(group["lr"]), on_step=True, on_epoch=False)
         x, y = batch[0], batch[1]
+        if self.nonfinite == "raise":
+            # No device-to-host copy here: the flags stay on the device until the next check (see _check_nonfinite).
+            step, epoch = (trainer.global_step, trainer.current_epoch) if trainer is not None else (0, 0)
+            x = self._watch.clean(x, step, epoch, batch_idx)
+            logits, params, loss = self._forward(x, y, None, "train")
+            self._watch.watch_loss(loss, params)
+            self._log_step("train", x, y, logits, params, loss)
+            return loss
         self._skip_step = False
         bad_pixels = ~torch.isfinite(x)
         if self._any_rank(bad_pixels.any()):
@@ -475,6 +491,39 @@ class STNModule(pl.LightningModule):
         )
         return loss
 
+    def _check_nonfinite(self) -> None:
+        """Raise a NonFiniteError if a training step since the start was flagged (``nonfinite="raise"``): one
+        device-to-host copy. Every DDP rank holds the same flags (they are reduced over the ranks each step), so all
+        raise together."""
+        found = self._watch.read() if self.nonfinite == "raise" else None
+        if found is None:
+            return
+        row, loss, warps, grads = found
+        what = self._watch.describe(row, loss)
+        if warps:
+            what += "; warp parameters non-finite for transformer " + ", ".join(map(str, warps))
+        if grads:
+            what += f"; non-finite gradient in {_first([self._watch.names[i] for i in grads])}"
+        weights = [n for n, p in self.named_parameters() if not bool(torch.isfinite(p).all())]
+        if weights:
+            what += f"; non-finite weights: {_first(weights)}"
+        raise NonFiniteError(
+            f"{what} at global step {row[0]} (epoch {row[1]}); stopping (found at global step "
+            f"{self.global_step}; STNModule(nonfinite='skip') skips such steps instead)"
+        )
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        trainer = self._trainer
+        every = trainer.log_every_n_steps if trainer is not None else 1
+        if (batch_idx + 1) % max(1, every) == 0:  # as often as Lightning logs (and reads the logged values)
+            self._check_nonfinite()
+
+    def on_train_epoch_end(self) -> None:
+        self._check_nonfinite()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_nonfinite()  # a checkpoint never holds the weights of a flagged run
+
     def _describe_params(self, params: Tensor | None) -> str:
         parts = []
         if params is not None:
@@ -488,11 +537,10 @@ class STNModule(pl.LightningModule):
         return "".join(parts)
 
     def on_after_backward(self) -> None:
-        if self._skip_step:
+        if self._skip_step or self.nonfinite == "raise":
             return
-        trainer = self._trainer
-        if trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None:
-            return  # float16 mixed precision: the gradient scaler skips steps with inf gradients itself
+        if self._scaler_skips_inf():
+            return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if not grads:
             return
@@ -501,7 +549,28 @@ class STNModule(pl.LightningModule):
             names = [n for n, p in self.named_parameters() if p.grad is not None and not bool(p.grad.isfinite().all())]
             self._nonfinite(f"non-finite gradient in {_first(names)}")
 
+    def _scaler_skips_inf(self) -> bool:
+        # float16 mixed precision: the gradient scaler skips steps with inf gradients itself
+        trainer = self._trainer
+        return trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.nonfinite == "raise":
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if len(self._watch.names) != len(params):
+                names = {id(p): n for n, p in self.named_parameters()}
+                self._watch.names = [names.get(id(p), "?") for p in params]
+            flag = self._watch.watch_grads([None if self._scaler_skips_inf() else p.grad for p in params])
+            trainer = self._trainer
+            if trainer is not None and trainer.world_size > 1:  # one flag for every rank, on the device
+                flag = trainer.strategy.reduce(flag.float(), reduce_op="sum") > 0
+            self._watch.commit(flag)
+            # A flagged step updates nothing from its gradient (momentum and decay still move the weights), so the
+            # weights stay finite until the check stops the run.
+            for p in params:
+                if p.grad is not None:
+                    p.grad.masked_fill_(flag, 0.0)
+            return
         if self._skip_step:
             # Parameters without a gradient are left alone by torch's optimisers (no decay, no momentum step).
             for group in optimizer.param_groups:
