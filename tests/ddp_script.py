@@ -49,8 +49,6 @@ def main() -> None:
         image_size=data.image_size,
         background=data.background,
         backbone="resnet10t",
-        feature_norm=True,
-        loc_grad_clip=1.0,
     )
     first = FirstBatch()
     trainer = pl.Trainer(
