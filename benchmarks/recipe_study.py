@@ -27,7 +27,7 @@ import pytorch_lightning as pl
 import timm
 import torch
 from timm.models import register_model
-from torch import nn
+from torch import Tensor, nn
 
 from stn_lightning.data import ClutteredMNIST, MNISTAddition
 from stn_lightning.module import STNModule
@@ -104,7 +104,6 @@ def identity_penalty(params: Tensor, target: Tensor) -> Tensor:
     return (params.float() - target.to(params.device, torch.float32)).square().sum(-1).mean()
 
 
-
 class StudyModule(STNModule):
     """STNModule with the study's extra knobs.
 
@@ -119,11 +118,17 @@ class StudyModule(STNModule):
     """
 
     def __init__(
-        self, loc_warmup_steps: int = 0, identity_weight: float = 0.0, penalty_decay_steps: int | None = None, **kwargs: Any
+        self,
+        loc_warmup_steps: int = 0,
+        identity_weight: float = 0.0,
+        penalty_decay_steps: int | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if loc_warmup_steps < 0 or identity_weight < 0:
-            raise ValueError(f"expected loc_warmup_steps and identity_weight >= 0, got {loc_warmup_steps}, {identity_weight}")
+            raise ValueError(
+                f"expected loc_warmup_steps and identity_weight >= 0, got {loc_warmup_steps}, {identity_weight}"
+            )
         if penalty_decay_steps is not None and penalty_decay_steps < 1:
             raise ValueError(f"expected penalty_decay_steps >= 1 or None, got {penalty_decay_steps}")
         self.loc_warmup_steps = loc_warmup_steps
@@ -167,7 +172,9 @@ def module_arguments(variant: dict[str, Any]) -> dict[str, Any]:
     ``transformer``, the localiser's training into ``localization``."""
     rest = {k: v for k, v in variant.items() if k not in _SPEC and k not in _LOCALIZATION}
     rest["transformer"] = TransformerSpec(**{k: v for k, v in variant.items() if k in _SPEC})
-    rest["localization"] = LocalizationTraining(**{_LOCALIZATION[k]: v for k, v in variant.items() if k in _LOCALIZATION})
+    rest["localization"] = LocalizationTraining(
+        **{_LOCALIZATION[k]: v for k, v in variant.items() if k in _LOCALIZATION}
+    )
     return rest
 
 

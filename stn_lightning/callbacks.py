@@ -44,6 +44,7 @@ def _pyplot() -> Any:
 
     return plt
 
+
 _COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
 
 

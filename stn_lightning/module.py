@@ -485,8 +485,8 @@ class STNModule(pl.LightningModule):
         return penalty + weight * boundary_penalty(self.transformer.transform, params, in_size)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """The backbone and head first, then the localisation nets and their heads (at ``localization.lr_scale``): the front
-        transformer's and those inside the backbone."""
+        """The backbone and head first, then the localisation nets and their heads (at ``localization.lr_scale``):
+        the front transformer's and those inside the backbone."""
         loc = [p for module in self.localization_modules() for p in module.parameters()]
         loc_ids = {id(p) for p in loc}
         rest = [p for p in self.parameters() if id(p) not in loc_ids]
@@ -513,8 +513,8 @@ class STNModule(pl.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # A checkpoint saved with one optimiser (localization.optimizer None) holds one state, one with a localiser of its
-        # own a GroupedOptimizer's ("optimizers"); resuming across the two would fail deep inside load_state_dict.
+        # A checkpoint saved with one optimiser (localization.optimizer None) holds one state, one with a localiser of
+        # its own a GroupedOptimizer's ("optimizers"); resuming across the two would fail deep inside load_state_dict.
         # Only fitting restores the optimiser; testing, predicting and load_from_checkpoint read the weights alone.
         fitting = self._trainer is not None and self._trainer.state.fn == "fit"
         states = checkpoint.get("optimizer_states") or []

@@ -90,7 +90,6 @@ class LocalizationTraining:
         return cls(**options)
 
 
-
 def _lattice(n: int, device: torch.device) -> Tensor:
     # Pixel centres of an n x n output in normalised coordinates (align_corners=False), (n * n, 2).
     r = (torch.arange(n, device=device, dtype=torch.float32) * 2 + 1) / n - 1

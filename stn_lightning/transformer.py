@@ -51,7 +51,7 @@ class SpatialTransformer(nn.Module):
     that all images share: measured on the bundled digits, standardising makes the spread between images per
     unit of shared movement about ten times larger. It also makes the head's steps larger: alone, at the usual
     localisation rate, it threw the warp out of the image; with the localisation gradient clipped
-    (``STNModule(loc_grad_clip=1.0)``) it trains stably and is what makes the demo's transformer beat the
+    (``LocalizationTraining(grad_clip=1.0)``) it trains stably and is what makes the demo's transformer beat the
     baseline (benchmarks/RESULTS-training.md). Off by default in this building block, which keeps the paper's
     plain head; ``STNModule`` turns it on, with the clipped gradient and an Adam localiser, by default.
 
@@ -178,7 +178,10 @@ def object_config(value: Any) -> Any:
     plain = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     names = [p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind in plain][1:]
     if cls.__module__ != "__main__" and all(hasattr(value, n) for n in names):
-        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {n: getattr(value, n) for n in names}}
+        return {
+            "class_path": f"{cls.__module__}.{cls.__qualname__}",
+            "init_args": {n: getattr(value, n) for n in names},
+        }
     raise ValueError(f"cannot store {value!r} as a class path and arguments; give it as a class or a partial of one")
 
 

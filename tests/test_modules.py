@@ -13,8 +13,8 @@ import torch
 from stn_lightning.localization import PaperLocalizer, TimmLocalizer, create_timm_model
 from stn_lightning.model import STNClassifier
 from stn_lightning.module import STNModule
-from stn_lightning.tasks import Classification, SumOfObjects, Task
 from stn_lightning.recipe import LocalizationTraining
+from stn_lightning.tasks import Classification, SumOfObjects, Task
 from stn_lightning.transformer import SpatialTransformer, TransformerSpec
 from stn_lightning.transforms import (
     Affine,
@@ -174,7 +174,9 @@ def test_bad_arguments_raise_value_error() -> None:
     with pytest.raises(ValueError, match="fusion"):
         STNClassifier("test_resnet", 10, 1, None, "sum")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="one object per crop"):
-        STNModule(image_size=16, transformer=TransformerSpec(num_transformers=2), fusion="channels", task=SumOfObjects())
+        STNModule(
+            image_size=16, transformer=TransformerSpec(num_transformers=2), fusion="channels", task=SumOfObjects()
+        )
     with pytest.raises(ValueError, match="one object per crop"):
         STNModule(image_size=16, fusion="none", task=SumOfObjects())
 

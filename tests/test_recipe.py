@@ -44,7 +44,9 @@ def test_warmup_factor_at_start_middle_and_end() -> None:
 
 
 def test_default_scheduler_warms_up_only_the_localisation_group() -> None:
-    module = study.StudyModule(backbone="test_resnet", localization=LocalizationTraining(lr_scale=0.1), loc_warmup_steps=10)
+    module = study.StudyModule(
+        backbone="test_resnet", localization=LocalizationTraining(lr_scale=0.1), loc_warmup_steps=10
+    )
     optimizer = torch.optim.SGD(module.parameter_groups(), lr=0.1)
     optimizer.param_groups[1]["lr"] = 0.01  # what configure_optimizers does with loc_lr_scale
     steps = 100
