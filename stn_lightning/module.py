@@ -513,14 +513,20 @@ class STNModule(pl.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # A checkpoint saved with one optimiser (localization.optimizer None) holds one state, one with a localiser of
-        # its own a GroupedOptimizer's ("optimizers"); resuming across the two would fail deep inside load_state_dict.
+        # A checkpoint saved with one optimiser (localization.optimizer None) holds its groups, one with a localiser of
+        # its own a GroupedOptimizer's, whose groups name their part ("optimizer"); resuming across the two would fail
+        # deep inside load_state_dict or the first step.
         # Only fitting restores the optimiser; testing, predicting and load_from_checkpoint read the weights alone.
         fitting = self._trainer is not None and self._trainer.state.fn == "fit"
         states = checkpoint.get("optimizer_states") or []
         if not fitting or not states or not self.localization_modules():
             return
-        saved_grouped = "optimizers" in states[0]
+        if "optimizers" in states[0]:
+            raise ValueError(
+                "this checkpoint's optimiser state has the layout of an older stn-lightning (a GroupedOptimizer before "
+                "it became one torch optimiser); load only its weights (STNModule.load_from_checkpoint)"
+            )
+        saved_grouped = any("optimizer" in g for g in states[0].get("param_groups", []))
         grouped_now = self.localization.optimizer is not None
         if saved_grouped != grouped_now:
             how = "its own optimiser for the localiser" if saved_grouped else "one optimiser for everything"

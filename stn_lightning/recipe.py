@@ -11,7 +11,6 @@ did not help; they live in the study (benchmarks/recipe_study.py), not here.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -117,11 +116,12 @@ def boundary_penalty(transform: Transform, params: Tensor, in_size: tuple[int, i
 
 
 class GroupedOptimizer(torch.optim.Optimizer):
-    """Several optimisers stepped as one, e.g. SGD for the classifier and Adam for the localisation net.
+    """Several torch optimisers stepped as one, e.g. SGD for the classifier and Adam for the localisation net.
 
-    Lightning's automatic optimisation and the LR schedulers see one optimiser: ``param_groups`` lists the groups of
-    all parts in order (the same dicts, so a scheduler's rates reach each part), ``step`` runs the closure once and
-    then steps every part, and the state dict holds each part's.
+    It is one ``torch.optim.Optimizer`` over the groups of all parts, in order: the same group dicts (so Lightning's
+    automatic optimisation, the LR schedulers and gradient clipping reach every part) and one per-parameter ``state``
+    that the parts share, so torch's own ``state_dict`` and ``load_state_dict`` save and restore everything (each group
+    keeps its part's options; ``"optimizer"`` names the part). ``step`` runs the closure once, then steps every part.
 
     Args:
         optimizers: the parts, each over its own parameters.
@@ -131,26 +131,22 @@ class GroupedOptimizer(torch.optim.Optimizer):
         if not optimizers:
             raise ValueError("expected at least one optimizer")
         self.optimizers = list(optimizers)
-        self.defaults = {}
-        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-
-    @property  # type: ignore[override]
-    def state(self) -> dict:
-        """The per-parameter state of all parts."""
-        merged: dict = {}
         for o in self.optimizers:
-            merged.update(o.state)
-        return merged
+            for group in o.param_groups:
+                group["optimizer"] = type(o).__name__
+        # No defaults: add_param_group keeps each part's group dict as it is (the same object).
+        super().__init__([g for o in self.optimizers for g in o.param_groups], defaults={})
+        self._share_with_parts()
+        # load_state_dict replaces param_groups and state with new objects: hand them to the parts again.
+        self.register_load_state_dict_post_hook(GroupedOptimizer._share_with_parts)
 
-    @state.setter
-    def state(self, value: dict) -> None:  # Optimizer.__init__ is not called; ignore its assignment
-        pass
+    def _share_with_parts(self) -> None:
+        start = 0
+        for o in self.optimizers:
+            count = len(o.param_groups)
+            o.param_groups = self.param_groups[start : start + count]
+            o.state = self.state
+            start += count
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss = None
@@ -160,18 +156,6 @@ class GroupedOptimizer(torch.optim.Optimizer):
         for o in self.optimizers:
             o.step()
         return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for o in self.optimizers:
-            o.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        return {"optimizers": [o.state_dict() for o in self.optimizers]}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        for o, s in zip(self.optimizers, state_dict["optimizers"], strict=True):
-            o.load_state_dict(s)
-        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
 
     def __repr__(self) -> str:
         return f"GroupedOptimizer({', '.join(type(o).__name__ for o in self.optimizers)})"
