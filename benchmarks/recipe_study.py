@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import time
@@ -26,10 +27,12 @@ import pytorch_lightning as pl
 import timm
 import torch
 from timm.models import register_model
-from torch import nn
+from torch import Tensor, nn
 
 from stn_lightning.data import ClutteredMNIST, MNISTAddition
 from stn_lightning.module import STNModule
+from stn_lightning.recipe import LocalizationTraining
+from stn_lightning.transformer import TransformerSpec
 from stn_lightning.transforms import Affine, Attention
 
 
@@ -74,8 +77,109 @@ if not timm.is_model("paper_cnn"):
         return PaperCNN(**kwargs)
 
 
+# The knobs only this study uses (it found that they did not help; benchmarks/RESULTS-training.md): a warm-up of the
+# localisation group's rate, a pull of the warps towards their start, and a decay of the penalties.
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warm-up: ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps, then 1.
+
+    Step 0 already takes a small step (1 / warmup_steps of the rate), so the warp starts moving at once.
+    """
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+def decay_factor(step: int, decay_steps: int | None) -> float:
+    """Weight of a decaying penalty: 1 at step 0, cosine down to 0 at ``decay_steps``; None keeps it at 1."""
+    if decay_steps is None:
+        return 1.0
+    if step >= decay_steps:
+        return 0.0
+    return 0.5 * (1.0 + math.cos(math.pi * step / decay_steps))
+
+
+def identity_penalty(params: Tensor, target: Tensor) -> Tensor:
+    """Squared distance (B, K, P) -> scalar between warp parameters and their start ``target`` (K, P) or (P,),
+    summed over parameters and averaged over images and transformers."""
+    return (params.float() - target.to(params.device, torch.float32)).square().sum(-1).mean()
+
+
+class StudyModule(STNModule):
+    """STNModule with the study's extra knobs.
+
+    Args:
+        loc_warmup_steps: linear warm-up of the localisation group's rate over this many optimiser steps (0: none),
+            on top of the default cosine schedule.
+        identity_weight: weight of a training-loss pull of the front transformer's warp parameters towards their start
+            (:func:`identity_penalty`); 0 turns it off.
+        penalty_decay_steps: the boundary and identity penalties and the coverage term decay (cosine) to 0 over this
+            many steps; None keeps them constant.
+        **kwargs: STNModule's arguments.
+    """
+
+    def __init__(
+        self,
+        loc_warmup_steps: int = 0,
+        identity_weight: float = 0.0,
+        penalty_decay_steps: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if loc_warmup_steps < 0 or identity_weight < 0:
+            raise ValueError(
+                f"expected loc_warmup_steps and identity_weight >= 0, got {loc_warmup_steps}, {identity_weight}"
+            )
+        if penalty_decay_steps is not None and penalty_decay_steps < 1:
+            raise ValueError(f"expected penalty_decay_steps >= 1 or None, got {penalty_decay_steps}")
+        self.loc_warmup_steps = loc_warmup_steps
+        self.identity_weight = identity_weight
+        self.penalty_decay_steps = penalty_decay_steps
+        st = self.transformer  # where the warps start (K, P): the target of identity_weight's pull
+        self.start_params = (
+            st.transform(st.head.bias.detach().view(st.num_transformers, -1)).detach() if st is not None else None
+        )
+
+    def penalty_scale(self) -> float:
+        return decay_factor(self.global_step, self.penalty_decay_steps)
+
+    def localization_penalty(self, params: torch.Tensor, in_size: tuple[int, int]) -> torch.Tensor:
+        penalty = super().localization_penalty(params, in_size)
+        if self.identity_weight > 0 and self.start_params is not None:
+            pull = self.identity_weight * identity_penalty(params, self.start_params)
+            penalty = penalty + self.penalty_scale() * pull
+        return penalty
+
+    def default_scheduler(self, optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+        """Cosine annealing over ``steps``, with the localisation group warmed up over ``loc_warmup_steps``."""
+
+        def cosine(step: int) -> float:
+            return 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
+
+        def warmed(step: int) -> float:
+            return cosine(step) * warmup_factor(step, self.loc_warmup_steps)
+
+        factors = [warmed if g.get("name") == "localization" else cosine for g in optimizer.param_groups]
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+
+
+_LOCALIZATION = {"loc_optimizer": "optimizer", "loc_lr_scale": "lr_scale", "loc_grad_clip": "grad_clip"}
+_LOCALIZATION.update({k: k for k in ("boundary_weight", "overlap_weight", "coverage_weight")})
+_SPEC = {f for f in TransformerSpec.__dataclass_fields__}
+
+
+def module_arguments(variant: dict[str, Any]) -> dict[str, Any]:
+    """A variant's flat options (as the study's tables write them) as StudyModule's arguments: the transformer's into
+    ``transformer``, the localiser's training into ``localization``."""
+    rest = {k: v for k, v in variant.items() if k not in _SPEC and k not in _LOCALIZATION}
+    rest["transformer"] = TransformerSpec(**{k: v for k, v in variant.items() if k in _SPEC})
+    rest["localization"] = LocalizationTraining(
+        **{_LOCALIZATION[k]: v for k, v in variant.items() if k in _LOCALIZATION}
+    )
+    return rest
+
+
 def adam(groups: Any) -> torch.optim.Optimizer:
-    """Adam for the localisation group (``STNModule(loc_optimizer=...)``)."""
+    """Adam for the localisation group (``LocalizationTraining(optimizer=...)``)."""
     return torch.optim.Adam(groups, lr=1e-3)
 
 
@@ -166,7 +270,7 @@ def run(task: str, variant: str, kwargs: dict[str, Any], seed: int, epochs: int,
     kwargs = dict(kwargs)
     fusion = kwargs.pop("fusion", "channels")
     backbone = kwargs.pop("backbone", backbone)
-    model = STNModule(
+    model = StudyModule(
         num_classes=data.num_classes,
         in_chans=data.in_chans,
         image_size=data.image_size,
@@ -174,7 +278,7 @@ def run(task: str, variant: str, kwargs: dict[str, Any], seed: int, epochs: int,
         backbone=backbone,
         fusion=fusion,
         optimizer=lambda groups: torch.optim.SGD(groups, lr=0.05, momentum=0.9, weight_decay=5e-4),
-        **kwargs,
+        **module_arguments(kwargs),
     )
     trainer = pl.Trainer(
         max_epochs=epochs,

@@ -8,7 +8,7 @@ each, ``--jobs`` at a time. The tables give the test error (mean and spread over
     python benchmarks/reproduce.py            # every table, 3 seeds (52 minutes on 2 cores)
     python benchmarks/reproduce.py --quick    # one seed, short schedules, a subset: a few minutes
     python benchmarks/reproduce.py --only distorted --columns RTS --seeds 0
-    python benchmarks/reproduce.py --only cluttered --seeds 0 1 2 3 4 --set model.boundary_weight=1 \
+    python benchmarks/reproduce.py --only cluttered --seeds 0 1 2 3 4 --set model.localization.boundary_weight=1 \
         --out /tmp/ablation.md                # an ablation: one more setting for every run
 
 Results of each run are cached in ``--root`` (``reproduce_runs/``, ignored by git) by the run's arguments and its
@@ -113,7 +113,7 @@ def _model(backbone: str, transform: str | None, **extra: str) -> tuple[str, ...
     if transform is None:
         args += ["--model.fusion", "none"]
     else:
-        args += ["--model.transform", transform]
+        args += ["--model.transformer.transform", transform]
     for key, value in extra.items():
         args += [f"--{key}", value]
     return tuple(args)
@@ -238,7 +238,10 @@ def cells(epochs: dict[str, int]) -> list[Cell]:
     out.append(Cell("addition", "CNN", "error", "mnist_addition.yaml", _model("stn_paper_cnn", None, **e), 14.7))
     for k, paper in ((1, 18.5), (2, 5.8)):
         overrides = _model(
-            "stn_paper_cnn_st", AFFINE, **e, **{"model.num_transformers": str(k), "model.fusion": "channels"}
+            "stn_paper_cnn_st",
+            AFFINE,
+            **e,
+            **{"model.transformer.num_transformers": str(k), "model.fusion": "channels"},
         )
         out.append(Cell("addition", f"{k} x ST-CNN", "error", "mnist_addition.yaml", overrides, paper))
     # The config's networks: one digit per channel, each classified by the shared classifier under the sum head;
@@ -258,7 +261,7 @@ def cells(epochs: dict[str, int]) -> list[Cell]:
             # One crop per digit: the config's sum head. Otherwise the K crops' features are concatenated and one
             # head classifies the sum (Classification).
             task = {} if k == digits else {"model.task": CLASSIFY}
-            overrides = _model("stn_paper_cnn_st", None, **e, **task, **{"model.num_transformers": str(k)})
+            overrides = _model("stn_paper_cnn_st", None, **e, **task, **{"model.transformer.num_transformers": str(k)})
             overrides = tuple(a for a in overrides if a not in ("--model.fusion", "none"))
             out.append(Cell("multi", f"K = {k}", column, "multi_mnist.yaml", overrides))
     for i, canvas in enumerate(_SEQUENCE_CANVASES):
@@ -279,7 +282,7 @@ def with_settings(plan_cells: list[Cell], settings: list[str]) -> list[Cell]:
     for setting in settings:
         key, sep, value = setting.partition("=")
         if not sep or not key or key.startswith("-"):
-            raise ValueError(f"expected KEY=VALUE (e.g. model.boundary_weight=1), got {setting!r}")
+            raise ValueError(f"expected KEY=VALUE (e.g. model.localization.boundary_weight=1), got {setting!r}")
         extra += [f"--{key}", value]
     return [dataclasses.replace(c, overrides=c.overrides + tuple(extra)) for c in plan_cells]
 

@@ -1,15 +1,19 @@
 """stn-lightning: K parallel spatial transformers in front of any timm backbone, trained with Lightning.
 
 The classes a user needs are importable from here (``from stn_lightning import SpatialTransformer, Affine,
-STNModule``). They load on first use, so ``import stn_lightning`` stays light; importing the package registers
-the paper's networks with timm (``stn_lightning.backbones``).
+STNModule``). They load on first use, so ``import stn_lightning`` stays light: it imports neither timm nor torch.
+The paper's networks (``stn_lightning.backbones``) are registered with timm as soon as timm is imported, by whoever
+imports it, so that ``timm.create_model("stn_paper_cnn")`` works after ``import stn_lightning``.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 
@@ -25,8 +29,36 @@ def _find_kernels_in_the_source_tree() -> None:
 
 _find_kernels_in_the_source_tree()
 
-# Registers the paper's networks with timm (torch and timm only), so that any timm model name resolves to them.
-from . import backbones as backbones  # noqa: E402 - after the kernels' path, which backbones does not need
+
+class _RegisterBackbonesWithTimm(importlib.abc.MetaPathFinder):
+    """Imports ``stn_lightning.backbones`` (which registers the paper's networks) right after timm is first imported.
+
+    timm takes seconds to import; the package's own imports of it (localisers, backbones, the transformer's FX
+    registration) and a user's ``import timm`` all pass through here once, so the names resolve whoever asks first.
+    """
+
+    def find_spec(self, name: str, path: Any = None, target: ModuleType | None = None) -> Any:
+        if name != "timm":
+            return None
+        sys.meta_path.remove(self)  # once; the search below must not find this finder again
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        loader = spec.loader
+        run = loader.exec_module
+
+        def exec_module(module: ModuleType) -> None:
+            run(module)
+            importlib.import_module(f"{__name__}.backbones")
+
+        loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+if "timm" in sys.modules:
+    from . import backbones as backbones  # noqa: E402 - timm is there already: register now
+elif not any(isinstance(f, _RegisterBackbonesWithTimm) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterBackbonesWithTimm())
 
 __version__ = "0.1.0"
 
@@ -123,8 +155,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "kernels":
-        return importlib.import_module(".kernels", __name__)
+    if name in ("kernels", "backbones"):
+        return importlib.import_module(f".{name}", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'stn_lightning' has no attribute {name!r}")

@@ -36,8 +36,8 @@ counts (49 c^2 + 243 c + 10 for the CNN with c filters per convolution, h^2 + 79
 hidden layers of h units); docs/PAPER.md gives the CNN's layers, and the paper only states that the compared
 models have about the same number of parameters. The FCN's two hidden layers of 128 units are this project's
 choice. The paper's ST-FCN used a fully connected localiser; here every localiser is injected separately
-(``STNModule(localizer=...)``), so other pairings re-balance by passing widths through ``backbone_kwargs``
-(``channels=(c1, c2)`` or ``hidden=(h1, h2, ...)``).
+(``STNModule(transformer=TransformerSpec(localizer=...))``), so other pairings re-balance by passing widths through
+``backbone_kwargs`` (``channels=(c1, c2)`` or ``hidden=(h1, h2, ...)``).
 
 The counts above include the classifier. In ``STNClassifier`` the backbone is built with ``num_classes=0`` and
 the classifier is the model's own head of the same size; with feature fusion of K crops that head is K times

@@ -13,19 +13,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import matplotlib
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import BasePredictionWriter
+from torch import Tensor, nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
-from pytorch_lightning.callbacks import BasePredictionWriter  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-
-from .insertion import inner_points, inner_regions  # noqa: E402
-from .kernels import sample_grid  # noqa: E402
-from .tasks import Classification  # noqa: E402
-from .writing import AtomicFile, atomic_path, atomic_write  # noqa: E402
+from .insertion import inner_points, inner_regions
+from .kernels import sample_grid
+from .tasks import Classification
+from .writing import AtomicFile, atomic_path, atomic_write
 
 __all__ = [
     "AttentionVisualizer",
@@ -38,6 +34,17 @@ __all__ = [
     "is_stalled",
     "stall_message",
 ]
+
+
+def _pyplot() -> Any:
+    # matplotlib loads on the first picture, not with the package (it takes a second or more to import).
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
 
 _COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
 
@@ -104,6 +111,7 @@ def draw_attention(
     Returns:
         The matplotlib figure.
     """
+    plt = _pyplot()
     n, k = crops.shape[:2]
     fig, axes = plt.subplots(n, k + 1, figsize=(1.6 * (k + 1), 1.6 * n), squeeze=False)
     for i in range(n):
@@ -240,7 +248,7 @@ class AttentionVisualizer(pl.Callback):
             _write_gif(self._frames, self.gif_path)
         if add_figure is not None:
             add_figure("attention", fig, global_step=trainer.global_step)
-        plt.close(fig)
+        _pyplot().close(fig)
 
 
 def inner_views(model: nn.Module, images: Tensor, crop: int = 32) -> tuple[Tensor, Tensor]:
@@ -509,7 +517,7 @@ class PredictionWriter(BasePredictionWriter):
                 captions = [c for p in self._picture for c in p[3]]
                 picture = self.path.with_suffix(".png")
                 fig = draw_attention(images, regions, crops, picture, labels=captions, title="predictions")
-                plt.close(fig)
+                _pyplot().close(fig)
                 message += f"; picture of the first {len(images)} in {picture}"
             if self.rows or not bad:
                 print(message)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -15,56 +14,24 @@ import torchmetrics
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from stn_lightning.kernels import Backend, Mode, Padding
 from stn_lightning.kernels.reference import normalize_size
 
 from .checkpointing import NonFiniteError
 from .insertion import InnerTransformers, InsertedTransformer, inserted_transformers
-from .localization import PaperLocalizer, check_input_size
 from .metrics import CoLocalization, content_coverage, overlap_penalty
 from .model import Fusion, STNClassifier
-from .recipe import GroupedOptimizer, boundary_penalty, decay_factor, identity_penalty, warmup_factor
+from .nonfinite import NonFiniteWatch
+from .recipe import GroupedOptimizer, LocalizationTraining, OptimizerCallable, boundary_penalty
 from .tasks import Task
-from .transformer import SpatialTransformer
-from .transforms import Affine, Transform
+from .transformer import SpatialTransformer, TransformerSpec
 
 __all__ = ["STNModule"]
-
-
-# Options that build the SpatialTransformer; a transformer given whole replaces them (see STNModule).
-_TRANSFORMER_OPTIONS = (
-    "transform",
-    "num_transformers",
-    "crop_size",
-    "localizer",
-    "init",
-    "feature_norm",
-    "align_corners",
-    "padding_mode",
-    "sampler_backend",
-    "sampler_mode",
-    "init_scale",
-)
-
-
-def _check_no_transformer_options(given: dict[str, Any]) -> None:
-    # The defaults are STNModule's own, read from its signature so that they cannot drift from it.
-    defaults = inspect.signature(STNModule.__init__).parameters
-    clash = [k for k in _TRANSFORMER_OPTIONS if given[k] != defaults[k].default]
-    if clash:
-        raise ValueError(
-            f"STNModule got a transformer and also {', '.join(clash)}, which build one; "
-            "set them on the SpatialTransformer instead"
-        )
-    if given.get("fusion") == "none":
-        raise ValueError("STNModule got a transformer with fusion 'none' (the baseline without one)")
 
 
 def _first(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-OptimizerCallable = Callable[[Iterable[Any]], torch.optim.Optimizer]
 LRSchedulerCallable = Callable[[torch.optim.Optimizer], Any]
 
 
@@ -82,9 +49,10 @@ class STNModule(pl.LightningModule):
         backbone: any timm model name.
         pretrained: True for timm's published backbone weights (needs a network connection once), a path of
             local weights (nothing is downloaded), or None.
-        transform: the transformation family; default Affine().
-        num_transformers: K, the number of parallel transformers.
-        crop_size: size of each crop (Ho, Wo); default the input size.
+        transformer: how the SpatialTransformer in front is built (:class:`~stn_lightning.transformer.TransformerSpec`:
+            transformation family, K, crop size, localiser, start, sampler), once the data's channels, size and
+            background are known; ignored with fusion "none". In YAML the block ``model.transformer``; checkpoints keep
+            it as plain data, so ``load_from_checkpoint`` rebuilds the same transformer.
         fusion: "channels", "features" or "none" (no transformer in front: the baseline, or transformers only
             inside the backbone with ``inner``); see STNClassifier.
         task: what the network answers: head, loss and metrics (:mod:`stn_lightning.tasks`); default
@@ -97,56 +65,23 @@ class STNModule(pl.LightningModule):
         object_channels: each input channel holds one object whose labels sum to the label (MNIST addition), with
             a per-object task (SumOfObjects): with fusion "features" and one transformer per channel, crop k keeps
             only channel k; with fusion "none", the backbone reads each channel as one object (see STNClassifier).
-        localizer: a callable taking in_chans and returning the localisation net; default PaperLocalizer.
-        init: "identity" or "tiled" start of the transformers.
-        init_scale: with ``init="identity"``, the scale of the centred window the transformers start at (1.0: the
-            whole image, the paper's start). None (the default) takes the crop/input ratio, capped at 1: crops
-            smaller than the input start zoomed in, at the input's own resolution (0.5 for 30 x 30 crops of a 60 x 60
-            image), and crops of the input's size start at the identity as before.
-        feature_norm: standardise the localisation features before the transformers' head (see
-            ``SpatialTransformer``). On by default: with ``loc_grad_clip`` and ``loc_optimizer`` it is the
-            localisation recipe measured on the paper's digits (benchmarks/RESULTS-training.md); training batches
-            then need at least two images.
-        align_corners, padding_mode: the sampler's conventions.
-        sampler_backend: "auto", "torch" or "triton".
         optimizer: a callable taking parameter groups; default SGD(lr=0.01, momentum=0.9, weight_decay=5e-4).
         lr_scheduler: a callable taking the optimiser; default cosine annealing over all training steps.
-        loc_lr_scale: multiplies the localisation group's learning rate: that of ``loc_optimizer``, or with
-            ``loc_optimizer=None`` that of ``optimizer`` (the paper's setting is then a low scale, e.g. 0.1).
-        loc_optimizer: a callable taking the localisation group and returning its own optimiser, stepped together
-            with ``optimizer`` for the rest; default Adam at its own default rate (1e-3), whatever trains the rest.
-            None: one optimiser for everything, the localisation group at ``loc_lr_scale`` times its rate.
-        loc_grad_clip: clip the gradient norm of the localisation net and head (only theirs) to this value before
-            each step (default 1.0); None leaves it unclipped. Trainer's ``gradient_clip_val`` still clips every
-            parameter.
-        loc_warmup_steps: linear warm-up of the localisation group's rate over this many optimiser steps
-            (0: none), on top of the default cosine schedule; not combinable with ``lr_scheduler``.
-        boundary_weight: weight of a training-loss penalty on the region each warp reads leaving the image
-            (``recipe.boundary_penalty``: 0 while the warp stays inside); 0 turns it off.
-        identity_weight: weight of a training-loss pull of the warp parameters towards their start
-            (``recipe.identity_penalty``); 0 turns it off.
-        penalty_decay_steps: both penalties and the coverage term decay (cosine) to 0 over this many steps; None keeps
-            them constant.
+        localization: how the localisation nets learn (:class:`~stn_lightning.recipe.LocalizationTraining`: their own
+            optimiser, default Adam; rate scale; gradient clip, default 1.0; the boundary, overlap and coverage terms
+            of the training loss). In YAML the block ``model.localization``.
         label_smoothing: label smoothing of the cross-entropy.
         backbone_kwargs: extra arguments for ``timm.create_model``.
         nonfinite: what a training batch with NaN or inf pixels, a non-finite loss or a non-finite gradient does:
-            "raise" stops the run with a :class:`~stn_lightning.checkpointing.NonFiniteError` naming the step (and,
-            for parameters, which transformer's warps and which weights), "skip" skips the optimiser step and
-            counts it (``train/skipped_steps``). Checkpoints are never written with non-finite weights either way.
-        sampler_mode: the sampler's interpolation, "bilinear" or "nearest".
-        transformer: a SpatialTransformer of your own (e.g. from YAML with class_path); it replaces the one built
-            from ``transform``, ``num_transformers``, ``crop_size``, ``localizer``, ``init``, ``init_scale``,
-            ``feature_norm``, ``align_corners``, ``padding_mode``, ``sampler_backend`` and ``sampler_mode``, so those
-            must keep their defaults. Its background is the data's unless it sets one. Saved in checkpoints as
-            weights; give the same configuration again to load it.
-        overlap_weight: weight of :func:`~stn_lightning.metrics.overlap_penalty` (the mean IoU of the K
-            transformers' regions) added to the training loss, to keep parallel transformers off the same region;
-            0 adds nothing. With K > 1 the penalty is logged as ``<stage>/overlap`` whatever the weight.
-        coverage_weight: weight of a training-loss term ``1 - coverage``, where coverage is
-            :func:`~stn_lightning.metrics.content_coverage` (the share of the image's content, ``|x - background|``,
-            inside the union of the K regions): a localisation signal that does not wait for the classifier, for
-            objects on a plain background; pair it with a bounded scale. It decays with ``penalty_decay_steps``.
-            0 adds nothing; above 0 the coverage is logged as ``<stage>/coverage``.
+            "raise" stops the run with a :class:`~stn_lightning.checkpointing.NonFiniteError` naming the first such
+            step and batch (and which transformers' warps, gradients and weights were non-finite). Its flags stay on
+            the device (:class:`~stn_lightning.nonfinite.NonFiniteWatch`: no device-to-host copy per step) and are
+            read every ``log_every_n_steps`` batches, at the end of each training epoch and before each checkpoint,
+            so the run stops at most ``log_every_n_steps`` steps late; until then a flagged step's gradient is zeroed
+            on the device and NaN pixels read 0, so weights and BatchNorm statistics stay finite (momentum and decay
+            still move the weights). "skip" decides every step (a device-to-host copy per step), skips the optimiser
+            step exactly and counts it (``train/skipped_steps``). Checkpoints are never written with non-finite
+            weights either way.
         channels_last: keep the convolution weights in channels-last memory format once a Trainer sets the module
             up, so that the convolutions of the localiser and the backbone run in oneDNN's channels-last kernels
             (the values and the results are those of the default format up to float rounding). None (the
@@ -167,105 +102,43 @@ class STNModule(pl.LightningModule):
         background: float = 0.0,
         backbone: str = "resnet10t",
         pretrained: bool | str | None = None,
-        transform: Transform | None = None,
-        num_transformers: int = 1,
-        crop_size: int | tuple[int, int] | None = None,
         fusion: Fusion = "channels",
         task: Task | None = None,
         inner: InnerTransformers | None = None,
         object_channels: bool = False,
-        localizer: Callable[[int], nn.Module] | None = None,
-        init: Literal["identity", "tiled"] = "identity",
-        init_scale: float | None = None,
-        feature_norm: bool = True,
-        align_corners: bool = False,
-        padding_mode: Padding = "zeros",
-        sampler_backend: Backend = "auto",
+        transformer: TransformerSpec = TransformerSpec(),  # noqa: B008 - frozen: one shared default is safe
+        localization: LocalizationTraining = LocalizationTraining(),  # noqa: B008
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
-        loc_lr_scale: float = 1.0,
-        loc_optimizer: OptimizerCallable | None = torch.optim.Adam,
-        loc_grad_clip: float | None = 1.0,
-        loc_warmup_steps: int = 0,
-        boundary_weight: float = 0.0,
-        identity_weight: float = 0.0,
-        penalty_decay_steps: int | None = None,
         label_smoothing: float = 0.0,
         backbone_kwargs: dict[str, Any] | None = None,
         nonfinite: Literal["raise", "skip"] = "raise",
-        overlap_weight: float = 0.0,
-        coverage_weight: float = 0.0,
-        sampler_mode: Mode = "bilinear",
-        transformer: SpatialTransformer | None = None,
         channels_last: bool | None = None,
     ) -> None:
         super().__init__()
-        objects = [
-            "transform",
-            "localizer",
-            "optimizer",
-            "lr_scheduler",
-            "loc_optimizer",
-            "transformer",
-            "task",
-            "inner",
-        ]
+        objects = ["optimizer", "lr_scheduler", "transformer", "localization", "task", "inner"]
         self.save_hyperparameters(ignore=objects)
-        if isinstance(task, dict):  # load_from_checkpoint gives back what the line below saved
+        # Plain data in the checkpoint (load_from_checkpoint gives them back as dicts): no code runs to rebuild them.
+        if isinstance(task, dict):
             task = Task.from_config(task)
         if task is not None:
-            self.hparams["task"] = task.config()  # plain data: checkpoints rebuild the task without running code
-        if transformer is not None:
-            _check_no_transformer_options(locals())
-        if num_transformers < 1:
-            raise ValueError(f"expected num_transformers >= 1, got {num_transformers}")
-        if loc_lr_scale < 0:
-            raise ValueError(f"expected loc_lr_scale >= 0, got {loc_lr_scale}")
+            self.hparams["task"] = task.config()
+        if isinstance(transformer, dict):
+            transformer = TransformerSpec.from_config(transformer)
+        if isinstance(localization, dict):
+            localization = LocalizationTraining.from_config(localization)
+        self.hparams["transformer"] = transformer.config()
+        self.hparams["localization"] = localization.config()
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"expected nonfinite 'raise' or 'skip', got {nonfinite!r}")
-        if loc_grad_clip is not None and not loc_grad_clip > 0:
-            raise ValueError(f"expected loc_grad_clip > 0 or None, got {loc_grad_clip}")
-        if not overlap_weight >= 0 or not coverage_weight >= 0:
-            raise ValueError(
-                f"expected overlap_weight and coverage_weight >= 0, got {overlap_weight} and {coverage_weight}"
-            )
-        if loc_warmup_steps < 0 or boundary_weight < 0 or identity_weight < 0:
-            raise ValueError(
-                "expected loc_warmup_steps, boundary_weight and identity_weight >= 0, got "
-                f"{loc_warmup_steps}, {boundary_weight} and {identity_weight}"
-            )
-        if penalty_decay_steps is not None and penalty_decay_steps < 1:
-            raise ValueError(f"expected penalty_decay_steps >= 1 or None, got {penalty_decay_steps}")
         self.image_size = normalize_size(image_size)
-        crop = normalize_size(crop_size) if crop_size is not None else self.image_size
-        if init_scale is None:
-            init_scale = min(1.0, max(c / s for c, s in zip(crop, self.image_size, strict=True)))
-        if transformer is not None:
-            check_input_size(transformer.localizer, torch.empty(0, in_chans, *self.image_size))
-            if transformer.background == 0.0:
-                transformer.background = float(background)  # the data's empty pixel, unless it set its own
-        elif fusion != "none":
-            loc = (localizer or PaperLocalizer)(in_chans)
-            check_input_size(loc, torch.empty(0, in_chans, *self.image_size))
-            transformer = SpatialTransformer(
-                loc,
-                transform if transform is not None else Affine(),
-                num_transformers,
-                crop,
-                init=init,
-                init_scale=init_scale,
-                feature_norm=feature_norm,
-                align_corners=align_corners,
-                padding_mode=padding_mode,
-                background=background,
-                backend=sampler_backend,
-                mode=sampler_mode,
-            )
+        self.localization = localization
+        front = transformer.build(in_chans, self.image_size, float(background)) if fusion != "none" else None
         self.model = STNClassifier(
             backbone,
             num_classes,
             in_chans,
-            transformer,
+            front,
             fusion,
             task=task,
             pretrained=pretrained,
@@ -276,26 +149,12 @@ class STNModule(pl.LightningModule):
         )
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
-        self.loc_optimizer_factory = loc_optimizer
-        self.loc_lr_scale = loc_lr_scale
-        self.loc_grad_clip = loc_grad_clip
-        self.loc_warmup_steps = loc_warmup_steps
-        self.boundary_weight = boundary_weight
-        self.identity_weight = identity_weight
-        self.penalty_decay_steps = penalty_decay_steps
-        # Where the warps start (K, P): the target of identity_weight's pull.
-        self.start_params = (
-            transformer.transform(transformer.head.bias.detach().view(num_transformers, -1)).detach()
-            if transformer is not None
-            else None
-        )
         self.label_smoothing = label_smoothing
         self.nonfinite = nonfinite
         self.channels_last = channels_last
         self._skip_step = False  # set by training_step, read by on_after_backward and on_before_optimizer_step
+        self._watch = NonFiniteWatch()  # nonfinite="raise": the steps' flags, on the device
         self._skipped = 0
-        self.overlap_weight = overlap_weight
-        self.coverage_weight = coverage_weight
         collection = torchmetrics.MetricCollection(dict(self.task.metrics()))
         # ModuleDict keys must not shadow nn.Module attributes such as train(), hence the "_metrics" suffix.
         self.metrics = nn.ModuleDict(
@@ -348,8 +207,8 @@ class STNModule(pl.LightningModule):
             size = wrapper.transformer.output_size
             for key, value in wrapper.transformer.transform.statistics(inner, size).items():
                 self._log_mean(stage, f"inner_{place.replace('.', '_')}_{key}", value, len(x))
-            if stage == "train" and self.boundary_weight > 0:
-                weight = self.boundary_weight * decay_factor(self.global_step, self.penalty_decay_steps)
+            if stage == "train" and self.localization.boundary_weight > 0:
+                weight = self.localization.boundary_weight * self.penalty_scale()
                 loss = loss + weight * boundary_penalty(wrapper.transformer.transform, inner, size)
         return logits, params, loss
 
@@ -419,20 +278,20 @@ class STNModule(pl.LightningModule):
         transformer = self.transformer
         assert transformer is not None
         extra = x.new_zeros(())
-        if transformer.num_transformers < 2 and boxes is None and self.coverage_weight == 0:
+        if transformer.num_transformers < 2 and boxes is None and self.localization.coverage_weight == 0:
             return extra
         regions = transformer.outline(params, (x.shape[-2], x.shape[-1]))  # (B, K, M, 2) in input pixels
-        if self.coverage_weight > 0:
+        if self.localization.coverage_weight > 0:
             coverage = content_coverage(regions, x, transformer.background).mean()
             self._log_mean(stage, "coverage", coverage, len(x))
             if stage == "train":
-                weight = self.coverage_weight * decay_factor(self.global_step, self.penalty_decay_steps)
+                weight = self.localization.coverage_weight * self.penalty_scale()
                 extra = extra + weight * (1 - coverage)
         if transformer.num_transformers > 1:
             penalty = overlap_penalty(regions)
             self._log_mean(stage, "overlap", penalty, len(x))
-            if stage == "train" and self.overlap_weight > 0:
-                extra = extra + self.overlap_weight * penalty
+            if stage == "train" and self.localization.overlap_weight > 0:
+                extra = extra + self.localization.overlap_weight * penalty
         metric = self._coloc(stage)
         if boxes is not None and metric is not None:
             metric.update(regions.detach(), boxes)
@@ -456,6 +315,14 @@ class STNModule(pl.LightningModule):
             for i, group in enumerate(trainer.optimizers[0].param_groups):
                 self.log(f"train/lr_{group.get('name', i)}", float(group["lr"]), on_step=True, on_epoch=False)
         x, y = batch[0], batch[1]
+        if self.nonfinite == "raise":
+            # No device-to-host copy here: the flags stay on the device until the next check (see _check_nonfinite).
+            step, epoch = (trainer.global_step, trainer.current_epoch) if trainer is not None else (0, 0)
+            x = self._watch.clean(x, step, epoch, batch_idx)
+            logits, params, loss = self._forward(x, y, None, "train")
+            self._watch.watch_loss(loss, params)
+            self._log_step("train", x, y, logits, params, loss)
+            return loss
         self._skip_step = False
         bad_pixels = ~torch.isfinite(x)
         if self._any_rank(bad_pixels.any()):
@@ -475,6 +342,39 @@ class STNModule(pl.LightningModule):
         )
         return loss
 
+    def _check_nonfinite(self) -> None:
+        """Raise a NonFiniteError if a training step since the start was flagged (``nonfinite="raise"``): one
+        device-to-host copy. Every DDP rank holds the same flags (they are reduced over the ranks each step), so all
+        raise together."""
+        found = self._watch.read() if self.nonfinite == "raise" else None
+        if found is None:
+            return
+        row, loss, warps, grads = found
+        what = self._watch.describe(row, loss)
+        if warps:
+            what += "; warp parameters non-finite for transformer " + ", ".join(map(str, warps))
+        if grads:
+            what += f"; non-finite gradient in {_first([self._watch.names[i] for i in grads])}"
+        weights = [n for n, p in self.named_parameters() if not bool(torch.isfinite(p).all())]
+        if weights:
+            what += f"; non-finite weights: {_first(weights)}"
+        raise NonFiniteError(
+            f"{what} at global step {row[0]} (epoch {row[1]}); stopping (found at global step "
+            f"{self.global_step}; STNModule(nonfinite='skip') skips such steps instead)"
+        )
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        trainer = self._trainer
+        every = trainer.log_every_n_steps if trainer is not None else 1
+        if (batch_idx + 1) % max(1, every) == 0:  # as often as Lightning logs (and reads the logged values)
+            self._check_nonfinite()
+
+    def on_train_epoch_end(self) -> None:
+        self._check_nonfinite()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_nonfinite()  # a checkpoint never holds the weights of a flagged run
+
     def _describe_params(self, params: Tensor | None) -> str:
         parts = []
         if params is not None:
@@ -488,11 +388,10 @@ class STNModule(pl.LightningModule):
         return "".join(parts)
 
     def on_after_backward(self) -> None:
-        if self._skip_step:
+        if self._skip_step or self.nonfinite == "raise":
             return
-        trainer = self._trainer
-        if trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None:
-            return  # float16 mixed precision: the gradient scaler skips steps with inf gradients itself
+        if self._scaler_skips_inf():
+            return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if not grads:
             return
@@ -501,7 +400,28 @@ class STNModule(pl.LightningModule):
             names = [n for n, p in self.named_parameters() if p.grad is not None and not bool(p.grad.isfinite().all())]
             self._nonfinite(f"non-finite gradient in {_first(names)}")
 
+    def _scaler_skips_inf(self) -> bool:
+        # float16 mixed precision: the gradient scaler skips steps with inf gradients itself
+        trainer = self._trainer
+        return trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.nonfinite == "raise":
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if len(self._watch.names) != len(params):
+                names = {id(p): n for n, p in self.named_parameters()}
+                self._watch.names = [names.get(id(p), "?") for p in params]
+            flag = self._watch.watch_grads([None if self._scaler_skips_inf() else p.grad for p in params])
+            trainer = self._trainer
+            if trainer is not None and trainer.world_size > 1:  # one flag for every rank, on the device
+                flag = trainer.strategy.reduce(flag.float(), reduce_op="sum") > 0
+            self._watch.commit(flag)
+            # A flagged step updates nothing from its gradient (momentum and decay still move the weights), so the
+            # weights stay finite until the check stops the run.
+            for p in params:
+                if p.grad is not None:
+                    p.grad.masked_fill_(flag, 0.0)
+            return
         if self._skip_step:
             # Parameters without a gradient are left alone by torch's optimisers (no decay, no momentum step).
             for group in optimizer.param_groups:
@@ -551,22 +471,22 @@ class STNModule(pl.LightningModule):
         """Whether training or inference on ``device`` keeps the weights channels-last (see ``channels_last``)."""
         return device.type == "cpu" if self.channels_last is None else self.channels_last
 
+    def penalty_scale(self) -> float:
+        """The factor of the boundary and coverage terms at the current step: 1 (a study may decay them)."""
+        return 1.0
+
     def localization_penalty(self, params: Tensor, in_size: tuple[int, int]) -> Tensor:
-        """The recipe's penalties on warp parameters (B, K, P) at the current step: boundary and identity pull,
-        weighted and decayed (0 when both weights are 0)."""
-        weight = decay_factor(self.global_step, self.penalty_decay_steps)
+        """The penalty on the front transformer's warp parameters (B, K, P) at the current step: the boundary
+        penalty, weighted and scaled (0 when its weight is 0)."""
         penalty = params.new_zeros(())
+        weight = self.localization.boundary_weight * self.penalty_scale()
         if self.transformer is None or weight == 0.0:
             return penalty
-        if self.boundary_weight > 0:
-            penalty = penalty + self.boundary_weight * boundary_penalty(self.transformer.transform, params, in_size)
-        if self.identity_weight > 0 and self.start_params is not None:
-            penalty = penalty + self.identity_weight * identity_penalty(params, self.start_params)
-        return weight * penalty
+        return penalty + weight * boundary_penalty(self.transformer.transform, params, in_size)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """The backbone and head first, then the localisation nets and their heads (at ``loc_lr_scale``): the front
-        transformer's and those inside the backbone."""
+        """The backbone and head first, then the localisation nets and their heads (at ``localization.lr_scale``):
+        the front transformer's and those inside the backbone."""
         loc = [p for module in self.localization_modules() for p in module.parameters()]
         loc_ids = {id(p) for p in loc}
         rest = [p for p in self.parameters() if id(p) not in loc_ids]
@@ -587,25 +507,35 @@ class STNModule(pl.LightningModule):
         if modules:
             params = [p for module in modules for p in module.parameters() if p.grad is not None]
             if params:
-                clip = self.loc_grad_clip if self.loc_grad_clip is not None else float("inf")
+                clip = self.localization.grad_clip if self.localization.grad_clip is not None else float("inf")
                 norm = nn.utils.clip_grad_norm_(params, clip)
                 self.log("train/loc_grad_norm", norm, on_step=True, on_epoch=False)
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # A checkpoint saved with one optimiser (loc_optimizer=None) holds one state, one saved with a localiser of its
-        # own a GroupedOptimizer's ("optimizers"); resuming across the two would fail deep inside load_state_dict.
+        # A checkpoint saved with one optimiser (localization.optimizer None) holds its groups, one with a localiser of
+        # its own a GroupedOptimizer's, whose groups name their part ("optimizer"); resuming across the two would fail
+        # deep inside load_state_dict or the first step.
         # Only fitting restores the optimiser; testing, predicting and load_from_checkpoint read the weights alone.
         fitting = self._trainer is not None and self._trainer.state.fn == "fit"
         states = checkpoint.get("optimizer_states") or []
         if not fitting or not states or not self.localization_modules():
             return
-        saved_grouped = "optimizers" in states[0]
-        grouped_now = self.loc_optimizer_factory is not None
+        if "optimizers" in states[0]:
+            raise ValueError(
+                "this checkpoint's optimiser state has the layout of an older stn-lightning (a GroupedOptimizer before "
+                "it became one torch optimiser); load only its weights (STNModule.load_from_checkpoint)"
+            )
+        saved_grouped = any("optimizer" in g for g in states[0].get("param_groups", []))
+        grouped_now = self.localization.optimizer is not None
         if saved_grouped != grouped_now:
             how = "its own optimiser for the localiser" if saved_grouped else "one optimiser for everything"
             now = "a localisation optimiser (the default, Adam)" if grouped_now else "one optimiser"
-            fix = "set loc_optimizer to null (--model.loc_optimizer null)" if grouped_now else "set loc_optimizer"
+            fix = (
+                "set localization.optimizer to null (--model.localization.optimizer null)"
+                if grouped_now
+                else "set localization.optimizer"
+            )
             raise ValueError(
                 f"this checkpoint was trained with {how} and this run is set up with {now}; to resume it, {fix}, "
                 "or load only its weights (STNModule.load_from_checkpoint)"
@@ -614,36 +544,29 @@ class STNModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         groups = self.parameter_groups()
         optimizer: torch.optim.Optimizer
-        loc_groups = [g for g in groups if g["name"] == "localization"] if self.loc_optimizer_factory else []
+        loc_factory = self.localization.optimizer
+        loc_groups = [g for g in groups if g["name"] == "localization"] if loc_factory is not None else []
         main_groups = [g for g in groups if not any(g is h for h in loc_groups)]
         if self.optimizer_factory is None:
             optimizer = torch.optim.SGD(main_groups, lr=0.01, momentum=0.9, weight_decay=5e-4)
         else:
             optimizer = self.optimizer_factory(main_groups)
-        if loc_groups and self.loc_optimizer_factory is not None:
-            optimizer = GroupedOptimizer([optimizer, self.loc_optimizer_factory(loc_groups)])
+        if loc_groups and loc_factory is not None:
+            optimizer = GroupedOptimizer([optimizer, loc_factory(loc_groups)])
         # The optimiser gave every group the base rate; the localisation group runs at a fraction of it.
         for group in optimizer.param_groups:
             if group.get("name") == "localization":
-                group["lr"] = group["lr"] * self.loc_lr_scale
+                group["lr"] = group["lr"] * self.localization.lr_scale
         if self.scheduler_factory is None:
             steps = max(1, int(self.trainer.estimated_stepping_batches))
             scheduler = self.default_scheduler(optimizer, steps)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-        if self.loc_warmup_steps > 0:
-            raise ValueError("loc_warmup_steps works with the default scheduler; drop lr_scheduler or the warm-up")
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
     def default_scheduler(self, optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-        """Cosine annealing over ``steps``, with the localisation group warmed up over ``loc_warmup_steps``."""
+        """Cosine annealing over ``steps``, one factor for every parameter group."""
 
         def cosine(step: int) -> float:
             return 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
 
-        def warmed(step: int) -> float:
-            return cosine(step) * warmup_factor(step, self.loc_warmup_steps)
-
-        factors: list[Callable[[int], float]] = [
-            warmed if g.get("name") == "localization" else cosine for g in optimizer.param_groups
-        ]
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)

@@ -1,47 +1,92 @@
-"""Helpers of the localisation training recipe: a warm-up of the localisation rate, penalties on the warp and an
-optimiser of its own for the localisation net.
+"""How the localisation nets train: their optimiser, rate and gradient clip, and the loss terms on their warps
+(:class:`LocalizationTraining`, ``STNModule(localization=...)``).
 
 The localisation head's first updates can throw the warp out of the image, where the sampler reads only padding
-and gives it no gradient back. ``STNModule`` exposes these pieces as options (``loc_warmup_steps``,
-``boundary_weight``, ``identity_weight``, ``penalty_decay_steps``, ``loc_optimizer``); benchmarks/RESULTS-training.md
-("Localisation recipe") says what each was measured to do. What helped on cluttered digits was the zoomed-in start
-(``init_scale``), standardised features with a clipped localisation gradient, and Adam for the localiser: these are
-STNModule's defaults (``init_scale=None``, ``feature_norm=True``, ``loc_grad_clip=1.0``,
-``loc_optimizer=torch.optim.Adam``). The warm-up and the penalties did not help, and are off by default.
+and gives it no gradient back. benchmarks/RESULTS-training.md ("Localisation recipe") says what each piece was
+measured to do. What helped on cluttered digits was the zoomed-in start (``TransformerSpec.init_scale``),
+standardised features (``TransformerSpec.feature_norm``) with a clipped localisation gradient, and Adam for the
+localiser: these are the defaults. A warm-up of the localisation rate and a pull of the warps towards their start
+did not help; they live in the study (benchmarks/recipe_study.py), not here.
 """
 
 from __future__ import annotations
 
-import math
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .transformer import object_config, object_from_config
 from .transforms import Transform
 
-__all__ = ["GroupedOptimizer", "boundary_penalty", "decay_factor", "identity_penalty", "warmup_factor"]
+__all__ = ["GroupedOptimizer", "LocalizationTraining", "boundary_penalty"]
+
+OptimizerCallable = Callable[[Iterable[Any]], torch.optim.Optimizer]
 
 
-def warmup_factor(step: int, warmup_steps: int) -> float:
-    """Linear warm-up: ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps, then 1.
+@dataclass(frozen=True)
+class LocalizationTraining:
+    """How the localisation nets and heads (the front transformer's and those inside the backbone) learn.
 
-    Step 0 already takes a small step (1 / warmup_steps of the rate), so the warp starts moving at once.
+    In YAML it is one block, ``model.localization: {coverage_weight: 1000.0, overlap_weight: 0.3}``.
+
+    Args:
+        optimizer: a callable taking the localisation group and returning its own optimiser, stepped together with
+            STNModule's ``optimizer`` for the rest; default Adam at its own default rate (1e-3), whatever trains the
+            rest. None: one optimiser for everything, the localisation group at ``lr_scale`` times its rate.
+        lr_scale: multiplies the localisation group's learning rate: that of ``optimizer``, or with
+            ``optimizer=None`` that of STNModule's optimiser (the paper's setting is then a low scale, e.g. 0.1).
+        grad_clip: clip the gradient norm of the localisation nets and heads (only theirs) to this value before each
+            step; None leaves it unclipped. The Trainer's ``gradient_clip_val`` still clips every parameter.
+        boundary_weight: weight of a training-loss penalty on the region each warp reads leaving the image
+            (:func:`boundary_penalty`: 0 while the warp stays inside); 0 turns it off.
+        overlap_weight: weight of :func:`~stn_lightning.metrics.overlap_penalty` (the mean IoU of the K transformers'
+            regions) added to the training loss, to keep parallel transformers off the same region; 0 adds nothing.
+            With K > 1 the penalty is logged as ``<stage>/overlap`` whatever the weight.
+        coverage_weight: weight of a training-loss term ``1 - coverage``, where coverage is
+            :func:`~stn_lightning.metrics.content_coverage` (the share of the image's content, ``|x - background|``,
+            inside the union of the K regions): a localisation signal that does not wait for the classifier, for
+            objects on a plain background; pair it with a bounded scale. 0 adds nothing; above 0 the coverage is
+            logged as ``<stage>/coverage``.
     """
-    if warmup_steps <= 0:
-        return 1.0
-    return min(1.0, (step + 1) / warmup_steps)
 
+    optimizer: OptimizerCallable | None = torch.optim.Adam
+    lr_scale: float = 1.0
+    grad_clip: float | None = 1.0
+    boundary_weight: float = 0.0
+    overlap_weight: float = 0.0
+    coverage_weight: float = 0.0
 
-def decay_factor(step: int, decay_steps: int | None) -> float:
-    """Weight of a decaying penalty: 1 at step 0, cosine down to 0 at ``decay_steps``; None keeps it at 1."""
-    if decay_steps is None:
-        return 1.0
-    if step >= decay_steps:
-        return 0.0
-    return 0.5 * (1.0 + math.cos(math.pi * step / decay_steps))
+    def __post_init__(self) -> None:
+        if not self.lr_scale >= 0:
+            raise ValueError(f"expected localization lr_scale >= 0, got {self.lr_scale}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"expected localization grad_clip > 0 or None, got {self.grad_clip}")
+        weights = (self.boundary_weight, self.overlap_weight, self.coverage_weight)
+        if not all(w >= 0 for w in weights):
+            raise ValueError(
+                f"expected boundary_weight, overlap_weight and coverage_weight >= 0, got {', '.join(map(str, weights))}"
+            )
+
+    def config(self) -> dict[str, Any]:
+        """As plain data (the optimiser as a class path and arguments; one that is neither a class nor a partial of
+        one is left out, and the default takes its place on loading)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        try:
+            out["optimizer"] = object_config(self.optimizer)
+        except ValueError:
+            del out["optimizer"]
+        return out
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> LocalizationTraining:
+        """What :meth:`config` describes (also any dict of its fields)."""
+        options = dict(config)
+        if "optimizer" in options:
+            options["optimizer"] = object_from_config(options["optimizer"], call=False)
+        return cls(**options)
 
 
 def _lattice(n: int, device: torch.device) -> Tensor:
@@ -70,18 +115,13 @@ def boundary_penalty(transform: Transform, params: Tensor, in_size: tuple[int, i
     return (xy.abs() - 1).clamp(min=0).square().sum(-1).mean()
 
 
-def identity_penalty(params: Tensor, target: Tensor) -> Tensor:
-    """Squared distance (B, K, P) -> scalar between warp parameters and their start ``target`` (K, P) or (P,),
-    summed over parameters and averaged over images and transformers."""
-    return (params.float() - target.to(params.device, torch.float32)).square().sum(-1).mean()
-
-
 class GroupedOptimizer(torch.optim.Optimizer):
-    """Several optimisers stepped as one, e.g. SGD for the classifier and Adam for the localisation net.
+    """Several torch optimisers stepped as one, e.g. SGD for the classifier and Adam for the localisation net.
 
-    Lightning's automatic optimisation and the LR schedulers see one optimiser: ``param_groups`` lists the groups of
-    all parts in order (the same dicts, so a scheduler's rates reach each part), ``step`` runs the closure once and
-    then steps every part, and the state dict holds each part's.
+    It is one ``torch.optim.Optimizer`` over the groups of all parts, in order: the same group dicts (so Lightning's
+    automatic optimisation, the LR schedulers and gradient clipping reach every part) and one per-parameter ``state``
+    that the parts share, so torch's own ``state_dict`` and ``load_state_dict`` save and restore everything (each group
+    keeps its part's options; ``"optimizer"`` names the part). ``step`` runs the closure once, then steps every part.
 
     Args:
         optimizers: the parts, each over its own parameters.
@@ -91,26 +131,22 @@ class GroupedOptimizer(torch.optim.Optimizer):
         if not optimizers:
             raise ValueError("expected at least one optimizer")
         self.optimizers = list(optimizers)
-        self.defaults = {}
-        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-
-    @property  # type: ignore[override]
-    def state(self) -> dict:
-        """The per-parameter state of all parts."""
-        merged: dict = {}
         for o in self.optimizers:
-            merged.update(o.state)
-        return merged
+            for group in o.param_groups:
+                group["optimizer"] = type(o).__name__
+        # No defaults: add_param_group keeps each part's group dict as it is (the same object).
+        super().__init__([g for o in self.optimizers for g in o.param_groups], defaults={})
+        self._share_with_parts()
+        # load_state_dict replaces param_groups and state with new objects: hand them to the parts again.
+        self.register_load_state_dict_post_hook(GroupedOptimizer._share_with_parts)
 
-    @state.setter
-    def state(self, value: dict) -> None:  # Optimizer.__init__ is not called; ignore its assignment
-        pass
+    def _share_with_parts(self) -> None:
+        start = 0
+        for o in self.optimizers:
+            count = len(o.param_groups)
+            o.param_groups = self.param_groups[start : start + count]
+            o.state = self.state
+            start += count
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss = None
@@ -120,18 +156,6 @@ class GroupedOptimizer(torch.optim.Optimizer):
         for o in self.optimizers:
             o.step()
         return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for o in self.optimizers:
-            o.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        return {"optimizers": [o.state_dict() for o in self.optimizers]}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        for o, s in zip(self.optimizers, state_dict["optimizers"], strict=True):
-            o.load_state_dict(s)
-        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
 
     def __repr__(self) -> str:
         return f"GroupedOptimizer({', '.join(type(o).__name__ for o in self.optimizers)})"

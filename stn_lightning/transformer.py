@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+import copy
+import functools
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, Literal, NamedTuple
 
 import torch
 from timm.layers import register_notrace_module
@@ -11,9 +17,10 @@ from torch import Tensor, nn
 from stn_lightning.kernels import Backend, Mode, Padding
 from stn_lightning.kernels.reference import normalize_size
 
-from .transforms import Transform, tiled_windows
+from .localization import PaperLocalizer, check_input_size
+from .transforms import Affine, Transform, tiled_windows
 
-__all__ = ["STOutput", "SpatialTransformer"]
+__all__ = ["STOutput", "SpatialTransformer", "TransformerSpec", "object_config", "object_from_config"]
 
 
 class STOutput(NamedTuple):
@@ -44,7 +51,7 @@ class SpatialTransformer(nn.Module):
     that all images share: measured on the bundled digits, standardising makes the spread between images per
     unit of shared movement about ten times larger. It also makes the head's steps larger: alone, at the usual
     localisation rate, it threw the warp out of the image; with the localisation gradient clipped
-    (``STNModule(loc_grad_clip=1.0)``) it trains stably and is what makes the demo's transformer beat the
+    (``LocalizationTraining(grad_clip=1.0)``) it trains stably and is what makes the demo's transformer beat the
     baseline (benchmarks/RESULTS-training.md). Off by default in this building block, which keeps the paper's
     plain head; ``STNModule`` turns it on, with the clipped gradient and an Adam localiser, by default.
 
@@ -183,3 +190,126 @@ def _sampled(
 
 torch.fx.wrap("_checked_input")
 torch.fx.wrap("_sampled")
+
+
+def object_config(value: Any) -> Any:
+    """An object option as plain data in LightningCLI's form, ``{"class_path": ..., "init_args": {...}}``: an
+    instance whose ``__init__`` arguments are stored under their own names (a Transform), a class, or a
+    ``functools.partial`` of a class (what LightningCLI makes of a callable given as class_path and init_args). Plain
+    data is returned as it is; anything else (a lambda) raises ValueError."""
+    if value is None or isinstance(value, (bool, int, float, str, dict)):
+        return value
+    if isinstance(value, functools.partial):
+        cls = next((a for a in reversed(value.args) if isinstance(a, type)), value.func)
+        if isinstance(cls, type):
+            return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(value.keywords)}
+    if isinstance(value, type):
+        return {"class_path": f"{value.__module__}.{value.__qualname__}"}
+    cls = type(value)
+    plain = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names = [p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind in plain][1:]
+    if cls.__module__ != "__main__" and all(hasattr(value, n) for n in names):
+        return {
+            "class_path": f"{cls.__module__}.{cls.__qualname__}",
+            "init_args": {n: getattr(value, n) for n in names},
+        }
+    raise ValueError(f"cannot store {value!r} as a class path and arguments; give it as a class or a partial of one")
+
+
+def object_from_config(config: Any, call: bool = True) -> Any:
+    """What :func:`object_config` stored: the instance (``call=True``), or the class or a partial of it with the stored
+    arguments (``call=False``, for options that are callables). Anything that is not such a dict is returned as is."""
+    if not (isinstance(config, dict) and "class_path" in config):
+        return config
+    module_name, _, name = str(config["class_path"]).rpartition(".")
+    cls = getattr(importlib.import_module(module_name), name)
+    kwargs = dict(config.get("init_args") or {})
+    if call:
+        return cls(**kwargs)
+    return functools.partial(cls, **kwargs) if kwargs else cls
+
+
+@dataclass(frozen=True)
+class TransformerSpec:
+    """How ``STNModule`` builds its SpatialTransformer once the data's channels, size and background are known.
+
+    In YAML it is one block, ``model.transformer: {transform: ..., num_transformers: 2, crop_size: 28}``, of which
+    only what differs from these defaults needs writing.
+
+    Args:
+        transform: the transformation family; default Affine().
+        num_transformers: K, the number of parallel transformers.
+        crop_size: size of each crop (Ho, Wo); default the input size.
+        localizer: a callable taking in_chans and returning the localisation net; default PaperLocalizer.
+        init: "identity" or "tiled" start of the transformers.
+        init_scale: with ``init="identity"``, the scale of the centred window the transformers start at (1.0: the
+            whole image, the paper's start). None (the default) takes the crop/input ratio, capped at 1: crops smaller
+            than the input start zoomed in, at the input's own resolution (0.5 for 30 x 30 crops of a 60 x 60 image),
+            and crops of the input's size start at the identity.
+        feature_norm: standardise the localisation features before the transformers' head (see SpatialTransformer).
+            On by default: with STNModule's clipped localisation gradient and Adam localiser it is the localisation
+            recipe measured on the paper's digits (benchmarks/RESULTS-training.md); training batches then need at
+            least two images.
+        align_corners, padding_mode: the sampler's conventions.
+        backend: the sampler's backend, "auto", "torch" or "triton".
+        mode: the sampler's interpolation, "bilinear" or "nearest".
+    """
+
+    transform: Transform | None = None
+    num_transformers: int = 1
+    crop_size: int | tuple[int, int] | None = None
+    localizer: Callable[[int], nn.Module] | None = None
+    init: Literal["identity", "tiled"] = "identity"
+    init_scale: float | None = None
+    feature_norm: bool = True
+    align_corners: bool = False
+    padding_mode: Padding = "zeros"
+    backend: Backend = "auto"
+    mode: Mode = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.num_transformers < 1:
+            raise ValueError(f"expected num_transformers >= 1, got {self.num_transformers}")
+
+    def build(self, in_chans: int, image_size: tuple[int, int], background: float) -> SpatialTransformer:
+        """The SpatialTransformer for images (B, in_chans, *image_size) whose empty pixel is ``background``."""
+        crop = normalize_size(self.crop_size) if self.crop_size is not None else image_size
+        init_scale = self.init_scale
+        if init_scale is None:
+            init_scale = min(1.0, max(c / s for c, s in zip(crop, image_size, strict=True)))
+        loc = (self.localizer or PaperLocalizer)(in_chans)
+        check_input_size(loc, torch.empty(0, in_chans, *image_size))
+        return SpatialTransformer(
+            loc,
+            copy.deepcopy(self.transform) if self.transform is not None else Affine(),
+            self.num_transformers,
+            crop,
+            init=self.init,
+            init_scale=init_scale,
+            feature_norm=self.feature_norm,
+            align_corners=self.align_corners,
+            padding_mode=self.padding_mode,
+            background=background,
+            backend=self.backend,
+            mode=self.mode,
+        )
+
+    def config(self) -> dict[str, Any]:
+        """The spec as plain data (the transform and the localiser as class paths and arguments): what checkpoints keep
+        so that ``STNModule.load_from_checkpoint`` rebuilds the same transformer."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["transform"] = object_config(self.transform if self.transform is not None else Affine())
+        out["localizer"] = object_config(self.localizer)
+        if isinstance(self.crop_size, tuple):
+            out["crop_size"] = list(self.crop_size)
+        return out
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TransformerSpec:
+        """The spec that :meth:`config` describes (also any dict of its fields, as YAML gives them)."""
+        options = dict(config)
+        options["transform"] = object_from_config(options.get("transform"))
+        options["localizer"] = object_from_config(options.get("localizer"), call=False)
+        if isinstance(options.get("crop_size"), list):
+            options["crop_size"] = tuple(options["crop_size"])
+        return cls(**options)

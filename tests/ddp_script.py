@@ -49,8 +49,6 @@ def main() -> None:
         image_size=data.image_size,
         background=data.background,
         backbone="test_resnet",
-        feature_norm=True,
-        loc_grad_clip=1.0,
     )
     first = FirstBatch()
     trainer = pl.Trainer(

@@ -15,6 +15,7 @@ from PIL import Image
 
 from stn_lightning.cli import main
 from stn_lightning.module import STNModule
+from stn_lightning.transformer import TransformerSpec
 from stn_lightning.transforms import Projective
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +63,7 @@ def _checkpoint(tmp_path: Path, model: STNModule, name: str = "good.ckpt") -> Pa
 
 def _demo_model(**kwargs: object) -> STNModule:
     # The model demo.yaml builds (RTS digits: 42 x 42, background of the bundled digits' normalisation).
-    options = dict(image_size=(42, 42), background=-0.1307 / 0.3081, feature_norm=True, loc_grad_clip=1.0)
+    options: dict[str, object] = dict(image_size=(42, 42), background=-0.1307 / 0.3081)
     options.update(kwargs)
     return STNModule(**options)  # type: ignore[arg-type]
 
@@ -104,8 +105,11 @@ def test_bad_checkpoint_files(
 
 
 def test_checkpoint_of_another_model_says_what_differs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # A projective transformer's checkpoint given to the affine demo: the warp head has 8 outputs, not 6.
-    path = _checkpoint(tmp_path, _demo_model(transform=Projective()))
+    # A projective transformer's weights under the affine demo's hyperparameters: the warp head has 8 outputs, not 6.
+    path = _checkpoint(tmp_path, _demo_model(transformer=TransformerSpec(transform=Projective())))
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint["hyper_parameters"]["transformer"] = TransformerSpec().config()
+    torch.save(checkpoint, path)
     line = _fails(_args(tmp_path, "--ckpt_path", str(path), sub="test"), capsys)
     assert "different model" in line and "transformer.head.weight" in line and "(8, 50)" in line and "(6, 50)" in line
 
@@ -113,11 +117,11 @@ def test_checkpoint_of_another_model_says_what_differs(tmp_path: Path, capsys: p
 def test_checkpoint_hyperparameters_name_the_option_they_replace(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = _checkpoint(tmp_path, _demo_model(loc_lr_scale=0.25))
-    cli = main(_args(tmp_path, "--ckpt_path", str(path), "--model.loc_lr_scale", "0.5", sub="test"))
+    path = _checkpoint(tmp_path, _demo_model(label_smoothing=0.25))
+    cli = main(_args(tmp_path, "--ckpt_path", str(path), "--model.label_smoothing", "0.5", sub="test"))
     err = capsys.readouterr().err
-    assert "model.loc_lr_scale: the checkpoint's value 0.25 replaces the given 0.5" in err
-    assert cli.model.hparams.loc_lr_scale == 0.25
+    assert "model.label_smoothing: the checkpoint's value 0.25 replaces the given 0.5" in err
+    assert cli.model.hparams.label_smoothing == 0.25
 
 
 def test_ckpt_path_last_without_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -236,9 +240,9 @@ def test_an_undecodable_image_is_named(
         "--trainer.precision",
         "32",
     ]
-    args += ["--model.crop_size", "32", "--model.backbone", "resnet10t", "--data.init_args.backbone", "resnet10t"]
-    args += ["--model.num_transformers", "1"]
-    args += ["--model.localizer", "stn_lightning.localization.PaperLocalizer"]
+    args += ["--model.transformer.crop_size", "32", "--model.backbone", "resnet10t"]
+    args += ["--data.init_args.backbone", "resnet10t", "--model.transformer.num_transformers", "1"]
+    args += ["--model.transformer.localizer", "stn_lightning.localization.PaperLocalizer"]
     line = _fails(args, capsys)
     assert f"cannot read image {bad}" in line
     assert not (tmp_path / "lightning_logs").exists()

@@ -81,9 +81,9 @@ def test_print_config_shows_links_and_defaults(capsys: pytest.CaptureFixture[str
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        (["--model.num_transformers", "0"], "num_transformers >= 1"),
+        (["--model.transformer.num_transformers", "0"], "num_transformers >= 1"),
         (["--model.backbone", "resnet_10t"], "closest valid names"),
-        (["--model.crop_size", "0"], "output size"),
+        (["--model.transformer.crop_size", "0"], "output size"),
     ],
 )
 def test_bad_input_exits_with_a_message(

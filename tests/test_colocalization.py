@@ -20,7 +20,9 @@ from stn_lightning.metrics import (
     region_centres,
 )
 from stn_lightning.module import STNModule
+from stn_lightning.recipe import LocalizationTraining
 from stn_lightning.tasks import SumOfObjects
+from stn_lightning.transformer import TransformerSpec
 from stn_lightning.transforms import Affine, Attention
 
 SIZE = (64, 64)
@@ -204,13 +206,12 @@ def test_stn_module_logs_colocalization_and_overlap(quiet_trainer: Callable[...,
         image_size=dm.image_size,
         background=dm.background,
         backbone="stn_paper_cnn_st",
-        transform=Attention(scale_range=(0.2, 1.0)),
-        num_transformers=2,
-        crop_size=28,
+        # init_scale 1: start at the whole canvas (the default would start zoomed in at 28 / 64)
+        transformer=TransformerSpec(
+            transform=Attention(scale_range=(0.2, 1.0)), num_transformers=2, crop_size=28, init_scale=1.0
+        ),
         fusion="features",
-        overlap_weight=0.5,
-        coverage_weight=1.0,
-        init_scale=1.0,  # start at the whole canvas (the default would start zoomed in at 28 / 64)
+        localization=LocalizationTraining(overlap_weight=0.5, coverage_weight=1.0),
     )
     trainer = quiet_trainer(fast_dev_run=2)
     trainer.fit(module, dm)
@@ -291,12 +292,14 @@ def test_sum_fusion_is_the_distribution_of_the_sum(k: int) -> None:
 def test_sum_fusion_model_shapes_and_errors() -> None:
     from stn_lightning.module import STNModule
 
-    options = dict(num_classes=19, image_size=64, backbone="stn_paper_cnn_st", backbone_kwargs={}, crop_size=28)
+    options = dict(num_classes=19, image_size=64, backbone="stn_paper_cnn_st", backbone_kwargs={})
     options["task"] = SumOfObjects()
-    module = STNModule(**options, transform=Attention(), num_transformers=2, fusion="features", init="tiled")
+    spec = TransformerSpec(transform=Attention(), num_transformers=2, crop_size=28, init="tiled")
+    module = STNModule(**options, transformer=spec, fusion="features")
     logits, params = module.model(torch.randn(3, 1, 64, 64))
     assert logits.shape == (3, 19) and params is not None and params.shape[:2] == (3, 2)
     torch.testing.assert_close(logits.exp().sum(-1), torch.ones(3))
     assert module.task.head.out_features == 10  # one digit per crop
     with pytest.raises(ValueError, match="num_classes = K"):  # 18 is not a multiple of 4
-        STNModule(**{**options, "task": SumOfObjects()}, transform=Attention(), num_transformers=4, fusion="features")
+        spec = TransformerSpec(transform=Attention(), num_transformers=4, crop_size=28)
+        STNModule(**{**options, "task": SumOfObjects()}, transformer=spec, fusion="features")

@@ -89,7 +89,7 @@ def test_two_ranks_hold_identical_weights_and_metrics_match_one_process(tmp_path
     assert not torch.equal(states[0]["x"], states[1]["x"])
     caches = [s["triton_cache"] for s in states]
     assert caches[0] != caches[1] and all(c.endswith(f"rank{r}") for r, c in enumerate(caches)), caches
-    fresh = STNModule(image_size=42, backbone="test_resnet", feature_norm=True)
+    fresh = STNModule(image_size=42, backbone="test_resnet")
     moved = max((states[0]["params"][n] - p.detach()).abs().max().item() for n, p in fresh.named_parameters())
     assert moved > 0, "training did not change the weights"
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -121,7 +121,7 @@ def test_two_nodes_under_torchrun(tmp_path: Path) -> None:
 def test_sync_batchnorm_converts_every_batchnorm() -> None:
     # `--trainer.sync_batchnorm true` is Lightning's own switch; it converts with this call (SyncBatchNorm itself
     # needs CUDA tensors, so only the conversion is checked here).
-    model = STNModule(image_size=42, backbone="test_resnet", feature_norm=True)
+    model = STNModule(image_size=42, backbone="test_resnet")
     norms = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     assert norms > 1

@@ -21,24 +21,28 @@ from stn_lightning.cli import main
 from stn_lightning.data import DistortedMNIST, MNISTAddition
 from stn_lightning.module import STNModule
 from stn_lightning.tasks import SumOfObjects
+from stn_lightning.transformer import TransformerSpec
 from stn_lightning.transforms import Affine, ThinPlateSpline
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4  # float32 through two runtimes: the measured differences are 1e-8 to 1e-6 (printed by the tests)
 BATCH_SIZES = (3, 8)
 
-# name: (STNModule arguments, extra CLI arguments). The transform is not a hyperparameter of the checkpoint, so a
-# model with another family than the default Affine needs it from a config.
-_TPS_CONFIG = "model:\n  transform:\n    class_path: stn_lightning.transforms.ThinPlateSpline\n"
+# name: (STNModule arguments, extra CLI arguments). The transformer (its family included) is a hyperparameter of the
+# checkpoint; the config below says it again, as a run's own config would.
+_TPS_CONFIG = "model:\n  transformer:\n    transform:\n      class_path: stn_lightning.transforms.ThinPlateSpline\n"
 MODELS: dict[str, dict[str, Any]] = {
     # configs/demo.yaml: one affine transformer in front of resnet10t on 42 x 42 RTS digits.
     "affine": {
-        "kwargs": {"transform": Affine(), "feature_norm": True, "loc_grad_clip": 1.0},
+        "kwargs": {"transformer": TransformerSpec(transform=Affine())},
         "config": str(ROOT / "configs" / "demo.yaml"),
     },
     # K = 2 thin-plate splines, a shared backbone over the crops (the spline's solve is an inverse in the graph).
     "tps_k2": {
-        "kwargs": {"transform": ThinPlateSpline(), "num_transformers": 2, "fusion": "features"},
+        "kwargs": {
+            "transformer": TransformerSpec(transform=ThinPlateSpline(), num_transformers=2),
+            "fusion": "features",
+        },
         "config": _TPS_CONFIG,
     },
     # The baseline: no transformer, so the export has the logits only; the checkpoint alone is enough.
@@ -47,9 +51,8 @@ MODELS: dict[str, dict[str, Any]] = {
     # transformer k keeping channel k, and the sum head.
     "addition": {
         "kwargs": {
-            "transform": Affine(),
+            "transformer": TransformerSpec(transform=Affine(), num_transformers=2),
             "backbone": "stn_paper_cnn_st",
-            "num_transformers": 2,
             "fusion": "features",
             "task": SumOfObjects(),
             "object_channels": True,
@@ -246,13 +249,10 @@ def test_missing_onnx_exporter_is_named(
     assert not (tmp_path / "model.onnx").exists()
 
 
-def test_a_family_missing_from_the_checkpoint_is_named(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_the_checkpoint_alone_gives_the_transformation_family(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    ckpt = _save(STNModule(image_size=42, transform=ThinPlateSpline()), tmp_path / "tps.ckpt")
-    # Saved outside the CLI, the checkpoint has no family stored: built with the default Affine, the head differs.
-    with pytest.raises(SystemExit) as exit_info:
-        main(["export", "--ckpt_path", str(ckpt), "--output", "model.pt2"])
-    assert exit_info.value.code == 2
-    assert "the transformation family (model.transform) is not the checkpoint's" in capsys.readouterr().err
+    spec = TransformerSpec(transform=ThinPlateSpline())
+    ckpt = _save(STNModule(image_size=42, transformer=spec), tmp_path / "tps.ckpt")
+    # Saved outside the CLI, the checkpoint's hyperparameters still hold the family: no config needed.
+    main(["export", "--ckpt_path", str(ckpt), "--output", "model.pt2"])
+    assert (tmp_path / "model.pt2").is_file()

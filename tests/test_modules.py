@@ -13,8 +13,9 @@ import torch
 from stn_lightning.localization import PaperLocalizer, TimmLocalizer, create_timm_model
 from stn_lightning.model import STNClassifier
 from stn_lightning.module import STNModule
+from stn_lightning.recipe import LocalizationTraining
 from stn_lightning.tasks import Classification, SumOfObjects, Task
-from stn_lightning.transformer import SpatialTransformer
+from stn_lightning.transformer import SpatialTransformer, TransformerSpec
 from stn_lightning.transforms import (
     Affine,
     Attention,
@@ -173,7 +174,9 @@ def test_bad_arguments_raise_value_error() -> None:
     with pytest.raises(ValueError, match="fusion"):
         STNClassifier("test_resnet", 10, 1, None, "sum")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="one object per crop"):
-        STNModule(image_size=16, num_transformers=2, fusion="channels", task=SumOfObjects())
+        STNModule(
+            image_size=16, transformer=TransformerSpec(num_transformers=2), fusion="channels", task=SumOfObjects()
+        )
     with pytest.raises(ValueError, match="one object per crop"):
         STNModule(image_size=16, fusion="none", task=SumOfObjects())
 
@@ -187,7 +190,7 @@ def test_each_fusion(fusion: str, k: int, backbone_chans: int) -> None:
         in_chans=2,
         image_size=(24, 20),
         backbone="test_resnet",
-        num_transformers=k,
+        transformer=TransformerSpec(num_transformers=k),
         fusion=fusion,  # type: ignore[arg-type]
     )
     logits, params = module.model(torch.randn(3, 2, 24, 20))
@@ -211,8 +214,7 @@ def test_unpooled_backbone_gives_a_position_sensitive_head(fusion: str) -> None:
         in_chans=1,
         image_size=(80, 72),
         backbone="test_resnet",
-        num_transformers=2,
-        crop_size=64,
+        transformer=TransformerSpec(num_transformers=2, crop_size=64),
         fusion=fusion,  # type: ignore[arg-type]
         backbone_kwargs={"global_pool": ""},
     )
@@ -239,8 +241,7 @@ def test_feature_norm_refuses_a_training_batch_of_one_image_with_a_clear_error()
 def test_localisation_learning_rate_is_scaled() -> None:
     module = STNModule(
         backbone="test_resnet",
-        loc_lr_scale=0.1,
-        loc_optimizer=None,  # one optimiser: the localisation group at a tenth of its rate
+        localization=LocalizationTraining(lr_scale=0.1, optimizer=None),  # one optimiser, the localiser at a tenth
         optimizer=lambda params: torch.optim.SGD(params, lr=0.05),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10),
     )
@@ -259,7 +260,7 @@ def test_the_default_recipe_trains_the_localiser_with_adam_and_clips_its_gradien
         optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10),
     )
-    assert module.loc_grad_clip == 1.0
+    assert module.localization.grad_clip == 1.0
     assert isinstance(module.transformer.feature_norm, torch.nn.BatchNorm1d)  # type: ignore[union-attr]
     optimizer = module.configure_optimizers()["optimizer"]
     (sgd,), (adam,) = ([g for g in optimizer.param_groups if g["name"] == name] for name in ("model", "localization"))
@@ -298,7 +299,10 @@ def test_loc_grad_clip_clips_only_the_localisation_group(clip: float | None) -> 
         return optimizers[-1]
 
     module = STNModule(
-        backbone="test_resnet", image_size=32, loc_grad_clip=clip, optimizer=make_optimizer, loc_optimizer=None
+        backbone="test_resnet",
+        image_size=32,
+        localization=LocalizationTraining(grad_clip=clip, optimizer=None),
+        optimizer=make_optimizer,
     )
     data = torch.utils.data.TensorDataset(torch.randn(16, 1, 32, 32), torch.randint(0, 10, (16,)))
     trainer = pl.Trainer(
@@ -316,8 +320,8 @@ def test_loc_grad_clip_clips_only_the_localisation_group(clip: float | None) -> 
 
 
 def test_loc_grad_clip_must_be_positive() -> None:
-    with pytest.raises(ValueError, match="loc_grad_clip"):
-        STNModule(backbone="test_resnet", loc_grad_clip=0.0)
+    with pytest.raises(ValueError, match="grad_clip"):
+        LocalizationTraining(grad_clip=0.0)
 
 
 def test_pretrained_weights_come_from_a_local_file(tmp_path: Path) -> None:
@@ -357,18 +361,43 @@ def test_pretrained_true_asks_timm_for_its_published_weights(monkeypatch: pytest
         create_timm_model("resnet18", pretrained=str(tmp_path / "missing.pth"))
 
 
-def test_a_spatial_transformer_of_your_own() -> None:
-    from stn_lightning.localization import PaperLocalizer
-    from stn_lightning.transformer import SpatialTransformer
+def test_a_transformer_spec_builds_the_transformer_from_the_data() -> None:
     from stn_lightning.transforms import Attention
 
-    mine = SpatialTransformer(PaperLocalizer(1), Attention(), 2, 20, mode="nearest")
-    module = STNModule(image_size=42, background=-0.4, fusion="features", transformer=mine)
-    assert module.transformer is mine and mine.background == -0.4 and mine.mode == "nearest"
-    logits = module(torch.randn(3, 1, 42, 42))
-    assert logits.shape == (3, 10)
+    spec = TransformerSpec(transform=Attention(), num_transformers=2, crop_size=20, mode="nearest")
+    module = STNModule(image_size=42, background=-0.4, fusion="features", transformer=spec)
+    mine = module.transformer
+    assert mine is not None and mine.background == -0.4 and mine.mode == "nearest" and mine.output_size == (20, 20)
+    assert mine.transform is not spec.transform  # each module its own copy: the spec stays reusable
+    assert module(torch.randn(3, 1, 42, 42)).shape == (3, 10)
+    assert STNModule(image_size=42, fusion="none", transformer=spec).transformer is None
     with pytest.raises(ValueError, match="num_transformers"):
-        STNModule(image_size=42, num_transformers=3, transformer=SpatialTransformer(PaperLocalizer(1), Attention()))
+        TransformerSpec(num_transformers=0)
+
+
+def test_load_from_checkpoint_rebuilds_a_projective_transformer(tmp_path: Path) -> None:
+    from stn_lightning.transforms import Projective
+
+    torch.manual_seed(0)
+    spec = TransformerSpec(transform=Projective(), num_transformers=2, crop_size=20, init_scale=0.8)
+    training = LocalizationTraining(lr_scale=0.5, optimizer=None, coverage_weight=2.0)
+    module = STNModule(image_size=32, backbone="test_resnet", transformer=spec, localization=training)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 1, 32, 32), torch.randint(0, 10, (8,)))
+    trainer = pl.Trainer(
+        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    path = tmp_path / "projective.ckpt"
+    trainer.save_checkpoint(path)
+    assert torch.load(path, weights_only=True)["hyper_parameters"]["transformer"]["num_transformers"] == 2  # plain data
+    loaded = STNModule.load_from_checkpoint(path)  # no transform= needed
+    assert type(loaded.transformer.transform).__name__ == "Projective"  # type: ignore[union-attr]
+    assert loaded.transformer.num_transformers == 2 and loaded.transformer.output_size == (20, 20)  # type: ignore[union-attr]
+    assert loaded.localization == training
+    x = torch.randn(3, 1, 32, 32)
+    module.eval()
+    loaded.eval()
+    torch.testing.assert_close(loaded(x), module(x))
 
 
 def test_a_spatial_transformer_from_yaml(tmp_path: Path) -> None:
@@ -381,15 +410,11 @@ model:
   backbone: resnet10t
   fusion: features
   transformer:
-    class_path: stn_lightning.SpatialTransformer
-    init_args:
-      localizer:
-        class_path: stn_lightning.PaperLocalizer
-        init_args: {in_chans: 1}
-      transform: stn_lightning.transforms.Attention
-      num_transformers: 2
-      output_size: 24
-      mode: nearest
+    localizer: stn_lightning.PaperLocalizer
+    transform: stn_lightning.transforms.Attention
+    num_transformers: 2
+    crop_size: 24
+    mode: nearest
 data:
   class_path: stn_lightning.data.DistortedMNIST
   init_args: {variant: RTS, batch_size: 4}
@@ -398,6 +423,7 @@ data:
     args = ["fit", "--config", str(config), "--trainer.fast_dev_run", "true", "--trainer.accelerator", "cpu"]
     cli = main(args + ["--trainer.enable_progress_bar", "false"])
     transformer = cli.model.transformer
+    assert type(transformer.transform).__name__ == "Attention"
     assert transformer.num_transformers == 2 and transformer.mode == "nearest" and transformer.output_size == (24, 24)
     assert cli.trainer.state.finished
 
@@ -470,8 +496,8 @@ def test_object_channels_give_crop_k_channel_k_only() -> None:
     # keeps channel k only, and the one-channel backbone classifies K crops under the sum head.
     torch.manual_seed(0)
     module = STNModule(
-        num_classes=19, in_chans=2, image_size=24, backbone="test_resnet", num_transformers=2, fusion="features",
-        task=SumOfObjects(), object_channels=True, init="tiled", transform=Attention(),
+        num_classes=19, in_chans=2, image_size=24, backbone="test_resnet", fusion="features", task=SumOfObjects(),
+        object_channels=True, transformer=TransformerSpec(num_transformers=2, init="tiled", transform=Attention()),
     )  # fmt: skip
     model = module.model
     x = torch.randn(3, 2, 24, 24)
@@ -511,6 +537,7 @@ def test_object_channels_baseline_classifies_each_channel() -> None:
 def test_object_channels_reject_what_they_cannot_do(fusion: str, k: int, task: Task, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         STNModule(
-            num_classes=19, in_chans=2, image_size=24, backbone="test_resnet", num_transformers=k,
+            num_classes=19, in_chans=2, image_size=24, backbone="test_resnet",
+            transformer=TransformerSpec(num_transformers=k),
             fusion=fusion, object_channels=True, task=task,  # type: ignore[arg-type]
         )  # fmt: skip

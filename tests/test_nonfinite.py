@@ -103,3 +103,60 @@ def test_a_nan_gradient_names_the_weights() -> None:
     model.on_after_backward = (lambda original: lambda: (poisoned_backward(), original())[1])(model.on_after_backward)
     with pytest.raises(NonFiniteError, match=r"non-finite gradient in model\.transformer\.head\.weight"):
         _fit(model, _loader(bad_batch=None))
+
+
+def test_a_default_training_step_reads_nothing_back_from_the_device() -> None:
+    # Device-to-host reads (.item(), bool(t), float(t), .tolist(), .cpu()) made by the module's own code during the
+    # training steps; the flags are read once, at the end of the epoch (the loader's 4 batches < log_every_n_steps).
+    # (The sampler's torch path and Lightning's progress bar read values of their own; they are not counted here.)
+    import traceback
+
+    from torch.overrides import TorchFunctionMode
+
+    reads: list[str] = []
+
+    class Reads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if getattr(func, "__name__", "") in {"item", "__bool__", "__float__", "__int__", "tolist", "cpu"}:
+                caller = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename][-1]
+                if caller.filename.endswith(("stn_lightning/module.py", "stn_lightning/nonfinite.py")):
+                    reads.append(f"{func.__name__} at {caller.filename}:{caller.lineno}")
+            return func(*args, **(kwargs or {}))
+
+    class Window(pl.Callback):
+        def on_train_batch_start(self, *args: object) -> None:
+            self.mode = Reads()
+            self.mode.__enter__()
+
+        def on_train_batch_end(self, *args: object) -> None:
+            self.mode.__exit__(None, None, None)
+
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Window()],
+    )
+    trainer.fit(_model(), train_dataloaders=_loader(bad_batch=None))
+    assert reads == []
+
+
+def test_a_nan_pixel_found_at_the_check_names_its_batch_and_keeps_the_weights_finite() -> None:
+    # Checked every log_every_n_steps steps: the run stops at the check after the bad batch, naming it.
+    model = _model()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        log_every_n_steps=2,
+    )
+    found = r"batch 0: 1 NaN or inf pixels in 1 of 8 images at global step 0 .*found at global step 2"
+    with pytest.raises(NonFiniteError, match=found):
+        trainer.fit(model, train_dataloaders=_loader(bad_batch=0))
+    assert trainer.global_step == 2
+    assert not nonfinite_entries(model.state_dict())

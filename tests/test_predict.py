@@ -108,10 +108,10 @@ def test_the_checkpoint_alone_rebuilds_a_non_default_transformation_family(tmp_p
     # STNModule's hyperparameters leave its object options out; the checkpoint stores them next to the data's.
     args = ["fit", "--config", str(DEMO), *COMMON, "--trainer.default_root_dir", str(tmp_path / "fit")]
     args += ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "1", "--data.init_args.batch_size", "4"]
-    args += ["--model.transform", "stn_lightning.transforms.Attention"]
+    args += ["--model.transformer.transform", "stn_lightning.transforms.Attention"]
     main(args)
     ckpt = tmp_path / "fit" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    stored = torch.load(ckpt, weights_only=True)["stn_model_config"]
+    stored = torch.load(ckpt, weights_only=True)["hyper_parameters"]["transformer"]
     assert stored["transform"]["class_path"] == "stn_lightning.transforms.Attention"
     out = tmp_path / "rows.jsonl"
     args = ["predict", "--ckpt_path", str(ckpt), *COMMON, "--trainer.default_root_dir", str(tmp_path)]

@@ -33,6 +33,17 @@ def test_import_stays_light_and_the_package_is_typed() -> None:
     assert (Path(stn_lightning.__file__).parent / "py.typed").is_file()
 
 
+def test_import_loads_neither_timm_nor_matplotlib_and_timm_still_finds_the_paper_networks() -> None:
+    code = (
+        "import sys, stn_lightning\n"
+        "heavy = [m for m in ('timm', 'matplotlib', 'torch') if m in sys.modules]\n"
+        "import timm\n"
+        "print(heavy, timm.is_model('stn_paper_cnn'), 'stn_lightning.backbones' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[] True True"  # timm, when it comes, registers the paper's networks at once
+
+
 def test_kernels_coexist_with_a_top_level_kernels_package(tmp_path: Path) -> None:
     # PyPI's "kernels" installs a top-level package of that name; ours is stn_lightning.kernels, so both import.
     other = tmp_path / "site" / "kernels"

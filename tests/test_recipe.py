@@ -1,9 +1,14 @@
-"""The localisation recipe's options: warm-up of the localisation rate, boundary and identity penalties with their
-decay, and the initial zoom of the transformers."""
+"""The localisation recipe's options: the boundary penalty, the localiser's own optimiser, the initial zoom of the
+transformers; and the study's knobs (warm-up of the localisation rate, identity pull, decay), which live in
+benchmarks/recipe_study.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 import pytorch_lightning as pl
@@ -11,9 +16,23 @@ import torch
 
 from stn_lightning.localization import PaperLocalizer
 from stn_lightning.module import STNModule
-from stn_lightning.recipe import GroupedOptimizer, boundary_penalty, decay_factor, identity_penalty, warmup_factor
-from stn_lightning.transformer import SpatialTransformer
+from stn_lightning.recipe import GroupedOptimizer, LocalizationTraining, boundary_penalty
+from stn_lightning.transformer import SpatialTransformer, TransformerSpec
 from stn_lightning.transforms import Affine, Attention
+
+
+def _study() -> Any:
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "recipe_study.py"
+    spec = importlib.util.spec_from_file_location("recipe_study", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["recipe_study"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+study = _study()
+warmup_factor, decay_factor, identity_penalty = study.warmup_factor, study.decay_factor, study.identity_penalty
 
 
 def test_warmup_factor_at_start_middle_and_end() -> None:
@@ -25,7 +44,9 @@ def test_warmup_factor_at_start_middle_and_end() -> None:
 
 
 def test_default_scheduler_warms_up_only_the_localisation_group() -> None:
-    module = STNModule(backbone="test_resnet", loc_lr_scale=0.1, loc_warmup_steps=10)
+    module = study.StudyModule(
+        backbone="test_resnet", localization=LocalizationTraining(lr_scale=0.1), loc_warmup_steps=10
+    )
     optimizer = torch.optim.SGD(module.parameter_groups(), lr=0.1)
     optimizer.param_groups[1]["lr"] = 0.01  # what configure_optimizers does with loc_lr_scale
     steps = 100
@@ -43,14 +64,6 @@ def test_default_scheduler_warms_up_only_the_localisation_group() -> None:
     assert rates[4] == pytest.approx([0.1 * cosine(4), 0.01 * cosine(4) * 0.5])  # half-way through the warm-up
     assert rates[9] == pytest.approx([0.1 * cosine(9), 0.01 * cosine(9)])  # warm-up done: plain cosine
     assert rates[60] == pytest.approx([0.1 * cosine(60), 0.01 * cosine(60)])
-
-
-def test_warmup_refuses_a_custom_scheduler() -> None:
-    module = STNModule(
-        backbone="test_resnet", loc_warmup_steps=5, lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10)
-    )
-    with pytest.raises(ValueError, match="loc_warmup_steps"):
-        module.configure_optimizers()
 
 
 @pytest.mark.parametrize("transform", [Affine(), Attention()])
@@ -86,15 +99,18 @@ def test_identity_penalty_and_decay() -> None:
 
 
 def test_module_penalty_weights_and_decay() -> None:
-    module = STNModule(backbone="test_resnet", image_size=32, boundary_weight=2.0, penalty_decay_steps=10)
+    boundary = LocalizationTraining(boundary_weight=2.0)
+    module = study.StudyModule(backbone="test_resnet", image_size=32, localization=boundary, penalty_decay_steps=10)
     params = torch.tensor([[1.0, 0.0, 1.0, 0.0, 1.0, 0.0]]).expand(4, 1, -1)  # the whole image, shifted half out
     expected = 2.0 * boundary_penalty(Affine(), params, (32, 32))
     assert expected.item() > 0
     torch.testing.assert_close(module.localization_penalty(params, (32, 32)), expected)  # step 0: full weight
-    plain = STNModule(backbone="test_resnet", image_size=32)
-    assert plain.localization_penalty(params, (32, 32)).item() == 0.0  # off by default
+    plain = STNModule(backbone="test_resnet", image_size=32, localization=boundary)
+    torch.testing.assert_close(plain.localization_penalty(params, (32, 32)), expected)  # no decay outside the study
+    default = STNModule(backbone="test_resnet", image_size=32)
+    assert default.localization_penalty(params, (32, 32)).item() == 0.0  # off by default
     with pytest.raises(ValueError, match="boundary_weight"):
-        STNModule(backbone="test_resnet", boundary_weight=-1.0)
+        LocalizationTraining(boundary_weight=-1.0)
 
 
 @pytest.mark.parametrize("transform", [Affine(), Attention(scale_range=(0.2, 1.0), translation_range=1.0)])
@@ -111,13 +127,12 @@ def test_init_scale_starts_at_a_centred_zoom(transform: Affine | Attention) -> N
 
 def test_loc_optimizer_steps_the_localisation_group_with_its_own_optimiser() -> None:
     torch.manual_seed(0)
-    module = STNModule(
+    module = study.StudyModule(
         backbone="test_resnet",
         image_size=32,
-        loc_lr_scale=0.5,
         loc_warmup_steps=4,
         optimizer=lambda groups: torch.optim.SGD(groups, lr=0.1),
-        loc_optimizer=lambda groups: torch.optim.Adam(groups, lr=1e-3),
+        localization=LocalizationTraining(lr_scale=0.5, optimizer=lambda groups: torch.optim.Adam(groups, lr=1e-3)),
     )
     data = torch.utils.data.TensorDataset(torch.randn(16, 1, 32, 32), torch.randint(0, 10, (16,)))
     trainer = pl.Trainer(
@@ -132,20 +147,28 @@ def test_loc_optimizer_steps_the_localisation_group_with_its_own_optimiser() -> 
     # The scheduler reaches Adam's group: 1e-3 * loc_lr_scale, warmed up 2 of 4 steps, after 2 steps of cosine.
     cosine = 0.5 * (1 + math.cos(math.pi * 2 / trainer.estimated_stepping_batches))
     assert adam.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 * cosine * 3 / 4)
-    assert len(adam.state) == sum(1 for p in module.transformer.parameters())  # type: ignore[union-attr]
-    assert all(int(s["step"]) == 2 for s in adam.state.values())
-    # The state dict round-trips.
-    state = optimizer.state_dict()
-    optimizer.load_state_dict(state)
-    assert len(optimizer.state) == len(sgd.state) + len(adam.state)
+    loc = list(module.transformer.parameters())  # type: ignore[union-attr]
+    assert all(int(optimizer.state[p]["step"]) == 2 for p in loc)  # Adam's state, in the one shared state
+    assert len(optimizer.state) == len(loc)  # plain SGD keeps no state
+    # torch's own state dict round-trips into a fresh one, whose parts then step from the restored state.
+    fresh = module.configure_optimizers()["optimizer"]
+    fresh.load_state_dict(optimizer.state_dict())
+    assert [g["optimizer"] for g in fresh.param_groups] == ["SGD", "Adam"]
+    assert fresh.optimizers[1].param_groups[0]["lr"] == adam.param_groups[0]["lr"]
+    assert fresh.optimizers[1].state is fresh.state and int(fresh.state[loc[0]]["step"]) == 2
+    fresh.step()  # the gradients of the last step are still there
+    assert int(fresh.state[loc[0]]["step"]) == 3
 
 
 def test_module_init_scale_defaults_to_the_crop_input_ratio() -> None:
     def start(module: STNModule) -> float:
         return module.transformer.transform(module.transformer.head.bias.view(1, -1))[0, 0].item()  # type: ignore[union-attr]
 
-    assert start(STNModule(backbone="test_resnet", image_size=60, crop_size=30)) == pytest.approx(0.5)
-    assert start(STNModule(backbone="test_resnet", image_size=(60, 40), crop_size=(30, 30))) == pytest.approx(0.75)
-    assert start(STNModule(backbone="test_resnet", image_size=42)) == pytest.approx(1.0)  # crop = input: identity
-    assert start(STNModule(backbone="test_resnet", image_size=28, crop_size=40)) == pytest.approx(1.0)  # capped
-    assert start(STNModule(backbone="test_resnet", image_size=60, crop_size=30, init_scale=1.0)) == pytest.approx(1.0)
+    def module(image_size: Any, **spec: Any) -> STNModule:
+        return STNModule(backbone="test_resnet", image_size=image_size, transformer=TransformerSpec(**spec))
+
+    assert start(module(60, crop_size=30)) == pytest.approx(0.5)
+    assert start(module((60, 40), crop_size=(30, 30))) == pytest.approx(0.75)
+    assert start(module(42)) == pytest.approx(1.0)  # crop = input: identity
+    assert start(module(28, crop_size=40)) == pytest.approx(1.0)  # capped
+    assert start(module(60, crop_size=30, init_scale=1.0)) == pytest.approx(1.0)

@@ -19,6 +19,7 @@ from stn_lightning.metrics import CoLocalization, colocalized
 from stn_lightning.model import STNClassifier
 from stn_lightning.module import STNModule
 from stn_lightning.tasks import SetOfObjects, SumOfObjects, match_objects
+from stn_lightning.transformer import TransformerSpec
 from stn_lightning.transforms import Attention
 
 BACKGROUND = -0.1307 / 0.3081
@@ -361,12 +362,12 @@ def test_module_trains_on_scenes_and_logs_the_set_metrics(quiet_trainer: Callabl
         image_size=dm.image_size,
         background=dm.background,
         backbone="stn_paper_cnn_st",
-        transform=Attention(scale_range=(0.3, 0.6)),
-        num_transformers=3,  # more transformers than digits
-        crop_size=28,
+        # more transformers than digits
+        transformer=TransformerSpec(
+            transform=Attention(scale_range=(0.3, 0.6)), num_transformers=3, crop_size=28, init="tiled"
+        ),
         fusion="features",
         task=SetOfObjects(),
-        init="tiled",
     )
     trainer = quiet_trainer(fast_dev_run=1)
     trainer.fit(module, dm)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from stn_lightning.module import STNModule
 from stn_lightning.tasks import Classification, SequenceAccuracy, SequenceReading, SumOfObjects
+from stn_lightning.transformer import TransformerSpec
 
 # Three strings (length, then the digits, -1 past the end) with max_length 3: "7", "12", "905".
 TARGETS = torch.tensor([[1, 7, -1, -1], [2, 1, 2, -1], [3, 9, 0, 5]])
@@ -140,9 +141,7 @@ def test_three_transformers_on_two_digit_multimnist() -> None:
         image_size=dm.image_size,
         background=dm.background,
         backbone="stn_paper_cnn_st",
-        transform=Attention(scale_range=(0.4, 0.6)),
-        num_transformers=3,
-        crop_size=28,
+        transformer=TransformerSpec(transform=Attention(scale_range=(0.4, 0.6)), num_transformers=3, crop_size=28),
         fusion="features",
         task=SumOfObjects(object_classes=10, nothing=True),
     )

@@ -13,7 +13,9 @@ from stn_lightning.callbacks import AttentionVisualizer
 from stn_lightning.data import DistortedMNIST, MultiMNIST
 from stn_lightning.metrics import content_coverage
 from stn_lightning.module import STNModule
+from stn_lightning.recipe import LocalizationTraining
 from stn_lightning.tasks import SumOfObjects
+from stn_lightning.transformer import TransformerSpec
 from stn_lightning.transforms import Attention
 
 
@@ -83,13 +85,13 @@ def test_coverage_term_moves_two_transformers_onto_the_ink() -> None:
         image_size=data.image_size,
         background=data.background,
         backbone="stn_paper_cnn_st",
-        transform=Attention(scale_range=(0.4, 0.6)),
-        num_transformers=2,
-        crop_size=28,
+        transformer=TransformerSpec(
+            transform=Attention(scale_range=(0.4, 0.6)), num_transformers=2, crop_size=28, init="tiled"
+        ),
         fusion="features",
         task=SumOfObjects(),
-        init="tiled",
-        coverage_weight=1000.0,  # the localisation recipe (Adam, clipped gradient, standardised features): defaults
+        # the localisation recipe (Adam, clipped gradient, standardised features): defaults
+        localization=LocalizationTraining(coverage_weight=1000.0),
     )
     x, _, _ = data.make_batch(next(iter(data.val_dataloader())), train=False, boxes=True)
 
