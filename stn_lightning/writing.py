@@ -159,16 +159,10 @@ class AtomicFile:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str], mode: str = "w", **open_kwargs: Any) -> Iterator[IO[Any]]:
-    """``with atomic_write(path, "wb") as f: ...``: ``path`` gets what was written to ``f`` whole, or stays as it was.
-
-    An exception inside the block leaves ``path`` unchanged and no temporary file; one caused by a failed write
-    (an OSError, or an error raised while handling one) becomes :class:`WriteFailed`.
-    """
-    out = AtomicFile(path, mode, **open_kwargs)
+def _whole(out: AtomicFile) -> Iterator[AtomicFile]:
+    # Commit when the block ends without error; otherwise discard, a failed write becoming WriteFailed.
     try:
-        assert out.file is not None
-        yield out.file
+        yield out
     except BaseException as err:
         replacement = out.failed(err)
         if replacement is err:
@@ -178,17 +172,22 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w", **open_kwargs: A
 
 
 @contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str], mode: str = "w", **open_kwargs: Any) -> Iterator[IO[Any]]:
+    """``with atomic_write(path, "wb") as f: ...``: ``path`` gets what was written to ``f`` whole, or stays as it was.
+
+    An exception inside the block leaves ``path`` unchanged and no temporary file; one caused by a failed write
+    (an OSError, or an error raised while handling one) becomes :class:`WriteFailed`.
+    """
+    with _whole(AtomicFile(path, mode, **open_kwargs)) as out:
+        assert out.file is not None
+        yield out.file
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """``with atomic_path(path) as tmp: writer(tmp)``, for writers that take a path (matplotlib, PIL, ONNX, export).
 
     ``tmp`` is in ``path``'s folder and ends in its suffix; it replaces ``path`` when the block ends without error.
     """
-    out = AtomicFile(path, None)
-    try:
+    with _whole(AtomicFile(path, None)) as out:
         yield out.tmp
-    except BaseException as err:
-        replacement = out.failed(err)
-        if replacement is err:
-            raise
-        raise replacement from None
-    out.commit()

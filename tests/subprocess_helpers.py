@@ -66,3 +66,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def demo_fit(*args: str) -> list[str]:
+    """The arguments of ``fit`` on configs/demo.yaml on the CPU, small and quiet (16 digits a batch, 2 attention
+    images, no progress bar), then ``args``."""
+    quiet = ("--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false")
+    small = ("--data.init_args.batch_size", "16", "--attention.num_images", "2")
+    return ["fit", "--config", str(ROOT / "configs" / "demo.yaml"), *quiet, *small, *args]

@@ -10,33 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from subprocess_helpers import ROOT, finish, run, start, train_cmd
+from subprocess_helpers import ROOT, demo_fit, finish, run, start, train_cmd
 
 from stn_lightning.checkpointing import AtomicCheckpointIO, NonFiniteError, find_last_checkpoint, read_checkpoint
 
-ARGS = [
-    "fit",
-    "--config",
-    str(ROOT / "configs" / "demo.yaml"),
-    "--trainer.accelerator",
-    "cpu",
-    "--trainer.devices",
-    "1",
-    "--trainer.deterministic",
-    "true",
-    "--trainer.max_epochs",
-    "3",
-    "--trainer.limit_train_batches",
-    "24",
-    "--trainer.limit_val_batches",
-    "2",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--data.init_args.batch_size",
-    "16",
-    "--attention.num_images",
-    "2",
-]
+ARGS = demo_fit(
+    *("--trainer.devices", "1", "--trainer.deterministic", "true", "--trainer.max_epochs", "3"),
+    *("--trainer.limit_train_batches", "24", "--trainer.limit_val_batches", "2"),
+)
 
 
 def _wait_for(path_of: callable, timeout: float, proc) -> Path:  # type: ignore[valid-type]

@@ -14,29 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from subprocess_helpers import ROOT, finish, run, start, train_cmd
+from subprocess_helpers import demo_fit, finish, run, start, train_cmd
 
 from stn_lightning.checkpointing import find_last_checkpoint, read_checkpoint
 
-FIT = [
-    "fit",
-    "--config",
-    str(ROOT / "configs" / "demo.yaml"),
-    "--trainer.accelerator",
-    "cpu",
-    "--trainer.devices",
-    "1",
-    "--trainer.deterministic",
-    "true",
-    "--trainer.limit_val_batches",
-    "1",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--data.init_args.batch_size",
-    "16",
-    "--attention.num_images",
-    "2",
-]
+FIT = demo_fit("--trainer.devices", "1", "--trainer.deterministic", "true", "--trainer.limit_val_batches", "1")
 
 # The CLI with every file opened by os.fdopen (the atomic writer's temporary files) failing with ENOSPC once
 # STN_FAIL_AFTER checkpoints were written whole, after a first megabyte: a disk that fills up during a write.
