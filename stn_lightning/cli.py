@@ -67,9 +67,9 @@ class STNTrainer(pl.Trainer):
         Returns:
             The path written.
         """
-        fmt = runs.export_checkpoint(model, ckpt_path, output)
+        path, fmt = runs.export_checkpoint(model, ckpt_path, output)
         _say(f"exported {ckpt_path} to {output} ({fmt})")
-        return Path(output)
+        return path
 
 
 class _SaveConfig(SaveConfigCallback):

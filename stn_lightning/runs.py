@@ -223,14 +223,14 @@ def check_export_arguments(ckpt_path: str | None, output: str | None) -> None:
     check_exporter(format_of(output))
 
 
-def export_checkpoint(model: pl.LightningModule, ckpt_path: str | None, output: str | None) -> str:
-    """Load the checkpoint's weights into ``model`` and export it to ``output``; return the format written."""
+def export_checkpoint(model: pl.LightningModule, ckpt_path: str | None, output: str | None) -> tuple[Path, str]:
+    """Load the checkpoint's weights into ``model`` and export it to ``output``; return the path and the format."""
     from .export import export_file
 
     if not ckpt_path or not output:
         raise ValueError("export needs --ckpt_path (a checkpoint) and --output (a .onnx or .pt2 file)")
     model.load_state_dict(read_checkpoint(ckpt_path)["state_dict"])
-    return export_file(model, output)
+    return Path(output), export_file(model, output)
 
 
 def check_links(given: dict[str, Any], model: Any, data: Any) -> None:
