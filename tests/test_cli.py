@@ -55,7 +55,7 @@ def test_print_config_shows_links_and_defaults(capsys: pytest.CaptureFixture[str
         main(["fit", "--config", str(CONFIGS[0]), "--print_config"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "loc_lr_scale" in out and "class_path: stn_lightning.data" in out
+    assert "localization:" in out and "lr_scale" in out and "class_path: stn_lightning.data" in out
 
 
 @pytest.mark.parametrize(

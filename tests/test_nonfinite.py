@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytorch_lightning as pl
@@ -25,15 +26,13 @@ def _loader(bad_batch: int | None, batches: int = 4, batch: int = 8) -> DataLoad
     return DataLoader(TensorDataset(x, y), batch_size=batch)
 
 
-def _fit(model: STNModule, loader: DataLoader) -> pl.Trainer:
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+def _trainer(**kwargs: Any) -> pl.Trainer:
+    options = dict(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    return pl.Trainer(**{**options, "enable_model_summary": False, **kwargs})
+
+
+def _fit(model: STNModule, loader: DataLoader, **kwargs: Any) -> pl.Trainer:
+    trainer = _trainer(**kwargs)
     trainer.fit(model, train_dataloaders=loader)
     return trainer
 
@@ -131,30 +130,14 @@ def test_a_default_training_step_reads_nothing_back_from_the_device() -> None:
         def on_train_batch_end(self, *args: object) -> None:
             self.mode.__exit__(None, None, None)
 
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[Window()],
-    )
-    trainer.fit(_model(), train_dataloaders=_loader(bad_batch=None))
+    _fit(_model(), _loader(bad_batch=None), callbacks=[Window()])
     assert reads == []
 
 
 def test_a_nan_pixel_found_at_the_check_names_its_batch_and_keeps_the_weights_finite() -> None:
     # Checked every log_every_n_steps steps: the run stops at the check after the bad batch, naming it.
     model = _model()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        log_every_n_steps=2,
-    )
+    trainer = _trainer(log_every_n_steps=2)
     found = r"batch 0: 1 NaN or inf pixels in 1 of 8 images at global step 0 .*found at global step 2"
     with pytest.raises(NonFiniteError, match=found):
         trainer.fit(model, train_dataloaders=_loader(bad_batch=0))

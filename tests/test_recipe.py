@@ -48,7 +48,7 @@ def test_default_scheduler_warms_up_only_the_localisation_group() -> None:
         backbone="test_resnet", localization=LocalizationTraining(lr_scale=0.1), loc_warmup_steps=10
     )
     optimizer = torch.optim.SGD(module.parameter_groups(), lr=0.1)
-    optimizer.param_groups[1]["lr"] = 0.01  # what configure_optimizers does with loc_lr_scale
+    optimizer.param_groups[1]["lr"] = 0.01  # what configure_optimizers does with localization.lr_scale
     steps = 100
     scheduler = module.default_scheduler(optimizer, steps)
     rates = []
@@ -144,7 +144,7 @@ def test_loc_optimizer_steps_the_localisation_group_with_its_own_optimiser() -> 
     sgd, adam = optimizer.optimizers
     assert isinstance(sgd, torch.optim.SGD) and isinstance(adam, torch.optim.Adam)
     assert [g["name"] for g in optimizer.param_groups] == ["model", "localization"]
-    # The scheduler reaches Adam's group: 1e-3 * loc_lr_scale, warmed up 2 of 4 steps, after 2 steps of cosine.
+    # The scheduler reaches Adam's group: 1e-3 * lr_scale, warmed up 2 of 4 steps, after 2 steps of cosine.
     cosine = 0.5 * (1 + math.cos(math.pi * 2 / trainer.estimated_stepping_batches))
     assert adam.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 * cosine * 3 / 4)
     loc = list(module.transformer.parameters())  # type: ignore[union-attr]
