@@ -34,7 +34,7 @@ from .module import STNModule
 __all__ = ["STNCLI", "STNTrainer", "console", "main"]
 
 LINKED = ("num_classes", "in_chans", "image_size", "background")  # what only the data knows, linked to the model
-MODEL_OBJECTS = ("transform", "localizer", "task", "inner")  # model options that STNModule's hparams leave out
+MODEL_OBJECTS = ("task", "inner")  # model options the CLI stores beside STNModule's hparams
 _DEBUG_ENV = "JSONARGPARSE_DEBUG"
 
 

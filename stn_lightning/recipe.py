@@ -138,7 +138,7 @@ class GroupedOptimizer(torch.optim.Optimizer):
         super().__init__([g for o in self.optimizers for g in o.param_groups], defaults={})
         self._share_with_parts()
         # load_state_dict replaces param_groups and state with new objects: hand them to the parts again.
-        self.register_load_state_dict_post_hook(GroupedOptimizer._share_with_parts)
+        self.register_load_state_dict_post_hook(lambda optimizer: self._share_with_parts())
 
     def _share_with_parts(self) -> None:
         start = 0

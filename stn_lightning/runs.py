@@ -263,7 +263,7 @@ def check_checkpoint_fits(model: pl.LightningModule, checkpoint: dict[str, Any],
     ]
     detail = "; ".join(differences + (["hyperparameters that differ: " + ", ".join(changed)] if changed else []))
     if any("transformer.head" in d for d in differences):  # what a checkpoint's hyperparameters cannot say
-        detail += "; the transformation family (model.transform) is not the checkpoint's: give the run's --config"
+        detail += "; the transformer (model.transformer) is not the one the checkpoint's hyperparameters describe"
     raise ValueError(f"checkpoint {path} was made by a different model: {detail}")
 
 
@@ -289,7 +289,7 @@ def checkpoint_arguments(
     argv: Sequence[str], subcommands: Sequence[str], objects: Sequence[str]
 ) -> tuple[list[str], tuple[str, dict[str, Any]] | None]:
     """Without ``--config``, ``--ckpt_path`` alone names the data and the model's object options: the checkpoint
-    stored them (``--data``, ``--model.transform`` ... each unless given whole; options inside them, like
+    stored them (``--data``, ``--model.task``, ``--model.inner``, each unless given whole; options inside them, like
     ``--data.init_args.batch_size``, apply on top).
 
     Returns the arguments with the checkpoint's added right after the subcommand, and the (path, checkpoint) read.
@@ -329,8 +329,8 @@ def overridden_options(hparams: dict[str, Any], given: Any, defaults: Any, linke
 
 
 class RunConfigCallback(pl.Callback):
-    """Stores the data's configuration and the model's object options (the transformation family, the localiser;
-    class paths and arguments, plain data) in every checkpoint, so that ``predict``, ``test`` and ``export`` with
+    """Stores the data's configuration and the model's object options (the task, the inner transformers; class
+    paths and arguments, plain data) in every checkpoint, so that ``predict``, ``test`` and ``export`` with
     ``--ckpt_path`` alone rebuild the model and the data it was trained with."""
 
     def __init__(self, data: dict[str, Any] | None, objects: dict[str, Any]) -> None:

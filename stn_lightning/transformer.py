@@ -166,7 +166,7 @@ def _checked_input(feature_norm: nn.Module, x: Tensor) -> Tensor:
         raise ValueError(
             "feature_norm standardises the localisation features over the batch, and a training batch of one "
             "image has no spread; train with batches of 2 or more, or with feature_norm=False "
-            "(--model.feature_norm false)"
+            "(--model.transformer.feature_norm false)"
         )
     return x
 
@@ -183,7 +183,13 @@ def _sampled(
     backend: Backend,
 ) -> Tensor:
     return transform.sample(
-        x, params, output_size, align_corners=align_corners, padding_mode=padding_mode, mode=mode, fill=fill,
+        x,
+        params,
+        output_size,
+        align_corners=align_corners,
+        padding_mode=padding_mode,
+        mode=mode,
+        fill=fill,
         backend=backend,
     )
 

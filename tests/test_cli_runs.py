@@ -63,13 +63,13 @@ def test_runs_started_together_in_one_root_get_a_folder_each(tmp_path: Path) -> 
     # Before: about one start in three shared version_0 (config overwritten, checkpoints last-v1.ckpt).
     args = ["fit", "--config", str(DEMO), *COMMON, "--trainer.default_root_dir", str(tmp_path)]
     args += ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"]
-    procs = [start(train_cmd(*args, "--model.loc_lr_scale", f"0.{i}"), tmp_path) for i in range(1, 4)]
+    procs = [start(train_cmd(*args, "--model.localization.lr_scale", f"0.{i}"), tmp_path) for i in range(1, 4)]
     for proc in procs:
         code, out = finish(proc, timeout=600)
         assert code == 0, out[-3000:]
     folders = sorted((tmp_path / "lightning_logs").iterdir())
     assert [f.name for f in folders] == ["version_0", "version_1", "version_2"]
-    scales = [yaml.safe_load((f / "config.yaml").read_text())["model"]["loc_lr_scale"] for f in folders]
+    scales = [yaml.safe_load((f / "config.yaml").read_text())["model"]["localization"]["lr_scale"] for f in folders]
     assert sorted(scales) == [0.1, 0.2, 0.3]
     for folder in folders:
         assert [p.name for p in (folder / "checkpoints").iterdir()] == ["last.ckpt"]

@@ -39,7 +39,8 @@ class _Warped(nn.Module):
 def _off_identity(transformer: SpatialTransformer, seed: int) -> None:
     # Off the identity, so that a traced sampler that did nothing would show.
     with torch.no_grad():
-        transformer.head.bias.add_(0.1 * torch.randn(transformer.head.bias.shape, generator=torch.Generator().manual_seed(seed)))
+        noise = torch.randn(transformer.head.bias.shape, generator=torch.Generator().manual_seed(seed))
+        transformer.head.bias.add_(0.1 * noise)
 
 
 def test_torchvision_extracts_features_of_a_resnet_with_a_transformer_by_hand() -> None:

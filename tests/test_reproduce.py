@@ -55,12 +55,12 @@ def test_provenance_counts_runs_per_commit(reproduce) -> None:
 
 def test_settings_reach_every_run_and_its_cache_key(reproduce, tmp_path: Path) -> None:
     cells = [c for c in reproduce.cells(reproduce.EPOCHS) if c.column == "RTS"]
-    changed = reproduce.with_settings(cells, ["model.boundary_weight=1", "trainer.max_epochs=7"])
+    changed = reproduce.with_settings(cells, ["model.localization.boundary_weight=1", "trainer.max_epochs=7"])
     assert len(changed) == len(cells)
     for before, after in zip(cells, changed, strict=True):
         assert after.overrides[: len(before.overrides)] == before.overrides
         assert after.overrides[len(before.overrides) :] == (
-            "--model.boundary_weight",
+            "--model.localization.boundary_weight",
             "1",
             "--trainer.max_epochs",
             "7",
@@ -69,7 +69,7 @@ def test_settings_reach_every_run_and_its_cache_key(reproduce, tmp_path: Path) -
         key = reproduce._key(reproduce._run_args(before, 0, tmp_path))
         assert reproduce._key(reproduce._run_args(after, 0, tmp_path)) != key
     assert reproduce.with_settings(cells, []) == cells
-    for bad in ("model.boundary_weight", "=1", "--model.boundary_weight=1"):
+    for bad in ("model.localization.boundary_weight", "=1", "--model.localization.boundary_weight=1"):
         with pytest.raises(ValueError, match="KEY=VALUE"):
             reproduce.with_settings(cells, [bad])
 
