@@ -270,11 +270,8 @@ def run(task: str, variant: str, kwargs: dict[str, Any], seed: int, epochs: int,
     kwargs = dict(kwargs)
     fusion = kwargs.pop("fusion", "channels")
     backbone = kwargs.pop("backbone", backbone)
-    model = StudyModule(
-        num_classes=data.num_classes,
-        in_chans=data.in_chans,
-        image_size=data.image_size,
-        background=data.background,
+    model = StudyModule.for_data(
+        data,
         backbone=backbone,
         fusion=fusion,
         optimizer=lambda groups: torch.optim.SGD(groups, lr=0.05, momentum=0.9, weight_decay=5e-4),

@@ -73,6 +73,8 @@ _EXPORTS = {
     "Translation": "transforms",
     "SpatialTransformer": "transformer",
     "STOutput": "transformer",
+    "TransformerSpec": "transformer",
+    "LocalizationTraining": "recipe",
     "InnerTransformers": "insertion",
     "InsertedTransformer": "insertion",
     "inner_regions": "insertion",
@@ -122,6 +124,7 @@ __all__ = [
     "ImageFolderDataModule",
     "InnerTransformers",
     "InsertedTransformer",
+    "LocalizationTraining",
     "MNISTAddition",
     "MNISTDataModule",
     "MultiMNIST",
@@ -142,6 +145,7 @@ __all__ = [
     "ThinPlateSpline",
     "TimmLocalizer",
     "Transform",
+    "TransformerSpec",
     "Translation",
     "backbones",
     "kernels",
@@ -189,7 +193,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .metrics import CoLocalization, overlap_penalty
     from .model import STNClassifier
     from .module import STNModule
-    from .transformer import SpatialTransformer, STOutput
+    from .recipe import LocalizationTraining
+    from .transformer import SpatialTransformer, STOutput, TransformerSpec
     from .transforms import (
         Affine,
         Attention,

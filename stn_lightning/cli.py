@@ -33,7 +33,7 @@ from .module import STNModule
 
 __all__ = ["STNCLI", "STNTrainer", "console", "main"]
 
-LINKED = ("num_classes", "in_chans", "image_size", "background")  # what only the data knows, linked to the model
+LINKED = STNModule.DATA_OPTIONS  # what only the data knows, linked to the model
 MODEL_OBJECTS = ("task", "inner")  # model options the CLI stores beside STNModule's hparams
 _DEBUG_ENV = "JSONARGPARSE_DEBUG"
 

@@ -167,6 +167,15 @@ class STNModule(pl.LightningModule):
         self.val_coloc = CoLocalization(k) if k else None
         self.test_coloc = CoLocalization(k) if k else None
 
+    # What only the data knows: the CLI links these options from the DataModule (for_data does the same in Python).
+    DATA_OPTIONS = ("num_classes", "in_chans", "image_size", "background")
+
+    @classmethod
+    def for_data(cls, data: Any, **kwargs: Any) -> STNModule:
+        """The module for a DataModule's images: its ``num_classes``, ``in_chans``, ``image_size`` and ``background``
+        (what the CLI links from ``data`` to ``model``) with the other arguments given here."""
+        return cls(**{name: getattr(data, name) for name in cls.DATA_OPTIONS}, **kwargs)
+
     @property
     def transformer(self) -> SpatialTransformer | None:
         """The SpatialTransformer in front of the backbone, or None."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -102,7 +104,6 @@ class Transform(nn.Module, ABC):
         """The raw output (..., P) that :meth:`forward` maps to ``params``; used to initialise head biases."""
         return params
 
-    @abstractmethod
     def sample(
         self,
         x: Tensor,
@@ -117,6 +118,23 @@ class Transform(nn.Module, ABC):
     ) -> Tensor:
         """Warp ``x`` (B, C, H, W) by ``params`` (B, K, P) into crops (B, K, C, Ho, Wo) of ``size``; with zeros
         padding, points outside read ``fill``."""
+        op, warp, extra = self.sampler(x, params.float())
+        return op(
+            x,
+            warp,
+            size,
+            align_corners=align_corners,
+            padding_mode=padding_mode,
+            mode=mode,
+            fill=fill,
+            backend=backend,
+            **extra,
+        )
+
+    @abstractmethod
+    def sampler(self, x: Tensor, params: Tensor) -> tuple[Callable[..., Tensor], Tensor, dict[str, Any]]:
+        """The ``kernels`` op that samples this family, its warp argument for ``params`` (B, K, P) on images ``x``,
+        and the op's other family-specific keyword arguments."""
 
     @abstractmethod
     def points(self, params: Tensor, xy: Tensor, in_size: tuple[int, int]) -> Tensor:
@@ -225,29 +243,8 @@ class AffineFamily(Transform):
     def theta(self, params: Tensor, in_size: tuple[int, int]) -> Tensor:
         """The ``F.affine_grid`` matrices (B, K, 2, 3) of ``params`` (B, K, P) for an input of ``in_size``."""
 
-    def sample(
-        self,
-        x: Tensor,
-        params: Tensor,
-        size: tuple[int, int],
-        *,
-        align_corners: bool = False,
-        padding_mode: Padding = "zeros",
-        mode: Mode = "bilinear",
-        fill: float = 0.0,
-        backend: Backend = "auto",
-    ) -> Tensor:
-        theta = self.theta(params.float(), (x.shape[-2], x.shape[-1]))
-        return kernels.sample_affine(
-            x,
-            theta,
-            size,
-            align_corners=align_corners,
-            padding_mode=padding_mode,
-            mode=mode,
-            fill=fill,
-            backend=backend,
-        )
+    def sampler(self, x: Tensor, params: Tensor) -> tuple[Callable[..., Tensor], Tensor, dict[str, Any]]:
+        return kernels.sample_affine, self.theta(params, (x.shape[-2], x.shape[-1])), {}
 
     def points(self, params: Tensor, xy: Tensor, in_size: tuple[int, int]) -> Tensor:
         theta = self.theta(params, in_size)
@@ -390,28 +387,8 @@ class Projective(Transform):
         one = torch.ones_like(params[..., :1])
         return torch.cat([params, one], -1).reshape(*params.shape[:-1], 3, 3)
 
-    def sample(
-        self,
-        x: Tensor,
-        params: Tensor,
-        size: tuple[int, int],
-        *,
-        align_corners: bool = False,
-        padding_mode: Padding = "zeros",
-        mode: Mode = "bilinear",
-        fill: float = 0.0,
-        backend: Backend = "auto",
-    ) -> Tensor:
-        return kernels.sample_projective(
-            x,
-            self.matrix(params.float()),
-            size,
-            align_corners=align_corners,
-            padding_mode=padding_mode,
-            mode=mode,
-            fill=fill,
-            backend=backend,
-        )
+    def sampler(self, x: Tensor, params: Tensor) -> tuple[Callable[..., Tensor], Tensor, dict[str, Any]]:
+        return kernels.sample_projective, self.matrix(params), {}
 
     def points(self, params: Tensor, xy: Tensor, in_size: tuple[int, int]) -> Tensor:
         h = self.matrix(params)
@@ -446,29 +423,8 @@ class ThinPlateSpline(Transform):
         """The control points (B, K, N, 2) of ``params`` (B, K, 2N)."""
         return params.reshape(*params.shape[:-1], -1, 2)
 
-    def sample(
-        self,
-        x: Tensor,
-        params: Tensor,
-        size: tuple[int, int],
-        *,
-        align_corners: bool = False,
-        padding_mode: Padding = "zeros",
-        mode: Mode = "bilinear",
-        fill: float = 0.0,
-        backend: Backend = "auto",
-    ) -> Tensor:
-        return kernels.sample_tps(
-            x,
-            self.control_points(params.float()),
-            size,
-            target_points=self.target.to(x.device),
-            align_corners=align_corners,
-            padding_mode=padding_mode,
-            mode=mode,
-            fill=fill,
-            backend=backend,
-        )
+    def sampler(self, x: Tensor, params: Tensor) -> tuple[Callable[..., Tensor], Tensor, dict[str, Any]]:
+        return kernels.sample_tps, self.control_points(params), {"target_points": self.target.to(x.device)}
 
     def points(self, params: Tensor, xy: Tensor, in_size: tuple[int, int]) -> Tensor:
         target = self.target.to(params.device)

@@ -43,11 +43,8 @@ def main() -> None:
     torch.set_num_threads(1)
     pl.seed_everything(0)
     data = DistortedMNIST("RTS", batch_size=16, val_size=args.val_size)
-    model = STNModule(
-        num_classes=data.num_classes,
-        in_chans=data.in_chans,
-        image_size=data.image_size,
-        background=data.background,
+    model = STNModule.for_data(
+        data,
         backbone="test_resnet",
     )
     first = FirstBatch()

@@ -201,10 +201,8 @@ def test_overlap_gradient_pushes_regions_apart(second: list[float], jitter: floa
 def test_stn_module_logs_colocalization_and_overlap(quiet_trainer: Callable[..., pl.Trainer]) -> None:
     pl.seed_everything(0)
     dm = MultiMNIST(2, batch_size=8)
-    module = STNModule(
-        num_classes=dm.num_classes,
-        image_size=dm.image_size,
-        background=dm.background,
+    module = STNModule.for_data(
+        dm,
         backbone="stn_paper_cnn_st",
         # init_scale 1: start at the whole canvas (the default would start zoomed in at 28 / 64)
         transformer=TransformerSpec(

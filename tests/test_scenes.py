@@ -357,10 +357,8 @@ def test_slot_heads_read_the_whole_image() -> None:
 def test_module_trains_on_scenes_and_logs_the_set_metrics(quiet_trainer: Callable[..., pl.Trainer]) -> None:
     pl.seed_everything(0)
     dm = DigitScenes(min_digits=0, max_digits=2, batch_size=4, val_size=4)
-    module = STNModule(
-        num_classes=dm.num_classes,
-        image_size=dm.image_size,
-        background=dm.background,
+    module = STNModule.for_data(
+        dm,
         backbone="stn_paper_cnn_st",
         # more transformers than digits
         transformer=TransformerSpec(

@@ -136,10 +136,8 @@ def test_three_transformers_on_two_digit_multimnist() -> None:
     digits[..., 6:22, 8:20] = 255
     raw = {"digits": digits, "labels": torch.tensor([[1], [2], [3], [4]])}
     x, y = dm.make_batch(raw, train=True, generator=torch.Generator().manual_seed(0))
-    module = STNModule(
-        num_classes=dm.num_classes,
-        image_size=dm.image_size,
-        background=dm.background,
+    module = STNModule.for_data(
+        dm,
         backbone="stn_paper_cnn_st",
         transformer=TransformerSpec(transform=Attention(scale_range=(0.4, 0.6)), num_transformers=3, crop_size=28),
         fusion="features",

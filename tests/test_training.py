@@ -3,6 +3,7 @@ pictures are written); on MultiMNIST the coverage term moves two transformers on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -23,11 +24,8 @@ def test_short_rts_run_lowers_the_loss(tmp_path: Path) -> None:
     pl.seed_everything(0)
     data = DistortedMNIST("RTS", batch_size=32, val_size=64)
     data.setup("fit")
-    model = STNModule(
-        num_classes=data.num_classes,
-        in_chans=data.in_chans,
-        image_size=data.image_size,
-        background=data.background,
+    model = STNModule.for_data(
+        data,
         backbone="resnet10t",
         optimizer=lambda params: torch.optim.Adam(params, lr=2e-3),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1000),
@@ -76,14 +74,12 @@ def test_short_rts_run_lowers_the_loss(tmp_path: Path) -> None:
     assert visualizer.last_path.stat().st_size > 1000
 
 
-def test_coverage_term_moves_two_transformers_onto_the_ink() -> None:
+def test_coverage_term_moves_two_transformers_onto_the_ink(quiet_trainer: Callable[..., pl.Trainer]) -> None:
     pl.seed_everything(0)
     data = MultiMNIST(2, batch_size=32, val_size=64)
     data.setup("fit")
-    model = STNModule(
-        num_classes=data.num_classes,
-        image_size=data.image_size,
-        background=data.background,
+    model = STNModule.for_data(
+        data,
         backbone="stn_paper_cnn_st",
         transformer=TransformerSpec(
             transform=Attention(scale_range=(0.4, 0.6)), num_transformers=2, crop_size=28, init="tiled"
@@ -105,16 +101,7 @@ def test_coverage_term_moves_two_transformers_onto_the_ink() -> None:
         return share.mean().item()
 
     before = coverage()
-    trainer = pl.Trainer(
-        max_steps=30,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(max_steps=30, limit_val_batches=0)
     trainer.fit(model, datamodule=data)
     after = coverage()
     # The tiled start covers about half the ink (each window straddles two cells); after 30 steps much more.

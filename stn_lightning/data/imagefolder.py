@@ -19,10 +19,9 @@ import timm
 from PIL import Image
 from pytorch_lightning import LightningDataModule
 from timm.data import create_transform, resolve_data_config
-from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from .sampling import make_loader
+from .sampling import SplitLoaders
 
 __all__ = ["BadImageError", "ImageFolderDataModule", "arrange_cub200", "load_rgb"]
 
@@ -67,7 +66,7 @@ def _class_folders(path: str) -> list[str]:
     return sorted(entry.name for entry in os.scandir(path) if entry.is_dir() and not entry.name.startswith("."))
 
 
-class ImageFolderDataModule(LightningDataModule):
+class ImageFolderDataModule(SplitLoaders, LightningDataModule):
     """Photographs in class folders, transformed for a timm backbone.
 
     Mean, std, interpolation and crop fraction come from timm's pretrained configuration of ``backbone`` (no
@@ -227,25 +226,6 @@ class ImageFolderDataModule(LightningDataModule):
             self.val_set = self._eval_set(self._split_folder(self.val_split, "val", "test"), classes)
         if stage in (None, "test", "predict"):
             self.test_set = self._eval_set(self._split_folder(self.test_split, "test", "val"), classes)
-
-    def _loader(self, dataset: ImageFolder | None, shuffle: bool) -> DataLoader:
-        return make_loader(dataset, self.trainer, self.batch_size, self.num_workers, shuffle)
-
-    def train_dataloader(self) -> DataLoader:
-        """Training images, shuffled, with augmentation."""
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation images, evaluation transform."""
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Test images, evaluation transform."""
-        return self._loader(self.test_set, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """The test set."""
-        return self._loader(self.test_set, shuffle=False)
 
 
 def arrange_cub200(cub_root: str, root: str, mode: Literal["symlink", "copy"] = "symlink") -> None:

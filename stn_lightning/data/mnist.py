@@ -37,12 +37,12 @@ import torch
 from PIL import Image
 from pytorch_lightning import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from . import distortions as dist
 from .digits import CLASS_NAMES, SOURCES, Source, download_digits, load_digits, num_train_digits
 from .files import grey_transform
-from .sampling import make_loader
+from .sampling import SplitLoaders
 
 __all__ = [
     "ClutteredMNIST",
@@ -119,8 +119,11 @@ class DigitsDataset(Dataset):
         return item
 
 
-class DigitsDataModule(LightningDataModule):
+class DigitsDataModule(SplitLoaders, LightningDataModule):
     """Common logic of the MNIST DataModules: sources, splits, fixed evaluation distortions, device-side batches.
+
+    The training loader yields single raw digits, shuffled, which are distorted on the device; the validation and
+    test loaders yield fixed samples with their stored distortions (prediction reads the test set).
 
     Subclasses set the attributes below in ``__init__`` and implement :meth:`draw` and :meth:`render`.
 
@@ -406,25 +409,6 @@ class DigitsDataModule(LightningDataModule):
         if stage in (None, "test", "predict") and self.test_set is None:
             images, labels = load_digits("test", self.source, self.root)
             self.test_set = self._eval_set(images, labels, self.seed + 2)
-
-    def _loader(self, dataset: DigitsDataset | None, shuffle: bool) -> DataLoader:
-        return make_loader(dataset, self.trainer, self.batch_size, self.num_workers, shuffle)
-
-    def train_dataloader(self) -> DataLoader:
-        """Single raw training digits, shuffled; distorted on the device."""
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """The fixed validation samples with their stored distortions."""
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """The fixed test samples with their stored distortions."""
-        return self._loader(self.test_set, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """The test set."""
-        return self._loader(self.test_set, shuffle=False)
 
     def image_transform(self) -> Callable[[Image.Image], Tensor]:
         """How a user's own image becomes an input like this DataModule's: grey levels, resized, normalised."""

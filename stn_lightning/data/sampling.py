@@ -23,7 +23,7 @@ import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["ResumableLoader", "evaluation_sampler", "make_loader", "resume_training_loader"]
+__all__ = ["ResumableLoader", "SplitLoaders", "evaluation_sampler", "make_loader", "resume_training_loader"]
 
 # Loader states read from a checkpoint, by trainer, for the trainer's next training iterator (resume_training_loader).
 _RESUME: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
@@ -68,6 +68,38 @@ def make_loader(dataset: Dataset | None, trainer: Any, batch_size: int, num_work
         drop_last=shuffle and len(dataset) > batch_size,  # type: ignore[arg-type]
         **extra,
     )
+
+
+class SplitLoaders:
+    """The four loaders of a DataModule that keeps its splits in ``train_set``, ``val_set`` and ``test_set`` (set by
+    its ``setup``) and its loader options in ``batch_size`` and ``num_workers``; prediction reads the test set.
+    Put it before LightningDataModule in the bases, so that its loaders are the ones Lightning calls."""
+
+    train_set: Dataset | None
+    val_set: Dataset | None
+    test_set: Dataset | None
+    batch_size: int
+    num_workers: int
+    trainer: Any
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        return make_loader(dataset, self.trainer, self.batch_size, self.num_workers, shuffle)
+
+    def train_dataloader(self) -> DataLoader:
+        """The training set, shuffled, resumable mid-epoch."""
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """The validation set, in order."""
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """The test set, in order."""
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test set, in order."""
+        return self._loader(self.test_set, shuffle=False)
 
 
 def evaluation_sampler(dataset: Dataset, trainer: Any) -> Sampler | None:
