@@ -22,7 +22,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from jsonargparse import ArgumentError
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
@@ -70,14 +70,6 @@ class STNTrainer(pl.Trainer):
         path, fmt = runs.export_checkpoint(model, ckpt_path, output)
         _say(f"exported {ckpt_path} to {output} ({fmt})")
         return path
-
-
-class _SaveConfig(SaveConfigCallback):
-    """Lightning's config.yaml in the run folder, except for a predict that has no run folder."""
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "predict" or trainer.loggers:
-            super().setup(trainer, pl_module, stage)
 
 
 @dataclass
@@ -204,7 +196,8 @@ def main(args: list[str] | None = None, run: bool = True) -> STNCLI:
         if args is None:
             sys.argv = [sys.argv[0], *argv]
     debug = bool(os.environ.get(_DEBUG_ENV))
-    raising = {"exit_on_error": False}  # errors come back as exceptions, printed as one line below
+    # Errors come back as exceptions, printed as one line below; a mistyped option is an error, not an abbreviation.
+    raising = {"exit_on_error": False, "allow_abbrev": False}
     try:
         return STNCLI(
             STNModule,
@@ -214,7 +207,7 @@ def main(args: list[str] | None = None, run: bool = True) -> STNCLI:
             args=argv if args is not None else None,
             run=run,
             seed_everything_default=42,
-            save_config_callback=_SaveConfig,
+            save_config_callback=runs.AtomicSaveConfig,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={**raising, **{name: dict(raising) for name in STNCLI.subcommands()}},
         )

@@ -22,6 +22,7 @@ from typing import Any
 import pytorch_lightning as pl
 import yaml
 from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
+from pytorch_lightning.cli import SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
@@ -34,8 +35,10 @@ from .checkpointing import (
     state_dict_differences,
 )
 from .data.files import ImageFilesDataModule
+from .writing import atomic_path
 
 __all__ = [
+    "AtomicSaveConfig",
     "DATA_KEY",
     "MODEL_KEY",
     "RUN_FOLDER_ENV",
@@ -451,3 +454,22 @@ def _file_of(key: str, configs: Sequence[str]) -> str:
             if node is not KeyError:
                 found = f" (in {path}, which gives {node!r})"
     return found
+
+
+class AtomicSaveConfig(SaveConfigCallback):
+    """Lightning's config.yaml in the run folder, written whole or not at all, except for a predict that has no
+    run folder."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "predict" and not trainer.loggers:
+            return
+        if not trainer.is_global_zero or self.already_saved or trainer.log_dir is None:
+            super().setup(trainer, pl_module, stage)  # the ranks that write nothing still take part
+            return
+        final = self.config_filename
+        with atomic_path(Path(trainer.log_dir) / final) as partial:  # Lightning writes it, under a temporary name
+            self.config_filename = partial.name
+            try:
+                super().setup(trainer, pl_module, stage)
+            finally:
+                self.config_filename = final

@@ -64,6 +64,8 @@ def test_print_config_shows_links_and_defaults(capsys: pytest.CaptureFixture[str
         (["--model.transformer.num_transformers", "0"], "num_transformers >= 1"),
         (["--model.backbone", "resnet_10t"], "closest valid names"),
         (["--model.transformer.crop_size", "0"], "output size"),
+        # argparse would take a prefix of one option for the option: a typo must not run as another setting
+        (["--trainer.max_epoch", "3"], "unrecognized arguments: --trainer.max_epoch"),
     ],
 )
 def test_bad_input_exits_with_a_message(
