@@ -12,6 +12,7 @@ import stn_lightning  # noqa: F401  (registers the models)
 from stn_lightning.backbones import PaperCNN, PaperFCN
 from stn_lightning.localization import create_timm_model
 from stn_lightning.module import STNModule
+from stn_lightning.transformer import TransformerSpec
 from stn_lightning.transforms import Attention
 
 NAMES = ["stn_paper_cnn", "stn_paper_cnn_st", "stn_paper_fcn", "stn_paper_fcn_st"]
@@ -106,15 +107,18 @@ def test_baseline_and_st_sides_have_about_the_same_size(name: str) -> None:
     "kwargs",
     [
         {"fusion": "none", "in_chans": 1, "image_size": 28},
-        {"fusion": "channels", "in_chans": 2, "image_size": 42, "num_transformers": 2, "num_classes": 19},
+        {
+            "fusion": "channels",
+            "in_chans": 2,
+            "image_size": 42,
+            "transformer": TransformerSpec(num_transformers=2),
+            "num_classes": 19,
+        },
         {
             "fusion": "features",
             "in_chans": 1,
             "image_size": 64,
-            "num_transformers": 2,
-            "crop_size": 30,
-            "transform": Attention(),
-            "init": "tiled",
+            "transformer": TransformerSpec(transform=Attention(), num_transformers=2, crop_size=30, init="tiled"),
         },
     ],
     ids=["none", "channels", "features"],

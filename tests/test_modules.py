@@ -450,7 +450,10 @@ def test_training_on_cpus_keeps_the_convolution_weights_channels_last_unless_tol
 def test_channels_last_weights_compute_the_same_outputs_and_gradients() -> None:
     torch.manual_seed(0)
     # Without the localiser's batch standardisation, which amplifies float rounding at a random start (1e-3 here).
-    kwargs: dict[str, Any] = {"transform": Projective(), "feature_norm": False, "channels_last": False}
+    kwargs: dict[str, Any] = {
+        "transformer": TransformerSpec(transform=Projective(), feature_norm=False),
+        "channels_last": False,
+    }
     plain = STNModule(backbone="stn_paper_cnn_st", image_size=42, **kwargs)
     for p in plain.parameters():  # away from the identity start, so that the warps and crops differ per image
         p.data.add_(0.05 * torch.randn_like(p))

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from stn_lightning import cli as cli_module
+from stn_lightning import runs
 from stn_lightning.callbacks import StallDetector, chance_accuracy, chance_loss, is_stalled, stall_message
 from stn_lightning.data import MNISTDataModule
 from stn_lightning.module import STNModule
@@ -147,8 +148,9 @@ def test_the_cli_reports_a_stalled_run(monkeypatch: pytest.MonkeyPatch, capsys: 
     detector = StallDetector()
     detector.message = "training loss 2.303 after epoch 0 is at chance"
     trainer = SimpleNamespace(callbacks=[detector])
-    cli_module._summary(trainer, [{"test/acc": 0.1}], "logs")  # type: ignore[arg-type]
-    assert "stalled:       training loss 2.303 after epoch 0 is at chance" in capsys.readouterr().out
+    trainer.checkpoint_callback = None
+    text = runs.summary(trainer, "logs", validated=True, results=[{"test/acc": 0.1}])  # type: ignore[arg-type]
+    assert "stalled:       training loss 2.303 after epoch 0 is at chance" in text
     monkeypatch.setattr(cli_module, "main", lambda: SimpleNamespace(trainer=trainer))
     with pytest.raises(SystemExit) as info:
         cli_module.console()
