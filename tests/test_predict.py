@@ -11,8 +11,10 @@ import pytest
 import torch
 from PIL import Image
 from subprocess_helpers import ROOT, run, train_cmd
+from timm.data import create_transform
 
 from stn_lightning.cli import main
+from stn_lightning.data.imagefolder import FramedEvaluation
 
 DEMO = ROOT / "configs" / "demo.yaml"
 COMMON = ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
@@ -212,3 +214,31 @@ def test_regions_of_a_500_by_300_image_are_in_its_own_pixels(checkpoint: Path, t
     expected = (10.5 * 500 / 42 - 0.5, 31.5 * 500 / 42 - 0.5, 10.5 * 300 / 42 - 0.5, 31.5 * 300 / 42 - 0.5)
     found = (squashed[:, 0].min(), squashed[:, 0].max(), squashed[:, 1].min(), squashed[:, 1].max())
     assert np.allclose(found, expected, atol=0.006), (found, expected)
+
+
+@pytest.mark.parametrize("mode", ["center", "squash"])
+@pytest.mark.parametrize("size", [(500, 300), (300, 500)])
+def test_class_folder_regions_map_back_into_the_files_pixels(mode: str, size: tuple[int, int]) -> None:
+    # timm's evaluation transform resizes and crops a user's image; the frame maps the model's pixels back into the
+    # file's, so a bright square found in the model's input lands where it is in the file.
+    evaluation = FramedEvaluation(
+        create_transform(input_size=(3, 64, 64), is_training=False, crop_pct=0.875, crop_mode=mode)
+    )
+    width, height = size
+    pixels = np.zeros((height, width, 3), np.uint8)
+    cx, cy = int(width * 0.6), int(height * 0.45)
+    pixels[cy - 6 : cy + 7, cx - 6 : cx + 7] = 255
+    x = evaluation(Image.fromarray(pixels))[0]
+    ys, xs = torch.nonzero(x > x.mean(), as_tuple=True)
+    ax, bx, ay, by = evaluation.frame(width, height).tolist()
+    # One model pixel is about 4 of the file's here: the square's centre comes back within half of one.
+    assert abs(ax * xs.double().mean().item() + bx - cx) < 2.0
+    assert abs(ay * ys.double().mean().item() + by - cy) < 2.0
+
+
+def test_class_folder_transform_without_a_known_frame_says_so() -> None:
+    # timm's "border" crop mode pads: no frame, and the regions stay in the model's input pixels.
+    evaluation = FramedEvaluation(
+        create_transform(input_size=(3, 64, 64), is_training=False, crop_pct=0.875, crop_mode="border")
+    )
+    assert evaluation.frame is None

@@ -16,9 +16,11 @@ import shutil
 from typing import Any, Literal
 
 import timm
+import torch
 from PIL import Image
 from pytorch_lightning import LightningDataModule
 from timm.data import create_transform, resolve_data_config
+from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 from .sampling import SplitLoaders
@@ -64,6 +66,53 @@ class _ClassListImageFolder(ImageFolder):
 
 def _class_folders(path: str) -> list[str]:
     return sorted(entry.name for entry in os.scandir(path) if entry.is_dir() and not entry.name.startswith("."))
+
+
+class FramedEvaluation:
+    """A user's image through timm's evaluation transform, RGB first, and :meth:`frame`: where the model's input
+    pixels lie in the file's, so that predicted regions can be written in the file's pixels.
+
+    The frame follows the transform's geometric steps, torchvision's ``Resize`` (the shorter side to a size, or both
+    sides) and ``CenterCrop``: timm's "center" and "squash" crop modes. Another geometric step (timm's "border"
+    mode pads) has no frame here, and :meth:`frame` is None for it: regions stay in the model's pixels.
+    """
+
+    def __init__(self, evaluation: Any) -> None:
+        self.evaluation = evaluation
+        steps = list(getattr(evaluation, "transforms", []))
+        geometric = [t for t in steps if any(w in type(t).__name__ for w in ("Resize", "Crop", "Pad", "Trim"))]
+        if not all(isinstance(t, (transforms.Resize, transforms.CenterCrop)) for t in geometric):
+            self.frame = None  # type: ignore[assignment]
+        self.steps = geometric
+
+    def __call__(self, image: Image.Image) -> Any:
+        return self.evaluation(image.convert("RGB"))
+
+    def frame(self, width: int, height: int) -> torch.Tensor:
+        """(4,) float64 [ax, bx, ay, by]: a point (x, y) in the model's input pixels is (ax x + bx, ay y + by) in
+        the pixels of a ``width`` x ``height`` file (pixel centres at integers), as GreyTransform's frame."""
+        w, h = float(width), float(height)  # the image's size after the steps so far
+        kx, ox, ky, oy = 1.0, 0.0, 1.0, 0.0  # its pixel (x, y) is the file's (kx x + ox, ky y + oy)
+        for step in self.steps:
+            if isinstance(step, transforms.Resize):
+                size = step.size if isinstance(step.size, (list, tuple)) else [step.size]
+                if len(size) == 1:  # the shorter side to size[0], the longer in proportion (torchvision's rule)
+                    short, long = (w, h) if w <= h else (h, w)
+                    new_short, new_long = size[0], int(size[0] * long / short)
+                    nw, nh = (new_short, new_long) if w <= h else (new_long, new_short)
+                else:
+                    nh, nw = size[0], size[1]
+                sx, sy = w / nw, h / nh  # a resized pixel centre x maps to (x + 0.5) * sx - 0.5 before it
+                kx, ox = kx * sx, kx * (0.5 * sx - 0.5) + ox
+                ky, oy = ky * sy, ky * (0.5 * sy - 0.5) + oy
+                w, h = float(nw), float(nh)
+            else:  # CenterCrop: torchvision's offsets
+                size = step.size if isinstance(step.size, (list, tuple)) else [step.size, step.size]
+                ch, cw = (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+                top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+                ox, oy = ox + kx * left, oy + ky * top
+                w, h = float(cw), float(ch)
+        return torch.tensor([kx, ox, ky, oy], dtype=torch.float64)
 
 
 class ImageFolderDataModule(SplitLoaders, LightningDataModule):
@@ -169,9 +218,9 @@ class ImageFolderDataModule(SplitLoaders, LightningDataModule):
         )
 
     def image_transform(self) -> Any:
-        """How a user's own image becomes an input: RGB, then timm's evaluation transform."""
-        evaluation = self.transform(train=False)
-        return lambda image: evaluation(image.convert("RGB"))
+        """How a user's own image becomes an input: RGB, then timm's evaluation transform (with its ``frame``: where
+        the model's pixels lie in the file's)."""
+        return FramedEvaluation(self.transform(train=False))
 
     def _split_folder(self, name: str | None, preferred: str, fallback: str) -> str:
         if name is not None:
