@@ -463,11 +463,13 @@ class AtomicSaveConfig(SaveConfigCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "predict" and not trainer.loggers:
             return
-        if not trainer.is_global_zero or self.already_saved or trainer.log_dir is None:
+        # trainer.log_dir is a collective under DDP: every rank asks, as often as the others.
+        log_dir = None if self.already_saved else trainer.log_dir
+        if not trainer.is_global_zero or log_dir is None:
             super().setup(trainer, pl_module, stage)  # the ranks that write nothing still take part
             return
         final = self.config_filename
-        with atomic_path(Path(trainer.log_dir) / final) as partial:  # Lightning writes it, under a temporary name
+        with atomic_path(Path(log_dir) / final) as partial:  # Lightning writes it, under a temporary name
             self.config_filename = partial.name
             try:
                 super().setup(trainer, pl_module, stage)
