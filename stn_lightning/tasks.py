@@ -23,7 +23,6 @@ empty slots).
 from __future__ import annotations
 
 import importlib
-import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -96,11 +95,9 @@ class Task(nn.Module):
         """The task as plain data, ``{"class_path": ..., "init_args": {...}}`` (LightningCLI's form): what checkpoints
         keep so that ``STNModule.load_from_checkpoint`` rebuilds it. Every argument of ``__init__`` must be stored
         under its own name."""
-        parameters = inspect.signature(type(self).__init__).parameters.values()
-        plain = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        names = [p.name for p in parameters if p.name != "self" and p.kind in plain]
-        cls = type(self)
-        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {n: getattr(self, n) for n in names}}
+        from .transformer import object_config  # the one writer of class paths and arguments
+
+        return object_config(self)
 
     @staticmethod
     def from_config(config: dict[str, Any]) -> Task:
