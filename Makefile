@@ -25,8 +25,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy stn_lightning kernels
 
+# The suite's files spread over every core (pytest-xdist; a file's tests share its fixtures in one worker).
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 clean:
 	rm -rf lightning_logs .pytest_cache .mypy_cache .ruff_cache

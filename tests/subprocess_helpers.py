@@ -68,6 +68,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: The paper's ST-CNN (58 K parameters) in place of the demo's resnet10t (4.9 M), for the tests where the network's
+#: size does not matter (resume, signals, DDP, predict): the same transformer, a training step several times cheaper.
+SMALL = ("--model.backbone", "stn_paper_cnn_st", "--model.backbone_kwargs", "{}")
+
+
 def demo_fit(*args: str) -> list[str]:
     """The arguments of ``fit`` on configs/demo.yaml on the CPU, small and quiet (16 digits a batch, 2 attention
     images, no progress bar), then ``args``."""

@@ -37,16 +37,18 @@ MODELS: dict[str, dict[str, Any]] = {
         "kwargs": {"transformer": TransformerSpec(transform=Affine())},
         "config": str(ROOT / "configs" / "demo.yaml"),
     },
-    # K = 2 thin-plate splines, a shared backbone over the crops (the spline's solve is an inverse in the graph).
+    # K = 2 thin-plate splines, a shared backbone over the crops (the spline's solve is an inverse in the graph); the
+    # paper's ST-CNN as that backbone (resnet10t and its batch norm are the affine model's).
     "tps_k2": {
         "kwargs": {
             "transformer": TransformerSpec(transform=ThinPlateSpline(), num_transformers=2),
+            "backbone": "stn_paper_cnn_st",
             "fusion": "features",
         },
         "config": _TPS_CONFIG,
     },
     # The baseline: no transformer, so the export has the logits only; the checkpoint alone is enough.
-    "baseline": {"kwargs": {"fusion": "none"}, "config": None},
+    "baseline": {"kwargs": {"fusion": "none", "backbone": "stn_paper_cnn"}, "config": None},
     # configs/mnist_addition.yaml: the paper's CNN (adaptive max-pooling) on two digit channels, crop k of
     # transformer k keeping channel k, and the sum head.
     "addition": {

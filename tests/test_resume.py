@@ -1,5 +1,9 @@
-"""Runs that survive: SIGKILL mid-epoch and ``--ckpt_path last`` give the uninterrupted run; SIGTERM saves and exits;
-checkpoint writes are atomic; checkpoints never unpickle arbitrary objects."""
+"""Runs that survive: SIGKILL or Ctrl-C mid-epoch and ``--ckpt_path last`` give the uninterrupted run; SIGTERM
+saves and exits; checkpoint writes are atomic; checkpoints never unpickle arbitrary objects.
+
+The interrupted runs are compared with one uninterrupted run of the same arguments (a module fixture, trained once),
+each process with a hard time limit.
+"""
 
 from __future__ import annotations
 
@@ -10,64 +14,87 @@ from pathlib import Path
 
 import pytest
 import torch
-from subprocess_helpers import ROOT, demo_fit, finish, run, start, train_cmd
+from subprocess_helpers import ROOT, SMALL, demo_fit, finish, run, start, train_cmd
 
 from stn_lightning.checkpointing import AtomicCheckpointIO, NonFiniteError, find_last_checkpoint, read_checkpoint
 
+# 2 epochs of 24 steps, a step checkpoint every 4: a run interrupted after its first checkpoint is mid-epoch.
 ARGS = demo_fit(
-    *("--trainer.devices", "1", "--trainer.deterministic", "true", "--trainer.max_epochs", "3"),
-    *("--trainer.limit_train_batches", "24", "--trainer.limit_val_batches", "2"),
+    *("--trainer.devices", "1", "--trainer.deterministic", "true", "--trainer.max_epochs", "2"),
+    *("--trainer.limit_train_batches", "24", "--trainer.limit_val_batches", "1"),
+    *("--checkpoint.last_every_n_steps", "4"),
+    *SMALL,
 )
+STEPS = 48
 
 
-def _wait_for(path_of: callable, timeout: float, proc) -> Path:  # type: ignore[valid-type]
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The last checkpoint of ARGS run to its end without interruption."""
+    folder = tmp_path_factory.mktemp("whole")
+    code, out = run(train_cmd(*ARGS), folder, timeout=300)
+    assert code == 0, out[-3000:]
+    return read_checkpoint(folder / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")
+
+
+def _wait_for_checkpoint(folder: Path, proc, timeout: float = 240) -> Path:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = path_of()
-        if found is not None:
-            return found
+    while (found := find_last_checkpoint(folder / "lightning_logs")) is None:
         if proc.poll() is not None:
             raise AssertionError(f"the run ended before its first checkpoint: {proc.communicate()[0][-3000:]}")
-        time.sleep(0.05)
-    raise AssertionError("no checkpoint appeared in time")
+        assert time.monotonic() < deadline, "no checkpoint appeared in time"
+        time.sleep(0.02)
+    return found
 
 
-def _params(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-
-
-def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path: Path) -> None:
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    whole.mkdir()
-    broken.mkdir()
-    code, out = run(train_cmd(*ARGS), whole, timeout=300)
+def _resume_matches(folder: Path, reference: dict) -> float:
+    """Resume the interrupted run in ``folder`` with ``--ckpt_path last`` to its end; the largest weight difference
+    from the uninterrupted run's (which must have ended at the same epoch and step)."""
+    code, out = run(train_cmd(*ARGS, "--ckpt_path", "last"), folder, timeout=300)
     assert code == 0, out[-3000:]
-    reference = whole / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert "not resumable" not in out and "unreliable" not in out, out[-3000:]
+    resumed = read_checkpoint(folder / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt")
+    assert (reference["epoch"], reference["global_step"]) == (resumed["epoch"], resumed["global_step"]) == (1, STEPS)
+    ref = reference["state_dict"]
+    return max((ref[k].double() - v.double()).abs().max().item() for k, v in resumed["state_dict"].items())
 
-    proc = start(train_cmd(*ARGS), broken)
-    first = _wait_for(lambda: find_last_checkpoint(broken / "lightning_logs"), 240, proc)
-    time.sleep(1.0)  # a few steps into the second epoch (24 steps of 16 digits take several seconds here)
-    os.killpg(proc.pid, signal.SIGKILL)
+
+def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path: Path, uninterrupted: dict) -> None:
+    proc = start(train_cmd(*ARGS), tmp_path)
+    first = _wait_for_checkpoint(tmp_path, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # wherever the run is: in a step, or writing the next checkpoint
     proc.communicate()
-    killed_at = read_checkpoint(first)
-    assert killed_at["global_step"] < 72, "the run finished before it was killed"
+    killed_at = read_checkpoint(find_last_checkpoint(tmp_path / "lightning_logs"))["global_step"]
+    assert 4 <= killed_at < 24, f"not killed inside the first epoch (last checkpoint at step {killed_at})"
+    diff = _resume_matches(tmp_path, uninterrupted)
+    print(f"killed after step {killed_at} ({first.name}), resumed to {STEPS}: max weight difference {diff:.3g}")
+    assert diff <= 1e-6, f"resumed weights differ from the uninterrupted run's by {diff}"
 
-    code, out = run(train_cmd(*ARGS, "--ckpt_path", "last"), broken, timeout=300)
-    assert code == 0, out[-3000:]
-    assert f"resuming {first}" in out
-    resumed = broken / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"
-    a, b = read_checkpoint(reference), read_checkpoint(resumed)
-    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"]) == (2, 72)
-    diff = max((a["state_dict"][k].double() - v.double()).abs().max().item() for k, v in b["state_dict"].items())
-    print(
-        f"killed after step {killed_at['global_step']}, resumed to {b['global_step']}: max weight difference {diff:.3g}"
-    )
+
+def test_ctrl_c_in_the_first_epoch_then_resume_reaches_the_uninterrupted_weights(
+    tmp_path: Path, uninterrupted: dict
+) -> None:
+    proc = start(train_cmd(*ARGS), tmp_path)
+    _wait_for_checkpoint(tmp_path, proc)
+    proc.send_signal(signal.SIGINT)
+    code, out = finish(proc, timeout=300)
+    assert code == 130, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    stopped = [line for line in out.splitlines() if line.startswith("stopped by Ctrl-C")]
+    assert len(stopped) == 1 and "--ckpt_path last" in stopped[0], out[-3000:]
+    last = find_last_checkpoint(tmp_path / "lightning_logs")
+    assert last is not None and str(last) in stopped[0]
+    step = read_checkpoint(last)["global_step"]
+    assert 4 <= step < 24 and f"at step {step}" in stopped[0], (step, stopped)
+    diff = _resume_matches(tmp_path, uninterrupted)
+    print(f"Ctrl-C after step {step}, resumed to {STEPS}: max weight difference {diff:.3g}")
     assert diff <= 1e-6, f"resumed weights differ from the uninterrupted run's by {diff}"
 
 
 def test_sigterm_saves_the_state_and_exits(tmp_path: Path) -> None:
-    proc = start(train_cmd(*ARGS), tmp_path)
-    first = _wait_for(lambda: find_last_checkpoint(tmp_path / "lightning_logs"), 240, proc)
+    # 10 epochs: far more than the second this test waits, on any CPU.
+    proc = start(train_cmd(*ARGS, "--trainer.max_epochs", "10"), tmp_path)
+    first = _wait_for_checkpoint(tmp_path, proc)
     step_before = read_checkpoint(first)["global_step"]
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
