@@ -281,11 +281,10 @@ def cells(epochs: dict[str, int]) -> list[Cell]:
 #: Fashion-MNIST, so its runs rarely see an image twice) and validates on 500 held-out images after each: the same
 #: steps, the same validation and the same choice of checkpoint on both sources; only the amount of data differs.
 STEPS_PER_EPOCH = 27
-#: The full-size comparison's epochs (of STEPS_PER_EPOCH steps): 216 and 270 steps, so that the 68 runs (34 per
-#: source) fit in about an hour and a half on 2 cores (one step of the paper's ST-CNN on RTS took 0.37 s at one
-#: thread on the 2-core AMD EPYC the page was written on, 2.4 times the 2026-12-02 figure of
-#: benchmarks/RESULTS-training.md for the same code; the page gives the runs' own times).
-FULL_SIZE_EPOCHS = {"distorted": 8, "cluttered": 10}
+#: The full-size comparison's epochs (of STEPS_PER_EPOCH steps): 1,080 steps distorted, 270 cluttered, so that the 68
+#: runs (34 per source) fit in about an hour and a half on 2 cores (a cluttered step costs several distorted ones; the
+#: page gives the runs' own times).
+FULL_SIZE_EPOCHS = {"distorted": 40, "cluttered": 10}
 #: (table, column, baseline row, ST row): the comparisons of the full-size page.
 FULL_SIZE_COMPARISONS = (
     ("distorted", "RTS", "CNN", "ST-CNN Aff"),
@@ -429,7 +428,8 @@ def run_all(
                 status = f"FAILED ({exc})"
             elapsed = time.perf_counter() - start
             print(
-                f"[{i}/{len(todo)} {elapsed:6.0f} s] {cell.table} / {cell.row} / {cell.column} / seed {seed}: {status}"
+                f"[{i}/{len(todo)} {elapsed:6.0f} s] {'' if cell.source == 'bundled' else cell.source + ' / '}"
+                f"{cell.table} / {cell.row} / {cell.column} / seed {seed}: {status}"
             )
             sys.stdout.flush()
     return done, len(todo)
