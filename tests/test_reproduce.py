@@ -122,3 +122,52 @@ def test_ordering_counts_the_pairs_the_paper_ranks_apart(reproduce) -> None:
     ours["ST-FCN Aff"] = [15.0, 16.0, 17.0]
     line = r_line()
     assert line.startswith("| R | 5 | 4 | 1 | 0 | 0 |  |")
+
+
+def test_the_full_size_plan_trains_both_sources_at_the_same_steps(reproduce) -> None:
+    plan = reproduce.full_size_plan("fashion_mnist", [0, 1, 2])
+    by_source: dict[str, list] = {"bundled": [], "fashion_mnist": []}
+    for cell, seed in plan:
+        by_source[cell.source].append((cell, seed))
+    assert len(by_source["bundled"]) == len(by_source["fashion_mnist"]) == len(plan) // 2
+    for source, runs in by_source.items():
+        for cell, _ in runs:
+            args = reproduce._run_args(cell, 0, Path("/x"))
+            flag = dict(zip(args[:-1], args[1:], strict=True))
+            # One epoch is the bundled digits' 27 steps, validated on their 500 digits, on either source.
+            assert flag["--trainer.limit_train_batches"] == "27" and flag["--trainer.limit_val_batches"] == "4"
+            assert flag["--trainer.max_epochs"] == str(reproduce.FULL_SIZE_EPOCHS[cell.table])
+            assert flag.get("--data.init_args.source", "bundled") == source
+        seeds = {}
+        for cell, seed in runs:
+            seeds.setdefault((cell.table, cell.column, cell.row), []).append(seed)
+        # The baselines of the robustness table on 5 seeds, every other row of a comparison on the 3 asked for.
+        assert seeds[("distorted", "RTS", "FCN")] == seeds[("distorted", "RTS", "CNN")] == [0, 1, 2, 3, 4]
+        for table, column, _, st in reproduce.FULL_SIZE_COMPARISONS:
+            assert seeds[(table, column, st)] == [0, 1, 2]
+    assert len({reproduce._key(reproduce._run_args(c, s, Path("/x"))) for c, s in plan}) == len(plan)
+
+
+def test_the_full_size_report_compares_reductions_and_counts_dead_runs(reproduce) -> None:
+    plan = reproduce.full_size_plan("fashion_mnist", [0, 1, 2])
+    # Made-up errors: the ST halves the baseline's error on Fashion-MNIST except at seed 2 of RTS; one FCN seed at
+    # chance on Fashion-MNIST.
+    results = {}
+    for cell, seed in plan:
+        error = 20.0 if cell.row in ("CNN", "FCN") else 10.0
+        if cell.source == "bundled" and cell.row not in ("CNN", "FCN"):
+            error = 15.0
+        if cell.source == "fashion_mnist" and cell.column == "RTS" and cell.row == "ST-CNN Aff" and seed == 2:
+            error = 25.0
+        if cell.source == "fashion_mnist" and cell.row == "FCN" and seed == 4:
+            error = 90.0
+        results[(cell, seed)] = {"test/acc": 1 - error / 100, "seconds": 1.0, "commit": "abc"}
+    args = argparse.Namespace(commit="abc", jobs=2, trained=0)
+    text = reproduce.full_size_report(results, "fashion_mnist", args, 1.0)
+    rts = next(line for line in text.splitlines() if line.startswith("| RTS: CNN vs ST-CNN Aff"))
+    cells = [c.strip() for c in rts.split("|")[1:-1]]
+    assert cells[1:6] == ["20.00 ± 0.00 -> 15.00 ± 0.00", "25 %", "20.00 ± 0.00 -> 15.00 ± 8.66", "25 %", "2 of 3"]
+    p = next(line for line in text.splitlines() if line.startswith("| P: CNN vs ST-CNN Aff"))
+    assert "| 20.00 ± 0.00 -> 10.00 ± 0.00 | 50 % | 3 of 3 |" in p
+    fcn = next(line for line in text.splitlines() if line.startswith("| FCN | fashion_mnist"))
+    assert fcn.endswith("| 1 of 5 |") and "90.0" in fcn
