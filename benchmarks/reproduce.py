@@ -753,8 +753,8 @@ def full_size_report(
         "chance trains to its end and is counted here). At chance means a test error within 2 points of always "
         "answering one class (90 %).",
         "",
-        "| network | source | test error per seed | mean | runs at chance |",
-        "|---|---|---|---|---|",
+        "| network | source | test error per seed | mean | runs at chance | epoch of the tested checkpoint, per seed |",
+        "|---|---|---|---|---|---|",
     ]
     for table, column, row in ROBUSTNESS:
         for name in ("bundled", source):
@@ -763,7 +763,17 @@ def full_size_report(
                 continue
             per_seed = ", ".join(f"{errors[s]:.1f}" for s in sorted(errors))
             dead = sum(e >= 88.0 for e in errors.values())
-            lines.append(f"| {row} | {name} | {per_seed} | {_fmt(list(errors.values()))} | {dead} of {len(errors)} |")
+            # The checkpoint that validated best (STNCheckpoint names it best-EEE.ckpt): an early epoch in a long run
+            # is a run whose validation accuracy fell afterwards.
+            best = {
+                s: Path(r.get("best", "")).stem.removeprefix("best-").lstrip("0") or "0"
+                for (c, s), r in results.items()
+                if (c.source, c.table, c.row, c.column) == (name, table, row, column) and r.get("best")
+            }
+            epochs = ", ".join(best[s] for s in sorted(best))
+            lines.append(
+                f"| {row} | {name} | {per_seed} | {_fmt(list(errors.values()))} | {dead} of {len(errors)} | {epochs} |"
+            )
     lines += ["", "## Every run", "", "| source | table | row | column | test error per seed | s per run |"]
     lines.append("|---|---|---|---|---|---|")
     seen = sorted({(c.source, c.table, c.row, c.column) for c, _ in results})

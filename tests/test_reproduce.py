@@ -170,4 +170,4 @@ def test_the_full_size_report_compares_reductions_and_counts_dead_runs(reproduce
     p = next(line for line in text.splitlines() if line.startswith("| P: CNN vs ST-CNN Aff"))
     assert "| 20.00 ± 0.00 -> 10.00 ± 0.00 | 50 % | 3 of 3 |" in p
     fcn = next(line for line in text.splitlines() if line.startswith("| FCN | fashion_mnist"))
-    assert fcn.endswith("| 1 of 5 |") and "90.0" in fcn
+    assert fcn.endswith("| 1 of 5 |  |") and "90.0" in fcn
