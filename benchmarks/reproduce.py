@@ -439,11 +439,8 @@ def run_all(
 # the report
 # --------------------------------------------------------------------------------------------------------------
 def _errors(results: dict[tuple[Cell, int], dict[str, Any]], table: str, row: str, column: str) -> list[float]:
-    return [
-        100 * (1 - r["test/acc"])
-        for (cell, _), r in results.items()
-        if (cell.table, cell.row, cell.column) == (table, row, column) and "test/acc" in r
-    ]
+    """The test errors of one cell of the tables (the bundled digits), in seed order."""
+    return list(_errors_by_seed(results, "bundled", table, row, column).values())
 
 
 def _fmt(values: list[float]) -> str:
