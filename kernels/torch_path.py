@@ -49,6 +49,8 @@ def _stacked_sample(x: Tensor, grid: Tensor, valid: Tensor | None, spec: Spec) -
     b, k, ho, wo, _ = grid.shape
     h, w = x.shape[-2:]
     align_corners, padding_mode, mode, fill = spec[1:]
+    if x.requires_grad and x.shape[1] > 1 and _channels_last(x):
+        x = _GradInChannelsLast.apply(x)
     out = F.grid_sample(
         x.to(grid.dtype),
         grid.reshape(b, k * ho, wo, 2),
@@ -65,6 +67,31 @@ def _stacked_sample(x: Tensor, grid: Tensor, valid: Tensor | None, spec: Spec) -
     if fill != 0.0:
         out = out + float(fill) * (1 - _inside_mass(grid, masked, (h, w), align_corners, padding_mode, mode))
     return out.contiguous().to(x.dtype)
+
+
+def _channels_last(x: Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+class _GradInChannelsLast(torch.autograd.Function):
+    """The image itself, whose gradient is handed back channels-last.
+
+    ``F.grid_sample`` returns the image's gradient contiguous (NCHW) whatever the image's layout. Inside a
+    channels-last network (a transformer on a feature map, as on a CPU trainer) every op behind the sampler would
+    then meet a gradient in the other layout and convert it on its own (the pooling, the batch norm, the
+    convolution's backward: copies of maps up to four times the sampled one). One conversion here, of the sampled
+    map's size, keeps the backward in the network's layout. With InsertedTransformer keeping the forward's layout,
+    ST-CNN Multi's training step on the sequences went from 1.75x to 1.41x the CNN's on a 2-core AMD EPYC, one
+    thread (benchmarks/bench_sequences.py).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return grad.contiguous(memory_format=torch.channels_last)
 
 
 def _safe(grid: Tensor) -> tuple[Tensor, Tensor | None]:

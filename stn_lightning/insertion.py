@@ -94,6 +94,11 @@ def _warped_and_kept(wrapper: InsertedTransformer, x: Tensor) -> Tensor:
     crops, params = wrapper.transformer(x)
     if not torch.compiler.is_exporting():  # torch.export warns of tensor attributes set while it traces
         wrapper.params = params
+    # The warped map leaves in the layout the map came in: in a channels-last network (a CPU trainer) the next
+    # convolution would otherwise convert it, and every op behind it would convert its gradient back.
+    cl = torch.channels_last
+    if x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=cl) and not x.is_contiguous():
+        return crops[:, 0].contiguous(memory_format=cl)
     return crops[:, 0]
 
 

@@ -114,6 +114,28 @@ def test_gradients_reach_every_localiser_and_head() -> None:
     assert all(w.params is None for w in inserted_transformers(copied).values())
 
 
+def test_channels_last_maps_stay_channels_last() -> None:
+    # A CPU trainer keeps the network channels-last: the warped map leaves in the layout it came in, and the backward
+    # meets the same numbers as in the contiguous layout.
+    torch.manual_seed(0)
+    model = _model("test_resnet", 3)
+    insert_transformers(model, ["layer2"], input_size=32, in_chans=3)
+    _perturb(model, 0.05)
+    seen: list[torch.Tensor] = []
+    model.layer2.module.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    x = torch.randn(2, 3, 32, 32)
+    grads = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        model.to(memory_format=layout)
+        model.zero_grad()
+        model(x.to(memory_format=layout)).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert not seen[0].is_contiguous(memory_format=torch.channels_last)
+    assert seen[1].is_contiguous(memory_format=torch.channels_last) and not seen[1].is_contiguous()
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
 def test_pretrained_weights_from_a_file(tmp_path: Path) -> None:
     torch.manual_seed(0)
     path = tmp_path / "test_resnet.pth"

@@ -149,3 +149,20 @@ def test_cpu_tensors_run_the_torch_path() -> None:
         out = kernels.sample_affine(x, theta, 5, backend=backend)  # type: ignore[arg-type]
         spec = reference.Spec((5, 5), False, "zeros", "bilinear", 0.0)
         assert torch.equal(out, torch_path.affine(x, theta, None, spec))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_channels_last_image_gets_its_gradient_channels_last(family: str) -> None:
+    # Inside a channels-last network the image's gradient comes back in its layout, equal to the contiguous case's.
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    p = _params(family, 2, 2, 0.3)
+    grads = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xi = x.to(memory_format=layout).requires_grad_()
+        out = _op("torch", family, fill=0.2)(xi, p)
+        (g,) = torch.autograd.grad(out, xi, torch.cos(torch.arange(out.numel(), dtype=x.dtype)).view_as(out))
+        assert g.is_contiguous(memory_format=layout)
+        grads.append(g)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-12, rtol=0)
+    cl = x.to(memory_format=torch.channels_last).requires_grad_()
+    assert gradcheck(_op("torch", family), (cl, p.clone().requires_grad_()))
