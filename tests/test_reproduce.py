@@ -171,3 +171,31 @@ def test_the_full_size_report_compares_reductions_and_counts_dead_runs(reproduce
     assert "| 20.00 ± 0.00 -> 10.00 ± 0.00 | 50 % | 3 of 3 |" in p
     fcn = next(line for line in text.splitlines() if line.startswith("| FCN | fashion_mnist"))
     assert fcn.endswith("| 1 of 5 |  |") and "90.0" in fcn
+
+
+def test_scenes_rows_and_their_metrics_in_the_report(reproduce, tmp_path: Path) -> None:
+    cells = [c for c in reproduce.cells(reproduce.EPOCHS) if c.table == "scenes"]
+    assert [c.row for c in cells] == ["CNN", "K = 1", "K = 2", "K = 3", "K = 4"]
+    assert [c.config for c in cells] == ["scenes_cnn.yaml"] + ["scenes.yaml"] * 4
+    # each seed draws its own scenes
+    args = reproduce._run_args(cells[3], 4, tmp_path)
+    assert args[args.index("--data.init_args.seed") + 1] == "4"
+    assert args[args.index("--model.transformer.num_transformers") + 1] == "3"
+    results = {}
+    for cell in cells:
+        k = 0 if cell.row == "CNN" else int(cell.row.split()[2])
+        for seed in (0, 1):
+            results[(cell, seed)] = {"test/acc": 0.1 * k + 0.01 * seed, "test/count_acc": 0.5 + 0.1 * seed}
+            results[(cell, seed)]["test/f1"] = 0.25
+            if k:
+                results[(cell, seed)]["test/coloc"] = 0.9
+    text = reproduce.report(results, cells, argparse.Namespace(commit="abc", jobs=2, trained=10), 60.0)
+    # set accuracy, count accuracy, F1, co-localisation
+    assert "| K = 3 | 30.50 ± 0.71 | 55.00 ± 7.07 | 0.25 ± 0.00 | 90.00 ± 0.00 |" in text
+    assert "| CNN | 0.50 ± 0.71 | 55.00 ± 7.07 | 0.25 ± 0.00 | n/a |" in text
+    assert "| 1-3 digits: CNN vs K = 3 | 99.50 -> 69.50, 30 % |" in text  # set errors
+
+
+def test_sum_rows_with_nothing_only_where_the_sum_head_reaches_every_sum(reproduce) -> None:
+    rows = {(c.row, c.column) for c in reproduce.cells(reproduce.EPOCHS) if "nothing" in c.row}
+    assert rows == {("K = 2 + nothing", "2 digits"), ("K = 3 + nothing", "2 digits"), ("K = 3 + nothing", "3 digits")}
