@@ -103,7 +103,7 @@ _SEQUENCE_DATA = {
     },
 }
 # Tables whose runs draw their data from the run's seed too (data.init_args.seed), not from the data's default.
-DATA_SEEDED = ("sequences", "scenes")
+DATA_SEEDED = ("sequences", "scenes", "multi")
 #: The free scenes: K transformers (scenes.yaml) on canvases of 1 to 3 digits, and the same backbone on the whole
 #: canvas with 3 slot heads (scenes_cnn.yaml).
 _SCENE_KS = (1, 2, 3, 4)
