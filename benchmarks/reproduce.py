@@ -5,9 +5,10 @@ with the overrides listed below), tested with the checkpoint that validated best
 use the paper's networks of the same size (stn_lightning.backbones). Runs go to separate processes, one thread
 each, ``--jobs`` at a time. The tables give the test error (mean and spread over the seeds) next to the paper's.
 
-    python benchmarks/reproduce.py            # every table, 3 seeds (52 minutes on 2 cores)
+    python benchmarks/reproduce.py            # every table, 3 seeds (about 7 hours on 2 cores: see below)
     python benchmarks/reproduce.py --quick    # one seed, short schedules, a subset: a few minutes
-    python benchmarks/reproduce.py --only distorted --columns RTS --seeds 0
+    python benchmarks/reproduce.py --only distorted --columns RTS --seeds 0     # -> docs/RESULTS-distorted.md
+    python benchmarks/reproduce.py --only sequences --columns "64 px"           # -> docs/RESULTS-sequences.md
     python benchmarks/reproduce.py --only cluttered --seeds 0 1 2 3 4 --set model.localization.boundary_weight=1 \
         --out /tmp/ablation.md                # an ablation: one more setting for every run
 
@@ -869,6 +870,16 @@ def _kept_discussion(out: Path) -> str:
     return "\n" + text[text.index(DISCUSSION) :] if DISCUSSION in text else ""
 
 
+def _page(args: argparse.Namespace) -> str:
+    """The default page: a reproduction of part of the tables gets a page of its own, so that it never replaces the
+    whole of docs/RESULTS.md (--out names any other)."""
+    if args.quick:
+        return "RESULTS-quick.md"
+    if args.only:
+        return f"RESULTS-{'-'.join(args.only)}.md"
+    return "RESULTS-partial.md" if args.columns or args.rows or args.settings else "RESULTS.md"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one seed, short schedules, a subset of the cells")
@@ -878,7 +889,13 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=None, help="only these rows (e.g. CNN 'ST-CNN Aff')")
     parser.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     parser.add_argument("--root", type=Path, default=ROOT / "reproduce_runs")
-    parser.add_argument("--out", type=Path, default=None, help="default docs/RESULTS.md (docs/RESULTS-quick.md)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="default docs/RESULTS.md for every table, docs/RESULTS-quick.md with --quick, docs/RESULTS-<tables>.md "
+        "with --only, docs/RESULTS-partial.md for other subsets",
+    )
     parser.add_argument("--fresh", action="store_true", help="train every run again, ignoring cached results")
     parser.add_argument(
         "--source",
@@ -924,8 +941,9 @@ def main() -> None:
         # MultiMNIST needs 10 epochs for the windows to leave their start (three digits 15, for the digit classifier
         # to learn through a sum of three), cluttered digits 40 for the transformer's gain to show, the per-channel
         # addition 20 for its three seeds to learn the sum (docs/RESULTS.md); the paper's addition networks are at
-        # chance after 20 epochs too, and stay at 5. The 147 runs take 104 run-minutes, 52 minutes on a 2-core AMD
-        # EPYC (2 at a time, one thread each; docs/RESULTS.md).
+        # chance after 20 epochs too, and stay at 5. On a 2-core AMD EPYC (2 at a time, one thread each) the paper's
+        # tables (147 runs) took 52 minutes (docs/RESULTS.md), the 64 px sequences 53 (docs/RESULTS-sequences.md)
+        # and the scenes about 45; the 128 px sequences, at four times a 64 px step, would take about 4.5 hours.
         epochs = EPOCHS
         plan_cells = cells(epochs)
     if args.only:
@@ -943,7 +961,7 @@ def main() -> None:
     start = time.perf_counter()
     results, args.trained = run_all(plan, args.root, args.jobs, args.fresh, args.commit)
     text = report(results, plan_cells, args, time.perf_counter() - start)
-    out = args.out or ROOT / "docs" / ("RESULTS-quick.md" if args.quick else "RESULTS.md")
+    out = args.out or ROOT / "docs" / _page(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + _kept_discussion(out))
     print(text)

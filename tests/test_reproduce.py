@@ -199,3 +199,15 @@ def test_scenes_rows_and_their_metrics_in_the_report(reproduce, tmp_path: Path) 
 def test_sum_rows_with_nothing_only_where_the_sum_head_reaches_every_sum(reproduce) -> None:
     rows = {(c.row, c.column) for c in reproduce.cells(reproduce.EPOCHS) if "nothing" in c.row}
     assert rows == {("K = 2 + nothing", "2 digits"), ("K = 3 + nothing", "2 digits"), ("K = 3 + nothing", "3 digits")}
+
+
+def test_a_subset_of_the_tables_gets_a_page_of_its_own(reproduce) -> None:
+    def page(**given: object) -> str:
+        args = dict(quick=False, only=None, columns=None, rows=None, settings=[]) | given
+        return reproduce._page(argparse.Namespace(**args))
+
+    assert page() == "RESULTS.md"
+    assert page(quick=True) == "RESULTS-quick.md"
+    assert page(only=["sequences"], columns=["64 px"]) == "RESULTS-sequences.md"
+    assert page(only=["scenes", "multi"]) == "RESULTS-scenes-multi.md"
+    assert page(columns=["RTS"]) == page(settings=["a=1"]) == "RESULTS-partial.md"
