@@ -382,31 +382,46 @@ class SetOfObjects(Task):
     the number of objects) and ``f1``, the F1 score of the objects found, micro-averaged over every object of every
     image (:class:`SetF1`).
 
+    With ``interact``, each crop's answer also reads the other crops (:class:`CropInteraction`): one attention step
+    from each crop to the others, and a learnt embedding per transformer. Classified alone, two crops on one object
+    see the same digit and cannot tell which of them answers and which says "nothing" (the matching gives one the
+    digit and the other "nothing", a contradiction for a head that sees each alone); DETR lets its object queries
+    attend to each other for the same reason.
+
     Args:
         slots: read K = ``slots`` objects from the whole image's features (the baseline without transformers);
             None reads one object per crop.
         nothing_weight: weight of the crops whose answer is "nothing" in the loss (1 weighs them like the others).
+        interact: let each crop's answer read the other crops (per crop only, not with ``slots``).
     """
 
-    def __init__(self, slots: int | None = None, nothing_weight: float = 1.0) -> None:
+    def __init__(self, slots: int | None = None, nothing_weight: float = 1.0, interact: bool = False) -> None:
         super().__init__()
         if slots is not None and slots < 1:
             raise ValueError(f"expected slots >= 1 or None, got {slots}")
+        if interact and slots is not None:
+            raise ValueError(
+                "interact lets crops read each other; with slots there are no crops (give one or the other)"
+            )
         if not (nothing_weight >= 0.0 and math.isfinite(nothing_weight)):
             raise ValueError(f"expected a finite nothing_weight >= 0, got {nothing_weight}")
         self.slots = slots
         self.nothing_weight = nothing_weight
+        self.interact = interact
         self.per_object = slots is None
 
     def build(self, in_features: int, num_classes: int, num_objects: int) -> None:
         self.num_classes = num_classes
         self.num_slots = num_objects if self.slots is None else self.slots
         width = num_classes + 1 if self.slots is None else self.slots * (num_classes + 1)
-        self.head = nn.Linear(in_features, width)
+        self.mix = CropInteraction(in_features, self.num_slots) if self.interact else None
+        self.head = nn.Linear(in_features * (2 if self.interact else 1), width)
 
     def forward(self, features: Tensor) -> Tensor:
         """Logits (B, K (num_classes + 1)) of per-crop features (B, K, F), or with ``slots`` of image features
         (B, F)."""
+        if self.mix is not None:
+            features = self.mix(features)
         return self.head(features).flatten(1)
 
     def split(self, outputs: Tensor) -> Tensor:
@@ -445,6 +460,30 @@ class SetOfObjects(Task):
         """A multiset as text, sorted: "{3, 7}", "{}" for none (labels and predictions alike: -1 is no object)."""
         found = sorted(int(v) for v in label.flatten().tolist() if v >= 0)
         return "{" + ", ".join(super(SetOfObjects, self).format(torch.tensor(v), names) for v in found) + "}"
+
+
+class CropInteraction(nn.Module):
+    """Each crop's features (B, K, F) with what it reads of the other crops: (B, K, 2F).
+
+    Crop k attends to the crops j != k with scores q_k . k_j (queries and keys of ``dim`` units, from the features
+    plus a learnt embedding of each transformer, which breaks the tie between two crops of one object) and takes the
+    weighted mean of their features. With K = 1 there is no other crop and the second half is zero.
+    """
+
+    def __init__(self, in_features: int, num_crops: int, dim: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Parameter(torch.zeros(num_crops, in_features))
+        self.query = nn.Linear(in_features, dim)
+        self.key = nn.Linear(in_features, dim)
+        self.scale = dim**-0.5
+
+    def forward(self, features: Tensor) -> Tensor:
+        k = features.shape[1]
+        x = features + self.embed
+        scores = self.query(x) @ self.key(x).transpose(1, 2) * self.scale  # (B, K, K)
+        others = ~torch.eye(k, dtype=torch.bool, device=features.device)
+        weights = torch.softmax(scores.masked_fill(~others, float("-inf")), dim=-1) if k > 1 else scores * 0
+        return torch.cat([features, weights @ features], dim=-1)
 
 
 def match_objects(log_p: Tensor, target: Tensor) -> Tensor:

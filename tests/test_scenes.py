@@ -159,7 +159,7 @@ def test_f1_of_empty_scenes_read_as_empty() -> None:
 
 def test_the_task_rebuilds_from_its_config_and_checks_its_input() -> None:
     task = SetOfObjects(slots=3, nothing_weight=0.5)
-    assert task.config()["init_args"] == {"slots": 3, "nothing_weight": 0.5}
+    assert task.config()["init_args"] == {"slots": 3, "nothing_weight": 0.5, "interact": False}
     again = SetOfObjects.from_config(task.config())
     assert isinstance(again, SetOfObjects) and (again.slots, again.nothing_weight, again.per_object) == (3, 0.5, False)
     assert SetOfObjects().per_object
@@ -172,6 +172,33 @@ def test_the_task_rebuilds_from_its_config_and_checks_its_input() -> None:
         built.loss(torch.zeros(2, 30), torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"integer targets \(B, D\)"):
         built.loss(torch.zeros(2, 33), torch.zeros(2))
+
+
+def test_interacting_crops_read_each_other_and_break_ties() -> None:
+    torch.manual_seed(0)
+    task = SetOfObjects(interact=True)
+    task.build(8, 10, 3)
+    assert task.config()["init_args"]["interact"] is True
+    features = torch.randn(2, 3, 8)
+    features[:, 1] = features[:, 0]  # two crops of one object
+    out = task(features)
+    assert out.shape == (2, 33)
+    # What crop 0 reads of the others depends on crop 2: change crop 2 and crop 0's logits change.
+    changed = features.clone()
+    changed[:, 2] += 1.0
+    assert not torch.allclose(task(changed)[:, :11], out[:, :11])
+    # Two identical crops get different answers once the transformers' embeddings differ (the tie is broken).
+    with torch.no_grad():
+        task.mix.embed.copy_(torch.randn(3, 8))
+    logits = task.split(task(features))
+    assert not torch.allclose(logits[:, 0], logits[:, 1])
+    task.loss(task(features), torch.tensor([[3, -1, -1], [1, 2, -1]])).backward()
+    assert all(p.grad is not None for p in task.parameters())
+    single = SetOfObjects(interact=True)
+    single.build(8, 10, 1)  # K = 1: nothing to read, no NaN
+    assert torch.isfinite(single(torch.randn(2, 1, 8))).all()
+    with pytest.raises(ValueError, match="interact"):
+        SetOfObjects(slots=3, interact=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
