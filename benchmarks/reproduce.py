@@ -480,7 +480,7 @@ def run_all(
 # the report
 # --------------------------------------------------------------------------------------------------------------
 def _errors(results: dict[tuple[Cell, int], dict[str, Any]], table: str, row: str, column: str) -> list[float]:
-    """The test errors of one cell of the tables (the bundled digits), in seed order."""
+    """The test errors of one cell of the tables (the bundled digits), one per seed."""
     return list(_errors_by_seed(results, "bundled", table, row, column).values())
 
 
@@ -736,10 +736,8 @@ def _scene_metrics(results: dict[tuple[Cell, int], dict[str, Any]], rows: list[s
     ]
     for row in rows:
         rs = [r for (c, _), r in results.items() if (c.table, c.row, c.source) == ("scenes", row, "bundled")]
-        values = [
-            _fmt([100 * r[key] for r in rs if key in r]) if key != "test/f1" else _fmt([r[key] for r in rs if key in r])
-            for key in ("test/acc", "test/count_acc", "test/f1", "test/coloc")
-        ]
+        metrics = (("test/acc", 100), ("test/count_acc", 100), ("test/f1", 1), ("test/coloc", 100))
+        values = [_fmt([scale * r[key] for r in rs if key in r]) for key, scale in metrics]
         lines.append(f"| {row} | " + " | ".join(values) + " |")
     return [*lines, ""]
 

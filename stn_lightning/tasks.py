@@ -481,8 +481,9 @@ class CropInteraction(nn.Module):
         k = features.shape[1]
         x = features + self.embed
         scores = self.query(x) @ self.key(x).transpose(1, 2) * self.scale  # (B, K, K)
-        others = ~torch.eye(k, dtype=torch.bool, device=features.device)
-        weights = torch.softmax(scores.masked_fill(~others, float("-inf")), dim=-1) if k > 1 else scores * 0
+        itself = torch.eye(k, dtype=torch.bool, device=features.device)
+        # K = 1: no other crop; zero weights keep the queries and keys in the graph (DDP expects every parameter used).
+        weights = torch.softmax(scores.masked_fill(itself, float("-inf")), dim=-1) if k > 1 else scores * 0
         return torch.cat([features, weights @ features], dim=-1)
 
 
