@@ -226,7 +226,12 @@ def overlap_penalty(regions: Tensor, jitter: float = 1e-3) -> Tensor:
 
 
 def content_coverage(
-    regions: Tensor, images: Tensor, background: float = 0.0, softness: float = 0.05, pool: int = 2
+    regions: Tensor,
+    images: Tensor,
+    background: float = 0.0,
+    softness: float = 0.05,
+    pool: int = 2,
+    once: bool = False,
 ) -> Tensor:
     """The share of the image's content that the union of the K regions covers, a soft and differentiable count.
 
@@ -241,15 +246,22 @@ def content_coverage(
     where the content is from the first step. It grows with the regions' size, so pair it with a bounded scale (an
     ``Attention`` scale range around the objects' size).
 
+    With ``once``, only content covered by exactly one region counts: ``sum_k w_k prod_{j != k} (1 - w_j)`` (the
+    indicators read as independent chances). The union gives a region no gradient on content that another region
+    already covers, so nothing moves a spare region off an object that another one reads; here a second region on the
+    same content lowers the count, and its gradient pushes the spare region off until it reads background.
+
     Args:
         regions: (B, K, M, 2) polygons (``SpatialTransformer.outline``) in input pixels.
         images: (B, C, H, W), the transformer's input.
         background: the value of an empty pixel.
         softness: width of the indicators' edges as a fraction of the image's larger side.
         pool: average-pooling of the content map (cheaper; 1 keeps every pixel).
+        once: count the content inside exactly one region instead of inside any.
 
     Returns:
-        (B,) shares in [0, 1] (1: every bit of content inside some region; an image without content gives 0).
+        (B,) shares in [0, 1] (1: every bit of content inside some region, or exactly one with ``once``; an image
+        without content gives 0).
     """
     content = (images.float() - background).abs().sum(1, keepdim=True)
     if pool > 1:
@@ -264,5 +276,14 @@ def content_coverage(
     tau = softness * max(height, width)
     wx = torch.sigmoid((xs - lo[..., 0:1]) / tau) * torch.sigmoid((hi[..., 0:1] - xs) / tau)  # (B, K, w)
     wy = torch.sigmoid((ys - lo[..., 1:2]) / tau) * torch.sigmoid((hi[..., 1:2] - ys) / tau)  # (B, K, h)
-    union = 1 - (1 - wy[..., :, None] * wx[..., None, :]).prod(1)  # (B, h, w)
-    return (content * union).flatten(1).sum(1) / content.flatten(1).sum(1).clamp(min=1e-12)
+    inside = wy[..., :, None] * wx[..., None, :]  # (B, K, h, w)
+    if once:
+        # Exactly one of K: each region's indicator times the others' complements (a product over K - 1 factors per
+        # region, without a division by 1 - w_k, which is 0 deep inside a region).
+        outside = 1 - inside
+        k = inside.shape[1]
+        others = [torch.cat([outside[:, :i], outside[:, i + 1 :]], 1).prod(1) for i in range(k)]
+        covered = (inside * torch.stack(others, 1)).sum(1)  # (B, h, w)
+    else:
+        covered = 1 - (1 - inside).prod(1)  # (B, h, w)
+    return (content * covered).flatten(1).sum(1) / content.flatten(1).sum(1).clamp(min=1e-12)

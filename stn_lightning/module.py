@@ -291,7 +291,8 @@ class STNModule(pl.LightningModule):
             return extra
         regions = transformer.outline(params, (x.shape[-2], x.shape[-1]))  # (B, K, M, 2) in input pixels
         if self.localization.coverage_weight > 0:
-            coverage = content_coverage(regions, x, transformer.background).mean()
+            once = self.localization.coverage_once
+            coverage = content_coverage(regions, x, transformer.background, once=once).mean()
             self._log_mean(stage, "coverage", coverage, len(x))
             if stage == "train":
                 weight = self.localization.coverage_weight * self.penalty_scale()

@@ -50,6 +50,9 @@ class LocalizationTraining:
             inside the union of the K regions): a localisation signal that does not wait for the classifier, for
             objects on a plain background; pair it with a bounded scale. 0 adds nothing; above 0 the coverage is
             logged as ``<stage>/coverage``.
+        coverage_once: count only the content inside exactly one region (``content_coverage(once=True)``): a
+            reward for reading each object once, which also pushes a spare transformer off an object that another
+            one reads (with the union, nothing does).
     """
 
     optimizer: OptimizerCallable | None = torch.optim.Adam
@@ -58,6 +61,7 @@ class LocalizationTraining:
     boundary_weight: float = 0.0
     overlap_weight: float = 0.0
     coverage_weight: float = 0.0
+    coverage_once: bool = False
 
     def __post_init__(self) -> None:
         if not self.lr_scale >= 0:

@@ -268,6 +268,35 @@ def test_content_coverage_gradient_pulls_a_region_onto_uncovered_content() -> No
     assert content_coverage(Attention().outline(stepped, SIZE), img) > coverage
 
 
+def test_content_coverage_once_counts_content_read_by_exactly_one_region() -> None:
+    img = _two_digit_image()
+    cover = lambda windows: content_coverage(_regions([windows]), img, once=True).item()  # noqa: E731
+    union = lambda windows: content_coverage(_regions([windows]), img).item()  # noqa: E731
+    assert cover([ON_A, ON_B]) > 0.75 and cover([ON_A, ON_B]) == pytest.approx(union([ON_A, ON_B]), abs=0.02)
+    assert cover([ON_A]) == pytest.approx(union([ON_A]), abs=1e-6)  # one region: the same count
+    # A second region on A takes most of A's share away (the soft edges, 3 px from the ink, keep some of it).
+    assert cover([ON_A, ON_A]) < 0.5 * cover([ON_A]) < 0.5 * union([ON_A, ON_A])
+    # A spare third region: on background it costs nothing, on a digit that another region reads it costs that digit.
+    assert cover([ON_A, ON_B, EMPTY]) == pytest.approx(cover([ON_A, ON_B]), abs=0.02)
+    assert cover([ON_A, ON_B, ON_A]) < 0.6
+
+
+def test_content_coverage_once_gradient_pushes_a_second_region_off_a_read_object() -> None:
+    # Region 0 reads digit A; region 1 sits on A too, shifted 3 px right. The union gives region 1 next to no gradient
+    # there; the exactly-once count moves it off A (to the right, away from region 0's centre).
+    params = torch.tensor([[ON_A, _window(17, 16, 13)]], requires_grad=True)
+    img = _two_digit_image()
+    coverage = content_coverage(Attention().outline(params, SIZE), img, once=True)
+    coverage.sum().backward()
+    assert params.grad is not None
+    with torch.no_grad():
+        stepped = params + 0.05 * params.grad / params.grad.abs().max()
+        before = region_centres(Attention().outline(params, SIZE))[0, 1, 0]
+        after = region_centres(Attention().outline(stepped, SIZE))[0, 1, 0]
+    assert after > before + 0.5
+    assert content_coverage(Attention().outline(stepped, SIZE), img, once=True) > coverage
+
+
 @pytest.mark.parametrize("k", [2, 3])
 def test_sum_fusion_is_the_distribution_of_the_sum(k: int) -> None:
     # log P(a_1 + ... + a_K = s) against the enumeration of every tuple of labels.
