@@ -233,6 +233,24 @@ def test_stn_module_logs_colocalization_and_overlap(quiet_trainer: Callable[...,
     assert "test/coloc" in trainer.callback_metrics
 
 
+def test_stn_module_rewards_ink_read_once_with_coverage_once(quiet_trainer: Callable[..., pl.Trainer]) -> None:
+    # Both windows start as the whole canvas: all the ink is inside the union, but none is read by exactly one window.
+    pl.seed_everything(0)
+    dm = MultiMNIST(2, batch_size=8)
+    spec = TransformerSpec(transform=Attention(scale_range=(0.2, 1.0)), num_transformers=2, crop_size=28, init_scale=1)
+    module = STNModule.for_data(
+        dm,
+        backbone="stn_paper_cnn_st",
+        transformer=spec,
+        fusion="features",
+        localization=LocalizationTraining(coverage_weight=1.0, coverage_once=True),
+    )
+    assert STNModule(**module.hparams).localization.coverage_once  # survives the saved hparams
+    trainer = quiet_trainer(fast_dev_run=2)
+    trainer.fit(module, dm)
+    assert trainer.callback_metrics["val/coverage"].item() < 0.1
+
+
 def _two_digit_image(background: float = 0.0) -> torch.Tensor:
     # Ink (1 above the background) filling each of BOXES, nothing elsewhere.
     img = torch.full((1, 1, *SIZE), background)
