@@ -20,6 +20,7 @@ __all__ = [
     "CoLocalization",
     "colocalized",
     "content_coverage",
+    "region_iou",
     "overlap_penalty",
     "points_in_boxes",
     "points_in_polygons",
@@ -216,13 +217,23 @@ def overlap_penalty(regions: Tensor, jitter: float = 1e-3) -> Tensor:
         tiles = torch.stack([(2 * (idx % cols) + 1) / cols - 1, (2 * (idx // cols) + 1) / rows - 1], -1)
         shift = jitter * (hi - lo).detach() * tiles.to(regions.dtype)
         lo, hi = lo + shift, hi + shift
-    inter = (torch.minimum(hi[:, :, None], hi[:, None]) - torch.maximum(lo[:, :, None], lo[:, None])).clamp(min=0)
-    inter_area = inter.prod(-1)  # (B, K, K)
-    area = (hi - lo).clamp(min=0).prod(-1)  # (B, K)
-    union = area[:, :, None] + area[:, None] - inter_area
-    iou = inter_area / union.clamp(min=1e-12)
+    iou = _box_iou(lo, hi)
     i, j = torch.triu_indices(k, k, offset=1, device=regions.device)
     return iou[:, i, j].mean()
+
+
+def region_iou(regions: Tensor) -> Tensor:
+    """The intersection over union of every pair of the K regions' axis-aligned boxes: (B, K, M, 2) -> (B, K, K)."""
+    return _box_iou(regions.amin(-2), regions.amax(-2))
+
+
+def _box_iou(lo: Tensor, hi: Tensor) -> Tensor:
+    # Boxes (B, K, 2) lower and upper corners -> pairwise IoU (B, K, K).
+    inter = (torch.minimum(hi[:, :, None], hi[:, None]) - torch.maximum(lo[:, :, None], lo[:, None])).clamp(min=0)
+    inter_area = inter.prod(-1)
+    area = (hi - lo).clamp(min=0).prod(-1)  # (B, K)
+    union = area[:, :, None] + area[:, None] - inter_area
+    return inter_area / union.clamp(min=1e-12)
 
 
 def content_coverage(

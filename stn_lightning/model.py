@@ -129,7 +129,10 @@ class STNClassifier(nn.Module):
         """The task's outputs (B, num_outputs) and warp parameters (B, K, P) (None without a transformer in front) of
         images (B, C, H, W)."""
         features, params = self.features_of(x)
-        return self.task(features), params
+        outputs = self.task(features)
+        if self.task.uses_regions and not self.training and params is not None and self.transformer is not None:
+            outputs = self.task.postprocess(outputs, self.transformer.outline(params, (x.shape[-2], x.shape[-1])))
+        return outputs, params
 
     def features_of(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """What the task's head reads, (B, F) or (B, K, F) per object, and the warp parameters (B, K, P) or None."""

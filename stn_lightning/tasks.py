@@ -33,6 +33,8 @@ import torchmetrics
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from .metrics import region_iou
+
 __all__ = [
     "Classification",
     "SequenceAccuracy",
@@ -44,6 +46,7 @@ __all__ = [
     "Task",
     "class_counts",
     "decode_sequence",
+    "keep_distinct",
     "log_probability_of_sum",
     "match_objects",
     "split_sequence_outputs",
@@ -62,6 +65,8 @@ class Task(nn.Module):
     """
 
     per_object: bool = False
+    #: The classifier hands :meth:`postprocess` the transformers' regions in eval mode (see there).
+    uses_regions: bool = False
 
     def build(self, in_features: int, num_classes: int, num_objects: int) -> None:
         """Create the head.
@@ -85,6 +90,13 @@ class Task(nn.Module):
     def decode(self, outputs: Tensor) -> dict[str, Tensor]:
         """What outputs (B, num_outputs) say, as tensors with a leading B: ``"prediction"`` always."""
         raise NotImplementedError
+
+    def postprocess(self, outputs: Tensor, regions: Tensor) -> Tensor:
+        """The outputs once it is known where each crop was read: in eval mode (validation, test, prediction and
+        export), for a task whose :attr:`uses_regions` is True, the classifier calls this with the transformers'
+        regions (B, K, M, 2) in input pixels. Training sees the head's outputs as they are. The default changes
+        nothing."""
+        return outputs
 
     def format(self, label: Tensor, names: Sequence[str] | None = None) -> str:
         """A label (or prediction) of one image as text, with the data's class names where it has them."""
@@ -382,6 +394,12 @@ class SetOfObjects(Task):
     the number of objects) and ``f1``, the F1 score of the objects found, micro-averaged over every object of every
     image (:class:`SetF1`).
 
+    With ``suppress``, two crops whose windows overlap by more than that intersection over union (of their
+    axis-aligned boxes) do not both answer, in eval mode: of the crops that name a digit, the most confident keeps its
+    answer and any other whose window overlaps a kept one by more says "nothing" instead (the non-maximum suppression
+    of detectors, :func:`keep_distinct`). Classified alone, two crops on one digit both name it; the matching loss
+    cannot teach one of them to say "nothing", since each sees the same digit (docs/RESULTS-scenes.md measures it).
+
     With ``interact``, each crop's answer also reads the other crops (:class:`CropInteraction`): one attention step
     from each crop to the others, and a learnt embedding per transformer. Classified alone, two crops on one object
     see the same digit and cannot tell which of them answers and which says "nothing" (the matching gives one the
@@ -393,10 +411,25 @@ class SetOfObjects(Task):
             None reads one object per crop.
         nothing_weight: weight of the crops whose answer is "nothing" in the loss (1 weighs them like the others).
         interact: let each crop's answer read the other crops (per crop only, not with ``slots``).
+        suppress: the overlap (IoU, in (0, 1]) above which the less confident of two answering crops says "nothing"
+            in eval mode; None lets every crop answer (per crop only, not with ``slots``).
     """
 
-    def __init__(self, slots: int | None = None, nothing_weight: float = 1.0, interact: bool = False) -> None:
+    def __init__(
+        self,
+        slots: int | None = None,
+        nothing_weight: float = 1.0,
+        interact: bool = False,
+        suppress: float | None = None,
+    ) -> None:
         super().__init__()
+        if suppress is not None:
+            if slots is not None:
+                raise ValueError(
+                    "suppress compares the crops' windows; with slots there are none (give one or the other)"
+                )
+            if not 0.0 < suppress <= 1.0:
+                raise ValueError(f"expected suppress in (0, 1] (an IoU) or None, got {suppress}")
         if slots is not None and slots < 1:
             raise ValueError(f"expected slots >= 1 or None, got {slots}")
         if interact and slots is not None:
@@ -408,7 +441,9 @@ class SetOfObjects(Task):
         self.slots = slots
         self.nothing_weight = nothing_weight
         self.interact = interact
+        self.suppress = suppress
         self.per_object = slots is None
+        self.uses_regions = suppress is not None
 
     def build(self, in_features: int, num_classes: int, num_objects: int) -> None:
         self.num_classes = num_classes
@@ -456,6 +491,19 @@ class SetOfObjects(Task):
         answers together (the product of the crops' top probabilities); ``"crop_probs"`` (B, K, num_classes + 1)."""
         return decode_set(outputs, self.num_slots, self.num_classes)
 
+    def postprocess(self, outputs: Tensor, regions: Tensor) -> Tensor:
+        """With ``suppress``: the crops that :func:`keep_distinct` drops say "nothing" (their "nothing" logit is raised
+        to SUPPRESSED_MARGIN above their largest), the others' outputs are unchanged."""
+        if self.suppress is None:
+            return outputs
+        logits = self.split(outputs)
+        top, answer = logits.detach().float().softmax(-1).max(-1)  # (B, K)
+        answering = answer != self.num_classes
+        keep = keep_distinct(region_iou(regions.detach().float()), top.masked_fill(~answering, 0.0), self.suppress)
+        dropped = answering & ~keep
+        nothing = torch.where(dropped, logits.amax(-1) + SUPPRESSED_MARGIN, logits[..., -1])
+        return torch.cat([logits[..., :-1], nothing[..., None]], -1).flatten(1)
+
     def format(self, label: Tensor, names: Sequence[str] | None = None) -> str:
         """A multiset as text, sorted: "{3, 7}", "{}" for none (labels and predictions alike: -1 is no object)."""
         found = sorted(int(v) for v in label.flatten().tolist() if v >= 0)
@@ -485,6 +533,41 @@ class CropInteraction(nn.Module):
         # K = 1: no other crop; zero weights keep the queries and keys in the graph (DDP expects every parameter used).
         weights = torch.softmax(scores.masked_fill(itself, float("-inf")), dim=-1) if k > 1 else scores * 0
         return torch.cat([features, weights @ features], dim=-1)
+
+
+#: How far a suppressed crop's "nothing" logit is raised above its largest: "nothing" then has probability
+#: above 1 - e^-10 for it.
+SUPPRESSED_MARGIN = 10.0
+
+
+def keep_distinct(iou: Tensor, score: Tensor, threshold: float) -> Tensor:
+    """Greedy non-maximum suppression over the K windows of each image.
+
+    In the order of ``score`` (highest first, ties by index), a window is kept when its score is above 0 and its IoU
+    with every window kept before it is at most ``threshold``; windows of score 0 (those that say "nothing") are
+    never kept and never suppress another. The loop runs over K, not over the batch, so it traces and exports.
+
+    Args:
+        iou: (B, K, K) pairwise IoU of the windows (:func:`~stn_lightning.metrics.region_iou`).
+        score: (B, K) confidence of each window's answer, 0 for no answer.
+        threshold: the IoU above which the later window is dropped.
+
+    Returns:
+        (B, K) bool: the windows kept.
+    """
+    k = score.shape[1]
+    order = score.argsort(dim=1, descending=True, stable=True)  # (B, K)
+    rows = iou.gather(1, order[:, :, None].expand(-1, -1, k))
+    ranked = rows.gather(2, order[:, None, :].expand(-1, k, -1))  # (B, K, K) in score order, both axes
+    candidate = score.gather(1, order) > 0
+    kept: list[Tensor] = []
+    for r in range(k):
+        keep = candidate[:, r]
+        if kept:
+            clash = (ranked[:, r, :r] > threshold) & torch.stack(kept, 1)
+            keep = keep & ~clash.any(1)
+        kept.append(keep)
+    return torch.zeros_like(candidate).scatter(1, order, torch.stack(kept, 1))
 
 
 def match_objects(log_p: Tensor, target: Tensor) -> Tensor:

@@ -18,7 +18,8 @@ from stn_lightning.data.scenes import box_overlap
 from stn_lightning.metrics import CoLocalization, colocalized
 from stn_lightning.model import STNClassifier
 from stn_lightning.module import STNModule
-from stn_lightning.tasks import SetOfObjects, SumOfObjects, match_objects
+from stn_lightning.metrics import region_iou
+from stn_lightning.tasks import SetOfObjects, SumOfObjects, keep_distinct, match_objects
 from stn_lightning.transformer import TransformerSpec
 from stn_lightning.transforms import Attention
 
@@ -159,7 +160,7 @@ def test_f1_of_empty_scenes_read_as_empty() -> None:
 
 def test_the_task_rebuilds_from_its_config_and_checks_its_input() -> None:
     task = SetOfObjects(slots=3, nothing_weight=0.5)
-    assert task.config()["init_args"] == {"slots": 3, "nothing_weight": 0.5, "interact": False}
+    assert task.config()["init_args"] == {"slots": 3, "nothing_weight": 0.5, "interact": False, "suppress": None}
     again = SetOfObjects.from_config(task.config())
     assert isinstance(again, SetOfObjects) and (again.slots, again.nothing_weight, again.per_object) == (3, 0.5, False)
     assert SetOfObjects().per_object
@@ -199,6 +200,61 @@ def test_interacting_crops_read_each_other_and_break_ties() -> None:
     assert torch.isfinite(single(torch.randn(2, 1, 8))).all()
     with pytest.raises(ValueError, match="interact"):
         SetOfObjects(slots=3, interact=True)
+
+
+def test_keep_distinct_is_greedy_suppression_in_score_order() -> None:
+    # Windows 0 and 1 overlap by 0.8, window 2 overlaps 1 by 0.4 and 0 by 0.2, window 3 by 0.9 with 0.
+    iou = torch.tensor([[1.0, 0.8, 0.2, 0.9], [0.8, 1.0, 0.4, 0.0], [0.2, 0.4, 1.0, 0.0], [0.9, 0.0, 0.0, 1.0]])
+    iou = iou.expand(4, 4, 4)
+    score = torch.tensor(
+        [
+            [0.9, 0.7, 0.6, 0.5],  # 1 and 3 fall to 0; 2 stays (0.4 only with 1, which was dropped)
+            [0.7, 0.9, 0.6, 0.5],  # 1 first: 0 falls (0.8), 2 falls (0.4 > 0.3), 3 stays (0 is gone)
+            [0.0, 0.7, 0.6, 0.5],  # 0 says "nothing": it suppresses no one and is not kept
+            [0.5, 0.5, 0.0, 0.0],  # a tie goes to the lower index
+        ]
+    )
+    keep = keep_distinct(iou, score, 0.3)
+    expected = [[1, 0, 1, 0], [0, 1, 0, 1], [0, 1, 0, 1], [1, 0, 0, 0]]
+    assert keep.tolist() == [[bool(v) for v in row] for row in expected]
+    assert keep_distinct(iou, score, 1.0).tolist() == (score > 0).tolist()  # no overlap above 1: all that answer
+
+
+def test_suppressed_crops_say_nothing_in_eval_mode_only() -> None:
+    torch.manual_seed(0)
+    task = SetOfObjects(suppress=0.3)
+    task.build(8, 10, 3)
+    assert task.uses_regions and task.config()["init_args"]["suppress"] == 0.3
+    logits = torch.full((1, 3, 11), -5.0)
+    logits[0, 0, 7], logits[0, 1, 7], logits[0, 2, 2] = 4.0, 3.0, 2.0  # crops 0 and 1 read a 7, crop 2 a 2
+    regions = _regions([[A, (16.0, 16.0), B]])  # crops 0 and 1 on digit A (10 x 10 windows 2 px apart), 2 on B
+    assert region_iou(regions)[0, 0, 1] > 0.5
+    out = task.postprocess(logits.flatten(1), regions)
+    assert task.decode(out)["prediction"].tolist() == [[7, -1, 2]]
+    torch.testing.assert_close(task.split(out)[0, [0, 2]], logits[0, [0, 2]])  # the kept crops are unchanged
+    # The classifier applies it in eval mode only: training's loss sees every crop's own answer.
+    spec = TransformerSpec(transform=Attention(scale_range=(0.3, 0.6)), num_transformers=3, crop_size=28)
+    model = STNClassifier("stn_paper_cnn_st", 10, 1, spec.build(1, SIZE, 0.0), "features", task, input_size=SIZE)
+    x = torch.randn(4, 1, *SIZE)
+    calls: list[bool] = []
+    original = task.postprocess
+    task.postprocess = lambda *args: calls.append(model.training) or original(*args)  # type: ignore[method-assign]
+    model.train()(x)
+    assert calls == []  # training's loss sees every crop's own answer
+    model.eval()
+    task.uses_regions = False
+    raw, _ = model(x)
+    task.uses_regions = True
+    evaluated, _ = model(x)
+    assert calls == [False]
+    # The identity start puts the three windows on one place: every crop names the same digit, and in eval mode only
+    # one of them answers.
+    answering = lambda out: (task.decode(out)["prediction"] >= 0).sum(1).tolist()  # noqa: E731
+    assert answering(raw) == [3, 3, 3, 3] and answering(evaluated) == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match="with slots there are none"):
+        SetOfObjects(slots=3, suppress=0.3)
+    with pytest.raises(ValueError, match=r"suppress in \(0, 1\]"):
+        SetOfObjects(suppress=0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
