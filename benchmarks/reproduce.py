@@ -946,9 +946,9 @@ def main() -> None:
         ]
     else:
         # MultiMNIST needs 20 epochs for the digit classifier, learning through a sum, to take off on every seed
-        # (at 10 one seed in five was still near chance; docs/RESULTS-multi.md), cluttered digits 40 for the transformer's gain to show, the per-channel
-        # addition 20 for its three seeds to learn the sum (docs/RESULTS.md); the paper's addition networks are at
-        # chance after 20 epochs too, and stay at 5. On a 2-core AMD EPYC (2 at a time, one thread each) the paper's
+        # (docs/RESULTS-multi.md), cluttered digits 40 for the transformer's gain to show, the per-channel addition
+        # 20 for its three seeds to learn the sum (docs/RESULTS.md); the paper's addition networks are at chance
+        # after 20 epochs too, and stay at 5. On a 2-core AMD EPYC (2 at a time, one thread each) the paper's
         # tables (147 runs) took 52 minutes (docs/RESULTS.md), the 64 px sequences 53 (docs/RESULTS-sequences.md)
         # and the scenes about 45; the 128 px sequences, at four times a 64 px step, would take about 4.5 hours.
         epochs = EPOCHS

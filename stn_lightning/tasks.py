@@ -555,19 +555,22 @@ def keep_distinct(iou: Tensor, score: Tensor, threshold: float) -> Tensor:
     Returns:
         (B, K) bool: the windows kept.
     """
-    k = score.shape[1]
-    order = score.argsort(dim=1, descending=True, stable=True)  # (B, K)
-    rows = iou.gather(1, order[:, :, None].expand(-1, -1, k))
-    ranked = rows.gather(2, order[:, None, :].expand(-1, k, -1))  # (B, K, K) in score order, both axes
-    candidate = score.gather(1, order) > 0
-    kept: list[Tensor] = []
+    b, k = score.shape
+    index = torch.arange(k, device=score.device)
+    # Each window's place in the order: how many windows come before it (higher score, or equal and a lower index).
+    # Counting instead of sorting keeps ties in index order and the graph free of sorts (ONNX has no stable sort).
+    before = (score[:, None, :] > score[:, :, None]) | (
+        (score[:, None, :] == score[:, :, None]) & (index[None, :] < index[:, None])
+    )
+    rank = before.sum(-1)  # (B, K)
+    kept = torch.zeros(b, k, dtype=torch.bool, device=score.device)
     for r in range(k):
-        keep = candidate[:, r]
-        if kept:
-            clash = (ranked[:, r, :r] > threshold) & torch.stack(kept, 1)
-            keep = keep & ~clash.any(1)
-        kept.append(keep)
-    return torch.zeros_like(candidate).scatter(1, order, torch.stack(kept, 1))
+        current = rank == r  # (B, K): one window per image
+        overlaps = (iou * current[:, :, None]).sum(1) > threshold  # (B, K): the current window's IoU with each
+        answers = (score * current).sum(1) > 0
+        keep = answers & ~(overlaps & kept).any(1)
+        kept = kept | (current & keep[:, None])
+    return kept
 
 
 def match_objects(log_p: Tensor, target: Tensor) -> Tensor:

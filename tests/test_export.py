@@ -20,9 +20,9 @@ from torch import Tensor
 from stn_lightning.cli import main
 from stn_lightning.data import DistortedMNIST, MNISTAddition
 from stn_lightning.module import STNModule
-from stn_lightning.tasks import SumOfObjects
+from stn_lightning.tasks import SetOfObjects, SumOfObjects
 from stn_lightning.transformer import TransformerSpec
-from stn_lightning.transforms import Affine, ThinPlateSpline
+from stn_lightning.transforms import Affine, Attention, ThinPlateSpline
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4  # float32 through two runtimes: the measured differences are 1e-8 to 1e-6 (printed by the tests)
@@ -46,6 +46,17 @@ MODELS: dict[str, dict[str, Any]] = {
             "fusion": "features",
         },
         "config": _TPS_CONFIG,
+    },
+    # configs/scenes.yaml's set task: K = 3 attention windows, and in eval mode the crops whose windows overlap a more
+    # confident one's say "nothing" (a loop over K, sorting and gathering in the graph).
+    "set_suppress": {
+        "kwargs": {
+            "transformer": TransformerSpec(transform=Attention(scale_range=(0.3, 0.6)), num_transformers=3),
+            "backbone": "stn_paper_cnn_st",
+            "fusion": "features",
+            "task": SetOfObjects(suppress=0.3),
+        },
+        "config": None,
     },
     # The baseline: no transformer, so the export has the logits only; the checkpoint alone is enough.
     "baseline": {"kwargs": {"fusion": "none", "backbone": "stn_paper_cnn"}, "config": None},

@@ -15,10 +15,9 @@ import torch.nn.functional as F
 
 from stn_lightning.data import DigitScenes, load_digits
 from stn_lightning.data.scenes import box_overlap
-from stn_lightning.metrics import CoLocalization, colocalized
+from stn_lightning.metrics import CoLocalization, colocalized, region_iou
 from stn_lightning.model import STNClassifier
 from stn_lightning.module import STNModule
-from stn_lightning.metrics import region_iou
 from stn_lightning.tasks import SetOfObjects, SumOfObjects, keep_distinct, match_objects
 from stn_lightning.transformer import TransformerSpec
 from stn_lightning.transforms import Attention
