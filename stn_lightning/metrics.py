@@ -20,11 +20,11 @@ __all__ = [
     "CoLocalization",
     "colocalized",
     "content_coverage",
-    "region_iou",
     "overlap_penalty",
     "points_in_boxes",
     "points_in_polygons",
     "region_centres",
+    "region_iou",
 ]
 
 

@@ -171,19 +171,6 @@ class STNModule(pl.LightningModule):
     DATA_OPTIONS = ("num_classes", "in_chans", "image_size", "background")
 
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> STNModule:  # type: ignore[override]
-        """Lightning's ``load_from_checkpoint``, for checkpoints written by the CLI too.
-
-        LightningCLI marks the hyperparameters of the modules it builds with an ``_instantiator``, and Lightning then
-        rebuilds the module through jsonargparse, which parses the saved plain data against this signature and
-        refuses some of it (a ``transformer`` block with ``crop_size``). STNModule rebuilds every object from that
-        plain data itself, so the module is built directly (``_instantiator=None``), as for a checkpoint of a module
-        built in Python.
-        """
-        kwargs.setdefault("_instantiator", None)
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
-
-    @classmethod
     def for_data(cls, data: Any, **kwargs: Any) -> STNModule:
         """The module for a DataModule's images: its ``num_classes``, ``in_chans``, ``image_size`` and ``background``
         (what the CLI links from ``data`` to ``model``) with the other arguments given here."""

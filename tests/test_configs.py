@@ -18,6 +18,7 @@ from PIL import Image
 import stn_lightning.localization
 import stn_lightning.model
 from stn_lightning.cli import main
+from stn_lightning.module import STNModule
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 # The project's own networks (stn_paper_cnn, stn_sequence_cnn, ...) are small, and the inner-transformer configs
@@ -107,5 +108,9 @@ def test_config_trains_logs_and_checkpoints(config: Path, tmp_path: Path, asked:
     assert checkpoint["state_dict"].keys() == state.keys()
     assert all(torch.equal(checkpoint["state_dict"][k], v) for k, v in state.items())
     assert checkpoint["datamodule_hyper_parameters"]["batch_size"] == data.batch_size
+    # ... and loads in Python as a module built there would, whatever the config's options (crop_size among them).
+    loaded = STNModule.load_from_checkpoint(last, map_location="cpu")
+    assert loaded.state_dict().keys() == state.keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
     if model.model.transformer is not None:
         assert list((log_dir / "attention").glob("*.png")), "no attention picture"
